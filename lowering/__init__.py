@@ -1,0 +1,1 @@
+"""Quantized ops and their kernels (torch.library custom ops, Triton, CPU path)."""

@@ -1,0 +1,69 @@
+"""QuantConfig: the validated, frozen form of `torch.compile(..., options={...})`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from segquant_compile.passes.ops import ACTIVATIONS
+
+FORMATS = ("int8", "fp8", "w4a8", "int8-weight-only")
+ACTIVATION_MODES = ("dynamic", "static")
+WEIGHT_MODES = ("per-channel", "per-tensor")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    format: str = "int8"
+    activations: str = "dynamic"
+    weights: str = "per-channel"
+    smooth: float | str | None = None
+    seglinear: bool = True
+    dualscale: bool = True
+    dualscale_activations: tuple[str, ...] = ("silu", "gelu")
+    skip: tuple[str, ...] = ()
+    inductor: bool = True
+    mode: str = "default"
+
+    @classmethod
+    def from_options(cls, options: dict | None = None, mode: str | None = None) -> "QuantConfig":
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls) if f.name != "mode"]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown segquant option(s) {unknown}; valid options: {valid}")
+        if mode is not None:
+            options["mode"] = mode
+        for key in ("dualscale_activations", "skip"):
+            if key in options:
+                value = options[key]
+                options[key] = (value,) if isinstance(value, str) else tuple(value)
+        config = cls(**options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _choice("format", self.format, FORMATS)
+        _choice("activations", self.activations, ACTIVATION_MODES)
+        _choice("weights", self.weights, WEIGHT_MODES)
+        _choice("mode", self.mode, MODES)
+        for key in ("seglinear", "dualscale", "inductor"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"option {key!r} must be True or False, got {getattr(self, key)!r}")
+        if self.smooth is not None and self.smooth != "search" and not (
+                isinstance(self.smooth, (int, float)) and not isinstance(self.smooth, bool)
+                and 0.0 <= self.smooth <= 1.0):
+            raise ValueError(f"option 'smooth' must be None, 'search' or a float in [0, 1], got {self.smooth!r}")
+        for act in self.dualscale_activations:
+            _choice("dualscale_activations", act, tuple(ACTIVATIONS))
+        if not all(isinstance(p, str) for p in self.skip):
+            raise ValueError(f"option 'skip' must be glob patterns (strings), got {self.skip!r}")
+
+    @property
+    def activation_set(self) -> frozenset[str]:
+        return frozenset(self.dualscale_activations) if self.dualscale else frozenset()
+
+
+def _choice(key, value, valid):
+    if value not in valid:
+        raise ValueError(f"invalid value {value!r} for segquant option {key!r}; valid values: {list(valid)}")

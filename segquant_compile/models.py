@@ -1,0 +1,96 @@
+"""Shipped architecture configs (numbers only) and example inputs for diffusers denoisers."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+VAE_FACTOR = 8
+# default text length per architecture: SD3 CLIP 77 + T5 256, FLUX T5 512, PixArt T5 300, SDXL CLIP 77
+TEXT_TOKENS = {"SD3Transformer2DModel": 333, "FluxTransformer2DModel": 512,
+               "PixArtTransformer2DModel": 300, "UNet2DConditionModel": 77}
+
+
+def shipped() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("segquant_compile.configs").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def load_config(name_or_path: str) -> dict:
+    """A shipped config by name, a config.json, or a local diffusers model/pipeline folder."""
+    if name_or_path in shipped():
+        return json.loads(resources.files("segquant_compile.configs").joinpath(f"{name_or_path}.json").read_text())
+    path = Path(name_or_path)
+    for candidate in (path, path / "config.json", path / "transformer" / "config.json", path / "unet" / "config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise FileNotFoundError(f"{name_or_path!r} is neither a shipped config {shipped()} nor a local diffusers "
+                            f"model folder with a config.json (nothing is downloaded)")
+
+
+def model_class(config: dict):
+    import diffusers
+    name = config.get("_class_name")
+    cls = getattr(diffusers, name, None) if name else None
+    if cls is None:
+        raise ValueError(f"config names no diffusers model class (_class_name={name!r})")
+    return cls
+
+
+def build(config: dict, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
+    """The model with random (or, on meta, no) weights: full-size architectures need no memory on meta."""
+    cls = model_class(config)
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device(device):
+        model = cls.from_config(kwargs)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def example_inputs(model, batch: int = 1, resolution: int = 1024, text_tokens: int | None = None,
+                   device=None, dtype=None, generator: torch.Generator | None = None) -> dict:
+    """Keyword inputs for one denoiser call at `resolution` pixels (square)."""
+    p = next(model.parameters())
+    device = p.device if device is None else device
+    dtype = p.dtype if dtype is None else dtype
+    cfg = model.config
+    kind = type(model).__name__
+    tokens = text_tokens or TEXT_TOKENS.get(kind, 77)
+    latent = resolution // VAE_FACTOR
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype, device="cpu").to(device) \
+            if str(device) != "meta" else torch.empty(*shape, dtype=dtype, device=device)
+
+    t = (torch.full((batch,), 500.0) if str(device) != "meta" else torch.empty(batch)).to(device=device, dtype=dtype)
+    if kind == "SD3Transformer2DModel":
+        return dict(hidden_states=rand(batch, cfg.in_channels, latent, latent),
+                    encoder_hidden_states=rand(batch, tokens, cfg.joint_attention_dim),
+                    pooled_projections=rand(batch, cfg.pooled_projection_dim), timestep=t)
+    if kind == "FluxTransformer2DModel":
+        side = latent // 2
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1] = torch.arange(side)[:, None]
+        img_ids[..., 2] = torch.arange(side)[None, :]
+        out = dict(hidden_states=rand(batch, side * side, cfg.in_channels),
+                   encoder_hidden_states=rand(batch, tokens, cfg.joint_attention_dim),
+                   pooled_projections=rand(batch, cfg.pooled_projection_dim), timestep=t / 1000,
+                   img_ids=img_ids.reshape(-1, 3).to(device=device, dtype=dtype),
+                   txt_ids=torch.zeros(tokens, 3, device=device, dtype=dtype))
+        if cfg.guidance_embeds:
+            out["guidance"] = torch.full((batch,), 3.5, dtype=dtype).to(device) if str(device) != "meta" \
+                else torch.empty(batch, dtype=dtype, device=device)
+        return out
+    if kind == "PixArtTransformer2DModel":
+        return dict(hidden_states=rand(batch, cfg.in_channels, latent, latent),
+                    encoder_hidden_states=rand(batch, tokens, cfg.caption_channels), timestep=t,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    if kind == "UNet2DConditionModel":
+        out = dict(sample=rand(batch, cfg.in_channels, latent, latent), timestep=t,
+                   encoder_hidden_states=rand(batch, tokens, cfg.cross_attention_dim))
+        if cfg.addition_embed_type == "text_time":
+            text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            out["added_cond_kwargs"] = {"text_embeds": rand(batch, text), "time_ids": rand(batch, 6)}
+        return out
+    raise ValueError(f"no example inputs known for {kind}; pass inputs to explain() yourself")

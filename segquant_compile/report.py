@@ -1,0 +1,242 @@
+"""Report: the plan as a person reads it (terminal table, JSON, DOT, HTML)."""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+
+from segquant_compile.passes import LinearSite, Plan
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Report:
+    plan: Plan
+    config: object
+    n_graphs: int = 1
+    skipped: set[str] = field(default_factory=set)
+    model: str = ""
+
+    @property
+    def sites(self) -> tuple[LinearSite, ...]:
+        return self.plan.sites
+
+    def totals(self) -> dict[str, int]:
+        s = self.sites
+        return {
+            "sites": len(s),
+            "output_segmented": sum(x.output_segments is not None for x in s),
+            "input_segmented": sum(x.input_segments is not None for x in s),
+            "dualscale": sum(x.dualscale.all for x in s),
+            "dualscale_partial": sum(x.dualscale.any and not x.dualscale.all for x in s),
+            "skipped": len(self.skipped),
+            "graphs": self.n_graphs,
+        }
+
+    # ------------------------------------------------------------------ views
+    def rows(self) -> list[dict]:
+        out = []
+        for s in self.sites:
+            out.append({
+                "site": s.name, "weight": s.weight, "node": s.node, "kind": s.kind, "graph": s.graph,
+                "in_features": s.in_features, "out_features": s.out_features, "bias": s.bias,
+                "output_segments": list(s.output_segments.sizes) if s.output_segments else None,
+                "output_pattern": s.output_segments.pattern if s.output_segments else None,
+                "output_evidence": list(s.output_segments.evidence) if s.output_segments else [],
+                "input_segments": list(s.input_segments.sizes) if s.input_segments else None,
+                "input_pattern": s.input_segments.pattern if s.input_segments else None,
+                "input_evidence": list(s.input_segments.evidence) if s.input_segments else [],
+                "dualscale": list(s.dualscale.sources),
+                "skipped": s.name in self.skipped,
+                "notes": list(s.notes),
+            })
+        return out
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "model": self.model,
+                "config": _config_dict(self.config), "totals": self.totals(), "sites": self.rows()}
+
+    def __str__(self) -> str:
+        head = ("site", "K -> N", "output segments", "input segments", "DualScale")
+        body = [(s.name + (" (skip)" if s.name in self.skipped else ""),
+                 f"{s.in_features} -> {s.out_features}",
+                 s.output_segments.describe() if s.output_segments else "-",
+                 s.input_segments.describe() if s.input_segments else "-",
+                 _dual_text(s)) for s in self.sites]
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+        t = self.totals()
+        lines = [line(head), line(tuple("-" * w for w in widths)), *map(line, body), "",
+                 f"{t['sites']} linear sites in {t['graphs']} graph(s): {t['output_segmented']} output-segmented, "
+                 f"{t['input_segmented']} input-segmented, {t['dualscale']} DualScale"
+                 + (f" (+{t['dualscale_partial']} on some input segments)" if t["dualscale_partial"] else "")
+                 + (f", {t['skipped']} skipped" if t["skipped"] else "")]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        return str(self).rsplit("\n", 1)[-1]
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> Path:
+        path = Path(path)
+        writers = {".json": self._json, ".dot": self._dot, ".html": self._html}
+        if path.suffix not in writers:
+            raise ValueError(f"report.save: unknown extension {path.suffix!r}; use one of {sorted(writers)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(writers[path.suffix]())
+        return path
+
+    def _json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def _neighbourhood(self, site: LinearSite) -> nx.DiGraph:
+        graph = self.plan.graphs[site.graph] if site.graph < len(self.plan.graphs) else nx.DiGraph()
+        return graph.subgraph([n for n in site.neighbourhood if n in graph]).copy()
+
+    def _dot(self) -> str:
+        out = ["digraph segquant_plan {", "  rankdir=TB; node [shape=box, fontname=monospace];"]
+        for i, s in enumerate(self.sites):
+            sub = self._neighbourhood(s)
+            out.append(f'  subgraph cluster_{i} {{ label="{_esc(s.name)}: {_esc(_site_label(s))}";')
+            for n, d in sub.nodes(data=True):
+                style = ', style=filled, fillcolor="#ffd28a"' if n == s.node else ""
+                out.append(f'    "{i}:{n}" [label="{_esc(n)}\\n{_esc(d.get("op", ""))} {_esc(_shape(d))}"{style}];')
+            for a, b in sub.edges:
+                out.append(f'    "{i}:{a}" -> "{i}:{b}";')
+            out.append("  }")
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+    def _html(self) -> str:
+        t = self.totals()
+        rows = []
+        for i, s in enumerate(self.sites):
+            flags = " ".join(f for f, on in (("out", s.output_segments), ("in", s.input_segments),
+                                               ("dual", s.dualscale.any), ("skip", s.name in self.skipped)) if on)
+            notes = "<br>".join(html.escape(n) for n in s.notes)
+            rows.append(
+                f'<tr data-flags="{flags}"><td>{html.escape(s.name)}</td><td>{s.in_features} &rarr; {s.out_features}</td>'
+                f'<td>{html.escape(s.output_segments.describe()) if s.output_segments else "-"}</td>'
+                f'<td>{html.escape(s.input_segments.describe()) if s.input_segments else "-"}</td>'
+                f'<td>{html.escape(_dual_text(s))}</td>'
+                f'<td><details><summary>graph</summary>{_svg(self._neighbourhood(s), s.node)}'
+                f'<div class="notes">{notes}</div></details></td></tr>')
+        return _PAGE.format(title=html.escape(f"segquant plan: {self.model}"),
+                            summary=html.escape(self.summary()),
+                            config=html.escape(json.dumps(_config_dict(self.config))),
+                            rows="\n".join(rows), total=t["sites"])
+
+
+def _config_dict(config) -> dict:
+    import dataclasses
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+
+
+def _dual_text(s: LinearSite) -> str:
+    src = s.dualscale.sources
+    if not s.dualscale.any:
+        return "-"
+    if s.dualscale.all and len(set(src)) == 1:
+        return src[0]
+    return "segments " + ",".join(str(i) for i, x in enumerate(src) if x) + ": " + \
+        ",".join(sorted({x for x in src if x}))
+
+
+def _site_label(s: LinearSite) -> str:
+    parts = []
+    if s.output_segments:
+        parts.append("out " + s.output_segments.describe())
+    if s.input_segments:
+        parts.append("in " + s.input_segments.describe())
+    if s.dualscale.any:
+        parts.append("DualScale " + _dual_text(s))
+    return "; ".join(parts) or "plain"
+
+
+def _shape(d) -> str:
+    return "(" + ",".join(d["shape"]) + ")" if d.get("shape") else ""
+
+
+def _esc(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _svg(g: nx.DiGraph, focus: str) -> str:
+    """A layered drawing: each node one level below its deepest producer."""
+    if g.number_of_nodes() == 0:
+        return "<p>(no graph)</p>"
+    level: dict[str, int] = {}
+    for n in nx.topological_sort(g):
+        level[n] = max((level[p] + 1 for p in g.predecessors(n)), default=0)
+    rows: dict[int, list[str]] = {}
+    for n, lv in level.items():
+        rows.setdefault(lv, []).append(n)
+    bw, bh, gx, gy = 190, 34, 20, 30
+    pos = {n: (gx + i * (bw + gx), gy + lv * (bh + gy)) for lv, ns in rows.items() for i, n in enumerate(ns)}
+    width = gx + max(len(ns) for ns in rows.values()) * (bw + gx)
+    height = gy + (max(rows) + 1) * (bh + gy)
+    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="10" font-family="monospace">']
+    for a, b in g.edges:
+        (x1, y1), (x2, y2) = pos[a], pos[b]
+        parts.append(f'<line x1="{x1 + bw / 2}" y1="{y1 + bh}" x2="{x2 + bw / 2}" y2="{y2}" stroke="#888" marker-end="url(#arr)"/>')
+    for n, (x, y) in pos.items():
+        d = g.nodes[n]
+        fill = "#ffd28a" if n == focus else "#eef"
+        parts.append(f'<rect x="{x}" y="{y}" width="{bw}" height="{bh}" rx="4" fill="{fill}" stroke="#446"/>'
+                     f'<text x="{x + 4}" y="{y + 13}">{html.escape(n[:30])}</text>'
+                     f'<text x="{x + 4}" y="{y + 27}" fill="#555">{html.escape((d.get("op", "") + " " + _shape(d))[:32])}</text>')
+    parts.insert(1, '<defs><marker id="arr" markerWidth="8" markerHeight="8" refX="8" refY="4" orient="auto">'
+                    '<path d="M0,0 L8,4 L0,8 z" fill="#888"/></marker></defs>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 6px; vertical-align: top; }}
+th {{ background: #f3f3f3; position: sticky; top: 0; }}
+tr[hidden] {{ display: none; }}
+.notes {{ color: #a33; font-size: 11px; }}
+#bar {{ margin: 1em 0; }}
+</style></head><body>
+<h1>{title}</h1>
+<p id="summary">{summary}</p>
+<p><small>options: {config}</small></p>
+<div id="bar">
+ <input id="q" placeholder="filter sites (substring)" size="40">
+ <label><input type="checkbox" data-f="out"> output-segmented</label>
+ <label><input type="checkbox" data-f="in"> input-segmented</label>
+ <label><input type="checkbox" data-f="dual"> DualScale</label>
+ <label><input type="checkbox" data-f="skip"> skipped</label>
+ <span id="count">{total}</span> shown
+</div>
+<table id="plan"><thead><tr><th>site</th><th>K &rarr; N</th><th>output segments</th>
+<th>input segments</th><th>DualScale</th><th>evidence</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+<script>
+const q = document.getElementById('q');
+const boxes = [...document.querySelectorAll('#bar input[type=checkbox]')];
+function apply() {{
+  const text = q.value.toLowerCase();
+  const need = boxes.filter(b => b.checked).map(b => b.dataset.f);
+  let n = 0;
+  for (const tr of document.querySelectorAll('#plan tbody tr')) {{
+    const flags = tr.dataset.flags.split(' ');
+    const ok = tr.cells[0].textContent.toLowerCase().includes(text) && need.every(f => flags.includes(f));
+    tr.hidden = !ok; n += ok;
+  }}
+  document.getElementById('count').textContent = n;
+}}
+q.addEventListener('input', apply); boxes.forEach(b => b.addEventListener('change', apply));
+</script>
+</body></html>
+"""
