@@ -169,6 +169,8 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
         for ev in (out_ev, in_ev):
             if ev is not None:
                 around += ev.path[:24] + ev.nodes
+                for n in ev.nodes:   # what the evidence node splits into or assembles from
+                    around += list(graph.predecessors(n))[:8] + list(graph.successors(n))[:8]
         sites.append(LinearSite(
             name=site_name, weight=weight, node=node.name, kind=kind, in_features=k_in,
             out_features=n_out, bias=has_bias, output_segments=out_seg, input_segments=in_seg,

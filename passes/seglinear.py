@@ -210,29 +210,13 @@ def as_int_or(x):
 def input_segments(x: torch.fx.Node, in_features: int) -> Evidence:
     """Linear input assembled along its channel axis: cat/stack, or a head merge
     (reshape/view/flatten of (..., heads, head_dim), also channel-first with a transpose)."""
-    found: list[Evidence] = []
     notes: list[str] = []
     path: list[str] = []
-    seen: set = set()
-    x_shape = shape(x)
-    stack = [(x, (len(x_shape) - 1,))]
-    while stack:
-        node, axes = stack.pop()
-        key = (node.name, axes)
-        if key in seen:
-            continue
-        seen.add(key)
-        path.append(node.name)
-        result = _backward_step(node, axes, notes)
-        if isinstance(result, Evidence):
-            found.append(result)
-        else:
-            stack.extend(result)
+    found = _walk_back(x, (len(shape(x)) - 1,), notes, path)
     distinct = {(e.sizes, e.pattern) for e in found}
     if len(distinct) == 1:
         ev = found[0]
-        ev.notes = notes
-        ev.path = path
+        ev.notes, ev.path = notes, path
         if sum(ev.sizes) != in_features:
             ev.notes.append(f"segments {ev.sizes} do not add up to {in_features}")
             ev.sizes = None
@@ -244,7 +228,25 @@ def input_segments(x: torch.fx.Node, in_features: int) -> Evidence:
     return ev
 
 
-def _backward_step(node, axes, notes) -> Evidence | list:
+def _walk_back(x, axes, notes, path) -> list[Evidence]:
+    found: list[Evidence] = []
+    seen: set = set()
+    stack = [(x, tuple(axes))]
+    while stack:
+        node, axes = stack.pop()
+        if (node.name, axes) in seen:
+            continue
+        seen.add((node.name, axes))
+        path.append(node.name)
+        result = _backward_step(node, axes, notes, path)
+        if isinstance(result, Evidence):
+            found.append(result)
+        else:
+            stack.extend(result)
+    return found
+
+
+def _backward_step(node, axes, notes, path) -> Evidence | list:
     n = ops.name(node)
     out_shape = shape(node)
     major = axes[0]
@@ -274,6 +276,10 @@ def _backward_step(node, axes, notes) -> Evidence | list:
                 notes.append(f"{node.name}: head merge with symbolic sizes")
                 return []
             if heads > 1 and width > 1:
+                # a stack/cat on the merged dims is the real evidence (stack + flatten)
+                inner = _walk_back(src, mapped, [], path)
+                if len({(e.sizes, e.pattern) for e in inner}) == 1:
+                    return inner[0]
                 return Evidence(sizes=(width,) * heads, pattern="head_merge", nodes=[node.name])
         return [(src, mapped)]
     if n in ops.PERMUTES and src is not None:

@@ -5,7 +5,8 @@ import torch
 import torch._dynamo
 
 
-def capture_graphs(model, args: tuple, kwargs: dict) -> list[tuple[torch.fx.GraphModule, list]]:
+def capture_graphs(model, args: tuple, kwargs: dict, dynamic: bool | None = False
+                   ) -> list[tuple[torch.fx.GraphModule, list]]:
     """Every FX graph (with its example inputs) dynamo produces for one call of `model`."""
     graphs: list = []
 
@@ -18,7 +19,7 @@ def capture_graphs(model, args: tuple, kwargs: dict) -> list[tuple[torch.fx.Grap
     patches = {"recompile_limit": 10_000, "accumulated_recompile_limit": 100_000}
     patches = {k: v for k, v in patches.items() if hasattr(torch._dynamo.config, k)}
     with torch._dynamo.config.patch(**patches), torch.no_grad():
-        compiled = torch.compile(model, backend=backend, dynamic=False)
+        compiled = torch.compile(model, backend=backend, dynamic=dynamic)
         compiled(*args, **kwargs)
     return graphs
 

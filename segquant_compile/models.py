@@ -45,7 +45,8 @@ def build(config: dict, device: str | torch.device = "meta", dtype: torch.dtype 
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device(device):
         model = cls.from_config(kwargs)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device)
+    return (model.to(dtype) if dtype != torch.float32 else model).eval()
 
 
 def example_inputs(model, batch: int = 1, resolution: int = 1024, text_tokens: int | None = None,

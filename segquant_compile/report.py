@@ -215,7 +215,7 @@ tr[hidden] {{ display: none; }}
  <label><input type="checkbox" data-f="in"> input-segmented</label>
  <label><input type="checkbox" data-f="dual"> DualScale</label>
  <label><input type="checkbox" data-f="skip"> skipped</label>
- <span id="count">{total}</span> shown
+ &nbsp;&mdash;&nbsp; <span id="count">{total}</span> sites shown
 </div>
 <table id="plan"><thead><tr><th>site</th><th>K &rarr; N</th><th>output segments</th>
 <th>input segments</th><th>DualScale</th><th>evidence</th></tr></thead>

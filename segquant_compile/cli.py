@@ -1,0 +1,54 @@
+"""`segquant` console script: inspect, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from segquant_compile import models
+
+
+def _add_model_args(p: argparse.ArgumentParser, default: str | None):
+    p.add_argument("model", nargs="?" if default else None, default=default,
+                   help=f"a shipped config ({', '.join(models.shipped())}) or a local diffusers model folder")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--text-tokens", type=int, default=None)
+    p.add_argument("--options", type=json.loads, default=None, help="segquant options as JSON")
+
+
+def cmd_inspect(args) -> int:
+    from segquant_compile.explain import explain
+    model = models.build(models.load_config(args.model), device="meta")
+    inputs = models.example_inputs(model, batch=args.batch, resolution=args.resolution,
+                                   text_tokens=args.text_tokens)
+    report = explain(model, **inputs, options=args.options)
+    print(report.summary() if args.summary else report)
+    for path in args.save or ():
+        print(f"wrote {report.save(path)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="segquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="the SegLinear/DualScale plan of a model (meta device: no weights)")
+    _add_model_args(p, default="sd3.5-medium")
+    p.add_argument("--save", action="append", metavar="PATH", help="write the report (.json, .dot, .html)")
+    p.add_argument("--summary", action="store_true", help="totals only")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("demo", help="the main job on an embedded default model")
+    p.add_argument("--save", action="append", metavar="PATH", default=["segquant-plan.html"])
+    p.set_defaults(func=lambda a: cmd_inspect(argparse.Namespace(
+        model="sd3.5-medium", batch=2, resolution=1024, text_tokens=None, options=None,
+        save=a.save, summary=False)))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"segquant: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from segquant_compile import models
+from segquant_compile.mnist_dit import data_dir
+
+SD3_TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8, dual_attention_layers=(0,),
+                qk_norm="rms_norm")
+
+
+def tiny_sd3(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**SD3_TINY).eval()
+
+
+def tiny_sd3_inputs(batch: int = 1, seed: int = 1, side: int = 8, tokens: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, side, side, generator=g),
+                encoder_hidden_states=torch.randn(batch, tokens, 16, generator=g),
+                pooled_projections=torch.randn(batch, 8, generator=g),
+                timestep=torch.tensor([500.0] * batch))
+
+
+@pytest.fixture(scope="session")
+def meta_report():
+    """explain() of a shipped full-size architecture on the meta device, once per session."""
+    from segquant_compile import explain
+    cache = {}
+
+    def get(name, batch=1, **kw):
+        key = (name, batch, tuple(sorted(kw.items())))
+        if key not in cache:
+            model = models.build(models.load_config(name), device="meta")
+            cache[key] = explain(model, **models.example_inputs(model, batch=batch, **kw))
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    path = data_dir()
+    if not (path / "mnist_dit_edm" / "dit_edm_mnist.safetensors").exists():
+        pytest.skip(f"shared test data not found at {path} (see ../shared/data/README.md)")
+    return path

@@ -1,0 +1,31 @@
+"""`segquant inspect` on shipped configs and local diffusers folders."""
+import json
+import subprocess
+import sys
+
+from segquant_compile import cli
+from conftest import tiny_sd3
+
+
+def test_inspect_shipped(capsys, tmp_path):
+    assert cli.main(["inspect", "pixart-sigma", "--summary", "--save", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "286 linear sites" in out
+    assert json.loads((tmp_path / "p.json").read_text())["totals"]["sites"] == 286
+
+
+def test_inspect_local_folder(capsys, tmp_path):
+    tiny_sd3().save_config(tmp_path / "transformer")
+    assert cli.main(["inspect", str(tmp_path), "--resolution", "64", "--text-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer_blocks.0.norm1.linear" in out and "9x16 (chunk)" in out
+
+
+def test_inspect_missing(capsys):
+    assert cli.main(["inspect", "/nonexistent/model"]) == 2
+    assert "nothing is downloaded" in capsys.readouterr().err
+
+
+def test_console_script():
+    out = subprocess.run([sys.executable, "-m", "segquant_compile.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "inspect" in out.stdout and "demo" in out.stdout
