@@ -64,6 +64,10 @@ class LinearSite:
     input_segments: Segmentation | None
     dualscale: DualScale
     notes: tuple[str, ...] = ()
+    input_node: str = ""           # FX node of the activation
+    weight_node: str = ""          # FX placeholder/get_attr of the weight
+    weight_nk: bool = True         # weight stored [N, K] (linear) or [K, N] (x @ W)
+    bias_node: str | None = None
     neighbourhood: tuple[str, ...] = ()   # nodes the walks visited, for the report's drawing
     graph: int = 0                 # which captured graph (graph breaks give several)
 
@@ -107,13 +111,14 @@ def _weight_of(node: torch.fx.Node, names: dict[str, str]) -> tuple[torch.fx.Nod
 
 
 def find_sites(gm: torch.fx.GraphModule, names: dict[str, str]):
-    """(node, x, weight node, kind, weight stored [N, K], has bias) for every matmul with a parameter weight."""
+    """(node, x, weight node, kind, weight stored [N, K], bias node) for every matmul with a
+    parameter weight."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in ops.LINEAR_TARGETS:
             x, w = node.args[0], ops.arg(node, 1, "weight")
             bias = ops.arg(node, 2, "bias")
             if isinstance(w, torch.fx.Node) and w.name in names:
-                yield node, x, w, "linear", True, bias is not None
+                yield node, x, w, "linear", True, bias
             continue
         n = ops.name(node)
         if n not in ops.MATMUL_NAMES or node.op not in ("call_function", "call_method"):
@@ -127,7 +132,7 @@ def find_sites(gm: torch.fx.GraphModule, names: dict[str, str]):
             continue
         w, nk = found
         # `x @ W` with W stored [K, N] reads as transposed relative to linear's [N, K]
-        yield node, x, w, n, not nk, n == "addmm"
+        yield node, x, w, n, not nk, args[0] if n == "addmm" else None
 
 
 def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"}),
@@ -136,9 +141,9 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
     graph = segment_graph(gm)
     sites = []
     used: dict[str, int] = {}
-    for node, x, w, kind, nk, has_bias in find_sites(gm, names):
+    for node, x, w, kind, nk, bias in find_sites(gm, names):
         w_shape = shape(w)
-        if w_shape is None or len(w_shape) != 2 or shape(x) is None:
+        if w_shape is None or len(w_shape) != 2 or not isinstance(x, torch.fx.Node) or shape(x) is None:
             continue
         n_out, k_in = (as_int(w_shape[0]), as_int(w_shape[1])) if nk else (as_int(w_shape[1]), as_int(w_shape[0]))
         weight = names[w.name]
@@ -173,8 +178,10 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
                     around += list(graph.predecessors(n))[:8] + list(graph.successors(n))[:8]
         sites.append(LinearSite(
             name=site_name, weight=weight, node=node.name, kind=kind, in_features=k_in,
-            out_features=n_out, bias=has_bias, output_segments=out_seg, input_segments=in_seg,
+            out_features=n_out, bias=bias is not None, output_segments=out_seg, input_segments=in_seg,
             dualscale=DualScale(sources), notes=tuple(dict.fromkeys(notes)),
+            input_node=x.name, weight_node=w.name, weight_nk=nk,
+            bias_node=bias.name if isinstance(bias, torch.fx.Node) else None,
             neighbourhood=tuple(dict.fromkeys(around)), graph=graph_index))
     return Plan(tuple(sites), (graph,))
 

@@ -9,12 +9,9 @@ from segquant_compile.passes import build_plan
 
 def segquant_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
                      mode: str | None = None):
-    """Plan the graph's linear sites, then hand it to Inductor. Quantized rewriting comes in the
-    quantized-execution stage; until then graphs run in float."""
+    """Plan the graph's linear sites and return a GraphRunner: quantized sites lowered to the
+    segquant GEMM, the rest of the graph compiled by Inductor."""
+    from segquant_compile.runtime import GraphRunner
     config = QuantConfig.from_options(options, mode)
-    gm.meta["segquant_plan"] = build_plan(gm, config.activation_set, config.seglinear)
-    if not config.inductor:
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
-    patches = torch._inductor.list_mode_options(config.mode) if config.mode != "default" else {}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    plan = build_plan(gm, config.activation_set, config.seglinear)
+    return GraphRunner(gm, list(example_inputs), plan, config)

@@ -23,6 +23,9 @@ class QuantConfig:
     dualscale_activations: tuple[str, ...] = ("silu", "gelu")
     skip: tuple[str, ...] = ()
     inductor: bool = True
+    calibration_steps: int | None = None
+    load: str | None = None
+    release_float_weights: bool = False
     mode: str = "default"
 
     @classmethod
@@ -47,7 +50,7 @@ class QuantConfig:
         _choice("activations", self.activations, ACTIVATION_MODES)
         _choice("weights", self.weights, WEIGHT_MODES)
         _choice("mode", self.mode, MODES)
-        for key in ("seglinear", "dualscale", "inductor"):
+        for key in ("seglinear", "dualscale", "inductor", "release_float_weights"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be True or False, got {getattr(self, key)!r}")
         if self.smooth is not None and self.smooth != "search" and not (
@@ -56,6 +59,14 @@ class QuantConfig:
             raise ValueError(f"option 'smooth' must be None, 'search' or a float in [0, 1], got {self.smooth!r}")
         for act in self.dualscale_activations:
             _choice("dualscale_activations", act, tuple(ACTIVATIONS))
+        if self.smooth is not None and self.activations != "static":
+            raise ValueError("option 'smooth' needs activations='static': SmoothQuant's factors come from "
+                             "calibrated per-channel ranges")
+        if self.calibration_steps is not None and not (isinstance(self.calibration_steps, int)
+                                                       and self.calibration_steps > 0):
+            raise ValueError(f"option 'calibration_steps' must be a positive int, got {self.calibration_steps!r}")
+        if self.load is not None and not isinstance(self.load, str):
+            raise ValueError(f"option 'load' must be a path (str), got {self.load!r}")
         if not all(isinstance(p, str) for p in self.skip):
             raise ValueError(f"option 'skip' must be glob patterns (strings), got {self.skip!r}")
 

@@ -1,0 +1,25 @@
+"""One quantized linear site as traceable torch code: activation quantization (plain ops that
+Inductor fuses into the producer) followed by one segquant GEMM."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.segquant)
+from .quantize import quantize_dynamic, quantize_static
+
+
+def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x: Tensor | None,
+                     d_neg: Tensor | None, smooth: Tensor | None, k_bounds: tuple[int, ...],
+                     dual: tuple[int, ...]) -> Tensor:
+    """y = x @ W^T + b with int8 W (packed [K, N]); static steps d_x/d_neg [1, S] or dynamic when None."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if smooth is not None:
+        x2 = x2 / smooth
+    if d_x is None:
+        q, d_x, d_neg = quantize_dynamic(x2, list(k_bounds), list(dual))
+    else:
+        q = quantize_static(x2, list(k_bounds), list(dual), d_x, d_neg)
+    y = torch.ops.segquant.gemm(q, d_x, d_neg, w, d_w, bias, list(k_bounds), list(dual), x.dtype)
+    return y.reshape(*lead, w.shape[1])

@@ -1,0 +1,64 @@
+"""The segquant GEMM custom op: int8 activations x packed int8 weights, with SegLinear K
+segments and DualScale, returning the float output with bias.
+
+Math (every implementation, the Triton kernels included):
+    for each K segment s = [k_s, k_{s+1}):
+        plain:      y += (q[:, s] @ W[s, :]) * d_x[:, s]
+        DualScale:  y += (max(q,0)[:, s] @ W[s, :]) * d_x[:, s] + (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
+    y = y * d_w + bias
+with int32 accumulation inside a segment and fp32 across segments. Scales are step sizes;
+d_x / d_neg are [M, S] (dynamic, per token) or [1, S] (static, per tensor).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LIB = "segquant"
+
+
+@torch.library.custom_op(f"{LIB}::gemm", mutates_args=())
+def gemm(q: Tensor, d_x: Tensor, d_neg: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None,
+         k_bounds: list[int], dual: list[int], out_dtype: torch.dtype) -> Tensor:
+    """q [M, K] int8; d_x, d_neg [M or 1, S] fp32; w [K, N] int8 (packed); d_w [N] fp32;
+    k_bounds S+1 ints; dual S flags; returns [M, N] out_dtype."""
+    return gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype)
+
+
+@gemm.register_fake
+def _(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
+    torch._check(q.dim() == 2 and w.dim() == 2, lambda: "segquant::gemm takes 2-D q and w")
+    torch._check(q.shape[1] == w.shape[0], lambda: f"K mismatch: q {q.shape}, w {w.shape}")
+    return q.new_empty((q.shape[0], w.shape[1]), dtype=out_dtype)
+
+
+def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
+    """CPU implementation: oneDNN int8 GEMM (torch._int_mm) per segment, fp32 epilogue."""
+    y = None
+    for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
+        qs, ws = q[:, k0:k1], w[k0:k1]
+        if dual[s]:
+            part = _int_mm(qs.clamp(min=0), ws).float() * d_x[:, s:s + 1] + \
+                _int_mm(qs.clamp(max=0), ws).float() * d_neg[:, s:s + 1]
+        else:
+            part = _int_mm(qs, ws).float() * d_x[:, s:s + 1]
+        y = part if y is None else y + part
+    y = y * d_w
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def _int_mm(a: Tensor, b: Tensor) -> Tensor:
+    if a.device.type == "cpu" or (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0):
+        return torch._int_mm(a.contiguous(), b.contiguous())
+    return (a.double() @ b.double()).to(torch.int32)  # small or unaligned shapes: exact in float64
+
+
+def int_accumulators(q, w, k_bounds, dual):
+    """The exact integer partial sums the op combines (int64), for tests and debugging."""
+    out = []
+    for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
+        qs, ws = q[:, k0:k1].long(), w[k0:k1].long()
+        out.append((qs.clamp(min=0) @ ws, qs.clamp(max=0) @ ws) if dual[s] else (qs @ ws,))
+    return out

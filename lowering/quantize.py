@@ -1,0 +1,89 @@
+"""Quantizers in plain torch ops (Inductor fuses the activation ones into their producer).
+
+Scales are step sizes: x ~= q * d. Symmetric int8 uses [-127, 127]; DualScale uses
+d_pos = amax_pos / 127 on [0, 127] and d_neg = amax_neg / 128 on [-128, 0].
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS = 1e-12
+
+
+def weight_steps(w: Tensor, out_bounds: tuple[int, ...] | None = None) -> Tensor:
+    """Per-output-channel steps of a [N, K] weight; with `out_bounds`, one step per output
+    segment (per-tensor mode), broadcast back to N."""
+    amax = w.detach().abs().amax(dim=1).float()
+    if out_bounds is not None:
+        for a, b in zip(out_bounds[:-1], out_bounds[1:]):
+            amax[a:b] = amax[a:b].max()
+    return (amax / 127).clamp(min=EPS)
+
+
+def quantize_weight(w: Tensor, steps: Tensor) -> Tensor:
+    """[N, K] float -> [K, N] int8, packed for the GEMM."""
+    q = torch.round(w.detach().float() / steps[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.t().contiguous()
+
+
+def _segments(x: Tensor, k_bounds: list[int]):
+    return [x[:, a:b] for a, b in zip(k_bounds[:-1], k_bounds[1:])]
+
+
+def quantize_dynamic(x: Tensor, k_bounds: list[int], dual: list[int]):
+    """Per token and per K segment. x [M, K] float -> (q int8 [M, K], d [M, S], d_neg [M, S])."""
+    xf = x.float()
+    steps, negs, qs = [], [], []
+    for xs, is_dual in zip(_segments(xf, k_bounds), dual):
+        if is_dual:
+            d = (xs.amax(dim=1, keepdim=True).clamp(min=0) / 127).clamp(min=EPS)
+            dn = ((-xs).amax(dim=1, keepdim=True).clamp(min=0) / 128).clamp(min=EPS)
+        else:
+            d = (xs.abs().amax(dim=1, keepdim=True) / 127).clamp(min=EPS)
+            dn = d
+        qs.append(_round(xs, d, dn, is_dual))
+        steps.append(d)
+        negs.append(dn)
+    return torch.cat(qs, dim=1), torch.cat(steps, dim=1), torch.cat(negs, dim=1)
+
+
+def quantize_static(x: Tensor, k_bounds: list[int], dual: list[int], d: Tensor, d_neg: Tensor) -> Tensor:
+    """With calibrated per-segment steps d, d_neg [1, S]: x [M, K] -> q int8 [M, K]."""
+    xf = x.float()
+    qs = [_round(xs, d[:, i:i + 1], d_neg[:, i:i + 1], is_dual)
+          for i, (xs, is_dual) in enumerate(zip(_segments(xf, k_bounds), dual))]
+    return torch.cat(qs, dim=1)
+
+
+def _round(xs: Tensor, d: Tensor, dn: Tensor, is_dual) -> Tensor:
+    if is_dual:
+        pos = torch.round(xs / d).clamp(0, 127)
+        neg = torch.round(xs / dn).clamp(-128, 0)
+        return torch.where(xs >= 0, pos, neg).to(torch.int8)
+    return torch.round(xs / d).clamp(-127, 127).to(torch.int8)
+
+
+def dequantize(q: Tensor, k_bounds: list[int], dual: list[int], d: Tensor, d_neg: Tensor) -> Tensor:
+    """Inverse of the activation quantizers (for tests and SQNR)."""
+    out = []
+    for i, (qs, is_dual) in enumerate(zip(_segments(q.float(), k_bounds), dual)):
+        if is_dual:
+            out.append(torch.where(qs >= 0, qs * d[:, i:i + 1], qs * d_neg[:, i:i + 1]))
+        else:
+            out.append(qs * d[:, i:i + 1])
+    return torch.cat(out, dim=1)
+
+
+def static_steps(amax: Tensor, pos_max: Tensor, neg_max: Tensor, dual: list[int]) -> tuple[Tensor, Tensor]:
+    """Calibrated statistics per segment [S] -> steps (d [1, S], d_neg [1, S])."""
+    dual_t = torch.tensor(dual, dtype=torch.bool)
+    d = torch.where(dual_t, pos_max / 127, amax / 127).clamp(min=EPS)
+    dn = torch.where(dual_t, neg_max / 128, amax / 127).clamp(min=EPS)
+    return d[None].float(), dn[None].float()
+
+
+def sqnr_db(ref: Tensor, out: Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    noise = (ref - out).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp(min=1e-30)))

@@ -1,0 +1,84 @@
+"""Properties of the quantizers."""
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from segquant_compile.lowering import quantize as Q
+
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def activations(draw, narrow_negative=False):
+    m = draw(st.integers(1, 6))
+    widths = draw(st.lists(st.integers(1, 24), min_size=1, max_size=3))
+    seed = draw(st.integers(0, 2 ** 16))
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([draw(st.floats(1e-2, 1e3)) for _ in widths])
+    x = torch.cat([torch.randn(m, w, generator=g) * s for w, s in zip(widths, scales)], dim=1)
+    if narrow_negative:
+        x = torch.nn.functional.silu(x)
+    bounds = [0]
+    for w in widths:
+        bounds.append(bounds[-1] + w)
+    return x, bounds
+
+
+@FAST
+@given(activations(), st.booleans())
+def test_round_trip_within_half_a_step(xb, dual_on):
+    x, bounds = xb
+    dual = [int(dual_on)] * (len(bounds) - 1)
+    q, d, dn = Q.quantize_dynamic(x, bounds, dual)
+    back = Q.dequantize(q, bounds, dual, d, dn)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        err = (back[:, a:b] - x[:, a:b]).abs()
+        xs = x[:, a:b]
+        step = torch.where(xs >= 0, d[:, i:i + 1], dn[:, i:i + 1]) if dual_on else d[:, i:i + 1].expand_as(xs)
+        assert bool((err <= step * 0.5 * (1 + 1e-5) + 1e-12).all())
+
+
+@FAST
+@given(activations(narrow_negative=True))
+def test_dualscale_never_worse_on_narrow_negative_range(xb):
+    x, bounds = xb
+    s = len(bounds) - 1
+    q1, d1, n1 = Q.quantize_dynamic(x, bounds, [0] * s)
+    q2, d2, n2 = Q.quantize_dynamic(x, bounds, [1] * s)
+    e1 = (Q.dequantize(q1, bounds, [0] * s, d1, n1) - x).pow(2).sum()
+    e2 = (Q.dequantize(q2, bounds, [1] * s, d2, n2) - x).pow(2).sum()
+    assert e2 <= e1 * (1 + 1e-6) + 1e-12
+
+
+@FAST
+@given(activations())
+def test_segment_scales_never_mix(xb):
+    """Changing one segment's values leaves every other segment's steps and codes unchanged."""
+    x, bounds = xb
+    s = len(bounds) - 1
+    q, d, dn = Q.quantize_dynamic(x, bounds, [0] * s)
+    y = x.clone()
+    y[:, bounds[0]:bounds[1]] *= 1000
+    q2, d2, _ = Q.quantize_dynamic(y, bounds, [0] * s)
+    assert torch.equal(q[:, bounds[1]:], q2[:, bounds[1]:])
+    assert torch.equal(d[:, 1:], d2[:, 1:])
+
+
+@FAST
+@given(st.integers(1, 20), st.integers(1, 20), st.integers(0, 2 ** 16), st.booleans())
+def test_weight_round_trip(n, k, seed, per_segment):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    bounds = (0, n // 2, n) if per_segment and n > 1 else None
+    steps = Q.weight_steps(w, bounds)
+    packed = Q.quantize_weight(w, steps)
+    assert packed.shape == (k, n) and packed.dtype == torch.int8
+    back = packed.t().float() * steps[:, None]
+    assert bool(((back - w).abs() <= steps[:, None] / 2 * (1 + 1e-5)).all())
+    if bounds:
+        assert len(set(steps[:n // 2].tolist())) == 1 and len(set(steps[n // 2:].tolist())) == 1
+
+
+def test_static_steps():
+    d, dn = Q.static_steps(torch.tensor([2.54, 1.27]), torch.tensor([1.27, 0.0]), torch.tensor([0.256, 0.0]), [1, 0])
+    torch.testing.assert_close(d, torch.tensor([[0.01, 0.01]]))
+    torch.testing.assert_close(dn, torch.tensor([[0.002, 0.01]]))
