@@ -13,8 +13,8 @@ def index_map(index, ndim: int) -> list[tuple[int, int | None, object]] | None:
     Selections are ints or slices with int bounds. None when the index is not understood
     (tensor indices, symbolic bounds)."""
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, torch.fx.Node) for i in items):
-        return None
+    if any(isinstance(i, torch.fx.Node) and _is_tensor(i) for i in items):
+        return None   # advanced (tensor) indexing
     n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
     if items.count(Ellipsis) > 1 or n_real > ndim:
         return None
@@ -30,18 +30,34 @@ def index_map(index, ndim: int) -> list[tuple[int, int | None, object]] | None:
         if i is None:
             out_dim += 1
             continue
-        if isinstance(i, bool) or not isinstance(i, (int, slice)) and as_int_or_none(i) is None:
+        if isinstance(i, bool):
             return None
         if isinstance(i, slice):
             parts = [as_int_or_none(b) if b is not None else None for b in (i.start, i.stop, i.step)]
-            if any(b is None and raw is not None for b, raw in zip(parts, (i.start, i.stop, i.step))):
-                return None
-            out.append((in_dim, out_dim, slice(*parts)))
+            symbolic = any(b is None and raw is not None for b, raw in zip(parts, (i.start, i.stop, i.step)))
+            # a symbolic bound is fine on dims we do not track: it is partial, bounds unknown
+            out.append((in_dim, out_dim, SYMBOLIC if symbolic else slice(*parts)))
             out_dim += 1
         else:
-            out.append((in_dim, None, as_int_or_none(i)))
+            value = as_int_or_none(i)
+            out.append((in_dim, None, SYMBOLIC if value is None else value))
         in_dim += 1
     return out
+
+
+class _Symbolic:
+    """A selection whose bounds are symbolic: not the full dim, extent unknown."""
+
+    def __repr__(self):
+        return "SYMBOLIC"
+
+
+SYMBOLIC = _Symbolic()
+
+
+def _is_tensor(node) -> bool:
+    import torch
+    return isinstance(node.meta.get("example_value"), torch.Tensor)
 
 
 def as_int_or_none(x):
@@ -54,7 +70,10 @@ def as_int_or_none(x):
 
 
 def bounds(sel, size: int) -> tuple[int, int] | None:
-    """[start, stop) an int or a unit-step slice keeps along a dim of `size`; None for strided."""
+    """[start, stop) an int or a unit-step slice keeps along a dim of `size`; None for strided
+    or symbolic selections."""
+    if sel is SYMBOLIC:
+        return None
     if isinstance(sel, int):
         i = sel % size
         return i, i + 1

@@ -212,7 +212,7 @@ def input_segments(x: torch.fx.Node, in_features: int) -> Evidence:
     (reshape/view/flatten of (..., heads, head_dim), also channel-first with a transpose)."""
     notes: list[str] = []
     path: list[str] = []
-    found = _walk_back(x, (len(shape(x)) - 1,), notes, path)
+    found = _walk_back(x, (len(shape(x)) - 1,), notes, path, in_features)
     distinct = {(e.sizes, e.pattern) for e in found}
     if len(distinct) == 1:
         ev = found[0]
@@ -228,7 +228,7 @@ def input_segments(x: torch.fx.Node, in_features: int) -> Evidence:
     return ev
 
 
-def _walk_back(x, axes, notes, path) -> list[Evidence]:
+def _walk_back(x, axes, notes, path, total: int) -> list[Evidence]:
     found: list[Evidence] = []
     seen: set = set()
     stack = [(x, tuple(axes))]
@@ -238,7 +238,7 @@ def _walk_back(x, axes, notes, path) -> list[Evidence]:
             continue
         seen.add((node.name, axes))
         path.append(node.name)
-        result = _backward_step(node, axes, notes, path)
+        result = _backward_step(node, axes, notes, path, total)
         if isinstance(result, Evidence):
             found.append(result)
         else:
@@ -246,7 +246,7 @@ def _walk_back(x, axes, notes, path) -> list[Evidence]:
     return found
 
 
-def _backward_step(node, axes, notes, path) -> Evidence | list:
+def _backward_step(node, axes, notes, path, total: int) -> Evidence | list:
     n = ops.name(node)
     out_shape = shape(node)
     major = axes[0]
@@ -272,12 +272,17 @@ def _backward_step(node, axes, notes, path) -> Evidence | list:
         if len(axes) == 1 and len(mapped) > 1:
             heads = as_int(src_shape[mapped[0]])
             width = _minor(src_shape, mapped)
+            # the group holds exactly K elements (the weight fixes K): one size gives the other
+            if heads is None and width and total % width == 0:
+                heads = total // width
+            if width is None and heads and total % heads == 0:
+                width = total // heads
             if heads is None or width is None:
                 notes.append(f"{node.name}: head merge with symbolic sizes")
                 return []
             if heads > 1 and width > 1:
                 # a stack/cat on the merged dims is the real evidence (stack + flatten)
-                inner = _walk_back(src, mapped, [], path)
+                inner = _walk_back(src, mapped, [], path, total)
                 if len({(e.sizes, e.pattern) for e in inner}) == 1:
                     return inner[0]
                 return Evidence(sizes=(width,) * heads, pattern="head_merge", nodes=[node.name])

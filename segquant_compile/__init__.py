@@ -1,8 +1,10 @@
 """segquant-compile: a torch.compile backend for SegQuant post-training quantization."""
 from segquant_compile.backend import segquant_backend
+from segquant_compile.calibration import calibrate
 from segquant_compile.config import QuantConfig
-from segquant_compile.explain import explain
+from segquant_compile.explain import explain, report
+from segquant_compile.persist import save
 from segquant_compile.report import Report
 
-__all__ = ["QuantConfig", "Report", "explain", "segquant_backend"]
+__all__ = ["QuantConfig", "Report", "calibrate", "explain", "report", "save", "segquant_backend"]
 __version__ = "0.1.0"

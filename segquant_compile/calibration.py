@@ -24,11 +24,11 @@ class Session:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=steps, desc="segquant calibration", unit="call", leave=False)
 
-    def owns(self, runner) -> bool:
-        return bool(runner.weight_ids & self.tensor_ids)
+    def owns(self, weight_ids) -> bool:
+        return bool(weight_ids & self.tensor_ids)
 
-    def touch(self, runner) -> None:
-        for st in runner.states:
+    def touch(self, states) -> None:
+        for st in states:
             self.states[id(st)] = st
 
     def after_call(self, *_):
@@ -68,7 +68,7 @@ def compiled_options(compiled) -> tuple[str | None, dict | None]:
 
 
 @contextlib.contextmanager
-def calibrate(compiled, progress: bool = True):
+def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
     """Inside the block, calls of `compiled` run in float and record activation ranges; on exit
     (or after options['calibration_steps'] calls) the static steps freeze and the next call
     runs quantized."""
@@ -89,9 +89,21 @@ def calibrate(compiled, progress: bool = True):
     if _ACTIVE:
         raise RuntimeError("segquant_compile.calibrate() is already running (calibrating twice)")
     tensors = [*model.parameters(), *model.buffers()]
-    if any(st.frozen for st in REGISTRY.states_for(tensors)):
-        raise RuntimeError("segquant: this model is already calibrated; compile it again (or a fresh copy) "
-                           "to calibrate anew")
+    mine = [st for st in REGISTRY.states_for(tensors) if config is None or st.config == config]
+    if mine and all(st.frozen for st in mine):
+        if not recalibrate:
+            raise RuntimeError("segquant: this model is already calibrated with these options; pass "
+                               "calibrate(compiled, recalibrate=True) to collect new statistics")
+        for st in mine:
+            st.reset_calibration()
+    elif recalibrate:
+        for st in mine:
+            st.reset_calibration()
+    elif any(st.frozen for st in mine):
+        import warnings
+        warnings.warn("segquant: calibrating only the sites without steps (new or replaced weights); the "
+                      "others keep theirs, though their inputs may have changed: calibrate(compiled, "
+                      "recalibrate=True) recalibrates every site", stacklevel=3)
     session = Session(model, config.calibration_steps if config else None, progress)
     hook = compiled.register_forward_hook(session.after_call)
     _ACTIVE.append(session)

@@ -7,6 +7,7 @@ from segquant_compile.capture import capture_graphs
 from segquant_compile.config import QuantConfig
 from segquant_compile.passes import build_plan, merge
 from segquant_compile.report import Report
+from segquant_compile.state import REGISTRY, fallback_reason
 
 
 def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
@@ -21,5 +22,26 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
              for i, (gm, _) in enumerate(graphs)]
     plan = merge(plans)
     skipped = {s.name for s in plan if any(fnmatch.fnmatch(s.name, p) for p in config.skip)}
-    return Report(plan, config, n_graphs=len(graphs), skipped=skipped,
-                  model=type(model).__name__)
+    fallbacks = {s.name: r for s in plan if (r := fallback_reason(s, None, config)) is not None}
+    return Report(plan, config, n_graphs=len(graphs), skipped=skipped, model=type(model).__name__,
+                  fallbacks=fallbacks)
+
+
+def report(compiled) -> Report:
+    """The plan of a segquant-compiled model as it runs: every graph compiled so far, which sites
+    are quantized (format, steps, SQNR on calibration data) and why the others stay float."""
+    from segquant_compile.runtime import RUNNERS
+    model = getattr(compiled, "_orig_mod", compiled)
+    ids = {id(t) for t in (*model.parameters(), *model.buffers())}
+    runners = sorted((r for r in RUNNERS if r.seen_ids & ids), key=id)
+    if not runners:
+        raise RuntimeError("segquant_compile.report(): no segquant graph has run for this model yet; "
+                           "call the compiled model once (or use explain() before compiling)")
+    plan = merge([r.plan for r in runners])
+    config = runners[0].config
+    fallbacks = {name: why for r in runners for name, why in r.fallbacks.items()}
+    states = {st.name: st for st in REGISTRY.states_for([*model.parameters(), *model.buffers()])
+              if st.config == config}
+    return Report(plan, config, n_graphs=len(runners), skipped={n for n, why in fallbacks.items() if "skip" in why},
+                  model=type(model).__name__, fallbacks=fallbacks, states=states)
+

@@ -20,6 +20,8 @@ class Report:
     n_graphs: int = 1
     skipped: set[str] = field(default_factory=set)
     model: str = ""
+    fallbacks: dict[str, str] = field(default_factory=dict)   # site -> why it stays float
+    states: dict[str, object] = field(default_factory=dict)   # site -> QuantState (compiled models)
 
     @property
     def sites(self) -> tuple[LinearSite, ...]:
@@ -34,6 +36,7 @@ class Report:
             "dualscale": sum(x.dualscale.all for x in s),
             "dualscale_partial": sum(x.dualscale.any and not x.dualscale.all for x in s),
             "skipped": len(self.skipped),
+            "float": len(self.fallbacks),
             "graphs": self.n_graphs,
         }
 
@@ -52,6 +55,8 @@ class Report:
                 "input_evidence": list(s.input_segments.evidence) if s.input_segments else [],
                 "dualscale": list(s.dualscale.sources),
                 "skipped": s.name in self.skipped,
+                "fallback": self.fallbacks.get(s.name),
+                "quant": self.states[s.name].summary() if s.name in self.states else None,
                 "notes": list(s.notes),
             })
         return out
@@ -61,12 +66,12 @@ class Report:
                 "config": _config_dict(self.config), "totals": self.totals(), "sites": self.rows()}
 
     def __str__(self) -> str:
-        head = ("site", "K -> N", "output segments", "input segments", "DualScale")
+        head = ("site", "K -> N", "output segments", "input segments", "DualScale", "quantized")
         body = [(s.name + (" (skip)" if s.name in self.skipped else ""),
                  f"{s.in_features} -> {s.out_features}",
                  s.output_segments.describe() if s.output_segments else "-",
                  s.input_segments.describe() if s.input_segments else "-",
-                 _dual_text(s)) for s in self.sites]
+                 _dual_text(s), self._quant_text(s.name)) for s in self.sites]
         widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
         t = self.totals()
@@ -74,8 +79,21 @@ class Report:
                  f"{t['sites']} linear sites in {t['graphs']} graph(s): {t['output_segmented']} output-segmented, "
                  f"{t['input_segmented']} input-segmented, {t['dualscale']} DualScale"
                  + (f" (+{t['dualscale_partial']} on some input segments)" if t["dualscale_partial"] else "")
-                 + (f", {t['skipped']} skipped" if t["skipped"] else "")]
+                 + (f", {t['skipped']} skipped" if t["skipped"] else "")
+                 + (f"; {t['float']} stay float" if t["float"] else "")]
         return "\n".join(lines)
+
+    def _quant_text(self, name: str) -> str:
+        if name in self.fallbacks:
+            return "float: " + self.fallbacks[name]
+        st = self.states.get(name)
+        if st is None:
+            return "planned"
+        info = st.summary()
+        text = f"{info['format']} w {info['weights']}, a {info['activations']}"
+        if info.get("sqnr_db") is not None:
+            text += f", SQNR {info['sqnr_db']:.1f} dB"
+        return text
 
     def summary(self) -> str:
         return str(self).rsplit("\n", 1)[-1]
@@ -118,11 +136,12 @@ class Report:
             flags = " ".join(f for f, on in (("out", s.output_segments), ("in", s.input_segments),
                                                ("dual", s.dualscale.any), ("skip", s.name in self.skipped)) if on)
             notes = "<br>".join(html.escape(n) for n in s.notes)
+            quant = html.escape(self._quant_text(s.name))
             rows.append(
                 f'<tr data-flags="{flags}"><td>{html.escape(s.name)}</td><td>{s.in_features} &rarr; {s.out_features}</td>'
                 f'<td>{html.escape(s.output_segments.describe()) if s.output_segments else "-"}</td>'
                 f'<td>{html.escape(s.input_segments.describe()) if s.input_segments else "-"}</td>'
-                f'<td>{html.escape(_dual_text(s))}</td>'
+                f'<td>{html.escape(_dual_text(s))}</td><td>{quant}</td>'
                 f'<td><details><summary>graph</summary>{_svg(self._neighbourhood(s), s.node)}'
                 f'<div class="notes">{notes}</div></details></td></tr>')
         return _PAGE.format(title=html.escape(f"segquant plan: {self.model}"),
@@ -218,7 +237,7 @@ tr[hidden] {{ display: none; }}
  &nbsp;&mdash;&nbsp; <span id="count">{total}</span> sites shown
 </div>
 <table id="plan"><thead><tr><th>site</th><th>K &rarr; N</th><th>output segments</th>
-<th>input segments</th><th>DualScale</th><th>evidence</th></tr></thead>
+<th>input segments</th><th>DualScale</th><th>quantized</th><th>evidence</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>

@@ -1,9 +1,11 @@
 """GraphRunner: what the segquant backend returns for one dynamo graph.
 
-It owns the graph's quantized sites (their QuantStates live in the shared registry), compiles
-the quantized graph once (inside the backend call, where dynamo's shapes are live; static steps
-are graph inputs, so calibration later needs no recompile), runs the float graph with observers
-while calibrating, and re-packs a weight the user replaced or edited before it is used."""
+It compiles the quantized graph once (inside the backend call, where dynamo's shapes are live;
+packed weights and static steps are extra graph inputs, so calibration later needs no
+recompile). Dynamo reuses a graph for every module instance of the same code, with weights as
+inputs, so each call looks its weights up in the shared registry: a weight seen before reuses
+its QuantState, an edited one is re-packed, a new one (replaced parameter, another instance)
+gets a new state."""
 from __future__ import annotations
 
 import weakref
@@ -42,7 +44,7 @@ class GraphRunner:
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, plan: Plan, config: QuantConfig):
         self.gm, self.plan, self.config = gm, plan, config
         index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        self.sites: list[tuple] = []          # (site, state, weight index, bias index)
+        self.sites: list[tuple] = []          # (site, weight index, bias index, lowering key)
         self.fallbacks: dict[str, str] = {}
         for site in plan:
             w_idx = index.get(site.weight_node)
@@ -51,89 +53,93 @@ class GraphRunner:
             if reason is not None:
                 self.fallbacks[site.name] = reason
                 continue
-            k_bounds, dual = lowering_of(site, config)
-            state = REGISTRY.get(weight, (config, k_bounds, dual))
-            if state is None:
-                state = QuantState(site, weight, config, k_bounds, dual)
-                REGISTRY.put(weight, (config, k_bounds, dual), state)
             b_idx = index.get(site.bias_node) if site.bias_node else None
-            state.bias = example_inputs[b_idx] if b_idx is not None else None
-            self.sites.append((site, state, w_idx, b_idx))
-        if config.load:
-            from segquant_compile.persist import load_states
-            load_states(config.load, [(s, st, example_inputs[w]) for s, st, w, _ in self.sites], config)
-        self.weight_ids = {id(example_inputs[w]) for _, _, w, _ in self.sites}
-        self.calls = 0
+            self.sites.append((site, w_idx, b_idx, (config, *lowering_of(site, config))))
+        self.seen_ids: set[int] = set()
+        self._key, self._states = None, []
+        states = self.states_for(example_inputs)
         self._observer = None
-        self._compiled, self._extras = self._compile_quantized(example_inputs)
-        if config.release_float_weights and self.ready:
-            self.release_float_weights(example_inputs)
-        RUNNERS.add(self)
+        self._compiled, self._extras = self._compile_quantized(example_inputs, states)
+        RUNNERS.add(self)   # float weights are released at the first quantized call: dynamo keeps
+        # parameter storages fixed while a backend runs
+
+    # ------------------------------------------------------------------ states
+    def states_for(self, args) -> list[QuantState]:
+        """The QuantStates of this call's weights (created, re-packed or loaded as needed)."""
+        key = tuple(id(args[w]) for _, w, _, _ in self.sites)
+        if key != self._key:
+            states = []
+            for site, w, _, lowering in self.sites:
+                state = REGISTRY.get(args[w], lowering)
+                if state is None:
+                    state = QuantState(site, args[w], self.config, lowering[1], lowering[2])
+                    REGISTRY.put(args[w], lowering, state)
+                    if self.config.load:
+                        from segquant_compile.persist import load_states
+                        load_states(self.config.load, [(site, state, args[w])], self.config)
+                states.append(state)
+            self._key, self._states = key, states
+            self.seen_ids.update(key)
+        for (_, w, b, _), state in zip(self.sites, self._states):
+            if not state.is_current(args[w]):
+                state.refresh(args[w])
+            state.bias = args[b] if b is not None else None
+        return self._states
+
+    def _ready(self, states) -> bool:
+        return self.config.activations == "dynamic" or all(st.frozen for st in states)
+
+    def _release(self, args, states) -> int:
+        return sum(st.release(args[w]) for (_, w, _, _), st in zip(self.sites, states) if not st.released)
 
     # ------------------------------------------------------------------ building
-    @property
-    def states(self) -> list[QuantState]:
-        return [st for _, st, _, _ in self.sites]
-
-    @property
-    def ready(self) -> bool:
-        return self.config.activations == "dynamic" or all(st.frozen for st in self.states)
-
-    def _compile_quantized(self, example_inputs):
+    def _compile_quantized(self, example_inputs, states):
         static = self.config.activations == "static"
         smooth = self.config.smooth is not None
-        gm, extras = quantize_sites(self.gm, [(s, st.k_bounds, st.dual, smooth) for s, st, _, _ in self.sites],
-                                    static)
-        states = {st.name: st for st in self.states}
-        extras = [(states[name], field) for name, field in extras]
+        specs = [(site, st.k_bounds, st.dual, smooth) for (site, *_), st in zip(self.sites, states)]
+        gm, extras = quantize_sites(self.gm, specs, static)
+        position = {site.name: i for i, (site, *_) in enumerate(self.sites)}
+        extras = [(position[name], field) for name, field in extras]
         self.quantized_gm = gm
         if not self.config.inductor:
             return gm.forward, extras
         from torch._inductor.compile_fx import compile_fx
         patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode != "default" else {}
-        inputs = list(example_inputs) + [_static_fake(st.graph_input(f)) for st, f in extras]
+        inputs = list(example_inputs) + [_static_fake(states[i].graph_input(f)) for i, f in extras]
         return compile_fx(gm, inputs, config_patches=patches), extras
-
-    def release_float_weights(self, args) -> int:
-        return sum(st.release(args[w]) for _, st, w, _ in self.sites if not st.released)
 
     # ------------------------------------------------------------------ running
     def __call__(self, *args):
-        self.calls += 1
+        states = self.states_for(args)
         session = calibration.active()
-        if session is not None and session.owns(self):
-            return self._calibrate(args, session)
-        if not self.ready:
+        if session is not None and session.owns(self.seen_ids):
+            return self._calibrate(args, states, session)
+        if not self._ready(states):
             if self.config.calibration_steps:
-                out = self._calibrate(args, None)
-                if self.calls >= self.config.calibration_steps:
-                    calibration.freeze(self.states)
-                    if self.config.release_float_weights:
-                        self.release_float_weights(args)
+                out = self._calibrate(args, states, None)
+                if min(st.observed_calls for st in states) >= self.config.calibration_steps:
+                    calibration.freeze(states)
                 return out
+            missing = next(st.name for st in states if not st.frozen)
             raise RuntimeError(
-                "segquant: static activations need calibration before use: run the compiled model inside "
-                "`with segquant_compile.calibrate(compiled): ...`, or set options "
-                "{'calibration_steps': N} or {'load': path}")
-        for _, st, w, b in self.sites:
-            if not st.is_current(args[w]):
-                st.refresh(args[w])
-                REGISTRY.put(args[w], (st.config, st.k_bounds, st.dual), st)
-            if b is not None:
-                st.bias = args[b]
-        return self._compiled(*args, *(st.graph_input(f) for st, f in self._extras))
+                f"segquant: static activations need calibration before use ({missing} has none: a model "
+                f"not calibrated yet, or a weight replaced since): run the compiled model inside "
+                f"`with segquant_compile.calibrate(compiled, recalibrate=True): ...`, or set options "
+                f"{{'calibration_steps': N}} or {{'load': path}}")
+        if self.config.release_float_weights:
+            self._release(args, states)
+        return self._compiled(*args, *(states[i].graph_input(f) for i, f in self._extras))
 
-    def _calibrate(self, args, session):
+    def _calibrate(self, args, states, session):
         if self._observer is None:
-            by_name = {st.name: st for st in self.states}
+            position = {site.name: i for i, (site, *_) in enumerate(self.sites)}
 
             def observe(name, x):
-                by_name[name].observe(x)
-            self._observer = observe_sites(self.gm, [s for s, _, _, _ in self.sites], observe)
-        for _, st, w, _ in self.sites:
-            if not st.is_current(args[w]):
-                st.refresh(args[w])
+                state = self._states[position[name]]
+                if not state.frozen:   # calibrated sites keep their steps (recalibrate resets them)
+                    state.observe(x)
+            self._observer = observe_sites(self.gm, [site for site, *_ in self.sites], observe)
         if session is not None:
-            session.touch(self)
+            session.touch([st for st in states if not st.frozen])
         with torch.no_grad():
             return self._observer(*args)

@@ -18,14 +18,14 @@ SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothin
 SMOOTH_GRID = (0.0, 0.25, 0.5, 0.75)
 
 
-def fallback_reason(site: LinearSite, weight: Tensor, config: QuantConfig) -> str | None:
-    """Why a site stays float, or None when it is quantized."""
+def fallback_reason(site: LinearSite, weight: Tensor | None, config: QuantConfig) -> str | None:
+    """Why a site stays float, or None when it is quantized (weight None: judge the plan alone)."""
     for pattern in config.skip:
         if fnmatch.fnmatch(site.name, pattern):
             return f"matches skip pattern {pattern!r}"
-    if not weight.is_floating_point():
+    if weight is not None and not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
-    if weight.device.type not in ("cpu", "cuda"):
+    if weight is not None and weight.device.type not in ("cpu", "cuda"):
         return f"weight on {weight.device.type} device"
     if config.format != "int8":
         return f"format {config.format!r} has no lowering yet (only 'int8')"
@@ -36,7 +36,7 @@ def fingerprint(w: Tensor) -> str:
     """Identifies a weight's values cheaply: shape, dtype and a strided sample with the sum."""
     flat = w.detach().reshape(-1)
     step = max(1, flat.numel() // 65536)
-    sample = flat[::step].float().cpu().contiguous()
+    sample = flat[::step].float().cpu().clone()   # a copy: numpy views pin the storage
     h = hashlib.sha256(str((tuple(w.shape), str(w.dtype))).encode())
     h.update(sample.numpy().tobytes())
     h.update(repr(round(float(flat.double().sum()), 6)).encode())
@@ -65,6 +65,7 @@ class QuantState:
         self.d_neg: Tensor | None = None
         self.sqnr: float | None = None
         self.released = False
+        self.bias: Tensor | None = None
         self._weight = weakref.ref(weight)
         self._stamp = None
         self.pack(weight)
@@ -127,6 +128,10 @@ class QuantState:
             idx = torch.randperm(len(x2), generator=torch.Generator().manual_seed(self.observed_calls))
             self.sample.append(x2[idx[: min(len(x2), max(1, SAMPLE_ROWS // 8), SAMPLE_ROWS - kept)]].cpu())
         self.observed_calls += 1
+
+    def reset_calibration(self) -> None:
+        self.pos_max = self.neg_max = self.d_x = self.d_neg = self.sqnr = None
+        self.sample, self.observed_calls = [], 0
 
     def freeze(self, weight: Tensor) -> None:
         """Turn the statistics into static steps (choosing SmoothQuant's alpha if asked)."""

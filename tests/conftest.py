@@ -45,3 +45,42 @@ def shared_data():
     if not (path / "mnist_dit_edm" / "dit_edm_mnist.safetensors").exists():
         pytest.skip(f"shared test data not found at {path} (see ../shared/data/README.md)")
     return path
+
+
+def tiny_flux(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def tiny_pixart(seed: int = 0):
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                    num_layers=2, cross_attention_dim=16, caption_channels=16, sample_size=8,
+                                    patch_size=2, norm_type="ada_norm_single",
+                                    use_additional_conditions=False).eval()
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=8, norm_num_groups=8, sample_size=8, in_channels=4,
+                                out_channels=4).eval()
+
+
+TINY = {"sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart, "unet": tiny_unet}
+
+
+def tiny_inputs(model, batch: int = 2, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return models.example_inputs(model, batch=batch, resolution=64, text_tokens=5, generator=g)
+
+
+def output(result):
+    return result.sample if hasattr(result, "sample") else result[0]

@@ -52,3 +52,24 @@ def test_symbolic_split_is_not_segmented():
     site = build_plan(gm)["lin"]
     assert site.output_segments is None
     assert any("symbolic" in n for n in site.notes)
+
+
+class JointSlice(nn.Module):
+    """SD3's joint attention: tokens sliced at a symbolic length before the head-merged to_out."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_out = nn.Linear(8, 8)
+
+    def forward(self, x, ctx):
+        b, s, _ = x.shape
+        joint = torch.cat([x, ctx], dim=1).view(b, -1, 2, 4).transpose(1, 2).softmax(-1)
+        joint = joint.transpose(1, 2).reshape(b, -1, 8)
+        return self.to_out(joint[:, : x.shape[1]])
+
+
+def test_symbolic_token_slice_before_head_merge():
+    x, ctx = torch.randn(2, 6, 8), torch.randn(2, 3, 8)
+    torch._dynamo.mark_dynamic(x, 1)
+    (gm, _), = capture_graphs(JointSlice(), (x, ctx), {}, dynamic=True)
+    assert build_plan(gm)["to_out"].input_segments.sizes == (4, 4)

@@ -35,3 +35,34 @@ def test_plan(dit):
     assert report.totals()["dualscale"] == report.totals()["dualscale_partial"] == 0
     segmented = {s.name for s in report.sites if s.input_segments or s.output_segments}
     assert segmented == {"dits.0.lv", "dits.1.lv", "dits.2.lv", "time_emb.1"}
+
+
+def psnr(ref, out):
+    """Images in [-1, 1]: peak-to-peak 2."""
+    return float(10 * torch.log10(4 / (ref - out).pow(2).mean()))
+
+
+def quantized_samples(dit, options, labels):
+    import segquant_compile as sq
+    compiled = torch.compile(dit, backend="segquant", options=options)
+    with sq.calibrate(compiled, progress=False):
+        for run in range(20):                     # 20 other sampling runs, other seeds and labels
+            md.sample(compiled, torch.arange(10), seed=1000 + run)
+    return md.sample(compiled, labels, seed=0)
+
+
+@pytest.mark.slow
+def test_static_w8a8_fidelity(dit):
+    labels = torch.arange(100) % 10
+    clf = md.load_classifier()
+    ref = md.sample(dit, labels, seed=0)
+    seg = quantized_samples(dit, {"activations": "static"}, labels)
+    plain = quantized_samples(dit, {"activations": "static", "weights": "per-tensor", "seglinear": False,
+                                    "dualscale": False}, labels)
+    acc_ref, acc_seg, acc_plain = (md.accuracy(clf, x, labels) for x in (ref, seg, plain))
+    p_seg, p_plain = psnr(ref, seg), psnr(ref, plain)
+    print(f"\nMNIST DiT, 100 samples: float acc {acc_ref:.2f}; SegQuant static W8A8 PSNR {p_seg:.2f} dB acc "
+          f"{acc_seg:.2f}; plain per-tensor W8A8 PSNR {p_plain:.2f} dB acc {acc_plain:.2f}")
+    assert p_seg >= 35
+    assert abs(acc_seg - acc_ref) <= 0.02
+    assert p_plain < p_seg

@@ -1,0 +1,248 @@
+"""Quantized execution end to end on tiny random diffusers models (CPU)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+import segquant_compile as sq
+import segquant_compile.models  # noqa: F401  (sq.models)
+from conftest import TINY, output, tiny_inputs
+from segquant_compile.lowering.quantize import sqnr_db
+from segquant_compile.runtime import RUNNERS
+
+
+def calibrated(model, options=None, calls=4, batch=2):
+    compiled = torch.compile(model, backend="segquant", options={"activations": "static", **(options or {})})
+    with torch.no_grad(), sq.calibrate(compiled, progress=False):
+        for s in range(calls):
+            compiled(**tiny_inputs(model, batch=batch, seed=10 + s))
+    return compiled
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_tiny_models_sqnr_and_one_gemm_per_site(name, activations):
+    model = TINY[name]()
+    x = tiny_inputs(model)
+    with torch.no_grad():
+        ref = output(model(**x))
+        if activations == "static":
+            compiled = calibrated(model)
+        else:
+            compiled = torch.compile(model, backend="segquant")
+        got, code = run_and_get_code(lambda: output(compiled(**x)))
+    db = sqnr_db(ref, got)
+    print(f"{name} {activations}: SQNR {db:.2f} dB")
+    assert db >= 25
+    report = sq.report(compiled)
+    quantized = report.totals()["sites"] - report.totals()["float"]
+    assert quantized == len(report.sites) > 0
+    if activations == "dynamic":   # static: the graph compiled during calibration, not in this call
+        assert sum(c.count("torch.ops.segquant.gemm.default(") for c in code) == quantized
+    else:
+        assert all(s.frozen and s.sqnr is not None for s in report.states.values())
+
+
+def test_new_resolution_recompiles_with_the_same_scales():
+    model = TINY["sd3"]()
+    compiled = calibrated(model)
+    states = dict(sq.report(compiled).states)
+    steps = {n: s.d_x.clone() for n, s in states.items()}
+    packed = {n: s.packed for n, s in states.items()}
+    x = sq.models.example_inputs(model, batch=2, resolution=32, text_tokens=5,
+                                 generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        db = sqnr_db(model(**x).sample, compiled(**x).sample)
+    assert db >= 25
+    after = sq.report(compiled)
+    assert after.n_graphs >= 2                              # it did recompile
+    for n, s in after.states.items():
+        assert s is states[n]                               # same QuantState, not recalibrated
+        assert torch.equal(s.d_x, steps[n]) and s.packed is packed[n]
+
+
+def test_packing_happens_once_per_weight(monkeypatch):
+    from segquant_compile.state import QuantState
+    calls = []
+    original = QuantState.pack
+    monkeypatch.setattr(QuantState, "pack", lambda self, w: (calls.append(self.name), original(self, w))[1])
+    model = TINY["pixart"]()
+    compiled = torch.compile(model, backend="segquant")
+    with torch.no_grad():
+        compiled(**tiny_inputs(model, batch=1))
+        compiled(**tiny_inputs(model, batch=3))       # new batch: recompile
+        compiled(**tiny_inputs(model, batch=5))
+    assert len(calls) == len(set(calls)) == len(sq.report(compiled).states)
+
+
+def test_calibration_steps_freeze_automatically():
+    model = TINY["pixart"]()
+    compiled = torch.compile(model, backend="segquant", options={"activations": "static", "calibration_steps": 2})
+    with torch.no_grad():
+        for s in range(2):
+            compiled(**tiny_inputs(model, seed=20 + s))
+        assert all(st.frozen for st in sq.report(compiled).states.values())
+        x = tiny_inputs(model)
+        assert sqnr_db(output(model(**x)), output(compiled(**x))) >= 25
+
+
+# ------------------------------------------------------------------ calibration errors
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
+def test_calibrate_errors():
+    with pytest.raises(TypeError, match="compiled with"):
+        with sq.calibrate(Two()):
+            pass
+    with pytest.raises(TypeError, match="inductor"):
+        with sq.calibrate(torch.compile(Two(), backend="inductor")):
+            pass
+    with pytest.raises(ValueError, match="static"):
+        with sq.calibrate(torch.compile(Two(), backend="segquant")):
+            pass
+    compiled = torch.compile(Two(), backend="segquant", options={"activations": "static", "inductor": False})
+    with pytest.raises(RuntimeError, match="static activations need calibration"):
+        compiled(torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="no call"):
+        with sq.calibrate(compiled, progress=False):
+            pass
+    with pytest.raises(RuntimeError, match="already running"):
+        with sq.calibrate(compiled, progress=False):
+            with sq.calibrate(compiled, progress=False):
+                pass
+    with sq.calibrate(compiled, progress=False):
+        compiled(torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="already calibrated"):
+        with sq.calibrate(compiled, progress=False):
+            compiled(torch.randn(3, 8))
+    with sq.calibrate(compiled, progress=False, recalibrate=True):
+        compiled(torch.randn(3, 8) * 10)
+    m = Two()
+    compiled = torch.compile(m, backend="segquant", options={"activations": "static", "inductor": False})
+    bad = torch.randn(3, 8)
+    bad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"observer of a\b"):
+        with sq.calibrate(compiled, progress=False):
+            compiled(bad)
+
+
+# ------------------------------------------------------------------ weights policy
+def test_edited_and_replaced_weights_are_repacked():
+    m = Two()
+    compiled = torch.compile(m, backend="segquant")
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert sqnr_db(m(x), compiled(x)) > 30
+        m.a.weight.mul_(-3.0)                                   # in-place edit
+        assert sqnr_db(m(x), compiled(x)) > 30
+        m.b.weight = nn.Parameter(torch.randn(4, 16))           # replacement
+        assert sqnr_db(m(x), compiled(x)) > 30
+        m.b.weight.data = torch.randn(4, 16)                    # .data swap
+        assert sqnr_db(m(x), compiled(x)) > 30
+
+
+def test_release_float_weights_frees_memory():
+    model = TINY["sd3"]()
+    x = tiny_inputs(model)
+    with torch.no_grad():
+        ref = output(model(**x))
+    before = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    compiled = torch.compile(model, backend="segquant", options={"release_float_weights": True})
+    with torch.no_grad():
+        got = output(compiled(**x))
+    after = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    packed = sum(s.packed.nbytes + s.d_w.nbytes for s in sq.report(compiled).states.values())
+    print(f"float weights {before} B -> {after} B left + {packed} B packed int8")
+    assert sqnr_db(ref, got) > 30
+    assert after + packed < 0.4 * before
+    with torch.no_grad():
+        model.proj_out.weight.data = torch.randn_like(model.proj_out.bias).expand(16, 16).clone()
+        with pytest.raises(RuntimeError, match="released"):
+            compiled(**x)
+
+
+# ------------------------------------------------------------------ save / load
+SAVE_LOAD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import segquant_compile as sq
+import segquant_compile.models  # noqa: F401  (sq.models)
+from conftest import TINY, tiny_inputs
+model = TINY["flux"]()
+compiled = torch.compile(model, backend="segquant", options={{"activations": "static", "load": {path!r}}})
+with torch.no_grad():
+    torch.save(compiled(**tiny_inputs(model)).sample, {out!r})
+"""
+
+
+def test_save_then_load_in_a_fresh_process_is_bit_identical(tmp_path):
+    model = TINY["flux"]()
+    compiled = calibrated(model)
+    with torch.no_grad():
+        here = compiled(**tiny_inputs(model)).sample
+    sq.save(compiled, tmp_path / "q")
+    code = SAVE_LOAD.format(tests=str(__import__("pathlib").Path(__file__).parent), path=str(tmp_path / "q"),
+                            out=str(tmp_path / "out.pt"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), here)
+
+
+def test_load_refuses_other_weights_or_architecture(tmp_path):
+    model = TINY["pixart"]()
+    sq.save(calibrated(model), tmp_path / "q")
+    other = TINY["pixart"](seed=1)                                      # same architecture, other weights
+    compiled = torch.compile(other, backend="segquant", options={"activations": "static", "load": str(tmp_path / "q")})
+    with pytest.raises(Exception, match="weights of .* differ"):
+        compiled(**tiny_inputs(other))
+    flux = TINY["flux"]()
+    compiled = torch.compile(flux, backend="segquant", options={"activations": "static", "load": str(tmp_path / "q")})
+    with pytest.raises(Exception, match="architecture differs"):
+        compiled(**tiny_inputs(flux))
+    compiled = torch.compile(model, backend="segquant", options={"activations": "static", "weights": "per-tensor",
+                                                                 "load": str(tmp_path / "q")})
+    with pytest.raises(Exception, match="options differ"):
+        compiled(**tiny_inputs(model))
+
+
+def test_report_of_compiled_model():
+    model = TINY["sd3"]()
+    compiled = calibrated(model, options={"skip": ["time_text_embed.*"]})
+    r = sq.report(compiled)
+    assert r.fallbacks == {n: "matches skip pattern 'time_text_embed.*'" for n in
+                           ("time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+                            "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2")}
+    text = str(r)
+    assert "float: matches skip pattern" in text and "SQNR" in text and "4 stay float" in text
+    row = next(x for x in r.rows() if x["site"] == "transformer_blocks.0.ff.net.2")
+    assert row["quant"]["format"] == "int8" and row["quant"]["sqnr_db"] > 20
+    assert len(row["quant"]["act_step"]) == 1 and len(row["quant"]["act_step_neg"]) == 1
+
+
+def test_replaced_weight_in_static_mode_asks_for_calibration():
+    m = Two()
+    compiled = torch.compile(m, backend="segquant", options={"activations": "static", "inductor": False})
+    with torch.no_grad(), sq.calibrate(compiled, progress=False):
+        compiled(torch.randn(4, 8))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        m.a.weight.mul_(0.5)                                       # in place: re-packed, steps kept
+        assert sqnr_db(m(x), compiled(x)) > 25
+        m.a.weight = nn.Parameter(torch.randn(16, 8))              # replaced: its steps are unknown
+        with pytest.raises(RuntimeError, match="a weight replaced since"):
+            compiled(x)
+        with pytest.warns(UserWarning, match="calibrating only the sites without steps"):
+            with sq.calibrate(compiled, progress=False):
+                compiled(torch.randn(4, 8))
+        with sq.calibrate(compiled, progress=False, recalibrate=True):   # b's input range changed too
+            compiled(torch.randn(4, 8))
+        assert sqnr_db(m(x), compiled(x)) > 25
