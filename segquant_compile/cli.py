@@ -29,6 +29,12 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from segquant_compile import demo
+    demo.run(args.model, args.activations, args.save)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="segquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,11 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--save", action="append", metavar="PATH", help="write the report (.json, .dot, .html)")
     p.add_argument("--summary", action="store_true", help="totals only")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("demo", help="the main job on an embedded default model")
-    p.add_argument("--save", action="append", metavar="PATH", default=["segquant-plan.html"])
-    p.set_defaults(func=lambda a: cmd_inspect(argparse.Namespace(
-        model="sd3.5-medium", batch=2, resolution=1024, text_tokens=None, options=None,
-        save=a.save, summary=False)))
+    p = sub.add_parser("demo", help="quantize an embedded default model: plan, SQNR and time against float")
+    p.add_argument("--model", choices=["sd3", "mnist"], default="sd3",
+                   help="sd3: an SD3-style transformer with random weights; mnist: the real DiT in ../shared/data")
+    p.add_argument("--activations", choices=["static", "dynamic"], default="static")
+    p.add_argument("--save", action="append", metavar="PATH", help="write the report (.json, .dot, .html)")
+    p.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -55,8 +55,10 @@ class GraphRunner:
                 continue
             b_idx = index.get(site.bias_node) if site.bias_node else None
             self.sites.append((site, w_idx, b_idx, (config, *lowering_of(site, config))))
-        self.seen_ids: set[int] = set()
-        self._key, self._states = None, []
+        self.plan_weights = [index[s.weight_node] for s in plan if s.weight_node in index]
+        self.seen_ids: set[int] = {id(example_inputs[i]) for i in self.plan_weights}
+        self._refs: list = []          # weakrefs to the weights of the cached states (ids get reused)
+        self._states: list[QuantState] = []
         states = self.states_for(example_inputs)
         self._observer = None
         self._compiled, self._extras = self._compile_quantized(example_inputs, states)
@@ -66,8 +68,8 @@ class GraphRunner:
     # ------------------------------------------------------------------ states
     def states_for(self, args) -> list[QuantState]:
         """The QuantStates of this call's weights (created, re-packed or loaded as needed)."""
-        key = tuple(id(args[w]) for _, w, _, _ in self.sites)
-        if key != self._key:
+        if len(self._refs) != len(self.sites) or any(r() is not args[w] for r, (_, w, _, _) in
+                                                       zip(self._refs, self.sites)):
             states = []
             for site, w, _, lowering in self.sites:
                 state = REGISTRY.get(args[w], lowering)
@@ -78,8 +80,9 @@ class GraphRunner:
                         from segquant_compile.persist import load_states
                         load_states(self.config.load, [(site, state, args[w])], self.config)
                 states.append(state)
-            self._key, self._states = key, states
-            self.seen_ids.update(key)
+            self._refs = [weakref.ref(args[w]) for _, w, _, _ in self.sites]
+            self._states = states
+            self.seen_ids.update(id(args[i]) for i in self.plan_weights)
         for (_, w, b, _), state in zip(self.sites, self._states):
             if not state.is_current(args[w]):
                 state.refresh(args[w])

@@ -92,10 +92,11 @@ class QuantState:
 
     @staticmethod
     def stamp(weight: Tensor):
-        return id(weight), weight._version, weight.untyped_storage().data_ptr()
+        return weight._version, weight.untyped_storage().data_ptr()
 
     def is_current(self, weight: Tensor) -> bool:
-        return self._stamp == self.stamp(weight)
+        """The same tensor object (not just the same id: ids are reused), unchanged since packing."""
+        return self._weight() is weight and self._stamp == self.stamp(weight)
 
     def refresh(self, weight: Tensor) -> None:
         """The user replaced or edited the weight: re-pack it (the activation steps stay)."""
@@ -111,6 +112,7 @@ class QuantState:
         freed = storage.nbytes()
         storage.resize_(0)
         self.released = True
+        self._weight = weakref.ref(weight)
         self._stamp = self.stamp(weight)
         return freed
 
