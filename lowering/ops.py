@@ -37,16 +37,17 @@ def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
     y = None
     for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
         qs, ws = q[:, k0:k1], w[k0:k1]
+        # int32 * fp32 promotes in one pass; the rest accumulates in place (CPU epilogue cost)
         if dual[s]:
-            part = _int_mm(qs.clamp(min=0), ws).float() * d_x[:, s:s + 1] + \
-                _int_mm(qs.clamp(max=0), ws).float() * d_neg[:, s:s + 1]
+            part = torch.mul(_int_mm(qs.clamp(min=0), ws), d_x[:, s:s + 1])
+            part.add_(torch.mul(_int_mm(qs.clamp(max=0), ws), d_neg[:, s:s + 1]))
         else:
-            part = _int_mm(qs, ws).float() * d_x[:, s:s + 1]
-        y = part if y is None else y + part
-    y = y * d_w
+            part = torch.mul(_int_mm(qs, ws), d_x[:, s:s + 1])
+        y = part if y is None else y.add_(part)
+    y.mul_(d_w)
     if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
+        y.add_(bias)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
