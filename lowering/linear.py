@@ -11,10 +11,15 @@ from .quantize import quantize_dynamic, quantize_static
 
 def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x: Tensor | None,
                      d_neg: Tensor | None, smooth: Tensor | None, k_bounds: tuple[int, ...],
-                     dual: tuple[int, ...]) -> Tensor:
-    """y = x @ W^T + b with int8 W (packed [K, N]); static steps d_x/d_neg [1, S] or dynamic when None."""
+                     dual: tuple[int, ...], prologue: bool = False) -> Tensor:
+    """y = x @ W^T + b with int8 W (packed [K, N]); static steps d_x/d_neg [1, S] or dynamic when
+    None. `prologue`: static steps applied inside the GEMM kernel (no separate quantize pass)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if prologue and d_x is not None:
+        y = torch.ops.segquant.gemm_prologue(x2, d_x, d_neg, smooth, w, d_w, bias, list(k_bounds), list(dual),
+                                             x.dtype)
+        return y.reshape(*lead, w.shape[1])
     if smooth is not None:
         x2 = x2 / smooth
     if d_x is None:

@@ -32,8 +32,39 @@ def _(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
     return q.new_empty((q.shape[0], w.shape[1]), dtype=out_dtype)
 
 
+@gemm.register_kernel("cuda")
+def _(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
+    from .triton_gemm import launch
+    return launch(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype)
+
+
+@torch.library.custom_op(f"{LIB}::gemm_prologue", mutates_args=())
+def gemm_prologue(x: Tensor, d_x: Tensor, d_neg: Tensor, smooth: Tensor | None, w: Tensor, d_w: Tensor,
+                  bias: Tensor | None, k_bounds: list[int], dual: list[int], out_dtype: torch.dtype) -> Tensor:
+    """The GEMM reading float activations, quantized with static steps d_x/d_neg [1, S] (and the
+    SmoothQuant divisor) inside the kernel: no separate quantize pass."""
+    from .quantize import quantize_static
+    xs = x.float() / smooth if smooth is not None else x.float()
+    q = quantize_static(xs, list(k_bounds), list(dual), d_x, d_neg)
+    return gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype)
+
+
+@gemm_prologue.register_fake
+def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, dual, out_dtype):
+    return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype)
+
+
+@gemm_prologue.register_kernel("cuda")
+def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, dual, out_dtype):
+    from .triton_gemm import launch
+    return launch(x, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=smooth, prologue=True)
+
+
 def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
-    """CPU implementation: oneDNN int8 GEMM (torch._int_mm) per segment, fp32 epilogue."""
+    """CPU implementation: oneDNN int8 GEMM (torch._int_mm) per segment, fp32 epilogue; e4m3
+    operands (fp8 emulated on CPU) go through float64 products, exact for 8-bit values."""
+    if q.dtype == torch.float8_e4m3fn:
+        return _fp8_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype)
     y = None
     for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
         qs, ws = q[:, k0:k1], w[k0:k1]
@@ -48,6 +79,21 @@ def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
     if bias is not None:
         y.add_(bias)
     return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def _fp8_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
+    y = None
+    for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
+        qs, ws = q[:, k0:k1].double(), w[k0:k1].double()
+        if dual[s]:
+            part = ((qs.clamp(min=0) @ ws) * d_x[:, s:s + 1] + (qs.clamp(max=0) @ ws) * d_neg[:, s:s + 1])
+        else:
+            part = (qs @ ws) * d_x[:, s:s + 1]
+        y = part if y is None else y + part
+    y = y * d_w
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
 
 
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:

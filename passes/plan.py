@@ -12,7 +12,7 @@ from .dualscale import REACHED, activation_source
 from .names import param_names
 from .segment_graph import segment_graph
 from .seglinear import input_segments, output_segments
-from .shapes import as_int, shape
+from .shapes import as_int, prod, shape
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class LinearSite:
     weight_node: str = ""          # FX placeholder/get_attr of the weight
     weight_nk: bool = True         # weight stored [N, K] (linear) or [K, N] (x @ W)
     bias_node: str | None = None
+    rows: int | None = None        # M of the GEMM in the traced call (None when symbolic)
     neighbourhood: tuple[str, ...] = ()   # nodes the walks visited, for the report's drawing
     graph: int = 0                 # which captured graph (graph breaks give several)
 
@@ -182,6 +183,7 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
             dualscale=DualScale(sources), notes=tuple(dict.fromkeys(notes)),
             input_node=x.name, weight_node=w.name, weight_nk=nk,
             bias_node=bias.name if isinstance(bias, torch.fx.Node) else None,
+            rows=as_int(prod(shape(x)[:-1])),
             neighbourhood=tuple(dict.fromkeys(around)), graph=graph_index))
     return Plan(tuple(sites), (graph,))
 

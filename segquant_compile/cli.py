@@ -29,6 +29,43 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_autotune(args) -> int:
+    """Tune every GEMM shape of a model's plan at the given batch sizes and resolutions."""
+    import os
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from segquant_compile.config import QuantConfig
+    from segquant_compile.explain import explain
+    from segquant_compile.lowering import autotune
+    from segquant_compile.runtime import lowering_of
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpret:
+        raise ValueError("autotune times the Triton kernels on a CUDA GPU; none is visible "
+                         "(TRITON_INTERPRET=1 exercises the path on CPU, timings meaningless)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.cache:
+        autotune.set_cache_dir(args.cache)
+    config = QuantConfig.from_options(args.options)
+    model = models.build(models.load_config(args.model), device="meta")
+    shapes = {}   # one tuning per key: rows in the same M bucket share it
+    for batch in args.batch:
+        for resolution in args.resolution:
+            inputs = models.example_inputs(model, batch=batch, resolution=resolution, text_tokens=args.text_tokens)
+            for site in explain(model, **inputs, options=args.options).sites:
+                if site.rows is None:
+                    continue
+                _, dual = lowering_of(site, config)
+                fmt = "fp8" if config.format == "fp8" else "int8"
+                shape = (site.rows, site.out_features, site.in_features, fmt + ("-dual" if any(dual) else ""))
+                shapes.setdefault(autotune.key(*shape, device), shape)
+    for m, n, k, variant in tqdm(sorted(shapes.values()), desc="segquant autotune", unit="shape"):
+        autotune.tune(m, n, k, variant, device)
+    print(f"tuned {len(shapes)} GEMM shapes; cache: {autotune.cache_path()}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from segquant_compile import demo
     demo.run(args.model, args.activations, args.save)
@@ -43,6 +80,14 @@ def main(argv=None) -> int:
     p.add_argument("--save", action="append", metavar="PATH", help="write the report (.json, .dot, .html)")
     p.add_argument("--summary", action="store_true", help="totals only")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("autotune", help="tune the GEMM kernels for every shape of a model; persist the cache")
+    p.add_argument("model", help=f"a shipped config ({', '.join(models.shipped())}) or a local diffusers folder")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--resolution", type=int, nargs="+", default=[1024])
+    p.add_argument("--text-tokens", type=int, default=None)
+    p.add_argument("--options", type=json.loads, default=None)
+    p.add_argument("--cache", default=None, help="cache folder (default: SEGQUANT_CACHE_DIR or ~/.cache/segquant)")
+    p.set_defaults(func=cmd_autotune)
     p = sub.add_parser("demo", help="quantize an embedded default model: plan, SQNR and time against float")
     p.add_argument("--model", choices=["sd3", "mnist"], default="sd3",
                    help="sd3: an SD3-style transformer with random weights; mnist: the real DiT in ../shared/data")

@@ -26,6 +26,7 @@ class QuantConfig:
     calibration_steps: int | None = None
     load: str | None = None
     release_float_weights: bool = False
+    autotune_cache: str | None = None
     mode: str = "default"
 
     @classmethod

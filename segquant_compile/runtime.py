@@ -19,6 +19,7 @@ from segquant_compile.passes.rewrite import observe_sites, quantize_sites
 from segquant_compile.state import REGISTRY, QuantState, fallback_reason
 
 RUNNERS: "weakref.WeakSet[GraphRunner]" = weakref.WeakSet()
+PROLOGUE_MAX_ROWS = 256
 
 
 def lowering_of(site, config: QuantConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -99,7 +100,17 @@ class GraphRunner:
     def _compile_quantized(self, example_inputs, states):
         static = self.config.activations == "static"
         smooth = self.config.smooth is not None
-        specs = [(site, st.k_bounds, st.dual, smooth) for (site, *_), st in zip(self.sites, states)]
+        if self.config.autotune_cache:
+            from segquant_compile.lowering import autotune
+            autotune.set_cache_dir(self.config.autotune_cache)
+        specs = []
+        for (site, w, _, _), st in zip(self.sites, states):
+            cuda = example_inputs[w].is_cuda
+            # static steps at small M: quantize inside the kernel rather than in a separate pass
+            prologue = static and cuda and site.rows is not None and site.rows <= PROLOGUE_MAX_ROWS
+            specs.append((site, st.k_bounds, st.dual, smooth, prologue))
+            if cuda and site.rows is not None:
+                self._pretune(site, st, prologue, example_inputs[w].device)
         gm, extras = quantize_sites(self.gm, specs, static)
         position = {site.name: i for i, (site, *_) in enumerate(self.sites)}
         extras = [(position[name], field) for name, field in extras]
@@ -110,6 +121,14 @@ class GraphRunner:
         patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode != "default" else {}
         inputs = list(example_inputs) + [_static_fake(states[i].graph_input(f)) for i, f in extras]
         return compile_fx(gm, inputs, config_patches=patches), extras
+
+    @staticmethod
+    def _pretune(site, state, prologue, device):
+        """Tune at compile time (never inside a CUDA graph capture): the kernel then only reads
+        the cache."""
+        from segquant_compile.lowering import autotune
+        variant = "int8" + ("-dual" if any(state.dual) else "") + ("-prologue" if prologue else "")
+        autotune.ensure(site.rows, site.out_features, site.in_features, variant, device)
 
     # ------------------------------------------------------------------ running
     def __call__(self, *args):

@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels run in the interpreter on machines without a GPU (set before any @triton.jit).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from segquant_compile import models
 from segquant_compile.mnist_dit import data_dir

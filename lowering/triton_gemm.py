@@ -1,0 +1,160 @@
+"""Triton kernels for the segquant GEMM: one body, variants by constexpr flags.
+
+    int8 A [M, K] x int8 W [K, N] -> int32 per K segment -> fp32 flush with the segment's steps
+    DUAL:      split A by sign in registers, two dots against the same W tile, combined at the
+               flush with d_pos / d_neg (plain segments of a mixed site pass d_neg = d_x)
+    FP8:       e4m3 x e4m3 with fp32 accumulation (sm89+), same epilogues
+    PROLOGUE:  A is float; each tile is quantized in the kernel with static per-segment steps
+    epilogue:  * d_w (per output channel) + bias, cast to the output dtype
+The math is exactly lowering/ops.py's reference; see tests/test_triton_gemm.py.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even, like torch.round (x - floor(x) is exact in fp32 for |x| < 2**23)."""
+    r = tl.floor(x)
+    f = x - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    up = (f > 0.5) | ((f == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def segquant_gemm_kernel(
+        A, W, C, DX, DN, DW, BIAS, KB, DUALS, SMOOTH,
+        M, N, S,
+        stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dm, stride_ds,
+        DUAL: tl.constexpr, FP8: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SMOOTH: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n                       # grouped order: W tiles stay in L2
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, S):
+        k0 = tl.load(KB + s)
+        k1 = tl.load(KB + s + 1)
+        d_pos = tl.load(DX + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+        d_neg = tl.load(DN + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+        # a plain segment of a mixed site quantizes symmetrically: its lower clamp is -127
+        low = tl.where(tl.load(DUALS + s) != 0, -128.0, -127.0)
+        if FP8:
+            acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(k0, k1, BLOCK_K):
+            kk = k + rk
+            k_ok = kk < k1
+            a_mask = m_ok[:, None] & k_ok[None, :]
+            w_mask = k_ok[:, None] & n_ok[None, :]
+            if PROLOGUE:
+                x = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
+                x = x.to(tl.float32)
+                if HAS_SMOOTH:
+                    x = x / tl.load(SMOOTH + kk, mask=k_ok, other=1.0)[None, :]
+                if DUAL:
+                    qp = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]), 0.0), 127.0)
+                    qn = tl.minimum(tl.maximum(_rint(x / d_neg[:, None]), low), 0.0)
+                    a = tl.where(x >= 0, qp, qn).to(tl.int8)
+                else:
+                    a = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]), -127.0), 127.0).to(tl.int8)
+            elif FP8:
+                a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
+            else:
+                a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0)
+            if FP8:
+                w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=w_mask, other=0.0)
+                if DUAL:
+                    zero = tl.zeros_like(a)
+                    positive = a.to(tl.float32) >= 0
+                    acc_p += tl.dot(tl.where(positive, a, zero), w, out_dtype=tl.float32)
+                    acc_n += tl.dot(tl.where(positive, zero, a), w, out_dtype=tl.float32)
+                else:
+                    acc_p += tl.dot(a, w, out_dtype=tl.float32)
+            else:
+                w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=w_mask, other=0)
+                if DUAL:
+                    acc_p += tl.dot(tl.maximum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
+                    acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
+                else:
+                    acc_p += tl.dot(a, w, out_dtype=tl.int32)
+        # flush this segment's integer sums into fp32 with its own steps (same order as the reference)
+        part = acc_p.to(tl.float32) * d_pos[:, None]
+        if DUAL:
+            part = part + acc_n.to(tl.float32) * d_neg[:, None]
+        acc = acc + part
+    acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c_ptr = C + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_INTS: dict = {}
+
+
+def int_tensor(values, device) -> torch.Tensor:
+    """Segment bounds and flags live on the device once per (values, device): no host copy
+    per call (CUDA graphs replay the same pointer)."""
+    key = (tuple(int(b) for b in values), str(device))
+    t = _INTS.get(key)
+    if t is None:
+        t = _INTS[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
+    return t
+
+
+def variant(a: torch.Tensor, dual, prologue: bool) -> str:
+    fp8 = a.dtype in (torch.float8_e4m3fn,)
+    return ("fp8" if fp8 else "int8") + ("-dual" if any(dual) else "") + ("-prologue" if prologue else "")
+
+
+def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=None, prologue=False,
+           config=None) -> torch.Tensor:
+    """C = segquant GEMM of a [M, K] (int8, e4m3, or float with prologue) and packed w [K, N]."""
+    from .autotune import choose
+    M, K = a.shape
+    N = w.shape[1]
+    fp8 = w.dtype == torch.float8_e4m3fn
+    if prologue and fp8:
+        raise ValueError("segquant: the in-kernel quantize prologue is int8 only")
+    dual_any = any(int(d) for d in dual)
+    if d_x.shape[0] not in (1, M) or d_neg.shape != d_x.shape:
+        raise ValueError(f"segquant: activation steps must be [1 or M, S], got {tuple(d_x.shape)}")
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    cfg = config or choose(M, N, K, variant(w if fp8 else a, dual, prologue), a.device)
+    kb, flags = int_tensor(k_bounds, a.device), int_tensor(dual, a.device)
+    stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    segquant_gemm_kernel[grid](
+        a, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, kb, flags,
+        smooth if smooth is not None else d_w,
+        M, N, len(k_bounds) - 1,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1), stride_dm, d_x.stride(1),
+        DUAL=dual_any, FP8=fp8, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    return c

@@ -1,0 +1,58 @@
+"""Autotuning: keys, pruning, persistence across processes, `segquant autotune`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from segquant_compile import cli
+from segquant_compile.lowering import autotune
+
+
+@pytest.fixture
+def cache(tmp_path):
+    autotune.set_cache_dir(tmp_path)
+    yield tmp_path
+    autotune.set_cache_dir(None)
+
+
+def test_key_and_buckets():
+    assert [autotune.m_bucket(m) for m in (1, 16, 17, 333, 4096, 100000)] == [16, 16, 32, 512, 4096, 8192]
+    k = autotune.key(333, 1536, 64, "int8-dual", "cpu")
+    assert "int8-dual" in k and "M512" in k and "N1536" in k and "K64" in k
+
+
+def test_prune_respects_shared_memory_and_min_dot(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(autotune, "shared_memory", lambda device: 64 * 1024)
+    configs = autotune.prune(4096, 4096, 4096, "int8", "cpu")
+    assert configs and all(c["BLOCK_K"] >= autotune.MIN_DOT_K for c in configs)
+    assert all((c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"] <= 64 * 1024
+               for c in configs)
+    small = autotune.prune(1, 64, 64, "int8", "cpu")
+    assert all(c["BLOCK_M"] <= 16 for c in small)
+
+
+def test_tune_persists_for_a_second_process(cache):
+    cfg, timings = autotune.tune(20, 48, 64, "int8", "cpu")
+    assert timings and cfg == autotune.choose(20, 48, 64, "int8", "cpu")
+    data = json.loads((cache / "autotune.json").read_text())
+    assert data[autotune.key(20, 48, 64, "int8", "cpu")] == cfg
+    code = ("import json; from segquant_compile.lowering import autotune as a; "
+            "k = a.key(20, 48, 64, 'int8', 'cpu'); print(json.dumps(a._load().get(k)))")
+    env = {**os.environ, "SEGQUANT_CACHE_DIR": str(cache), "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert json.loads(out.stdout) == cfg
+
+
+def test_cli_tunes_every_shape_of_a_model(cache, tmp_path, capsys):
+    from conftest import tiny_sd3
+    tiny_sd3().save_config(tmp_path / "model")
+    assert cli.main(["autotune", str(tmp_path / "model"), "--batch", "1", "2", "--resolution", "64",
+                     "--text-tokens", "5", "--cache", str(cache)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((cache / "autotune.json").read_text())
+    n = int(out.split("tuned ")[1].split()[0])
+    assert n == len(data) > 5
+    assert any("int8-dual" in k for k in data)
