@@ -32,11 +32,14 @@ class QuantConfig:
     @classmethod
     def from_options(cls, options: dict | None = None, mode: str | None = None) -> "QuantConfig":
         options = dict(options or {})
-        valid = [f.name for f in dataclasses.fields(cls) if f.name != "mode"]
+        # `mode` is an option too: torch.compile refuses mode= together with options=
+        valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown segquant option(s) {unknown}; valid options: {valid}")
         if mode is not None:
+            if "mode" in options and options["mode"] != mode:
+                raise ValueError(f"segquant: mode {mode!r} and options['mode'] {options['mode']!r} disagree")
             options["mode"] = mode
         for key in ("dualscale_activations", "skip"):
             if key in options:

@@ -119,7 +119,13 @@ class GraphRunner:
             return gm.forward, extras
         from torch._inductor.compile_fx import compile_fx
         patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode != "default" else {}
-        inputs = list(example_inputs) + [_static_fake(states[i].graph_input(f)) for i, f in extras]
+        extra = [states[i].graph_input(f) for i, f in extras]
+        if self.config.mode == "reduce-overhead":
+            # CUDA graph trees copy non-static inputs at every replay: ours are weights and steps
+            for t in extra:
+                if t.is_cuda:
+                    torch._dynamo.mark_static_address(t)
+        inputs = list(example_inputs) + [_static_fake(t) for t in extra]
         return compile_fx(gm, inputs, config_patches=patches), extras
 
     @staticmethod

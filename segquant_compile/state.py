@@ -66,6 +66,7 @@ class QuantState:
         self.sqnr: float | None = None
         self.released = False
         self.bias: Tensor | None = None
+        self._placeholders: dict[str, Tensor] = {}
         self._weight = weakref.ref(weight)
         self._stamp = None
         self.pack(weight)
@@ -181,13 +182,13 @@ class QuantState:
     def graph_input(self, field: str) -> Tensor:
         """The tensor the quantized graph takes for `field` (placeholders of the right shape
         until calibration has frozen the steps)."""
-        if field == "smooth":
-            return self.smooth if self.smooth is not None else torch.ones(self.packed.shape[0],
-                                                                           device=self.packed.device)
-        if field in ("d_x", "d_neg"):
-            value = getattr(self, field)
-            return value if value is not None else torch.ones(1, len(self.dual), device=self.packed.device)
-        return getattr(self, field)
+        value = getattr(self, field)
+        if value is None:   # one cached placeholder: no allocation per call
+            shape = (self.packed.shape[0],) if field == "smooth" else (1, len(self.dual))
+            value = self._placeholders.get(field)
+            if value is None:
+                value = self._placeholders[field] = torch.ones(shape, device=self.packed.device)
+        return value
 
     def bias_value(self) -> Tensor | None:
         b = getattr(self, "bias", None)

@@ -247,3 +247,17 @@ def test_replaced_weight_in_static_mode_asks_for_calibration():
         with sq.calibrate(compiled, progress=False, recalibrate=True):   # b's input range changed too
             compiled(calib)
         assert sqnr_db(m(x), compiled(x)) > 25
+
+
+def test_per_tensor_weights_have_one_step_per_output_segment():
+    model = TINY["sd3"]()
+    compiled = torch.compile(model, backend="segquant", options={"weights": "per-tensor", "inductor": False})
+    with torch.no_grad():
+        x = tiny_inputs(model)
+        assert sqnr_db(output(model(**x)), output(compiled(**x))) >= 25
+    states = sq.report(compiled).states
+    norm1 = states["transformer_blocks.0.norm1.linear"]
+    steps = norm1.d_w.reshape(9, -1)                      # 9 AdaLN segments of 16 channels
+    assert all(len(set(row.tolist())) == 1 for row in steps)
+    assert len(set(steps[:, 0].tolist())) > 1             # and they differ between segments
+    assert len(set(states["proj_out"].d_w.tolist())) == 1  # unsegmented: one step per tensor
