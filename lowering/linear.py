@@ -11,7 +11,7 @@ from .quantize import quantize_dynamic, quantize_static
 
 def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x: Tensor | None,
                      d_neg: Tensor | None, smooth: Tensor | None, k_bounds: tuple[int, ...],
-                     dual: tuple[int, ...], prologue: bool = False) -> Tensor:
+                     dual: tuple[int, ...], prologue: bool = False, fmt: str = "int8") -> Tensor:
     """y = x @ W^T + b with int8 W (packed [K, N]); static steps d_x/d_neg [1, S] or dynamic when
     None. `prologue`: static steps applied inside the GEMM kernel (no separate quantize pass)."""
     lead = x.shape[:-1]
@@ -23,8 +23,8 @@ def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x
     if smooth is not None:
         x2 = x2 / smooth
     if d_x is None:
-        q, d_x, d_neg = quantize_dynamic(x2, list(k_bounds), list(dual))
+        q, d_x, d_neg = quantize_dynamic(x2, list(k_bounds), list(dual), fmt)
     else:
-        q = quantize_static(x2, list(k_bounds), list(dual), d_x, d_neg)
+        q = quantize_static(x2, list(k_bounds), list(dual), d_x, d_neg, fmt)
     y = torch.ops.segquant.gemm(q, d_x, d_neg, w, d_w, bias, list(k_bounds), list(dual), x.dtype)
     return y.reshape(*lead, w.shape[1])

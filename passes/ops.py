@@ -17,7 +17,7 @@ def name(node: torch.fx.Node) -> str:
         target = node.target
         if target is operator.getitem:
             return "getitem"
-        return getattr(target, "__name__", str(target)).lstrip("_") if target is not operator.matmul else "matmul"
+        return getattr(target, "__name__", str(target)).lstrip("_")
     return node.op
 
 
@@ -95,13 +95,9 @@ def split_parts(node: torch.fx.Node) -> tuple[int, list] | None:
 
 
 def cat_dim(node: torch.fx.Node) -> int | None:
+    """The output dim a cat/stack joins along (for stack, the new dim)."""
     out = shape(node)
-    dim = arg(node, 1, "dim", 0)
-    if out is None:
-        return None
-    if name(node) == "stack":
-        return norm_dim(int(dim), len(out))
-    return norm_dim(int(dim), len(out))
+    return None if out is None else norm_dim(int(arg(node, 1, "dim", 0)), len(out))
 
 
 def cat_inputs(node: torch.fx.Node) -> list:

@@ -18,7 +18,8 @@ def _placeholder_after_inputs(graph: torch.fx.Graph, name: str) -> torch.fx.Node
         return graph.placeholder(name)
 
 
-def quantize_sites(gm: torch.fx.GraphModule, sites: list, static: bool) -> tuple[torch.fx.GraphModule, list]:
+def quantize_sites(gm: torch.fx.GraphModule, sites: list, static: bool, fmt: str = "int8"
+                   ) -> tuple[torch.fx.GraphModule, list]:
     """Replace each site's matmul by `quantized_linear`. `sites` are (LinearSite, k_bounds, dual,
     has_smooth, prologue). Returns the new module and the extra inputs it takes: (site name, field)."""
     gm = copy.deepcopy(gm)
@@ -37,7 +38,7 @@ def quantize_sites(gm: torch.fx.GraphModule, sites: list, static: bool) -> tuple
             new = graph.call_function(quantized_linear, (
                 nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
                 inputs.get("d_x"), inputs.get("d_neg"), inputs.get("smooth"),
-                tuple(k_bounds), tuple(dual), bool(prologue)))
+                tuple(k_bounds), tuple(dual), bool(prologue), fmt))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace")})
         node.replace_all_uses_with(new)
         graph.erase_node(node)

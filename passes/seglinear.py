@@ -75,10 +75,8 @@ def output_segments(linear: torch.fx.Node, out_features: int) -> Evidence:
         if minor is None:
             ev.notes.append(f"{node.name}: segment width is symbolic")
             return
-        pos = 0
         for lo, hi in pieces_major:
             cuts.update({lo * minor, hi * minor})
-            pos = max(pos, hi)
         patterns.append(pattern)
         ev.nodes.append(node.name)
 

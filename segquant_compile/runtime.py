@@ -107,11 +107,12 @@ class GraphRunner:
         for (site, w, _, _), st in zip(self.sites, states):
             cuda = example_inputs[w].is_cuda
             # static steps at small M: quantize inside the kernel rather than in a separate pass
-            prologue = static and cuda and site.rows is not None and site.rows <= PROLOGUE_MAX_ROWS
+            prologue = (static and cuda and self.config.format == "int8" and site.rows is not None
+                        and site.rows <= PROLOGUE_MAX_ROWS)
             specs.append((site, st.k_bounds, st.dual, smooth, prologue))
             if cuda and site.rows is not None:
-                self._pretune(site, st, prologue, example_inputs[w].device)
-        gm, extras = quantize_sites(self.gm, specs, static)
+                self._pretune(site, st, prologue, self.config.format, example_inputs[w].device)
+        gm, extras = quantize_sites(self.gm, specs, static, self.config.format)
         position = {site.name: i for i, (site, *_) in enumerate(self.sites)}
         extras = [(position[name], field) for name, field in extras]
         self.quantized_gm = gm
@@ -129,11 +130,11 @@ class GraphRunner:
         return compile_fx(gm, inputs, config_patches=patches), extras
 
     @staticmethod
-    def _pretune(site, state, prologue, device):
+    def _pretune(site, state, prologue, fmt, device):
         """Tune at compile time (never inside a CUDA graph capture): the kernel then only reads
         the cache."""
         from segquant_compile.lowering import autotune
-        variant = "int8" + ("-dual" if any(state.dual) else "") + ("-prologue" if prologue else "")
+        variant = fmt + ("-dual" if any(state.dual) else "") + ("-prologue" if prologue else "")
         autotune.ensure(site.rows, site.out_features, site.in_features, variant, device)
 
     # ------------------------------------------------------------------ running

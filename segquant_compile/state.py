@@ -27,8 +27,8 @@ def fallback_reason(site: LinearSite, weight: Tensor | None, config: QuantConfig
         return f"weight dtype {weight.dtype} is not floating point"
     if weight is not None and weight.device.type not in ("cpu", "cuda"):
         return f"weight on {weight.device.type} device"
-    if config.format != "int8":
-        return f"format {config.format!r} has no lowering yet (only 'int8')"
+    if config.format not in ("int8", "fp8"):
+        return f"format {config.format!r} has no lowering yet ('int8' and 'fp8' do)"
     return None
 
 
@@ -85,8 +85,8 @@ class QuantState:
         w = self._float_weight(weight).float()
         if self.smooth is not None:
             w = w * self.smooth
-        self.d_w = Q.weight_steps(w, self.out_bounds)
-        self.packed = Q.quantize_weight(w, self.d_w)
+        self.d_w = Q.weight_steps(w, self.out_bounds, self.config.format)
+        self.packed = Q.quantize_weight(w, self.d_w, self.config.format)
         self.fingerprint = fingerprint(weight)
         self._weight = weakref.ref(weight)
         self._stamp = self.stamp(weight)
@@ -169,14 +169,15 @@ class QuantState:
         pos, neg = self.pos_max / s, self.neg_max / s
         seg_pos = torch.stack([pos[a:b].max() for a, b in zip(self.k_bounds[:-1], self.k_bounds[1:])])
         seg_neg = torch.stack([neg[a:b].max() for a, b in zip(self.k_bounds[:-1], self.k_bounds[1:])])
-        self.d_x, self.d_neg = Q.static_steps(torch.maximum(seg_pos, seg_neg), seg_pos, seg_neg, list(self.dual))
+        self.d_x, self.d_neg = Q.static_steps(torch.maximum(seg_pos, seg_neg), seg_pos, seg_neg, list(self.dual),
+                                              self.config.format)
 
     def _sqnr(self, weight: Tensor, rows: Tensor) -> float:
         w = self._float_weight(weight).float()
         bias = self.bias_value()
         ref = rows @ w.t() + (bias if bias is not None else 0)
         out = quantized_linear(rows, self.packed, self.d_w, bias, self.d_x, self.d_neg, self.smooth,
-                               self.k_bounds, self.dual)
+                               self.k_bounds, self.dual, fmt=self.config.format)
         return Q.sqnr_db(ref, out)
 
     def graph_input(self, field: str) -> Tensor:

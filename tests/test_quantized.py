@@ -261,3 +261,20 @@ def test_per_tensor_weights_have_one_step_per_output_segment():
     assert all(len(set(row.tolist())) == 1 for row in steps)
     assert len(set(steps[:, 0].tolist())) > 1             # and they differ between segments
     assert len(set(states["proj_out"].d_w.tolist())) == 1  # unsegmented: one step per tensor
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_fp8_format(activations):
+    """e4m3 weights and activations (emulated on CPU): the GEMM gets float8 operands."""
+    model = TINY["sd3"]()
+    x = tiny_inputs(model)
+    options = {"format": "fp8", "inductor": False}
+    with torch.no_grad():
+        ref = output(model(**x))
+        compiled = calibrated(model, options) if activations == "static" else \
+            torch.compile(model, backend="segquant", options=options)
+        db = sqnr_db(ref, output(compiled(**x)))
+    print(f"sd3 fp8 {activations}: SQNR {db:.2f} dB")
+    assert db >= 25
+    states = sq.report(compiled).states.values()
+    assert all(s.packed.dtype == torch.float8_e4m3fn for s in states)
