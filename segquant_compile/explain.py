@@ -30,18 +30,21 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
 def report(compiled) -> Report:
     """The plan of a segquant-compiled model as it runs: every graph compiled so far, which sites
     are quantized (format, steps, SQNR on calibration data) and why the others stay float."""
+    from segquant_compile.calibration import compiled_options
+    from segquant_compile.config import QuantConfig
     from segquant_compile.runtime import RUNNERS
     model = getattr(compiled, "_orig_mod", compiled)
-    ids = {id(t) for t in (*model.parameters(), *model.buffers())}
-    runners = sorted((r for r in RUNNERS if r.seen_ids & ids), key=id)
+    tensors = [*model.parameters(), *model.buffers()]
+    backend, options = compiled_options(compiled)
+    wanted = QuantConfig.from_options(options) if backend == "segquant" else None
+    runners = sorted((r for r in RUNNERS if (wanted is None or r.config == wanted) and r.saw(tensors)), key=id)
     if not runners:
         raise RuntimeError("segquant_compile.report(): no segquant graph has run for this model yet; "
                            "call the compiled model once (or use explain() before compiling)")
     plan = merge([r.plan for r in runners])
     config = runners[0].config
     fallbacks = {name: why for r in runners for name, why in r.fallbacks.items()}
-    states = {st.name: st for st in REGISTRY.states_for([*model.parameters(), *model.buffers()])
-              if st.config == config}
+    states = {st.name: st for st in REGISTRY.states_for(tensors) if st.config == config}
     return Report(plan, config, n_graphs=len(runners), skipped={n for n, why in fallbacks.items() if "skip" in why},
                   model=type(model).__name__, fallbacks=fallbacks, states=states)
 

@@ -57,7 +57,9 @@ class GraphRunner:
             b_idx = index.get(site.bias_node) if site.bias_node else None
             self.sites.append((site, w_idx, b_idx, (config, *lowering_of(site, config))))
         self.plan_weights = [index[s.weight_node] for s in plan if s.weight_node in index]
-        self.seen_ids: set[int] = {id(example_inputs[i]) for i in self.plan_weights}
+        # weights this graph has run with, held weakly: ids alone are reused after a model dies
+        self.seen: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+        self._remember(example_inputs)
         self._refs: list = []          # weakrefs to the weights of the cached states (ids get reused)
         self._states: list[QuantState] = []
         states = self.states_for(example_inputs)
@@ -83,12 +85,20 @@ class GraphRunner:
                 states.append(state)
             self._refs = [weakref.ref(args[w]) for _, w, _, _ in self.sites]
             self._states = states
-            self.seen_ids.update(id(args[i]) for i in self.plan_weights)
+            self._remember(args)
         for (_, w, b, _), state in zip(self.sites, self._states):
             if not state.is_current(args[w]):
                 state.refresh(args[w])
             state.bias = args[b] if b is not None else None
         return self._states
+
+    def _remember(self, args) -> None:
+        for i in self.plan_weights:
+            self.seen[id(args[i])] = args[i]
+
+    def saw(self, tensors) -> bool:
+        """Has this graph run with any of these tensors (by identity)?"""
+        return any(self.seen.get(id(t)) is t for t in tensors)
 
     def _ready(self, states) -> bool:
         return self.config.activations == "dynamic" or all(st.frozen for st in states)
@@ -141,7 +151,7 @@ class GraphRunner:
     def __call__(self, *args):
         states = self.states_for(args)
         session = calibration.active()
-        if session is not None and session.owns(self.seen_ids):
+        if session is not None and session.owns({id(args[i]) for i in self.plan_weights}):
             return self._calibrate(args, states, session)
         if not self._ready(states):
             if self.config.calibration_steps:

@@ -228,10 +228,10 @@ class Registry:
         self._by_key[key] = (weakref.ref(weight, lambda _r, k=key: self._by_key.pop(k, None)), state)
 
     def states_for(self, tensors) -> list[QuantState]:
-        ids = {id(t) for t in tensors}
+        live = {id(t): t for t in tensors}
         seen, out = set(), []
         for (wid, _), (ref, state) in list(self._by_key.items()):
-            if wid in ids and ref() is not None and id(state) not in seen:
+            if wid in live and ref() is live[wid] and id(state) not in seen:
                 seen.add(id(state))
                 out.append(state)
         return out

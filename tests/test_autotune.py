@@ -56,3 +56,17 @@ def test_cli_tunes_every_shape_of_a_model(cache, tmp_path, capsys):
     n = int(out.split("tuned ")[1].split()[0])
     assert n == len(data) > 5
     assert any("int8-dual" in k for k in data)
+
+
+def test_bench_gemm_shapes_come_from_the_plan():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_gemm", Path(__file__).parent.parent / "bench" / "gemm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.gemm_shapes("flux.1-dev", 1, 1024)
+    by = {(r["M"], r["N"], r["K"]): r for r in rows}
+    # single blocks run on the joined 4096 image + 512 text tokens
+    assert by[(4608, 3072, 15360)]["dual"] and by[(4608, 3072, 15360)]["sites"] == 38   # proj_out
+    assert by[(4096, 3072, 3072)]["segments"] == 24                                       # to_out heads
+    assert sum(r["sites"] for r in rows) == 504
