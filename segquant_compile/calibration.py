@@ -118,6 +118,7 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
         raise RuntimeError("segquant_compile.calibrate(): the block made no call of the compiled model")
     if not session.states:
         raise RuntimeError("segquant_compile.calibrate(): no segquant graph ran inside the block; is the "
-                           "model compiled with backend='segquant' and does it have linear layers?")
+                           "model compiled with backend='segquant', does it have linear layers, and has dynamo "
+                           "not fallen back to eager (torch._dynamo.config.recompile_limit reached)?")
     if session.open:
         session.finish()

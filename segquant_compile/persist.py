@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -57,13 +58,20 @@ def save(compiled, path) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def _read(path: Path, stamp: tuple) -> tuple[dict, dict]:
+    """The manifest and tensors of a saved directory, read once per (path, file times)."""
+    from safetensors.torch import load_file
+    return json.loads((path / MANIFEST).read_text()), load_file(str(path / TENSORS))
+
+
 def load_states(path, entries, config) -> None:
     """Fill (site, state, weight) entries from a saved directory, refusing any mismatch."""
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not (path / MANIFEST).is_file():
-        raise FileNotFoundError(f"segquant load: no {MANIFEST} in {path}")
-    manifest = json.loads((path / MANIFEST).read_text())
+    path = Path(path).resolve()
+    if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
+        raise FileNotFoundError(f"segquant load: no {MANIFEST} and {TENSORS} in {path}")
+    stamp = tuple((path / f).stat().st_mtime_ns for f in (MANIFEST, TENSORS))
+    manifest, tensors = _read(path, stamp)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"segquant load: {path} has format version {manifest.get('format_version')}, "
                          f"this segquant reads {FORMAT_VERSION}")
@@ -72,7 +80,6 @@ def load_states(path, entries, config) -> None:
     diff = {k: (saved.get(k), mine[k]) for k in mine if saved.get(k) != mine[k]}
     if diff:
         raise ValueError(f"segquant load: options differ from the saved ones (saved, now): {diff}")
-    tensors = load_file(str(path / TENSORS))
     for site, state, weight in entries:
         entry = manifest["sites"].get(state.name)
         if entry is None:

@@ -39,7 +39,7 @@ def fingerprint(w: Tensor) -> str:
     sample = flat[::step].float().cpu().clone()   # a copy: numpy views pin the storage
     h = hashlib.sha256(str((tuple(w.shape), str(w.dtype))).encode())
     h.update(sample.numpy().tobytes())
-    h.update(repr(round(float(flat.double().sum()), 6)).encode())
+    h.update(repr(round(float(flat.sum(dtype=torch.float64)), 6)).encode())
     return h.hexdigest()[:32]
 
 

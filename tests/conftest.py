@@ -90,3 +90,12 @@ def tiny_inputs(model, batch: int = 2, seed: int = 1) -> dict:
 
 def output(result):
     return result.sample if hasattr(result, "sample") else result[0]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every torch.compile(..., options=...) is a new backend to dynamo, i.e. a new cache entry
+    per code object; tests compile the same tiny classes many times, so start each test clean
+    (dynamo runs a model eagerly past its recompile limit)."""
+    torch._dynamo.reset()
+    yield
