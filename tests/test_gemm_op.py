@@ -1,4 +1,6 @@
 """The CPU GEMM op against a float64 reference of the same quantized math."""
+import itertools
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,9 +38,7 @@ def test_gemm_matches_float64_reference(p):
     m, n, widths, dual, per_token, has_bias, seed = p
     g = torch.Generator().manual_seed(seed)
     k = sum(widths)
-    bounds = [0]
-    for wdt in widths:
-        bounds.append(bounds[-1] + wdt)
+    bounds = [0, *itertools.accumulate(widths)]
     q = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
     rows = m if per_token else 1

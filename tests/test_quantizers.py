@@ -1,4 +1,6 @@
 """Properties of the quantizers."""
+import itertools
+
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -16,9 +18,7 @@ def activations(draw):
     g = torch.Generator().manual_seed(seed)
     scales = torch.tensor([draw(st.floats(1e-2, 1e3)) for _ in widths])
     x = torch.cat([torch.randn(m, w, generator=g) * s for w, s in zip(widths, scales)], dim=1)
-    bounds = [0]
-    for w in widths:
-        bounds.append(bounds[-1] + w)
+    bounds = [0, *itertools.accumulate(widths)]
     return x, bounds
 
 
@@ -44,9 +44,7 @@ def narrow_negative(draw):
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
     scale = draw(st.floats(2.0, 50.0))
     x = torch.nn.functional.silu(torch.randn(m, sum(widths), generator=g) * scale)
-    bounds = [0]
-    for w in widths:
-        bounds.append(bounds[-1] + w)
+    bounds = [0, *itertools.accumulate(widths)]
     for a, b in zip(bounds[:-1], bounds[1:]):
         seg = x[:, a:b]
         assume(bool((seg.amax(1) >= 4 * (-seg).amax(1)).all()) and bool(((seg < 0).sum(1) >= 2).all()))
