@@ -1,13 +1,11 @@
 """explain(): the plan for a model, before compiling anything."""
 from __future__ import annotations
 
-import fnmatch
-
 from segquant_compile.capture import capture_graphs
 from segquant_compile.config import QuantConfig
 from segquant_compile.passes import build_plan, merge
 from segquant_compile.report import Report
-from segquant_compile.state import REGISTRY, fallback_reason
+from segquant_compile.state import REGISTRY, fallback_reason, skip_pattern
 
 
 def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
@@ -21,7 +19,7 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
     plans = [build_plan(gm, config.activation_set, config.seglinear, graph_index=i)
              for i, (gm, _) in enumerate(graphs)]
     plan = merge(plans)
-    skipped = {s.name for s in plan if any(fnmatch.fnmatch(s.name, p) for p in config.skip)}
+    skipped = {s.name for s in plan if skip_pattern(s.name, config)}
     fallbacks = {s.name: r for s in plan if (r := fallback_reason(s, None, config)) is not None}
     return Report(plan, config, n_graphs=len(graphs), skipped=skipped, model=type(model).__name__,
                   fallbacks=fallbacks)
@@ -45,6 +43,7 @@ def report(compiled) -> Report:
     config = runners[0].config
     fallbacks = {name: why for r in runners for name, why in r.fallbacks.items()}
     states = {st.name: st for st in REGISTRY.states_for(tensors) if st.config == config}
-    return Report(plan, config, n_graphs=len(runners), skipped={n for n, why in fallbacks.items() if "skip" in why},
+    skipped = {s.name for s in plan if skip_pattern(s.name, config)}
+    return Report(plan, config, n_graphs=len(runners), skipped=skipped,
                   model=type(model).__name__, fallbacks=fallbacks, states=states)
 

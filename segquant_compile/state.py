@@ -18,11 +18,16 @@ SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothin
 SMOOTH_GRID = (0.0, 0.25, 0.5, 0.75)
 
 
+def skip_pattern(name: str, config: QuantConfig) -> str | None:
+    """The first `skip` pattern a site name matches."""
+    return next((p for p in config.skip if fnmatch.fnmatch(name, p)), None)
+
+
 def fallback_reason(site: LinearSite, weight: Tensor | None, config: QuantConfig) -> str | None:
     """Why a site stays float, or None when it is quantized (weight None: judge the plan alone)."""
-    for pattern in config.skip:
-        if fnmatch.fnmatch(site.name, pattern):
-            return f"matches skip pattern {pattern!r}"
+    pattern = skip_pattern(site.name, config)
+    if pattern is not None:
+        return f"matches skip pattern {pattern!r}"
     if weight is not None and not weight.is_floating_point():
         return f"weight dtype {weight.dtype} is not floating point"
     if weight is not None and weight.device.type not in ("cpu", "cuda"):
