@@ -90,13 +90,10 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
         raise RuntimeError("segquant_compile.calibrate() is already running (calibrating twice)")
     tensors = [*model.parameters(), *model.buffers()]
     mine = [st for st in REGISTRY.states_for(tensors) if config is None or st.config == config]
-    if mine and all(st.frozen for st in mine):
-        if not recalibrate:
-            raise RuntimeError("segquant: this model is already calibrated with these options; pass "
-                               "calibrate(compiled, recalibrate=True) to collect new statistics")
-        for st in mine:
-            st.reset_calibration()
-    elif recalibrate:
+    if mine and all(st.frozen for st in mine) and not recalibrate:
+        raise RuntimeError("segquant: this model is already calibrated with these options; pass "
+                           "calibrate(compiled, recalibrate=True) to collect new statistics")
+    if recalibrate:
         for st in mine:
             st.reset_calibration()
     elif any(st.frozen for st in mine):
