@@ -63,37 +63,24 @@ def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, dual, out_dtype):
 def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
     """CPU implementation: oneDNN int8 GEMM (torch._int_mm) per segment, fp32 epilogue; e4m3
     operands (fp8 emulated on CPU) go through float64 products, exact for 8-bit values."""
-    if q.dtype == torch.float8_e4m3fn:
-        return _fp8_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype)
+    fp8 = q.dtype == torch.float8_e4m3fn
+    mm = torch.matmul if fp8 else _int_mm
     y = None
     for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
         qs, ws = q[:, k0:k1], w[k0:k1]
+        if fp8:
+            qs, ws = qs.double(), ws.double()
         # int32 * fp32 promotes in one pass; the rest accumulates in place (CPU epilogue cost)
         if dual[s]:
-            part = torch.mul(_int_mm(qs.clamp(min=0), ws), d_x[:, s:s + 1])
-            part.add_(torch.mul(_int_mm(qs.clamp(max=0), ws), d_neg[:, s:s + 1]))
+            part = torch.mul(mm(qs.clamp(min=0), ws), d_x[:, s:s + 1])
+            part.add_(torch.mul(mm(qs.clamp(max=0), ws), d_neg[:, s:s + 1]))
         else:
-            part = torch.mul(_int_mm(qs, ws), d_x[:, s:s + 1])
+            part = torch.mul(mm(qs, ws), d_x[:, s:s + 1])
         y = part if y is None else y.add_(part)
     y.mul_(d_w)
     if bias is not None:
         y.add_(bias)
     return y if y.dtype == out_dtype else y.to(out_dtype)
-
-
-def _fp8_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
-    y = None
-    for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
-        qs, ws = q[:, k0:k1].double(), w[k0:k1].double()
-        if dual[s]:
-            part = ((qs.clamp(min=0) @ ws) * d_x[:, s:s + 1] + (qs.clamp(max=0) @ ws) * d_neg[:, s:s + 1])
-        else:
-            part = (qs @ ws) * d_x[:, s:s + 1]
-        y = part if y is None else y + part
-    y = y * d_w
-    if bias is not None:
-        y = y + bias
-    return y.to(out_dtype)
 
 
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
