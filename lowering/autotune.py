@@ -60,6 +60,11 @@ def device_name(device) -> str:
     return "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else device.type
 
 
+def variant_name(fmt: str, dual: bool, prologue: bool = False) -> str:
+    """`int8`, `int8-dual`, `fp8-dual`, `int8-prologue`, ...: the kernel variant part of a key."""
+    return fmt + ("-dual" if dual else "") + ("-prologue" if prologue else "")
+
+
 def key(m: int, n: int, k: int, variant: str, device) -> str:
     return f"{device_name(device)}|{variant}|M{m_bucket(m)}|N{n}|K{k}"
 
@@ -110,27 +115,26 @@ def _store(k: str, cfg: dict) -> None:
         tmp.replace(path)
 
 
+def _cached(kk: str) -> dict | None:
+    cfg = _MEMORY.get(kk) or _load().get(kk)
+    if cfg is not None:
+        _MEMORY[kk] = cfg
+    return cfg
+
+
 def choose(m: int, n: int, k: int, variant: str, device) -> dict:
     """The tuned config for this shape: memory, then disk, then the first config that fits
     (call tune() or `segquant autotune` ahead of time, never inside a CUDA graph capture)."""
     kk = key(m, n, k, variant, device)
-    cfg = _MEMORY.get(kk)
+    cfg = _cached(kk)
     if cfg is None:
-        cfg = _load().get(kk)
-        if cfg is None:
-            cfg = prune(m, n, k, variant, device)[0]
-        _MEMORY[kk] = cfg
+        cfg = _MEMORY[kk] = prune(m, n, k, variant, device)[0]
     return cfg
 
 
 def ensure(m: int, n: int, k: int, variant: str, device) -> dict:
     """A tuned config for this key, tuning now if neither memory nor disk has one."""
-    kk = key(m, n, k, variant, device)
-    cfg = _MEMORY.get(kk) or _load().get(kk)
-    if cfg is None:
-        cfg, _ = tune(m, n, k, variant, device)
-    _MEMORY[kk] = cfg
-    return cfg
+    return _cached(key(m, n, k, variant, device)) or tune(m, n, k, variant, device)[0]
 
 
 def tune(m: int, n: int, k: int, variant: str, device, bench=None) -> tuple[dict, list]:
@@ -161,9 +165,8 @@ def tune(m: int, n: int, k: int, variant: str, device, bench=None) -> tuple[dict
             t = float("inf")
             cfg = {**cfg, "error": type(e).__name__}
         timings.append((t, cfg))
-    best = min((t, c) for t, c in timings if "error" not in c) if any("error" not in c for _, c in timings) \
-        else timings[0]
-    best_cfg = {k_: v for k_, v in best[1].items() if k_ != "error"}
+    ran = [(t, c) for t, c in timings if "error" not in c] or timings
+    best_cfg = {k_: v for k_, v in min(ran, key=lambda tc: tc[0])[1].items() if k_ != "error"}
     kk = key(m, n, k, variant, device)
     _MEMORY[kk] = best_cfg
     _store(kk, best_cfg)

@@ -125,15 +125,10 @@ def int_tensor(values, device) -> torch.Tensor:
     return t
 
 
-def variant(a: torch.Tensor, dual, prologue: bool) -> str:
-    fp8 = a.dtype in (torch.float8_e4m3fn,)
-    return ("fp8" if fp8 else "int8") + ("-dual" if any(dual) else "") + ("-prologue" if prologue else "")
-
-
 def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=None, prologue=False,
            config=None) -> torch.Tensor:
     """C = segquant GEMM of a [M, K] (int8, e4m3, or float with prologue) and packed w [K, N]."""
-    from .autotune import choose
+    from .autotune import choose, variant_name
     M, K = a.shape
     N = w.shape[1]
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -145,7 +140,7 @@ def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=None, 
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
-    cfg = config or choose(M, N, K, variant(w if fp8 else a, dual, prologue), a.device)
+    cfg = config or choose(M, N, K, variant_name("fp8" if fp8 else "int8", dual_any, prologue), a.device)
     kb, flags = int_tensor(k_bounds, a.device), int_tensor(dual, a.device)
     stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)

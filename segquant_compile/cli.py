@@ -58,7 +58,7 @@ def cmd_autotune(args) -> int:
                     continue
                 _, dual = lowering_of(site, config)
                 fmt = "fp8" if config.format == "fp8" else "int8"
-                shape = (site.rows, site.out_features, site.in_features, fmt + ("-dual" if any(dual) else ""))
+                shape = (site.rows, site.out_features, site.in_features, autotune.variant_name(fmt, any(dual)))
                 shapes.setdefault(autotune.key(*shape, device), shape)
     for m, n, k, variant in tqdm(sorted(shapes.values()), desc="segquant autotune", unit="shape"):
         autotune.tune(m, n, k, variant, device)

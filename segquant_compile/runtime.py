@@ -56,6 +56,7 @@ class GraphRunner:
                 continue
             b_idx = index.get(site.bias_node) if site.bias_node else None
             self.sites.append((site, w_idx, b_idx, (config, *lowering_of(site, config))))
+        self.position = {site.name: i for i, (site, *_) in enumerate(self.sites)}
         self.plan_weights = [index[s.weight_node] for s in plan if s.weight_node in index]
         # weights this graph has run with, held weakly: ids alone are reused after a model dies
         self.seen: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
@@ -123,8 +124,7 @@ class GraphRunner:
             if cuda and site.rows is not None:
                 self._pretune(site, st, prologue, self.config.format, example_inputs[w].device)
         gm, extras = quantize_sites(self.gm, specs, static, self.config.format)
-        position = {site.name: i for i, (site, *_) in enumerate(self.sites)}
-        extras = [(position[name], field) for name, field in extras]
+        extras = [(self.position[name], field) for name, field in extras]
         self.quantized_gm = gm
         if not self.config.inductor:
             return gm.forward, extras
@@ -144,7 +144,7 @@ class GraphRunner:
         """Tune at compile time (never inside a CUDA graph capture): the kernel then only reads
         the cache."""
         from segquant_compile.lowering import autotune
-        variant = fmt + ("-dual" if any(state.dual) else "") + ("-prologue" if prologue else "")
+        variant = autotune.variant_name(fmt, any(state.dual), prologue)
         autotune.ensure(site.rows, site.out_features, site.in_features, variant, device)
 
     # ------------------------------------------------------------------ running
@@ -171,10 +171,8 @@ class GraphRunner:
 
     def _calibrate(self, args, states, session):
         if self._observer is None:
-            position = {site.name: i for i, (site, *_) in enumerate(self.sites)}
-
             def observe(name, x):
-                state = self._states[position[name]]
+                state = self._states[self.position[name]]
                 if not state.frozen:   # calibrated sites keep their steps (recalibrate resets them)
                     state.observe(x)
             self._observer = observe_sites(self.gm, [site for site, *_ in self.sites], observe)

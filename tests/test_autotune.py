@@ -70,3 +70,10 @@ def test_bench_gemm_shapes_come_from_the_plan():
     assert by[(4608, 3072, 15360)]["dual"] and by[(4608, 3072, 15360)]["sites"] == 38   # proj_out
     assert by[(4096, 3072, 3072)]["segments"] == 24                                       # to_out heads
     assert sum(r["sites"] for r in rows) == 504
+
+
+def test_tune_survives_equal_timings(cache, monkeypatch):
+    monkeypatch.setattr(autotune, "prune", lambda *a: [dict(autotune.INTERPRETER_CONFIG),
+                                                       dict(autotune.INTERPRETER_CONFIG, BLOCK_N=16)])
+    cfg, timings = autotune.tune(20, 48, 64, "int8", "cpu", bench=lambda fn: 1.0)   # a tie
+    assert len(timings) == 2 and cfg == autotune.INTERPRETER_CONFIG
