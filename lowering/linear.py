@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.segquant)
-from .quantize import quantize_dynamic, quantize_static
+from .quantize import nonfinite_rows, quantize_dynamic, quantize_static
 
 
 def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x: Tensor | None,
@@ -22,9 +22,11 @@ def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x
         return y.reshape(*lead, w.shape[1])
     if smooth is not None:
         x2 = x2 / smooth
-    if d_x is None:
+    if d_x is None:   # dynamic: a NaN/Inf row gets a NaN/Inf step, so its output stays non-finite
         q, d_x, d_neg = quantize_dynamic(x2, list(k_bounds), list(dual), fmt)
+        y = torch.ops.segquant.gemm(q, d_x, d_neg, w, d_w, bias, list(k_bounds), list(dual), x.dtype)
     else:
         q = quantize_static(x2, list(k_bounds), list(dual), d_x, d_neg, fmt)
-    y = torch.ops.segquant.gemm(q, d_x, d_neg, w, d_w, bias, list(k_bounds), list(dual), x.dtype)
+        y = torch.ops.segquant.gemm(q, d_x, d_neg, w, d_w, bias, list(k_bounds), list(dual), x.dtype)
+        y = y + nonfinite_rows(x2).to(y.dtype)
     return y.reshape(*lead, w.shape[1])

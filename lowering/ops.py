@@ -11,6 +11,8 @@ d_x / d_neg are [M, S] (dynamic, per token) or [1, S] (static, per tensor).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -42,11 +44,13 @@ def _(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
 def gemm_prologue(x: Tensor, d_x: Tensor, d_neg: Tensor, smooth: Tensor | None, w: Tensor, d_w: Tensor,
                   bias: Tensor | None, k_bounds: list[int], dual: list[int], out_dtype: torch.dtype) -> Tensor:
     """The GEMM reading float activations, quantized with static steps d_x/d_neg [1, S] (and the
-    SmoothQuant divisor) inside the kernel: no separate quantize pass."""
-    from .quantize import quantize_static
+    SmoothQuant divisor) inside the kernel: no separate quantize pass. Rows holding NaN/Inf come
+    out NaN."""
+    from .quantize import nonfinite_rows, quantize_static
     xs = x.float() / smooth if smooth is not None else x.float()
     q = quantize_static(xs, list(k_bounds), list(dual), d_x, d_neg)
-    return gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype)
+    y = gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, torch.float32) + nonfinite_rows(xs)
+    return y.to(out_dtype)
 
 
 @gemm_prologue.register_fake
@@ -83,8 +87,43 @@ def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
+EXACT_FP32_K = 1024   # 1024 products of 8-bit values: every partial sum is an integer below 2**24
+
+
+def _int_mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """int8 x int8 -> int32 through fp32 GEMMs over K chunks: exact (all partial sums are
+    integers below 2**24), at fp32 GEMM speed on CPUs without int8 dot instructions."""
+    out = None
+    for k0 in range(0, a.shape[1], EXACT_FP32_K):
+        part = (a[:, k0:k0 + EXACT_FP32_K].float() @ b[k0:k0 + EXACT_FP32_K].float()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out if out is not None else a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_int8_gemm() -> str:
+    """Which exact CPU int8 GEMM is faster here, measured once: oneDNN's `_int_mm` (fast with
+    VNNI/AMX) or fp32 chunks (oneDNN falls back to a reference loop on plain AVX2, ~100x slower)."""
+    import time
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (512, 512), generator=g, dtype=torch.int8)
+    best = {}
+    for name, fn in (("onednn", torch._int_mm), ("fp32", _int_mm_fp32)):
+        fn(a, b)
+        t = time.perf_counter()
+        for _ in range(3):
+            fn(a, b)
+        best[name] = time.perf_counter() - t
+    return min(best, key=best.get)
+
+
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
-    if a.device.type == "cpu" or (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0):
+    if a.device.type == "cpu":
+        if cpu_int8_gemm() == "fp32":
+            return _int_mm_fp32(a, b)
+        return torch._int_mm(a.contiguous(), b.contiguous())
+    if a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0:
         return torch._int_mm(a.contiguous(), b.contiguous())
     return (a.double() @ b.double()).to(torch.int32)  # small or unaligned shapes: exact in float64
 

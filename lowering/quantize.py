@@ -86,14 +86,26 @@ def dequantize(q: Tensor, k_bounds: list[int], dual: list[int], d: Tensor, d_neg
     return torch.cat(out, dim=1)
 
 
-def static_steps(amax: Tensor, pos_max: Tensor, neg_max: Tensor, dual: list[int],
-                 fmt: str = "int8") -> tuple[Tensor, Tensor]:
-    """Calibrated statistics per segment [S] -> steps (d [1, S], d_neg [1, S])."""
+def static_steps(pos_max: Tensor, neg_max: Tensor, dual: list[int], fmt: str = "int8") -> tuple[Tensor, Tensor]:
+    """Calibrated ranges per segment [S] (all > 0 on some side) -> steps (d [1, S], d_neg [1, S]).
+    A DualScale segment seen one-signed takes the other side's step for its empty side rather
+    than a vanishing one (a value of that sign at inference is then not crushed to zero)."""
     pos_lim, neg_lim = LIMITS[fmt]
+    amax = torch.maximum(pos_max, neg_max)
+    if not bool((amax > 0).all()):
+        raise ValueError("segquant: a segment with a zero calibrated range has no static step")
     dual_t = torch.tensor(dual, dtype=torch.bool)
-    d = torch.where(dual_t, pos_max / pos_lim, amax / pos_lim).clamp(min=EPS)
-    dn = torch.where(dual_t, neg_max / neg_lim, amax / pos_lim).clamp(min=EPS)
+    d_pos = torch.where(pos_max > 0, pos_max / pos_lim, neg_max / neg_lim)
+    d_neg = torch.where(neg_max > 0, neg_max / neg_lim, pos_max / pos_lim)
+    d = torch.where(dual_t, d_pos, amax / pos_lim)
+    dn = torch.where(dual_t, d_neg, amax / pos_lim)
     return d[None].float(), dn[None].float()
+
+
+def nonfinite_rows(x: Tensor) -> Tensor:
+    """[M, 1]: 0 for finite rows, NaN for rows holding NaN or Inf. Added to a static-step GEMM's
+    output, it keeps a non-finite input non-finite (int8 has no NaN; a plain cast would hide it)."""
+    return (x - x).sum(dim=-1, keepdim=True)
 
 
 def sqnr_db(ref: Tensor, out: Tensor) -> float:

@@ -16,7 +16,50 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
+from .site_lowering import variant_name
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The autotuner's candidates (Triton matmul tutorial style: listed right above the kernel).
+CONFIGS = [
+    dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=st, num_warps=wp)
+    for bm, bn, bk, st, wp in [
+        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),
+        (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 64, 128, 4, 4), (64, 64, 64, 5, 4),
+        (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 64, 2, 4),
+    ]
+]
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_stages=1, num_warps=4)
+MIN_DOT_K = 32          # 8-bit operands
+
+
+def shared_memory(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1 << 30
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 101376
+
+
+def prune(m: int, n: int, k: int, variant: str, device) -> list[dict]:
+    """Configs that fit: shared memory, the minimum dot size, no tile much larger than the problem."""
+    if INTERPRET:
+        return [dict(INTERPRETER_CONFIG)]
+    elem = 1 if not variant.endswith("prologue") else 4
+    limit = shared_memory(device)
+    out = []
+    for c in CONFIGS:
+        if c["BLOCK_K"] < MIN_DOT_K:
+            continue
+        smem = (c["BLOCK_M"] * c["BLOCK_K"] * elem + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"]
+        if smem > limit:
+            continue
+        if c["BLOCK_M"] > max(16, autotune.m_bucket(m)) or c["BLOCK_N"] > max(32, n * 2):
+            continue
+        out.append(c)
+    return out or [dict(CONFIGS[-1])]
+
 
 
 @triton.jit
@@ -51,6 +94,7 @@ def segquant_gemm_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_M,), dtype=tl.float32)     # PROLOGUE: rows holding NaN/Inf come out NaN
     for s in range(0, S):
         k0 = tl.load(KB + s)
         k1 = tl.load(KB + s + 1)
@@ -72,6 +116,7 @@ def segquant_gemm_kernel(
             if PROLOGUE:
                 x = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
                 x = x.to(tl.float32)
+                bad += tl.sum(x - x, axis=1)
                 if HAS_SMOOTH:
                     x = x / tl.load(SMOOTH + kk, mask=k_ok, other=1.0)[None, :]
                 if DUAL:
@@ -108,6 +153,8 @@ def segquant_gemm_kernel(
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if PROLOGUE:
+        acc = acc + bad[:, None]
     c_ptr = C + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -128,7 +175,6 @@ def int_tensor(values, device) -> torch.Tensor:
 def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=None, prologue=False,
            config=None) -> torch.Tensor:
     """C = segquant GEMM of a [M, K] (int8, e4m3, or float with prologue) and packed w [K, N]."""
-    from .autotune import choose, variant_name
     M, K = a.shape
     N = w.shape[1]
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -140,7 +186,10 @@ def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=None, 
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
-    cfg = config or choose(M, N, K, variant_name("fp8" if fp8 else "int8", dual_any, prologue), a.device)
+    if config is None:
+        variant = variant_name("fp8" if fp8 else "int8", dual_any, prologue)
+        config = autotune.choose(autotune.key(M, N, K, variant, a.device), prune(M, N, K, variant, a.device))
+    cfg = config
     kb, flags = int_tensor(k_bounds, a.device), int_tensor(dual, a.device)
     stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
@@ -153,3 +202,30 @@ def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=None, 
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return c
+
+
+def tune(m: int, n: int, k: int, variant: str, device, bench=None) -> tuple[dict, list]:
+    """Tune this kernel for one GEMM shape and variant on random operands; persist the winner."""
+    device = torch.device(device)
+    dual, prologue, fp8 = "-dual" in variant, variant.endswith("prologue"), variant.startswith("fp8")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if prologue:
+        a = torch.randn(m, k, generator=g).to(device)
+    elif fp8:
+        a = torch.randn(m, k, generator=g).to(device).to(torch.float8_e4m3fn)
+    else:
+        a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
+    w = (torch.randn(k, n, generator=g).to(device).to(torch.float8_e4m3fn) if fp8 else
+         torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device))
+    d = torch.full((m, 1), 0.01, device=device)
+    d_w = torch.full((n,), 0.01, device=device)
+
+    def run(cfg):
+        launch(a, d, d, w, d_w, None, (0, k), (int(dual),), torch.bfloat16, prologue=prologue, config=cfg)
+    return autotune.tune(autotune.key(m, n, k, variant, device), prune(m, n, k, variant, device), run, bench)
+
+
+def ensure(m: int, n: int, k: int, variant: str, device) -> dict:
+    """A tuned config for this shape, tuning now if neither memory nor disk has one (at compile
+    time: never inside a CUDA graph capture)."""
+    return autotune.cached(autotune.key(m, n, k, variant, device)) or tune(m, n, k, variant, device)[0]

@@ -7,6 +7,8 @@ import numbers
 import torch.fx
 
 from . import ops
+from .transparency import Transparency as T
+from .transparency import classify, source
 
 REACHED = "reached"  # the walk met the input-segment anchor (a cat): decide per segment
 
@@ -23,27 +25,23 @@ def activation_source(node: torch.fx.Node, activations: frozenset[str],
     if act is not None:
         base = act.split("(")[0]
         return act if base in activations else None
-    n = ops.name(node)
-    src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-    if n == "getitem" and src is not None and isinstance(ops.example(src), (tuple, list)):
-        if ops.name(src) in ops.SPLITS:
-            return activation_source(src.args[0], activations, anchor, _depth + 1)
-        return None
-    if src is not None and (n in ops.CASTS or n in ops.RESHAPES or n in ops.PERMUTES
-                            or n in ops.EXPANDS or n in ("getitem", "narrow", "select")):
-        return activation_source(src, activations, anchor, _depth + 1)
-    if n in ("mul", "div", "truediv", "multiply", "divide") and _positive_scaling(node):
-        tensor = ops.tensor_inputs(node)[0]
-        return activation_source(tensor, activations, anchor, _depth + 1)
-    if n in ops.CATS or n == "stack":
+    kind = classify(node)
+    if kind is T.CAT:
         found = {activation_source(i, activations, anchor, _depth + 1) for i in ops.cat_inputs(node)}
         return found.pop() if len(found) == 1 else None
-    return None
+    src = source(node)
+    if kind is T.PIECE:    # one piece of a split: look at what was split
+        src = source(src)
+    elif not kind.keeps_values:
+        src = ops.tensor_inputs(node)[0] if kind is T.POINTWISE and _positive_scaling(node) else None
+    return activation_source(src, activations, anchor, _depth + 1) if src is not None else None
 
 
 def _positive_scaling(node: torch.fx.Node) -> bool:
     """x * c or x / c with one tensor and a positive Python number: the sign pattern survives."""
+    n = ops.name(node)
     tensors = ops.tensor_inputs(node)
     numbers_ = [a for a in node.args if isinstance(a, numbers.Number) and not isinstance(a, bool)]
-    return len(tensors) == 1 and len(numbers_) == 1 and numbers_[0] > 0 and \
-        (ops.name(node) in ("mul", "multiply") or node.args[0] is tensors[0])
+    if n not in ("mul", "multiply", "div", "truediv", "divide") or len(tensors) != 1 or len(numbers_) != 1:
+        return False
+    return numbers_[0] > 0 and (n in ("mul", "multiply") or node.args[0] is tensors[0])

@@ -34,25 +34,6 @@ def is_tensor(x) -> bool:
 LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
 MATMUL_NAMES = {"matmul", "mm", "addmm"}
 
-# Ops that change no value (up to dtype) and only move or select elements; used by DualScale.
-CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "double", "contiguous", "clone",
-         "detach", "dropout", "alpha_dropout", "feature_alpha_dropout", "identity", "requires_grad_"}
-RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-            "_unsafe_view", "unsafe_view"}
-PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis"}
-EXPANDS = {"expand", "expand_as", "broadcast_to", "repeat"}
-SPLITS = {"chunk", "split", "split_with_sizes", "tensor_split", "unbind"}
-CATS = {"cat", "concat", "concatenate"}
-
-# Elementwise ops: every element keeps its position, so segments pass through unchanged.
-UNARY = {"neg", "abs", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "relu", "silu",
-         "gelu", "mish", "elu", "selu", "celu", "leaky_relu", "hardswish", "hardsigmoid", "softplus",
-         "square", "reciprocal", "clamp", "clip", "sign", "round", "relu6", "hardtanh", "nan_to_num",
-         "erf", "exp2", "log1p", "expm1", "pow", "mul_", "add_"}
-BINARY = {"add", "sub", "mul", "div", "truediv", "floordiv", "true_divide", "multiply", "divide",
-          "subtract", "rsub", "maximum", "minimum", "where", "lerp", "addcmul", "addcdiv", "iadd",
-          "imul", "isub", "itruediv", "radd", "rmul", "fmod", "remainder", "pow"}
-
 # Activations DualScale recognises, by config name.
 ACTIVATIONS = {
     "silu": {"silu"}, "gelu": {"gelu"}, "mish": {"mish"}, "hardswish": {"hardswish"},

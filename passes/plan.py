@@ -9,10 +9,12 @@ import torch.fx
 
 from . import ops
 from .dualscale import REACHED, activation_source
+from .inline import inline_opaque
 from .names import param_names
 from .segment_graph import segment_graph
 from .seglinear import input_segments, output_segments
 from .shapes import as_int, prod, shape
+from .sites import FloatCall, find_sites, module_name, unusable_calls
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class LinearSite:
 class Plan:
     sites: tuple[LinearSite, ...]
     graphs: tuple[nx.DiGraph, ...] = field(default=(), compare=False, repr=False)
+    float_calls: tuple[FloatCall, ...] = ()    # linear calls that cannot be sites, with the reason
 
     def __iter__(self):
         return iter(self.sites)
@@ -91,64 +94,27 @@ class Plan:
         raise KeyError(name)
 
 
-def _weight_of(node: torch.fx.Node, names: dict[str, str]) -> tuple[torch.fx.Node, bool] | None:
-    """The parameter behind a matmul operand, and whether it is stored [N, K] (True) or [K, N]."""
-    transposed = False
-    cur = node
-    for _ in range(4):
-        if cur.name in names:
-            return cur, not transposed
-        n = ops.name(cur)
-        if n in ("t", "transpose", "permute", "T", "mT") and cur.args:
-            transposed = not transposed
-            cur = cur.args[0]
-        elif n in ops.CASTS and cur.args:
-            cur = cur.args[0]
-        else:
-            return None
-        if not isinstance(cur, torch.fx.Node):
-            return None
-    return None
-
-
-def find_sites(gm: torch.fx.GraphModule, names: dict[str, str]):
-    """(node, x, weight node, kind, weight stored [N, K], bias node) for every matmul with a
-    parameter weight."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in ops.LINEAR_TARGETS:
-            x, w = node.args[0], ops.arg(node, 1, "weight")
-            bias = ops.arg(node, 2, "bias")
-            if isinstance(w, torch.fx.Node) and w.name in names:
-                yield node, x, w, "linear", True, bias
-            continue
-        n = ops.name(node)
-        if n not in ops.MATMUL_NAMES or node.op not in ("call_function", "call_method"):
-            continue
-        args = node.args
-        x, other = (args[1], args[2]) if n == "addmm" else (args[0], args[1])
-        if not isinstance(other, torch.fx.Node):
-            continue
-        found = _weight_of(other, names)
-        if found is None:
-            continue
-        w, nk = found
-        # `x @ W` with W stored [K, N] reads as transposed relative to linear's [N, K]
-        yield node, x, w, n, not nk, args[0] if n == "addmm" else None
-
-
 def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"}),
                seglinear: bool = True, graph_index: int = 0, names: dict[str, str] | None = None) -> Plan:
+    """The plan of one dynamo graph. Opaque calls that hide linears (multi-head attention) are
+    inlined into `gm` first, in place, so that the rewrite sees the same nodes as the plan."""
+    opaque = inline_opaque(gm)
     names = param_names(gm) if names is None else names
     graph = segment_graph(gm)
     sites = []
+    floats = [FloatCall(node.name, name, kind, why, graph_index)
+              for node, name, kind, why in unusable_calls(gm, names, opaque)]
     used: dict[str, int] = {}
     for node, x, w, kind, nk, bias in find_sites(gm, names):
         w_shape = shape(w)
-        if w_shape is None or len(w_shape) != 2 or not isinstance(x, torch.fx.Node) or shape(x) is None:
+        why = "weight is not 2-D" if w_shape is None or len(w_shape) != 2 else \
+            "input shape unknown" if not isinstance(x, torch.fx.Node) or shape(x) is None else None
+        if why:
+            floats.append(FloatCall(node.name, module_name(names[w.name]), kind, why, graph_index))
             continue
         n_out, k_in = (as_int(w_shape[0]), as_int(w_shape[1])) if nk else (as_int(w_shape[1]), as_int(w_shape[0]))
         weight = names[w.name]
-        module = weight[: -len(".weight")] if weight.endswith(".weight") else weight
+        module = module_name(weight)
         used[module] = used.get(module, 0) + 1
         site_name = module if used[module] == 1 else f"{module}#{used[module]}"
         notes: list[str] = []
@@ -158,9 +124,9 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
             out_ev = output_segments(node, n_out)
             in_ev = input_segments(x, k_in)
             notes += out_ev.notes + in_ev.notes
-            if out_ev.sizes:
+            if out_ev.sizes and len(out_ev.sizes) > 1:
                 out_seg = Segmentation("output", out_ev.sizes, out_ev.pattern, tuple(out_ev.nodes))
-            if in_ev.sizes:
+            if in_ev.sizes and len(in_ev.sizes) > 1:   # one piece is no segmentation
                 in_seg = Segmentation("input", in_ev.sizes, in_ev.pattern, tuple(in_ev.nodes))
         anchor = in_ev.anchor if in_seg is not None else None
         source = activation_source(x, frozenset(activations), anchor)
@@ -185,12 +151,12 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
             bias_node=bias.name if isinstance(bias, torch.fx.Node) else None,
             rows=as_int(prod(shape(x)[:-1])),
             neighbourhood=tuple(dict.fromkeys(around)), graph=graph_index))
-    return Plan(tuple(sites), (graph,))
+    return Plan(tuple(sites), (graph,), tuple(floats))
 
 
 def merge(plans: list[Plan]) -> Plan:
     """One plan over several graphs (graph breaks); a weight seen twice keeps its first site."""
-    sites, graphs, seen = [], [], set()
+    sites, graphs, floats, seen = [], [], [], set()
     for i, p in enumerate(plans):
         graphs.extend(p.graphs)
         for s in p.sites:
@@ -198,4 +164,5 @@ def merge(plans: list[Plan]) -> Plan:
             if key not in seen:
                 seen.add(key)
                 sites.append(s)
-    return Plan(tuple(sites), tuple(graphs))
+        floats.extend(f for f in p.float_calls if f not in floats)
+    return Plan(tuple(sites), tuple(graphs), tuple(floats))

@@ -1,15 +1,21 @@
-"""Rewrite planned linear sites of a dynamo graph: quantized (one GEMM op each) or observed."""
+"""The two rewrites of a dynamo graph (pt2e style): `prepare` inserts observers before the planned
+sites (calibration runs that graph in float); `convert` replaces each site's matmul by one
+quantized linear (activation quantize + one segquant GEMM op)."""
 from __future__ import annotations
 
 import copy
-from typing import Callable
-
 import torch.fx
 
 from segquant_compile.lowering.linear import quantized_linear
+from segquant_compile.lowering.site_lowering import SiteLowering
 
-# per-site tensors the wrapper passes as extra graph inputs, in this order
-EXTRA_INPUTS = ("packed", "d_w", "d_x", "d_neg", "smooth")
+from .plan import LinearSite
+
+
+def extra_fields(lowering: SiteLowering) -> tuple[str, ...]:
+    """The per-site tensors `convert`'s graph takes as extra inputs, in order (QuantState fields)."""
+    return ("packed", "d_w") + (("d_x", "d_neg") if lowering.static else ()) + \
+        (("smooth",) if lowering.smooth is not None else ())
 
 
 def _placeholder_after_inputs(graph: torch.fx.Graph, name: str) -> torch.fx.Node:
@@ -18,44 +24,47 @@ def _placeholder_after_inputs(graph: torch.fx.Graph, name: str) -> torch.fx.Node
         return graph.placeholder(name)
 
 
-def quantize_sites(gm: torch.fx.GraphModule, sites: list, static: bool, fmt: str = "int8"
-                   ) -> tuple[torch.fx.GraphModule, list]:
-    """Replace each site's matmul by `quantized_linear`. `sites` are (LinearSite, k_bounds, dual,
-    has_smooth, prologue). Returns the new module and the extra inputs it takes: (site name, field)."""
+def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLowering]]
+            ) -> tuple[torch.fx.GraphModule, list[tuple[int, str]]]:
+    """Replace each (site, lowering) matmul by `quantized_linear`. Returns the new module and the
+    extra inputs it takes after the graph's own: (entry index, QuantState field)."""
     gm = copy.deepcopy(gm)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
-    extras: list[tuple[str, str]] = []
-    for site, k_bounds, dual, has_smooth, prologue in sites:
+    extras: list[tuple[int, str]] = []
+    for i, (site, lowering) in enumerate(entries):
         node = nodes[site.node]
-        fields = ["packed", "d_w"] + (["d_x", "d_neg"] if static else []) + (["smooth"] if has_smooth else [])
         inputs = {}
-        for f in fields:
-            inputs[f] = _placeholder_after_inputs(graph, f"sq_{len(extras)}_{f}")
-            extras.append((site.name, f))
+        for f in extra_fields(lowering):
+            inputs[f] = _placeholder_after_inputs(graph, f"sq_{i}_{f}")
+            extras.append((i, f))
         bias = nodes[site.bias_node] if site.bias_node else None
         with graph.inserting_before(node):
             new = graph.call_function(quantized_linear, (
                 nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
                 inputs.get("d_x"), inputs.get("d_neg"), inputs.get("smooth"),
-                tuple(k_bounds), tuple(dual), bool(prologue), fmt))
+                lowering.k_bounds, lowering.dual, lowering.prologue, lowering.format))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace")})
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        nodes[site.node] = new   # a later site may read this one's output (linear -> linear)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return gm, extras
 
 
-def observe_sites(gm: torch.fx.GraphModule, sites: list, observe: Callable) -> torch.fx.GraphModule:
-    """Insert `observe(site_name, x)` before each site (calibration runs this graph in float)."""
+def prepare(gm: torch.fx.GraphModule, sites: list[LinearSite], observers: list[torch.nn.Module]
+            ) -> torch.fx.GraphModule:
+    """Insert `observers[i](x, weight)` before site i, as submodules of the graph module (pt2e
+    style); each observer finds its weight's state from the weight, so calls share nothing."""
     gm = copy.deepcopy(gm)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
-    for site in sites:
-        node = nodes[site.node]
-        with graph.inserting_before(node):
-            graph.call_function(observe, (site.name, nodes[site.input_node]))
+    for i, (site, observer) in enumerate(zip(sites, observers)):
+        name = f"sq_observer_{i}"
+        gm.add_submodule(name, observer)
+        with graph.inserting_before(nodes[site.node]):
+            graph.call_module(name, (nodes[site.input_node], nodes[site.weight_node]))
     gm.recompile()
     return gm

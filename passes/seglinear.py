@@ -13,6 +13,8 @@ import torch.fx
 from . import ops
 from .indexing import FULL, bounds, index_map
 from .shapes import as_int, group_map, ints, norm_dim, prod, shape
+from .transparency import Transparency as T
+from .transparency import classify, source
 
 
 @dataclass
@@ -75,10 +77,11 @@ def output_segments(linear: torch.fx.Node, out_features: int) -> Evidence:
         if minor is None:
             ev.notes.append(f"{node.name}: segment width is symbolic")
             return
-        for lo, hi in pieces_major:
-            cuts.update({lo * minor, hi * minor})
-        patterns.append(pattern)
-        ev.nodes.append(node.name)
+        inner = {c * minor for piece in pieces_major for c in piece if 0 < c * minor < out_features}
+        if inner:   # a piece that is the whole output cuts nothing
+            cuts.update(inner)
+            patterns.append(pattern)
+            ev.nodes.append(node.name)
 
     while queue:
         node, axes = queue.pop(0)
@@ -95,103 +98,105 @@ def output_segments(linear: torch.fx.Node, out_features: int) -> Evidence:
 
 
 def _forward_step(user, src, axes, src_shape, push, cut, ev: Evidence):
+    kind = classify(user)
     n = ops.name(user)
     out_shape = shape(user)
-    major = axes[0]
-    if n in ops.CASTS or (n in ops.UNARY and out_shape is not None and len(out_shape) == len(src_shape)):
-        if out_shape is not None:
-            push(user, axes)
+    if kind is T.POINTWISE or (kind is T.VALUE and source(user) is src):
+        push(user, axes)
         return
-    if n in ops.BINARY or n in ops.EXPANDS:
-        if out_shape is None:
-            return
+    if kind is T.BROADCAST or (kind is T.EXPAND and source(user) is src):
         off = len(out_shape) - len(src_shape)
         if all(out_shape[a + off] == src_shape[a] for a in axes):
             push(user, [a + off for a in axes])
         return
-    if n in ops.RESHAPES:
-        if out_shape is None:
-            return
+    if kind is T.CAT:
+        dim = ops.cat_dim(user)
+        if n == "stack":
+            push(user, _shift_after(axes, dim, 1))
+        elif dim not in axes:
+            push(user, axes)
+        return
+    if source(user) is not src:     # src is not the operand whose elements move (view_as(src), ...)
+        return
+    if kind is T.RESHAPE:
         new = _reshape_axes(src_shape, out_shape, axes)
         if new is None:
             ev.notes.append(f"{user.name}: reshape mixes the channel axis with other dims")
         else:
             push(user, new)
-        return
-    if n in ops.PERMUTES:
+    elif kind is T.PERMUTE:
         perm = ops.permutation(user, len(src_shape))
         if perm is not None:
             push(user, [perm.index(a) for a in axes])
+    elif kind is T.SPLIT:
+        _forward_split(user, axes, src_shape, push, cut, ev)
+    elif kind is T.INDEX and n == "getitem":
+        _forward_getitem(user, axes, src_shape, push, cut, ev)
+    elif kind is T.INDEX:
+        _forward_narrow(user, axes, src_shape, push, cut)
+
+
+def _forward_split(user, axes, src_shape, push, cut, ev: Evidence):
+    parts = ops.split_parts(user)
+    if parts is None:
         return
-    if n in ops.SPLITS:
-        parts = ops.split_parts(user)
-        if parts is None or user.args[0] is not src:
+    dim, sizes = parts
+    if dim == axes[0] and len(sizes) > 1:
+        sizes = ints(sizes)
+        if sizes is None:
+            ev.notes.append(f"{user.name}: split sizes are symbolic")
             return
-        dim, sizes = parts
-        if dim == major:
-            sizes = ints(sizes)
-            if sizes is None:
-                ev.notes.append(f"{user.name}: split sizes are symbolic")
-                return
-            pieces, pos = [], 0
-            for s in sizes:
-                pieces.append((pos, pos + s))
-                pos += s
-            cut(user, pieces, axes, src_shape, n)
-        elif dim in axes:
-            ev.notes.append(f"{user.name}: split along a minor channel dim (interleaved segments)")
+        pieces, pos = [], 0
+        for s in sizes:
+            pieces.append((pos, pos + s))
+            pos += s
+        cut(user, pieces, axes, src_shape, ops.name(user))
+    elif dim in axes and len(sizes) > 1:
+        ev.notes.append(f"{user.name}: split along a minor channel dim (interleaved segments)")
+    else:   # along another dim, or a single piece: every piece keeps the channel axis
+        new = _shift_after(axes, dim + 1, -1) if ops.name(user) == "unbind" and dim not in axes else axes
+        for item in user.users:
+            if classify(item) is T.PIECE:
+                push(item, new)
+
+
+def _forward_getitem(user, axes, src_shape, push, cut, ev: Evidence):
+    imap = index_map(user.args[1], len(src_shape))
+    if imap is None:
+        return
+    major = axes[0]
+    picked = {d: sel for d, _, sel in imap if sel != FULL}
+    if major in picked and not any(a in picked for a in axes[1:]):
+        size = as_int(src_shape[major])
+        b = bounds(picked[major], size) if size is not None else None
+        if b is None:
+            ev.notes.append(f"{user.name}: strided or symbolic slice of the channel axis")
+            return
+        cut(user, [b], axes, src_shape, "slice")
+        return
+    if any(a in picked for a in axes):
+        ev.notes.append(f"{user.name}: slices a minor channel dim")
+        return
+    where = {d: o for d, o, _ in imap}
+    push(user, [where[a] for a in axes])
+
+
+def _forward_narrow(user, axes, src_shape, push, cut):
+    n = ops.name(user)
+    major = axes[0]
+    dim = norm_dim(int(ops.arg(user, 1, "dim")), len(src_shape))
+    if dim == major:
+        if n == "narrow":
+            s, length = as_int_or(ops.arg(user, 2, "start")), as_int_or(ops.arg(user, 3, "length"))
+            b = None if s is None or length is None else (s, s + length)
         else:
-            new = _shift_after(axes, dim + 1, -1) if n == "unbind" else axes
-            for item in user.users:
-                if ops.name(item) == "getitem":
-                    push(item, new)
-        return
-    if n == "getitem":
-        if user.args[0] is not src:
-            return
-        imap = index_map(user.args[1], len(src_shape))
-        if imap is None:
-            return
-        picked = {d: sel for d, _, sel in imap if sel != FULL}
-        if major in picked and not any(a in picked for a in axes[1:]):
             size = as_int(src_shape[major])
-            b = bounds(picked[major], size) if size is not None else None
-            if b is None:
-                ev.notes.append(f"{user.name}: strided or symbolic slice of the channel axis")
-                return
-            cut(user, [b], axes, src_shape, "slice")
-            return
-        if any(a in picked for a in axes):
-            ev.notes.append(f"{user.name}: slices a minor channel dim")
-            return
-        where = {d: o for d, o, _ in imap}
-        push(user, [where[a] for a in axes])
-        return
-    if n in ("narrow", "select"):
-        dim = norm_dim(int(ops.arg(user, 1, "dim")), len(src_shape))
-        if dim == major:
-            if n == "narrow":
-                s, length = as_int_or(ops.arg(user, 2, "start")), as_int_or(ops.arg(user, 3, "length"))
-                b = None if s is None or length is None else (s, s + length)
-            else:
-                size = as_int(src_shape[major])
-                i = as_int_or(ops.arg(user, 2, "index"))
-                b = None if i is None or size is None else bounds(i, size)
-            if b is not None:
-                cut(user, [b], axes, src_shape, n)
-        elif dim not in axes:
-            push(user, _shift_after(axes, dim + 1, -1) if n == "select" else axes)
-        return
-    if n in ops.CATS:
-        dim = ops.cat_dim(user)
-        if dim is not None and dim not in axes:
-            push(user, axes)
-        return
-    if n == "stack":
-        dim = ops.cat_dim(user)
-        if dim is not None:
-            push(user, _shift_after(axes, dim, 1))
-        return
+            i = as_int_or(ops.arg(user, 2, "index"))
+            b = None if i is None or size is None else bounds(i, size)
+        if b is not None:
+            cut(user, [b], axes, src_shape, n)
+    elif dim not in axes:
+        push(user, _shift_after(axes, dim + 1, -1) if n == "select" else axes)
 
 
 def as_int_or(x):
@@ -245,62 +250,64 @@ def _walk_back(x, axes, notes, path, total: int) -> list[Evidence]:
 
 
 def _backward_step(node, axes, notes, path, total: int) -> Evidence | list:
-    n = ops.name(node)
+    kind = classify(node)
     out_shape = shape(node)
-    major = axes[0]
-    if node.op in ("placeholder", "get_attr") or out_shape is None:
+    src = source(node)
+    if kind is T.MIXING or out_shape is None:
         return []
-    src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
-    if n in ops.CASTS or (n in ops.UNARY and src is not None and shape(src) is not None
-                          and len(shape(src)) == len(out_shape)):
-        return [(src, axes)] if src is not None and shape(src) is not None else []
-    if n in ops.BINARY or n in ops.EXPANDS:
-        nexts = []
-        for inp in ops.tensor_inputs(node):
-            # follow the full-size operand; broadcast ones (per-channel tables) only add to it
-            if shape(inp) == out_shape:
-                nexts.append((inp, axes))
-        return nexts
-    if n in ops.RESHAPES and src is not None:
-        src_shape = shape(src)
-        mapped = _reshape_axes(out_shape, src_shape, axes)
-        if mapped is None:
-            notes.append(f"{node.name}: reshape mixes the channel axis with other dims")
-            return []
-        if len(axes) == 1 and len(mapped) > 1:
-            heads = as_int(src_shape[mapped[0]])
-            width = _minor(src_shape, mapped)
-            # the group holds exactly K elements (the weight fixes K): one size gives the other
-            if heads is None and width and total % width == 0:
-                heads = total // width
-            if width is None and heads and total % heads == 0:
-                width = total // heads
-            if heads is None or width is None:
-                notes.append(f"{node.name}: head merge with symbolic sizes")
-                return []
-            if heads > 1 and width > 1:
-                # a stack/cat on the merged dims is the real evidence (stack + flatten)
-                inner = _walk_back(src, mapped, [], path, total)
-                if len({(e.sizes, e.pattern) for e in inner}) == 1:
-                    return inner[0]
-                return Evidence(sizes=(width,) * heads, pattern="head_merge", nodes=[node.name])
-        return [(src, mapped)]
-    if n in ops.PERMUTES and src is not None:
+    if kind in (T.RESHAPE, T.PERMUTE, T.INDEX) and shape(src) is None:
+        return []
+    if kind is T.VALUE:
+        return [(src, axes)] if shape(src) is not None else []
+    if kind in (T.POINTWISE, T.BROADCAST, T.EXPAND):
+        # follow the full-size operands; broadcast ones (per-channel tables) only add to them
+        return [(inp, axes) for inp in ops.tensor_inputs(node) if shape(inp) == out_shape]
+    if kind is T.RESHAPE:
+        return _backward_reshape(node, src, axes, notes, path, total)
+    if kind is T.PERMUTE:
         perm = ops.permutation(node, len(out_shape))
         return [(src, tuple(perm[a] for a in axes))] if perm is not None else []
-    if n == "getitem" and src is not None:
-        if isinstance(ops.example(src), (tuple, list)):
-            if ops.name(src) not in ops.SPLITS:
-                return []
-            parts = ops.split_parts(src)
-            if parts is None:
-                return []
-            dim, _ = parts
-            src_axes = _shift_after(axes, dim, 1) if ops.name(src) == "unbind" else axes
-            if dim in src_axes:
-                return []
-            return [(src.args[0], src_axes)]
-        imap = index_map(node.args[1], len(shape(src)))
+    if kind is T.PIECE:
+        dim, sizes = ops.split_parts(src) or (None, ())
+        src_axes = _shift_after(axes, dim, 1) if ops.name(src) == "unbind" else axes
+        if dim is None or (dim in src_axes and len(sizes) > 1):
+            return []
+        return [(source(src), src_axes)]
+    if kind is T.INDEX:
+        return _backward_index(node, src, axes, notes)
+    return _backward_cat(node, axes, notes)
+
+
+def _backward_reshape(node, src, axes, notes, path, total: int) -> Evidence | list:
+    src_shape = shape(src)
+    mapped = _reshape_axes(shape(node), src_shape, axes)
+    if mapped is None:
+        notes.append(f"{node.name}: reshape mixes the channel axis with other dims")
+        return []
+    if len(axes) == 1 and len(mapped) > 1:
+        heads = as_int(src_shape[mapped[0]])
+        width = _minor(src_shape, mapped)
+        # the group holds exactly K elements (the weight fixes K): one size gives the other
+        if heads is None and width and total % width == 0:
+            heads = total // width
+        if width is None and heads and total % heads == 0:
+            width = total // heads
+        if heads is None or width is None:
+            notes.append(f"{node.name}: head merge with symbolic sizes")
+            return []
+        if heads > 1 and width > 1:
+            # a stack/cat on the merged dims is the real evidence (stack + flatten)
+            inner = _walk_back(src, mapped, [], path, total)
+            if len({(e.sizes, e.pattern) for e in inner}) == 1:
+                return inner[0]
+            return Evidence(sizes=(width,) * heads, pattern="head_merge", nodes=[node.name])
+    return [(src, mapped)]
+
+
+def _backward_index(node, src, axes, notes) -> list:
+    src_shape = shape(src)
+    if ops.name(node) == "getitem":
+        imap = index_map(node.args[1], len(src_shape))
         if imap is None:
             return []
         back = {o: (d, sel) for d, o, sel in imap if o is not None}
@@ -308,21 +315,27 @@ def _backward_step(node, axes, notes, path, total: int) -> Evidence | list:
             notes.append(f"{node.name}: slices the channel axis")
             return []
         return [(src, tuple(back[a][0] for a in axes))]
-    if n in ops.CATS or n == "stack":
-        dim = ops.cat_dim(node)
-        inputs = [i for i in ops.cat_inputs(node) if isinstance(i, torch.fx.Node)]
-        if dim == major:
-            minor = _minor(out_shape, axes)
-            widths = [1] * len(inputs) if n == "stack" else [as_int(shape(i)[dim]) for i in inputs]
-            if minor is None or any(w is None for w in widths):
-                notes.append(f"{node.name}: concatenation widths are symbolic")
-                return []
-            return Evidence(sizes=tuple(w * minor for w in widths), pattern="stack" if n == "stack" else "cat",
-                            nodes=[node.name],
-                            anchor=node)
-        if dim in axes:
-            notes.append(f"{node.name}: {n} along a minor channel dim (interleaved segments)")
+    # narrow / select along another dim: the channel axis passes through
+    dim = norm_dim(int(ops.arg(node, 1, "dim")), len(src_shape))
+    src_axes = _shift_after(axes, dim, 1) if ops.name(node) == "select" else axes
+    return [] if dim in src_axes else [(src, src_axes)]
+
+
+def _backward_cat(node, axes, notes) -> Evidence | list:
+    n = ops.name(node)
+    out_shape = shape(node)
+    dim = ops.cat_dim(node)
+    inputs = [i for i in ops.cat_inputs(node) if isinstance(i, torch.fx.Node)]
+    if dim == axes[0]:
+        minor = _minor(out_shape, axes)
+        widths = [1] * len(inputs) if n == "stack" else [as_int(shape(i)[dim]) for i in inputs]
+        if minor is None or any(w is None for w in widths):
+            notes.append(f"{node.name}: concatenation widths are symbolic")
             return []
-        in_axes = _shift_after(axes, dim + 1, -1) if n == "stack" else axes
-        return [(i, in_axes) for i in inputs]
-    return []
+        return Evidence(sizes=tuple(w * minor for w in widths), pattern="stack" if n == "stack" else "cat",
+                        nodes=[node.name], anchor=node)
+    if dim in axes:
+        notes.append(f"{node.name}: {n} along a minor channel dim (interleaved segments)")
+        return []
+    in_axes = _shift_after(axes, dim + 1, -1) if n == "stack" else axes
+    return [(i, in_axes) for i in inputs]

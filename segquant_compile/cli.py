@@ -8,13 +8,53 @@ import sys
 from segquant_compile import models
 
 
-def _add_model_args(p: argparse.ArgumentParser, default: str | None):
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2 (no usage dump, no traceback)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def resolution(text: str) -> int:
+    value = positive_int(text)
+    if value % models.VAE_FACTOR:
+        raise argparse.ArgumentTypeError(f"must be a multiple of {models.VAE_FACTOR} pixels, got {value}")
+    return value
+
+
+def options_json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of segquant options")
+    from segquant_compile.config import QuantConfig
+    try:
+        QuantConfig.from_options(value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser, default: str | None, many: bool = False):
     p.add_argument("model", nargs="?" if default else None, default=default,
                    help=f"a shipped config ({', '.join(models.shipped())}) or a local diffusers model folder")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
-    p.add_argument("--text-tokens", type=int, default=None)
-    p.add_argument("--options", type=json.loads, default=None, help="segquant options as JSON")
+    p.add_argument("--batch", type=positive_int, nargs="+" if many else None, default=[1] if many else 1)
+    p.add_argument("--resolution", type=resolution, nargs="+" if many else None, default=[1024] if many else 1024,
+                   help="image side in pixels")
+    p.add_argument("--text-tokens", type=positive_int, default=None)
+    p.add_argument("--options", type=options_json, default=None, help="segquant options as JSON")
 
 
 def cmd_inspect(args) -> int:
@@ -39,7 +79,9 @@ def cmd_autotune(args) -> int:
     from segquant_compile.config import QuantConfig
     from segquant_compile.explain import explain
     from segquant_compile.lowering import autotune
-    from segquant_compile.runtime import lowering_of
+    from segquant_compile.lowering.site_lowering import SiteLowering
+    from segquant_compile.lowering.triton_gemm import tune
+    from segquant_compile.passes.lowering import lower_site
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not torch.cuda.is_available() and not interpret:
         raise ValueError("autotune times the Triton kernels on a CUDA GPU; none is visible "
@@ -54,14 +96,13 @@ def cmd_autotune(args) -> int:
         for resolution in args.resolution:
             inputs = models.example_inputs(model, batch=batch, resolution=resolution, text_tokens=args.text_tokens)
             for site in explain(model, **inputs, options=args.options).sites:
-                if site.rows is None:
+                lowering = lower_site(site, config, "cuda")   # the kernel variant the GPU runs
+                if site.rows is None or not isinstance(lowering, SiteLowering):
                     continue
-                _, dual = lowering_of(site, config)
-                fmt = "fp8" if config.format == "fp8" else "int8"
-                shape = (site.rows, site.out_features, site.in_features, autotune.variant_name(fmt, any(dual)))
+                shape = (site.rows, site.out_features, site.in_features, lowering.variant)
                 shapes.setdefault(autotune.key(*shape, device), shape)
     for m, n, k, variant in tqdm(sorted(shapes.values()), desc="segquant autotune", unit="shape"):
-        autotune.tune(m, n, k, variant, device)
+        tune(m, n, k, variant, device)
     print(f"tuned {len(shapes)} GEMM shapes; cache: {autotune.cache_path()}")
     return 0
 
@@ -73,19 +114,15 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="segquant", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="segquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("inspect", help="the SegLinear/DualScale plan of a model (meta device: no weights)")
     _add_model_args(p, default="sd3.5-medium")
     p.add_argument("--save", action="append", metavar="PATH", help="write the report (.json, .dot, .html)")
     p.add_argument("--summary", action="store_true", help="totals only")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("autotune", help="tune the GEMM kernels for every shape of a model; persist the cache")
-    p.add_argument("model", help=f"a shipped config ({', '.join(models.shipped())}) or a local diffusers folder")
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--resolution", type=int, nargs="+", default=[1024])
-    p.add_argument("--text-tokens", type=int, default=None)
-    p.add_argument("--options", type=json.loads, default=None)
+    _add_model_args(p, default=None, many=True)
     p.add_argument("--cache", default=None, help="cache folder (default: SEGQUANT_CACHE_DIR or ~/.cache/segquant)")
     p.set_defaults(func=cmd_autotune)
     p = sub.add_parser("demo", help="quantize an embedded default model: plan, SQNR and time against float")
@@ -97,8 +134,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"segquant: error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        print(f"segquant: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

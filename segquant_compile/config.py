@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from segquant_compile.passes.ops import ACTIVATIONS
 
 FORMATS = ("int8", "fp8", "w4a8", "int8-weight-only")
+PLANNED_FORMATS = ("w4a8", "int8-weight-only")   # accepted names, not lowered yet: refused, never run as float
 ACTIVATION_MODES = ("dynamic", "static")
 WEIGHT_MODES = ("per-channel", "per-tensor")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -44,13 +45,23 @@ class QuantConfig:
         for key in ("dualscale_activations", "skip"):
             if key in options:
                 value = options[key]
-                options[key] = (value,) if isinstance(value, str) else tuple(value)
+                if isinstance(value, str):
+                    options[key] = (value,)
+                elif isinstance(value, (list, tuple, set, frozenset)):
+                    options[key] = tuple(value)
+                else:
+                    raise ValueError(f"option {key!r} must be a string or a list of strings, got "
+                                     f"{type(value).__name__} {value!r}")
         config = cls(**options)
         config.validate()
         return config
 
     def validate(self) -> None:
         _choice("format", self.format, FORMATS)
+        if self.format in PLANNED_FORMATS:
+            available = [f for f in FORMATS if f not in PLANNED_FORMATS]
+            raise ValueError(f"format {self.format!r} is not lowered yet (it would run float); available "
+                             f"formats: {available}")
         _choice("activations", self.activations, ACTIVATION_MODES)
         _choice("weights", self.weights, WEIGHT_MODES)
         _choice("mode", self.mode, MODES)
@@ -70,9 +81,14 @@ class QuantConfig:
                                                        and self.calibration_steps > 0):
             raise ValueError(f"option 'calibration_steps' must be a positive int, got {self.calibration_steps!r}")
         if self.load is not None and not isinstance(self.load, str):
-            raise ValueError(f"option 'load' must be a path (str), got {self.load!r}")
+            raise ValueError(f"option 'load' must be a path (str), got {type(self.load).__name__} {self.load!r}")
+        if self.autotune_cache is not None and not isinstance(self.autotune_cache, str):
+            raise ValueError(f"option 'autotune_cache' must be a path (str), got {self.autotune_cache!r}")
         if not all(isinstance(p, str) for p in self.skip):
             raise ValueError(f"option 'skip' must be glob patterns (strings), got {self.skip!r}")
+        if not all(isinstance(a, str) for a in self.dualscale_activations):
+            raise ValueError(f"option 'dualscale_activations' must be activation names (strings), got "
+                             f"{self.dualscale_activations!r}")
 
     @property
     def activation_set(self) -> frozenset[str]:

@@ -58,6 +58,14 @@ def run(model_name: str = "sd3", activations: str = "static", save: list[str] | 
     fp32 = torch.compile(model, backend="inductor")
     t_fp32 = median_seconds(lambda: fp32(**x))
     compile_fp32 = time.perf_counter() - t0
+    # bfloat16 is the peer a user would pick: its own copy of the model and inputs
+    import copy
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    x_bf16 = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in x.items()}
+    bf16 = torch.compile(model_bf16, backend="inductor")
+    t_bf16 = median_seconds(lambda: bf16(**x_bf16))
+    with torch.no_grad():
+        db_bf16 = sqnr_db(ref, bf16(**x_bf16).sample.float())
     t0 = time.perf_counter()
     quant = torch.compile(model, backend="segquant", options={"activations": activations})
     if activations == "static":
@@ -69,11 +77,14 @@ def run(model_name: str = "sd3", activations: str = "static", save: list[str] | 
     setup = time.perf_counter() - t0
     t_quant = median_seconds(lambda: quant(**x))
     db = sqnr_db(ref, out)
-    result = {"sqnr_db": db, "float_inductor_s": t_fp32, "segquant_s": t_quant, "speedup": t_fp32 / t_quant,
+    result = {"sqnr_db": db, "float_inductor_s": t_fp32, "bf16_inductor_s": t_bf16, "bf16_sqnr_db": db_bf16,
+              "segquant_s": t_quant, "speedup": t_fp32 / t_quant, "speedup_vs_bf16": t_bf16 / t_quant,
               "compile_float_s": compile_fp32, "compile_calibrate_segquant_s": setup}
-    print(f"output SQNR against float: {db:.1f} dB ({activations} W8A8, SegLinear + DualScale)")
-    print(f"forward time: torch.compile float32 {t_fp32 * 1e3:.0f} ms, segquant {t_quant * 1e3:.0f} ms "
-          f"({result['speedup']:.2f}x)   [median of 5 after warm-up, {torch.get_num_threads()} threads]")
+    print(f"output SQNR against float32: segquant {db:.1f} dB ({activations} W8A8, SegLinear + DualScale); "
+          f"Inductor bfloat16 {db_bf16:.1f} dB")
+    print(f"forward time: torch.compile float32 {t_fp32 * 1e3:.0f} ms, bfloat16 {t_bf16 * 1e3:.0f} ms, segquant "
+          f"{t_quant * 1e3:.0f} ms ({result['speedup']:.2f}x vs float32, {result['speedup_vs_bf16']:.2f}x vs "
+          f"bfloat16)   [median of 5 after warm-up, {torch.get_num_threads()} threads]")
     print(f"setup: float compile {compile_fp32:.0f} s; segquant compile + calibration {setup:.0f} s")
     final = sq.report(quant)
     for path in save or ():

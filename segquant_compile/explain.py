@@ -1,49 +1,66 @@
-"""explain(): the plan for a model, before compiling anything."""
+"""explain(): the plan for a model before compiling; report(): the plan as a compiled model runs."""
 from __future__ import annotations
+
+import warnings
+
+import torch
 
 from segquant_compile.capture import capture_graphs
 from segquant_compile.config import QuantConfig
+from segquant_compile.lowering.site_lowering import KeptFloat
 from segquant_compile.passes import build_plan, merge
+from segquant_compile.passes.lowering import lower_site, skip_pattern
 from segquant_compile.report import Report
-from segquant_compile.state import REGISTRY, fallback_reason, skip_pattern
+
+UNREACHED = ("never reached a segquant graph: dynamo ran this module's frame eagerly (a graph break "
+             "it could not resume from, a skipped frame, or the recompile limit)")
 
 
 def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
     """Trace `model(*args, **kwargs)` with dynamo and report every linear site: its SegLinear
-    segments, DualScale decision and the graph evidence. Works on `meta`-device models."""
+    segments, DualScale decision and the graph evidence. Works on `meta`-device models. A
+    segquant-compiled model is planned with the options it was compiled with."""
     if not callable(model):
         raise TypeError(f"segquant_compile.explain needs a callable model (an nn.Module or function), "
                         f"got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        from segquant_compile.compiled import compiled_options
+        backend, compiled_with = compiled_options(model)
+        if options is None and backend == "segquant":
+            options = compiled_with
+        model = model._orig_mod
     config = QuantConfig.from_options(options)
     graphs = capture_graphs(model, args, kwargs)
-    plans = [build_plan(gm, config.activation_set, config.seglinear, graph_index=i)
-             for i, (gm, _) in enumerate(graphs)]
-    plan = merge(plans)
-    skipped = {s.name for s in plan if skip_pattern(s.name, config)}
-    fallbacks = {s.name: r for s in plan if (r := fallback_reason(s, None, config)) is not None}
-    return Report(plan, config, n_graphs=len(graphs), skipped=skipped, model=type(model).__name__,
-                  fallbacks=fallbacks)
+    plan = merge([build_plan(gm, config.activation_set, config.seglinear, graph_index=i)
+                  for i, (gm, _) in enumerate(graphs)])
+    fallbacks = {s.name: lo.reason for s in plan if isinstance(lo := lower_site(s, config), KeptFloat)}
+    _warn_unused_skips(config, [s.name for s in plan])
+    return Report(plan, config, n_graphs=len(graphs), model=type(model).__name__, fallbacks=fallbacks)
 
 
 def report(compiled) -> Report:
-    """The plan of a segquant-compiled model as it runs: every graph compiled so far, which sites
-    are quantized (format, steps, SQNR on calibration data) and why the others stay float."""
-    from segquant_compile.calibration import compiled_options
-    from segquant_compile.config import QuantConfig
-    from segquant_compile.runtime import RUNNERS
-    model = getattr(compiled, "_orig_mod", compiled)
-    tensors = [*model.parameters(), *model.buffers()]
-    backend, options = compiled_options(compiled)
-    wanted = QuantConfig.from_options(options) if backend == "segquant" else None
-    runners = sorted((r for r in RUNNERS if (wanted is None or r.config == wanted) and r.saw(tensors)), key=id)
-    if not runners:
-        raise RuntimeError("segquant_compile.report(): no segquant graph has run for this model yet; "
-                           "call the compiled model once (or use explain() before compiling)")
-    plan = merge([r.plan for r in runners])
-    config = runners[0].config
-    fallbacks = {name: why for r in runners for name, why in r.fallbacks.items()}
-    states = {st.name: st for st in REGISTRY.states_for(tensors) if st.config == config}
-    skipped = {s.name for s in plan if skip_pattern(s.name, config)}
-    return Report(plan, config, n_graphs=len(runners), skipped=skipped,
-                  model=type(model).__name__, fallbacks=fallbacks, states=states)
+    """The plan of a segquant-compiled model as it runs: every site of every graph compiled so
+    far under its full module path, which are quantized (format, steps, SQNR on calibration data)
+    and why the others stay float, including linear modules that never reached a segquant graph."""
+    from segquant_compile.compiled import find
+    from segquant_compile.passes import Plan
+    found = find(compiled)
+    config = found.config or (found.runners[0].config if found.runners else QuantConfig())
+    floats = tuple(dict.fromkeys(f for r in found.runners for f in r.plan.float_calls))
+    plan = Plan(tuple(row.site for row in found.rows),
+                tuple(g for r in found.runners for g in r.plan.graphs), floats)
+    reached = {id(row.weight) for row in found.rows}
+    unreached = {name: UNREACHED for name, m in found.model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and id(m.weight) not in reached}
+    names = [row.site.name for row in found.rows] + list(unreached)
+    _warn_unused_skips(config, names)
+    return Report(plan, config, n_graphs=len(found.runners), model=type(found.model).__name__,
+                  fallbacks={row.site.name: row.reason for row in found.rows if row.reason is not None},
+                  states={row.site.name: row.state for row in found.rows if row.state is not None},
+                  unreached=unreached)
 
+
+def _warn_unused_skips(config: QuantConfig, names) -> None:
+    for pattern in config.skip:
+        if not any(skip_pattern(n, QuantConfig(skip=(pattern,))) for n in names):
+            warnings.warn(f"segquant: skip pattern {pattern!r} matches no linear site", stacklevel=3)

@@ -136,7 +136,10 @@ def load_classifier(path: Path | None = None) -> nn.Module:
 
 
 @torch.no_grad()
-def accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(classifier, images: torch.Tensor, labels: torch.Tensor, zero_one: bool = False) -> float:
+    """Share of images classified as their label; zero_one: images in [0, 1] (the classifier wants [-1, 1])."""
+    if zero_one:
+        images = images * 2 - 1
     return (classifier(images).argmax(-1) == labels).float().mean().item()
 
 

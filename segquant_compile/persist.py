@@ -1,4 +1,8 @@
-"""save() / options={'load': path}: scales and packed weights as safetensors + a JSON manifest."""
+"""save() / options={'load': path}: scales and packed weights as safetensors + a JSON manifest.
+
+Sites are saved under their full module paths. A graph compiled below the root (a graph break
+inside a block) knows only paths relative to that block: load matches those by suffix and by the
+weight's fingerprint, which tells the blocks apart."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,51 +12,62 @@ from pathlib import Path
 
 import torch
 
-from segquant_compile.state import REGISTRY, QuantState, fingerprint
+from segquant_compile.state import QuantState, fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
-# options that change the quantized numbers; the others (inductor, mode, load, ...) may differ
-NUMERIC_OPTIONS = ("format", "activations", "weights", "smooth", "seglinear", "dualscale", "dualscale_activations")
+FIELDS = ("packed", "d_w", "d_x", "d_neg", "smooth")
+# SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
+LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth")
 
 
-def states_of(compiled) -> list[QuantState]:
-    from segquant_compile.calibration import compiled_options
-    from segquant_compile.config import QuantConfig
-    model = getattr(compiled, "_orig_mod", compiled)
-    states = REGISTRY.states_for([*model.parameters(), *model.buffers()])
-    backend, options = compiled_options(compiled)
-    if backend == "segquant":
-        config = QuantConfig.from_options(options)
-        states = [s for s in states if s.config == config]
-    return states
+def _bias_name(weight_name: str) -> str:
+    head, _, leaf = weight_name.rpartition(".")
+    leaf = leaf[: -len("weight")] + "bias" if leaf.endswith("weight") else leaf + "_bias"
+    return f"{head}.{leaf}" if head else leaf
+
+
+def _lowering_dict(lowering) -> dict:
+    out = {}
+    for f in LOWERING_FIELDS:
+        v = getattr(lowering, f)
+        out[f] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def save(compiled, path) -> Path:
     """Write the quantized state of a segquant-compiled (and, if static, calibrated) model."""
     from safetensors.torch import save_file
-    states = states_of(compiled)
+
+    from segquant_compile.compiled import find, module_paths
+    found = find(compiled)
+    states = found.states
     if not states:
         raise RuntimeError("segquant_compile.save(): no quantized state for this model; compile it with "
                            "backend='segquant' and call it once first")
-    unfrozen = [s.name for s in states if s.config.activations == "static" and not s.frozen]
+    unfrozen = [st.name for _, st in states if not st.frozen]
     if unfrozen:
         raise RuntimeError(f"segquant_compile.save(): {len(unfrozen)} site(s) are not calibrated yet "
                            f"(e.g. {unfrozen[0]}); calibrate first")
+    params = dict(found.model.named_parameters())
+    paths = module_paths(found.model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors, sites = {}, {}
-    for s in sorted(states, key=lambda s: s.name):
-        for field in ("packed", "d_w", "d_x", "d_neg", "smooth"):
-            value = getattr(s, field)
+    for weight, st in sorted(states, key=lambda ws: ws[1].name):
+        for f in FIELDS:
+            value = getattr(st, f)
             if value is not None:
-                tensors[f"{s.name}.{field}"] = value.detach().contiguous().cpu()
-        sites[s.name] = {"weight": s.site.weight, "in_features": s.site.in_features,
-                         "out_features": s.site.out_features, "k_bounds": list(s.k_bounds), "dual": list(s.dual),
-                         "out_bounds": list(s.out_bounds) if s.out_bounds else None,
-                         "fingerprint": s.fingerprint, "smooth_alpha": s.alpha, "sqnr_db": s.sqnr}
-    config = {k: v for k, v in dataclasses.asdict(states[0].config).items() if k in NUMERIC_OPTIONS}
-    manifest = {"format_version": FORMAT_VERSION, "torch": torch.__version__, "config": config, "sites": sites}
+                tensors[f"{st.name}.{f}"] = value.detach().contiguous().cpu()
+        weight_name = paths[id(weight)]
+        sites[st.name] = {"weight": weight_name, "in_features": st.site.in_features,
+                          "out_features": st.site.out_features, "lowering": _lowering_dict(st.base),
+                          "dynamic_note": st.dynamic_note, "fingerprint": st.fingerprint,
+                          "bias_fingerprint": fingerprint(params.get(_bias_name(weight_name))),
+                          "smooth_alpha": st.alpha, "sqnr_db": st.sqnr}
+    options = dataclasses.asdict(found.config) if found.config is not None else {}
+    manifest = {"format_version": FORMAT_VERSION, "torch": torch.__version__,
+                "options": {k: v for k, v in options.items() if k not in ("load",)}, "sites": sites}
     save_file(tensors, str(path / TENSORS))
     (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return path
@@ -60,38 +75,59 @@ def save(compiled, path) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _read(path: Path, stamp: tuple) -> tuple[dict, dict]:
-    """The manifest and tensors of a saved directory, read once per (path, file times)."""
+    """The manifest and tensors of a saved directory, read once per (path, file times). A read
+    that fails raises every time (nothing is cached)."""
     from safetensors.torch import load_file
-    return json.loads((path / MANIFEST).read_text()), load_file(str(path / TENSORS))
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        tensors = load_file(str(path / TENSORS))
+    except Exception as e:
+        raise ValueError(f"segquant load: {path} is unreadable or corrupt ({type(e).__name__}: {e}); "
+                         f"save it again") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ValueError(f"segquant load: {path} has format version {version}, this segquant reads "
+                         f"{FORMAT_VERSION}: save it again")
+    return manifest, tensors
 
 
-def load_states(path, entries, config) -> None:
-    """Fill (site, state, weight) entries from a saved directory, refusing any mismatch."""
+def read(path) -> tuple[Path, dict, dict]:
     path = Path(path).resolve()
     if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
         raise FileNotFoundError(f"segquant load: no {MANIFEST} and {TENSORS} in {path}")
     stamp = tuple((path / f).stat().st_mtime_ns for f in (MANIFEST, TENSORS))
-    manifest, tensors = _read(path, stamp)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"segquant load: {path} has format version {manifest.get('format_version')}, "
-                         f"this segquant reads {FORMAT_VERSION}")
-    mine = {k: v for k, v in dataclasses.asdict(config).items() if k in NUMERIC_OPTIONS}
-    saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in manifest["config"].items()}
-    diff = {k: (saved.get(k), mine[k]) for k in mine if saved.get(k) != mine[k]}
-    if diff:
-        raise ValueError(f"segquant load: options differ from the saved ones (saved, now): {diff}")
-    for site, state, weight in entries:
-        entry = manifest["sites"].get(state.name)
-        if entry is None:
-            raise ValueError(f"segquant load: {state.name} is not in {path}: the model's architecture differs "
-                             f"from the saved one")
-        if (entry["in_features"], entry["out_features"], tuple(entry["k_bounds"]), tuple(entry["dual"])) != \
-                (site.in_features, site.out_features, state.k_bounds, state.dual):
-            raise ValueError(f"segquant load: {state.name} differs from the saved plan (shape, K segments or "
-                             f"DualScale): the model's architecture differs from the saved one")
-        if entry["fingerprint"] != fingerprint(weight):
-            raise ValueError(f"segquant load: the weights of {state.name} differ from the ones saved in {path}")
-        for field in ("packed", "d_w", "d_x", "d_neg", "smooth"):
-            key = f"{state.name}.{field}"
-            setattr(state, field, tensors[key].to(weight.device) if key in tensors else None)
-        state.alpha, state.sqnr = entry.get("smooth_alpha"), entry.get("sqnr_db")
+    return (path, *_read(path, stamp))
+
+
+def _entry_for(path, manifest: dict, state: QuantState, weight_fp: str) -> tuple[str, dict]:
+    """The saved site of this state: its name, or a saved name ending in it (graph breaks),
+    told apart by the weight's fingerprint."""
+    named = [(k, v) for k, v in manifest["sites"].items() if k == state.name or k.endswith("." + state.name)]
+    if not named:
+        raise ValueError(f"segquant load: {state.name} is not in {path}: the model's architecture differs "
+                         f"from the saved one")
+    same = [(k, v) for k, v in named if v["fingerprint"] == weight_fp]
+    if not same:
+        raise ValueError(f"segquant load: the weights of {state.name} differ from the ones saved in {path}")
+    return same[0]
+
+
+def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Fill a new state from a saved directory, refusing any mismatch. The state is not yet
+    registered: on an error it is dropped whole."""
+    path, manifest, tensors = read(path)
+    name, entry = _entry_for(path, manifest, state, state.fingerprint)
+    if (entry["in_features"], entry["out_features"]) != (state.site.in_features, state.site.out_features) or \
+            entry["lowering"] != _lowering_dict(state.base):
+        raise ValueError(f"segquant load: {name} in {path} was saved with another plan or options (saved "
+                         f"{entry['lowering']}, now {_lowering_dict(state.base)})")
+    if entry["bias_fingerprint"] != fingerprint(bias):
+        raise ValueError(f"segquant load: the bias of {name} differs from the one saved in {path} (a "
+                         f"fine-tune since saving?): calibrate again and save")
+    values = {f: tensors.get(f"{name}.{f}") for f in FIELDS}
+    if values["packed"] is None or values["d_w"] is None:
+        raise ValueError(f"segquant load: {path} lacks the packed weight of {name}: save it again")
+    for f, v in values.items():
+        setattr(state, f, v.to(weight.device) if v is not None else None)
+    state.name, state.dynamic_note = name, entry.get("dynamic_note")
+    state.alpha, state.sqnr = entry.get("smooth_alpha"), entry.get("sqnr_db")

@@ -9,6 +9,7 @@ from pathlib import Path
 import networkx as nx
 
 from segquant_compile.passes import LinearSite, Plan
+from segquant_compile.passes.lowering import skip_pattern
 
 FORMAT_VERSION = 1
 
@@ -18,10 +19,19 @@ class Report:
     plan: Plan
     config: object
     n_graphs: int = 1
-    skipped: set[str] = field(default_factory=set)
     model: str = ""
     fallbacks: dict[str, str] = field(default_factory=dict)   # site -> why it stays float
     states: dict[str, object] = field(default_factory=dict)   # site -> QuantState (compiled models)
+    unreached: dict[str, str] = field(default_factory=dict)   # linear module -> why no graph planned it
+
+    @property
+    def skipped(self) -> set[str]:
+        return {s.name for s in self.sites if skip_pattern(s.name, self.config)}
+
+    @property
+    def float_calls(self) -> tuple:
+        """Linear calls the graphs hold that are no site (e.g. a computed weight), with the reason."""
+        return tuple(getattr(self.plan, "float_calls", ()))
 
     @property
     def sites(self) -> tuple[LinearSite, ...]:
@@ -37,12 +47,14 @@ class Report:
             "dualscale_partial": sum(x.dualscale.any and not x.dualscale.all for x in s),
             "skipped": len(self.skipped),
             "float": len(self.fallbacks),
+            "unreached": len(self.unreached),
+            "float_calls": len(self.float_calls),
             "graphs": self.n_graphs,
         }
 
     # ------------------------------------------------------------------ views
     def rows(self) -> list[dict]:
-        out = []
+        out, skipped = [], self.skipped
         for s in self.sites:
             out.append({
                 "site": s.name, "weight": s.weight, "node": s.node, "kind": s.kind, "graph": s.graph,
@@ -54,11 +66,16 @@ class Report:
                 "input_pattern": s.input_segments.pattern if s.input_segments else None,
                 "input_evidence": list(s.input_segments.evidence) if s.input_segments else [],
                 "dualscale": list(s.dualscale.sources),
-                "skipped": s.name in self.skipped,
+                "skipped": s.name in skipped,
                 "fallback": self.fallbacks.get(s.name),
                 "quant": self.states[s.name].summary() if s.name in self.states else None,
                 "notes": list(s.notes),
             })
+        for name, why in self.unreached.items():
+            out.append({"site": name, "kind": "linear module", "fallback": why, "quant": None})
+        for call in self.float_calls:
+            out.append({"site": call.name, "node": call.node, "kind": call.kind, "fallback": call.reason,
+                        "quant": None})
         return out
 
     def to_dict(self) -> dict:
@@ -67,20 +84,17 @@ class Report:
 
     def __str__(self) -> str:
         head = ("site", "K -> N", "output segments", "input segments", "DualScale", "quantized")
-        body = [(s.name + (" (skip)" if s.name in self.skipped else ""),
+        skipped = self.skipped
+        body = [(s.name + (" (skip)" if s.name in skipped else ""),
                  f"{s.in_features} -> {s.out_features}",
                  s.output_segments.describe() if s.output_segments else "-",
                  s.input_segments.describe() if s.input_segments else "-",
                  _dual_text(s), self._quant_text(s.name)) for s in self.sites]
         widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-        t = self.totals()
-        lines = [line(head), line(tuple("-" * w for w in widths)), *map(line, body), "",
-                 f"{t['sites']} linear sites in {t['graphs']} graph(s): {t['output_segmented']} output-segmented, "
-                 f"{t['input_segmented']} input-segmented, {t['dualscale']} DualScale"
-                 + (f" (+{t['dualscale_partial']} on some input segments)" if t["dualscale_partial"] else "")
-                 + (f", {t['skipped']} skipped" if t["skipped"] else "")
-                 + (f"; {t['float']} stay float" if t["float"] else "")]
+        lines = [line(head), line(tuple("-" * w for w in widths)), *map(line, body), "", self.summary()]
+        lines += [f"float: {c.name} ({c.kind} call): {c.reason}" for c in self.float_calls]
+        lines += [f"float: {name} (linear module): {why}" for name, why in self.unreached.items()]
         return "\n".join(lines)
 
     def _quant_text(self, name: str) -> str:
@@ -90,13 +104,22 @@ class Report:
         if st is None:
             return "planned"
         info = st.summary()
-        text = f"{info['format']} w {info['weights']}, a {info['activations']}"
+        text = st.lowering.describe()
         if info.get("sqnr_db") is not None:
             text += f", SQNR {info['sqnr_db']:.1f} dB"
+        if st.dynamic_note:
+            text += f" ({st.dynamic_note})"
         return text
 
     def summary(self) -> str:
-        return str(self).rsplit("\n", 1)[-1]
+        t = self.totals()
+        return (f"{t['sites']} linear sites in {t['graphs']} graph(s): {t['output_segmented']} output-segmented, "
+                f"{t['input_segmented']} input-segmented, {t['dualscale']} DualScale"
+                + (f" (+{t['dualscale_partial']} on some input segments)" if t["dualscale_partial"] else "")
+                + (f", {t['skipped']} skipped" if t["skipped"] else "")
+                + (f"; {t['float']} stay float" if t["float"] else "")
+                + (f"; {t['float_calls'] + t['unreached']} other linear call(s) float (listed)"
+                   if t["float_calls"] + t["unreached"] else ""))
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:

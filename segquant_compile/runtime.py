@@ -1,163 +1,231 @@
-"""GraphRunner: what the segquant backend returns for one dynamo graph.
+"""GraphRunner: what the segquant backend returns for one dynamo graph. It only dispatches.
 
-It compiles the quantized graph once (inside the backend call, where dynamo's shapes are live;
-packed weights and static steps are extra graph inputs, so calibration later needs no
-recompile). Dynamo reuses a graph for every module instance of the same code, with weights as
-inputs, so each call looks its weights up in the shared registry: a weight seen before reuses
-its QuantState, an edited one is re-packed, a new one (replaced parameter, another instance)
-gets a new state."""
+Dynamo reuses a graph for every module instance of the same code, with weights as inputs, so
+each call looks its weights' QuantStates up (states_of_call); the quantized graph is compiled
+once per set of lowerings (convert_graph: normally once, in the backend call; again only when
+calibration turns a site dynamic). Preparing, converting, creating states and releasing float
+weights are the functions below, one job each; the runner keeps no per-call state."""
 from __future__ import annotations
 
+import contextlib
+import threading
+import warnings
 import weakref
+from typing import NamedTuple
 
 import torch
 
 from segquant_compile import calibration
 from segquant_compile.config import QuantConfig
-from segquant_compile.passes import Plan
-from segquant_compile.passes.rewrite import observe_sites, quantize_sites
-from segquant_compile.state import REGISTRY, QuantState, fallback_reason
+from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
+from segquant_compile.passes import LinearSite, Plan
+from segquant_compile.passes.lowering import lower_site
+from segquant_compile.passes.rewrite import convert, prepare
+from segquant_compile.state import REGISTRY, QuantState, state_key
 
 RUNNERS: "weakref.WeakSet[GraphRunner]" = weakref.WeakSet()
-PROLOGUE_MAX_ROWS = 256
 
 
-def lowering_of(site, config: QuantConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """K-segment bounds and DualScale flags per segment for a site under a config."""
-    seg = site.input_segments if config.seglinear else None
-    bounds = seg.bounds if seg is not None else (0, site.in_features)
-    sources = site.dualscale.sources if len(site.dualscale.sources) == len(bounds) - 1 else (None,)
-    dual = tuple(int(config.dualscale and s is not None) for s in sources)
-    return bounds, dual
+class SiteEntry(NamedTuple):
+    site: LinearSite
+    lowering: SiteLowering     # as the options decide it (the registry key)
+    weight: int                # positions in the graph's inputs
+    bias: int | None
 
 
-def _static_fake(t: torch.Tensor) -> torch.Tensor:
-    """Our extra inputs have fixed shapes: fakeify them as static in dynamo's fake mode so they
-    add no symbols (symbols without a source break guard building)."""
+def plan_entries(plan: Plan, gm: torch.fx.GraphModule, example_inputs, config: QuantConfig
+                 ) -> tuple[tuple[SiteEntry, ...], dict[str, str]]:
+    """Lower every planned site: the quantized ones as entries, the rest with their reason."""
+    index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    entries, floats = [], {}
+    for site in plan:
+        w = index.get(site.weight_node)
+        weight = example_inputs[w] if w is not None else None
+        if not isinstance(weight, torch.Tensor):
+            floats[site.name] = "weight is not a graph input"
+            continue
+        lowering = lower_site(site, config, weight.device.type, weight.dtype)
+        if isinstance(lowering, KeptFloat):
+            floats[site.name] = lowering.reason
+            continue
+        entries.append(SiteEntry(site, lowering, w, index.get(site.bias_node) if site.bias_node else None))
+    return tuple(entries), floats
+
+
+def create_state(entry: SiteEntry, weight: torch.Tensor, bias: torch.Tensor | None,
+                 config: QuantConfig) -> QuantState:
+    """The weight's state under this lowering: found, or built (and loaded) in full before it is
+    registered, so a failed load leaves nothing behind."""
+    state = REGISTRY.get(weight, state_key(entry.lowering, config.load))
+    if state is not None:
+        return state
+    state = QuantState(entry.site, entry.lowering, weight, source=config.load)
+    if config.load:
+        from segquant_compile.persist import load_state
+        load_state(config.load, state, weight, bias)
+    return REGISTRY.put(weight, state)
+
+
+def release_float_weights(entries, args, states) -> int:
+    return sum(st.release(args[e.weight]) for e, st in zip(entries, states) if not st.released)
+
+
+class Observer(torch.nn.Module):
+    """Records a site's activation ranges into the state of the weight it is called with."""
+
+    def __init__(self, key: tuple):
+        super().__init__()
+        self.key = key
+
+    def forward(self, x, weight):
+        state = REGISTRY.get(weight, self.key)
+        if state is not None and not state.frozen:   # calibrated sites keep their steps
+            state.observe(x)
+
+
+def _fake(t, static: bool = False):
+    """Inputs for a compile: fake tensors of dynamo's fake mode (no storage kept alive; our extra
+    inputs static, so they add no symbols)."""
     from torch._guards import TracingContext
     ctx = TracingContext.try_get()
-    if ctx is None or ctx.fake_mode is None:
+    if ctx is None or ctx.fake_mode is None or not isinstance(t, torch.Tensor):
         return t
-    return ctx.fake_mode.from_tensor(t, static_shapes=True)
+    return ctx.fake_mode.from_tensor(t, static_shapes=static) if static else ctx.fake_mode.from_tensor(t)
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Marks outputs computed by quantized GEMMs: backward raises a clear error."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("segquant: quantized models are inference-only; backward through a "
+                           "segquant-compiled graph is not supported (train the float model, then compile)")
+
+
+def _mark_inference_only(out, anchor: torch.Tensor):
+    """Outputs that would need grad in float get a grad_fn whose backward raises (`anchor` is an
+    input that requires grad: it is what makes them need it)."""
+    if isinstance(out, torch.Tensor) and out.is_floating_point():
+        return _InferenceOnly.apply(out, anchor)
+    if isinstance(out, (list, tuple)):
+        return type(out)(_mark_inference_only(o, anchor) for o in out)
+    return out
 
 
 class GraphRunner:
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, plan: Plan, config: QuantConfig):
+        from torch._guards import TracingContext
         self.gm, self.plan, self.config = gm, plan, config
+        self.entries, self.fallbacks = plan_entries(plan, gm, example_inputs, config)
+        self.weight_positions = tuple(e.weight for e in self.entries)
         index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        self.sites: list[tuple] = []          # (site, weight index, bias index, lowering key)
-        self.fallbacks: dict[str, str] = {}
-        for site in plan:
-            w_idx = index.get(site.weight_node)
-            weight = example_inputs[w_idx] if w_idx is not None else None
-            reason = "weight is not a graph input" if weight is None else fallback_reason(site, weight, config)
-            if reason is not None:
-                self.fallbacks[site.name] = reason
-                continue
-            b_idx = index.get(site.bias_node) if site.bias_node else None
-            self.sites.append((site, w_idx, b_idx, (config, *lowering_of(site, config))))
-        self.position = {site.name: i for i, (site, *_) in enumerate(self.sites)}
-        self.plan_weights = [index[s.weight_node] for s in plan if s.weight_node in index]
-        # weights this graph has run with, held weakly: ids alone are reused after a model dies
-        self.seen: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
-        self._remember(example_inputs)
-        self._refs: list = []          # weakrefs to the weights of the cached states (ids get reused)
-        self._states: list[QuantState] = []
-        states = self.states_for(example_inputs)
+        self._plan_positions = tuple(index.get(s.weight_node) for s in plan)
+        # every planned site's weight, per set of weights this graph ran with (weakly): how
+        # report/save tell a model's graphs and sites apart, by identity
+        self.weight_sets: list[tuple] = []
+        self._by_weights: dict[tuple, tuple] = {}    # quantized weight ids -> (weakrefs, states): a cache
+        self._converted: dict[tuple, tuple] = {}     # lowerings -> (compiled fn, extra inputs)
         self._observer = None
-        self._compiled, self._extras = self._compile_quantized(example_inputs, states)
-        RUNNERS.add(self)   # float weights are released at the first quantized call: dynamo keeps
-        # parameter storages fixed while a backend runs
+        self._lock = threading.Lock()
+        self._tracing = TracingContext.try_get()     # for a later convert (a site turned dynamic)
+        self._fake_inputs = [_fake(t) for t in example_inputs]
+        if config.autotune_cache:
+            from segquant_compile.lowering import autotune
+            autotune.set_cache_dir(config.autotune_cache)
+        states = self.states_of_call(example_inputs)
+        self.converted(states)
+        RUNNERS.add(self)
 
     # ------------------------------------------------------------------ states
-    def states_for(self, args) -> list[QuantState]:
-        """The QuantStates of this call's weights (created, re-packed or loaded as needed)."""
-        if len(self._refs) != len(self.sites) or any(r() is not args[w] for r, (_, w, _, _) in
-                                                       zip(self._refs, self.sites)):
-            states = []
-            for site, w, _, lowering in self.sites:
-                state = REGISTRY.get(args[w], lowering)
-                if state is None:
-                    state = QuantState(site, args[w], self.config, lowering[1], lowering[2])
-                    REGISTRY.put(args[w], lowering, state)
-                    if self.config.load:
-                        from segquant_compile.persist import load_states
-                        load_states(self.config.load, [(site, state, args[w])], self.config)
-                states.append(state)
-            self._refs = [weakref.ref(args[w]) for _, w, _, _ in self.sites]
-            self._states = states
-            self._remember(args)
-        for (_, w, b, _), state in zip(self.sites, self._states):
-            if not state.is_current(args[w]):
-                state.refresh(args[w])
-            state.bias = args[b] if b is not None else None
-        return self._states
+    def states_of_call(self, args) -> tuple[QuantState, ...]:
+        """This call's states, by the identity of its weights; edited weights are re-packed."""
+        weights = [args[i] for i in self.weight_positions]
+        key = tuple(map(id, weights))
+        hit = self._by_weights.get(key)
+        if hit is None or any(r() is not w for r, w in zip(hit[0], weights)):
+            states = tuple(create_state(e, w, args[e.bias] if e.bias is not None else None, self.config)
+                           for e, w in zip(self.entries, weights))
+            hit = (tuple(map(weakref.ref, weights)), states)
+            self._by_weights[key] = hit
+            self.weight_sets.append(tuple(weakref.ref(args[i]) if i is not None else None
+                                          for i in self._plan_positions))
+        for w, st in zip(weights, hit[1]):
+            if not st.is_current(w):
+                st.refresh(w)
+        return hit[1]
 
-    def _remember(self, args) -> None:
-        for i in self.plan_weights:
-            self.seen[id(args[i])] = args[i]
+    def site_weights(self):
+        """(site, weight) for every planned site and every live set of weights this graph ran with."""
+        for refs in list(self.weight_sets):
+            for site, ref in zip(self.plan, refs):
+                w = ref() if ref is not None else None
+                if w is not None:
+                    yield site, w
 
-    def saw(self, tensors) -> bool:
-        """Has this graph run with any of these tensors (by identity)?"""
-        return any(self.seen.get(id(t)) is t for t in tensors)
+    # ------------------------------------------------------------------ graphs
+    def converted(self, states) -> tuple:
+        """The compiled quantized graph for these states (compiled on first need; again only
+        for a state that calibration turned dynamic)."""
+        key = tuple(st.dynamic_note for st in states)
+        found = self._converted.get(key)
+        if found is None:
+            with self._lock:
+                found = self._converted.get(key)
+                if found is None:
+                    found = self._converted[key] = self._convert(states)
+        return found
 
-    def _ready(self, states) -> bool:
-        return self.config.activations == "dynamic" or all(st.frozen for st in states)
-
-    def _release(self, args, states) -> int:
-        return sum(st.release(args[w]) for (_, w, _, _), st in zip(self.sites, states) if not st.released)
-
-    # ------------------------------------------------------------------ building
-    def _compile_quantized(self, example_inputs, states):
-        static = self.config.activations == "static"
-        smooth = self.config.smooth is not None
-        if self.config.autotune_cache:
-            from segquant_compile.lowering import autotune
-            autotune.set_cache_dir(self.config.autotune_cache)
-        specs = []
-        for (site, w, _, _), st in zip(self.sites, states):
-            cuda = example_inputs[w].is_cuda
-            # static steps at small M: quantize inside the kernel rather than in a separate pass
-            prologue = (static and cuda and self.config.format == "int8" and site.rows is not None
-                        and site.rows <= PROLOGUE_MAX_ROWS)
-            specs.append((site, st.k_bounds, st.dual, smooth, prologue))
-            if cuda and site.rows is not None:
-                self._pretune(site, st, prologue, self.config.format, example_inputs[w].device)
-        gm, extras = quantize_sites(self.gm, specs, static, self.config.format)
-        extras = [(self.position[name], field) for name, field in extras]
+    def _convert(self, states):
+        # this graph's kernel choices (prologue, rows) with the numbers each state runs with
+        lowerings = [e.lowering if st.dynamic_note is None else e.lowering.as_dynamic(st.dynamic_note)
+                     for e, st in zip(self.entries, states)]
+        gm, extras = convert(self.gm, [(e.site, lo) for e, lo in zip(self.entries, lowerings)])
         self.quantized_gm = gm
+        for e, st, lo in zip(self.entries, states, lowerings):
+            if st.packed.is_cuda and e.site.rows is not None:   # tune now, never inside a CUDA graph capture
+                from segquant_compile.lowering.triton_gemm import ensure
+                ensure(e.site.rows, e.site.out_features, e.site.in_features, lo.variant, st.packed.device)
         if not self.config.inductor:
             return gm.forward, extras
-        from torch._inductor.compile_fx import compile_fx
-        patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode != "default" else {}
         extra = [states[i].graph_input(f) for i, f in extras]
         if self.config.mode == "reduce-overhead":
             # CUDA graph trees copy non-static inputs at every replay: ours are weights and steps
             for t in extra:
                 if t.is_cuda:
                     torch._dynamo.mark_static_address(t)
-        inputs = list(example_inputs) + [_static_fake(t) for t in extra]
-        return compile_fx(gm, inputs, config_patches=patches), extras
+        return self._compile(gm, extra), extras
 
-    @staticmethod
-    def _pretune(site, state, prologue, fmt, device):
-        """Tune at compile time (never inside a CUDA graph capture): the kernel then only reads
-        the cache."""
-        from segquant_compile.lowering import autotune
-        variant = autotune.variant_name(fmt, any(state.dual), prologue)
-        autotune.ensure(site.rows, site.out_features, site.in_features, variant, device)
+    def _compile(self, gm, extra):
+        from torch._guards import TracingContext, tracing
+        from torch._inductor.compile_fx import compile_fx
+        patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode != "default" else {}
+        later = TracingContext.try_get() is None
+        try:
+            with tracing(self._tracing) if later else contextlib.nullcontext(), torch.no_grad():
+                inputs = self._fake_inputs + [_fake(t, static=True) for t in extra]
+                return compile_fx(gm, inputs, config_patches=patches)
+        except Exception as e:   # a compile outside dynamo's call failed: run the graph as it is
+            if not later:
+                raise
+            warnings.warn(f"segquant: recompiling a graph after calibration failed ({type(e).__name__}: {e}); "
+                          f"it runs uncompiled", stacklevel=3)
+            return gm.forward
 
     # ------------------------------------------------------------------ running
     def __call__(self, *args):
-        states = self.states_for(args)
+        states = self.states_of_call(args)
         session = calibration.active()
-        if session is not None and session.owns({id(args[i]) for i in self.plan_weights}):
+        if session is not None and session.owns(args[i] for i in self.weight_positions):
             return self._calibrate(args, states, session)
-        if not self._ready(states):
+        if not all(st.frozen for st in states):
             if self.config.calibration_steps:
                 out = self._calibrate(args, states, None)
                 if min(st.observed_calls for st in states) >= self.config.calibration_steps:
-                    calibration.freeze(states)
+                    calibration.freeze(states, self._biases(args))
                 return out
             missing = next(st.name for st in states if not st.frozen)
             raise RuntimeError(
@@ -166,17 +234,27 @@ class GraphRunner:
                 f"`with segquant_compile.calibrate(compiled, recalibrate=True): ...`, or set options "
                 f"{{'calibration_steps': N}} or {{'load': path}}")
         if self.config.release_float_weights:
-            self._release(args, states)
-        return self._compiled(*args, *(states[i].graph_input(f) for i, f in self._extras))
+            release_float_weights(self.entries, args, states)
+        fn, extras = self.converted(states)
+        anchor = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None) \
+            if torch.is_grad_enabled() else None
+        with torch.no_grad():   # compiled for inference: quantized GEMMs have no backward
+            out = fn(*args, *(states[i].graph_input(f) for i, f in extras))
+        return out if anchor is None else _mark_inference_only(out, anchor)
+
+    def state_key(self, entry: SiteEntry) -> tuple:
+        return state_key(entry.lowering, self.config.load)
+
+    def _biases(self, args):
+        return [args[e.bias] if e.bias is not None else None for e in self.entries]
 
     def _calibrate(self, args, states, session):
         if self._observer is None:
-            def observe(name, x):
-                state = self._states[self.position[name]]
-                if not state.frozen:   # calibrated sites keep their steps (recalibrate resets them)
-                    state.observe(x)
-            self._observer = observe_sites(self.gm, [site for site, *_ in self.sites], observe)
+            with self._lock:
+                if self._observer is None:
+                    self._observer = prepare(self.gm, [e.site for e in self.entries],
+                                             [Observer(self.state_key(e)) for e in self.entries])
         if session is not None:
-            session.touch([st for st in states if not st.frozen])
+            session.touch(states, self._biases(args))
         with torch.no_grad():
             return self._observer(*args)

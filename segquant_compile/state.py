@@ -1,64 +1,60 @@
-"""QuantState: everything segquant keeps for one weight (packed int8, steps, calibration
-statistics), shared by every graph, graph break and recompile that touches that weight."""
+"""QuantState: everything segquant keeps for one weight under one SiteLowering (packed weight,
+steps, calibration statistics), shared by every graph, graph break and recompile that touches
+that weight. The Registry finds states by weight tensor (weakly: a state dies with its weight)."""
 from __future__ import annotations
 
-import fnmatch
 import hashlib
+import threading
+import warnings
 import weakref
 
 import torch
 from torch import Tensor
 
-from segquant_compile.config import QuantConfig
 from segquant_compile.lowering import quantize as Q
 from segquant_compile.lowering.linear import quantized_linear
+from segquant_compile.lowering.site_lowering import SiteLowering
 from segquant_compile.passes import LinearSite
 
 SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothing search
 SMOOTH_GRID = (0.0, 0.25, 0.5, 0.75)
+PROBES = 64                # weight values compared at every call: catches edits through `.data`
 
 
-def skip_pattern(name: str, config: QuantConfig) -> str | None:
-    """The first `skip` pattern a site name matches."""
-    return next((p for p in config.skip if fnmatch.fnmatch(name, p)), None)
-
-
-def fallback_reason(site: LinearSite, weight: Tensor | None, config: QuantConfig) -> str | None:
-    """Why a site stays float, or None when it is quantized (weight None: judge the plan alone)."""
-    pattern = skip_pattern(site.name, config)
-    if pattern is not None:
-        return f"matches skip pattern {pattern!r}"
-    if weight is not None and not weight.is_floating_point():
-        return f"weight dtype {weight.dtype} is not floating point"
-    if weight is not None and weight.device.type not in ("cpu", "cuda"):
-        return f"weight on {weight.device.type} device"
-    if config.format not in ("int8", "fp8"):
-        return f"format {config.format!r} has no lowering yet ('int8' and 'fp8' do)"
-    return None
-
-
-def fingerprint(w: Tensor) -> str:
-    """Identifies a weight's values cheaply: shape, dtype and a strided sample with the sum."""
-    flat = w.detach().reshape(-1)
+def fingerprint(t: Tensor | None) -> str | None:
+    """Identifies a tensor's values cheaply: shape, dtype and a strided sample with the sum."""
+    if t is None:
+        return None
+    flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // 65536)
     sample = flat[::step].float().cpu().clone()   # a copy: numpy views pin the storage
-    h = hashlib.sha256(str((tuple(w.shape), str(w.dtype))).encode())
+    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
     h.update(sample.numpy().tobytes())
     h.update(repr(round(float(flat.sum(dtype=torch.float64)), 6)).encode())
     return h.hexdigest()[:32]
 
 
+def probe(weight: Tensor) -> Tensor:
+    """A view of PROBES values of a weight, evenly spread, compared at every call: `w.data += d`
+    and `w.data.copy_(new)` bump no version counter but write into this view's storage, and a
+    LoRA merge or a copy changes nearly every value. An edit of a few single values can pass
+    unseen; swapping the storage (`w.data = new`) changes the stamp instead."""
+    flat = weight.detach().reshape(-1)   # a view for contiguous weights (the usual case)
+    step = max(1, flat.numel() // PROBES)
+    return flat[step // 2::step][:PROBES]
+
+
+class FloatWeightsReleased(RuntimeError):
+    """The float copy of a quantized weight was freed (release_float_weights=True)."""
+
+
 class QuantState:
-    def __init__(self, site: LinearSite, weight: Tensor, config: QuantConfig, k_bounds, dual):
-        self.name = site.name
+    def __init__(self, site: LinearSite, lowering: SiteLowering, weight: Tensor, source: str | None = None):
         self.site = site
-        self.config = config
-        self.k_bounds = tuple(k_bounds)
-        self.dual = tuple(dual)
-        self.out_bounds = site.output_segments.bounds if (site.output_segments and config.weights == "per-tensor"
-                                                          and config.seglinear) else None
-        if config.weights == "per-tensor" and self.out_bounds is None:
-            self.out_bounds = (0, site.out_features)
+        self.name = site.name            # the full module path once the front end resolves it
+        self.base = lowering             # the lowering the options decided
+        self.source = source             # the saved directory it was loaded from (None: made here)
+        self.dynamic_note: str | None = None   # why a static site runs dynamic (unusable calibration)
         self.smooth: Tensor | None = None
         self.alpha: float | None = None
         # calibration statistics, per input channel: positive and negative maxima
@@ -70,83 +66,135 @@ class QuantState:
         self.d_neg: Tensor | None = None
         self.sqnr: float | None = None
         self.released = False
-        self.bias: Tensor | None = None
+        self.bias: Tensor | None = None   # the site's bias, for SQNR at freeze (set while calibrating)
         self._placeholders: dict[str, Tensor] = {}
-        self._weight = weakref.ref(weight)
-        self._stamp = None
+        self._lock = threading.Lock()
         self.pack(weight)
+
+    @property
+    def lowering(self) -> SiteLowering:
+        """What runs: the base lowering, or its dynamic form when calibration was unusable."""
+        return self.base if self.dynamic_note is None else self.base.as_dynamic(self.dynamic_note)
 
     # ------------------------------------------------------------------ weights
     @property
     def frozen(self) -> bool:
-        return self.d_x is not None
+        """Ready to run quantized: dynamic, or static with steps."""
+        return not self.lowering.static or self.d_x is not None
 
     def _float_weight(self, weight: Tensor) -> Tensor:
         w = weight.detach()
         return w if self.site.weight_nk else w.t()
 
     def pack(self, weight: Tensor) -> None:
-        """Quantize the weight (with the smoothing factors, if any): packed [K, N] int8 + steps."""
+        """Quantize the weight (with the smoothing factors, if any): packed [K, N] + steps."""
+        if self.released:
+            raise FloatWeightsReleased(
+                f"segquant: the weight of {self.name} changed after its float copy was released "
+                f"(options release_float_weights=True); compile the model again to change weights")
         w = self._float_weight(weight).float()
         if self.smooth is not None:
             w = w * self.smooth
-        self.d_w = Q.weight_steps(w, self.out_bounds, self.config.format)
-        self.packed = Q.quantize_weight(w, self.d_w, self.config.format)
+        fmt = self.lowering.format
+        self.d_w = Q.weight_steps(w, self.lowering.out_bounds, fmt)
+        self.packed = Q.quantize_weight(w, self.d_w, fmt)
         self.fingerprint = fingerprint(weight)
-        self._weight = weakref.ref(weight)
         self._stamp = self.stamp(weight)
+        # a view made once (slicing a Parameter per call costs ~4 us); a non-contiguous weight's
+        # probe is a copy, so it is taken again at each check
+        self._probe_view = probe(weight) if weight.is_contiguous() else None
+        self._probe = probe(weight).clone()
 
     @staticmethod
     def stamp(weight: Tensor):
         return weight._version, weight.untyped_storage().data_ptr()
 
     def is_current(self, weight: Tensor) -> bool:
-        """The same tensor object (not just the same id: ids are reused), unchanged since packing."""
-        return self._weight() is weight and self._stamp == self.stamp(weight)
+        """Unchanged since packing: same version and storage, same probed values."""
+        if self._stamp != self.stamp(weight):
+            return False
+        if self._probe is None:   # released: the storage is gone, the stamp says it all
+            return True
+        view = self._probe_view if self._probe_view is not None else probe(weight)
+        return torch.equal(view, self._probe)
 
     def refresh(self, weight: Tensor) -> None:
-        """The user replaced or edited the weight: re-pack it (the activation steps stay)."""
-        if self.released:
-            raise RuntimeError(
-                f"segquant: the weight of {self.name} changed after its float copy was released "
-                f"(options release_float_weights=True); compile the model again to change weights")
-        self.pack(weight)
+        """Re-pack an edited or swapped weight (the activation steps stay)."""
+        with self._lock:
+            if not self.is_current(weight):
+                self.pack(weight)
 
     def release(self, weight: Tensor) -> int:
         """Free the float weight's storage (metadata stays, so dynamo guards still hold)."""
-        storage = weight.untyped_storage()
-        freed = storage.nbytes()
-        storage.resize_(0)
-        self.released = True
-        self._weight = weakref.ref(weight)
-        self._stamp = self.stamp(weight)
-        return freed
+        with self._lock:
+            if self.released:
+                return 0
+            storage = weight.untyped_storage()
+            freed = storage.nbytes()
+            storage.resize_(0)
+            self.released = True
+            self._stamp, self._probe, self._probe_view = self.stamp(weight), None, None
+            RELEASED[id(weight)] = weakref.ref(weight)
+            return freed
 
     # ------------------------------------------------------------------ calibration
     def observe(self, x: Tensor) -> None:
+        if self.released:
+            raise FloatWeightsReleased(
+                f"segquant: cannot calibrate {self.name}: its float weight was released "
+                f"(options release_float_weights=True); compile the float model again to recalibrate")
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
         pos = x2.amax(dim=0).clamp(min=0)
         neg = (-x2).amax(dim=0).clamp(min=0)
         if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
             raise FloatingPointError(f"segquant: NaN or Inf reached the calibration observer of {self.name}")
-        self.pos_max = pos if self.pos_max is None else torch.maximum(self.pos_max, pos)
-        self.neg_max = neg if self.neg_max is None else torch.maximum(self.neg_max, neg)
-        kept = sum(len(s) for s in self.sample)
-        if kept < SAMPLE_ROWS:
-            idx = torch.randperm(len(x2), generator=torch.Generator().manual_seed(self.observed_calls))
-            self.sample.append(x2[idx[: min(len(x2), max(1, SAMPLE_ROWS // 8), SAMPLE_ROWS - kept)]].cpu())
-        self.observed_calls += 1
+        with self._lock:
+            self.pos_max = pos if self.pos_max is None else torch.maximum(self.pos_max, pos)
+            self.neg_max = neg if self.neg_max is None else torch.maximum(self.neg_max, neg)
+            kept = sum(len(s) for s in self.sample)
+            if kept < SAMPLE_ROWS:
+                idx = torch.randperm(len(x2), generator=torch.Generator().manual_seed(self.observed_calls))
+                self.sample.append(x2[idx[: min(len(x2), max(1, SAMPLE_ROWS // 8), SAMPLE_ROWS - kept)]].cpu())
+            self.observed_calls += 1
 
     def reset_calibration(self) -> None:
+        """Forget statistics and steps (recalibrate, or a calibration that raised)."""
         self.pos_max = self.neg_max = self.d_x = self.d_neg = self.sqnr = None
         self.sample, self.observed_calls = [], 0
+        if self.smooth is not None or self.dynamic_note is not None:
+            self.smooth, self.alpha, self.dynamic_note = None, None, None
+            self.pack(self._weight_for_repack())
 
-    def freeze(self, weight: Tensor) -> None:
-        """Turn the statistics into static steps (choosing SmoothQuant's alpha if asked)."""
+    def discard_statistics(self) -> None:
+        """Drop what a calibration collected, keeping steps frozen before it."""
+        self.pos_max = self.neg_max = None
+        self.sample, self.observed_calls = [], 0
+
+    def _weight_for_repack(self) -> Tensor:
+        weight = REGISTRY.weight_of(self)
+        if weight is None:
+            raise RuntimeError(f"segquant: the weight of {self.name} is gone")
+        return weight
+
+    def freeze(self) -> None:
+        """Turn the statistics into static steps (choosing SmoothQuant's alpha if asked). A
+        segment whose calibrated range is zero gets no step: the site stays dynamic, with a warning."""
         if self.pos_max is None:
             raise RuntimeError(f"segquant: {self.name} saw no calibration data")
-        smooth = self.config.smooth
+        weight = self._weight_for_repack()
+        pos, neg = self._segment_ranges(None)
+        empty = [i for i, (p, n) in enumerate(zip(pos.tolist(), neg.tolist())) if p <= 0 and n <= 0]
+        if empty:
+            note = (f"calibrated range is zero on input segment(s) {empty} (only blank inputs seen): "
+                    f"kept dynamic")
+            warnings.warn(f"segquant: {self.name}: {note}", stacklevel=2)
+            self.dynamic_note = note
+            self.d_x = self.d_neg = None
+            self._set_smooth(weight, None)
+            self.sqnr = self._sqnr(weight, torch.cat(self.sample))
+            return
         rows = torch.cat(self.sample)
+        smooth = self.lowering.smooth
         if smooth is None:
             self._set_smooth(weight, None)
         elif smooth == "search":
@@ -161,6 +209,12 @@ class QuantState:
             self._set_smooth(weight, float(smooth))
         self.sqnr = self._sqnr(weight, rows)
 
+    def _segment_ranges(self, s: Tensor | None) -> tuple[Tensor, Tensor]:
+        pos, neg = (self.pos_max, self.neg_max) if s is None else (self.pos_max / s, self.neg_max / s)
+        kb = self.lowering.k_bounds
+        return (torch.stack([pos[a:b].max() for a, b in zip(kb[:-1], kb[1:])]),
+                torch.stack([neg[a:b].max() for a, b in zip(kb[:-1], kb[1:])]))
+
     def _set_smooth(self, weight: Tensor, alpha: float | None) -> None:
         self.alpha = alpha
         if alpha is None:
@@ -170,19 +224,17 @@ class QuantState:
             amax_w = self._float_weight(weight).float().abs().amax(dim=0).clamp(min=1e-5)
             self.smooth = (amax_x.pow(alpha) / amax_w.pow(1 - alpha)).clamp(min=1e-5)
         self.pack(weight)
-        s = self.smooth if self.smooth is not None else torch.ones_like(self.pos_max)
-        pos, neg = self.pos_max / s, self.neg_max / s
-        seg_pos = torch.stack([pos[a:b].max() for a, b in zip(self.k_bounds[:-1], self.k_bounds[1:])])
-        seg_neg = torch.stack([neg[a:b].max() for a, b in zip(self.k_bounds[:-1], self.k_bounds[1:])])
-        self.d_x, self.d_neg = Q.static_steps(torch.maximum(seg_pos, seg_neg), seg_pos, seg_neg, list(self.dual),
-                                              self.config.format)
+        if self.lowering.static:
+            seg_pos, seg_neg = self._segment_ranges(self.smooth)
+            self.d_x, self.d_neg = Q.static_steps(seg_pos, seg_neg, list(self.lowering.dual), self.lowering.format)
 
     def _sqnr(self, weight: Tensor, rows: Tensor) -> float:
         w = self._float_weight(weight).float()
-        bias = self.bias_value()
+        bias = self.bias.detach().float() if self.bias is not None else None
         ref = rows @ w.t() + (bias if bias is not None else 0)
+        lo = self.lowering
         out = quantized_linear(rows, self.packed, self.d_w, bias, self.d_x, self.d_neg, self.smooth,
-                               self.k_bounds, self.dual, fmt=self.config.format)
+                               lo.k_bounds, lo.dual, fmt=lo.format)
         return Q.sqnr_db(ref, out)
 
     def graph_input(self, field: str) -> Tensor:
@@ -190,56 +242,106 @@ class QuantState:
         until calibration has frozen the steps)."""
         value = getattr(self, field)
         if value is None:   # one cached placeholder: no allocation per call
-            shape = (self.packed.shape[0],) if field == "smooth" else (1, len(self.dual))
+            shape = (self.packed.shape[0],) if field == "smooth" else (1, len(self.lowering.schemes))
             value = self._placeholders.get(field)
             if value is None:
                 value = self._placeholders[field] = torch.ones(shape, device=self.packed.device)
         return value
 
-    def bias_value(self) -> Tensor | None:
-        b = getattr(self, "bias", None)
-        return b.detach().float() if b is not None else None
-
     # ------------------------------------------------------------------ report
     def summary(self) -> dict:
-        out = {"format": self.config.format, "weights": self.config.weights,
-               "activations": self.config.activations,
+        lo = self.lowering
+        out = {"format": lo.format, "weights": lo.weights, "activations": lo.activations,
+               "schemes": list(lo.schemes), "kernel": lo.variant,
                "weight_step": [float(self.d_w.min()), float(self.d_w.max())]}
-        if self.frozen:
+        if lo.note:
+            out["note"] = lo.note
+        if self.d_x is not None:
             out["act_step"] = [round(float(v), 6) for v in self.d_x.reshape(-1)]
-            if any(self.dual):
+            if any(lo.dual):
                 out["act_step_neg"] = [round(float(v), 6) for v in self.d_neg.reshape(-1)]
-            out["sqnr_db"] = None if self.sqnr is None else round(self.sqnr, 2)
-            if self.alpha is not None:
-                out["smooth_alpha"] = self.alpha
+        if self.sqnr is not None:
+            out["sqnr_db"] = round(self.sqnr, 2)
+        if self.alpha is not None:
+            out["smooth_alpha"] = self.alpha
         return out
 
 
+def state_key(lowering: SiteLowering, source: str | None) -> tuple:
+    """What a state is shared by: its lowering's numbers and where it came from (a loaded state
+    is never mixed with one calibrated in this process)."""
+    return lowering, source
+
+
 class Registry:
-    """QuantStates by weight tensor (weakly) and lowering (config, K bounds, DualScale flags):
-    every graph that sees the tensor under the same options shares its state."""
+    """QuantStates by weight tensor (weakly) and state_key: every graph that sees the tensor
+    under the same key shares its state; the entry dies with the weight."""
 
     def __init__(self):
         self._by_key: dict[tuple, tuple[weakref.ref, QuantState]] = {}
+        self._lock = threading.Lock()
 
-    def get(self, weight: Tensor, lowering: tuple) -> QuantState | None:
-        entry = self._by_key.get((id(weight), lowering))
+    def get(self, weight: Tensor, key: tuple) -> QuantState | None:
+        entry = self._by_key.get((id(weight), key))
         if entry is None or entry[0]() is not weight:
             return None
         return entry[1]
 
-    def put(self, weight: Tensor, lowering: tuple, state: QuantState) -> None:
-        key = (id(weight), lowering)
-        self._by_key[key] = (weakref.ref(weight, lambda _r, k=key: self._by_key.pop(k, None)), state)
+    def put(self, weight: Tensor, state: QuantState) -> QuantState:
+        """Store a fully built state; when another thread stored one first, keep and return that."""
+        key = (id(weight), state_key(state.base, state.source))
+        with self._lock:
+            entry = self._by_key.get(key)
+            if entry is not None and entry[0]() is weight:
+                return entry[1]
+            self._by_key[key] = (weakref.ref(weight, lambda _r, k=key: self._by_key.pop(k, None)), state)
+        return state
 
-    def states_for(self, tensors) -> list[QuantState]:
+    def weight_of(self, state: QuantState) -> Tensor | None:
+        for ref, st in list(self._by_key.values()):
+            if st is state:
+                return ref()
+        return None
+
+    def states_for(self, tensors) -> list[tuple[Tensor, QuantState]]:
+        """(weight, state) for every state of these tensors."""
         live = {id(t): t for t in tensors}
-        seen, out = set(), []
+        out = []
         for (wid, _), (ref, state) in list(self._by_key.items()):
-            if wid in live and ref() is live[wid] and id(state) not in seen:
-                seen.add(id(state))
-                out.append(state)
+            if wid in live and ref() is live[wid]:
+                out.append((live[wid], state))
         return out
 
 
 REGISTRY = Registry()
+RELEASED: dict[int, weakref.ref] = {}   # weights whose float storage was freed, by id (checked by identity)
+
+
+def is_released(t: Tensor) -> bool:
+    ref = RELEASED.get(id(t))
+    return ref is not None and ref() is t
+
+
+def _refuse_released(module: torch.nn.Module, _args) -> None:
+    if torch.compiler.is_compiling() or not RELEASED:   # traced graphs never run this
+        return
+    for name, p in module._parameters.items():
+        if p is not None and is_released(p):
+            raise FloatWeightsReleased(
+                f"segquant: {type(module).__name__}.{name} was released by a segquant-compiled model "
+                f"(options release_float_weights=True): only the compiled model can run it; load the float "
+                f"weights again to use this module eagerly")
+
+
+_GUARD: list = []
+
+
+def guard_released_weights() -> None:
+    """Eager calls of a module whose float weight was released raise a clear error (instead of
+    torch's storage error). Installed in the backend call, before dynamo builds its guards, so
+    it adds no recompile."""
+    if not _GUARD:
+        # torch warns that global hooks also fire on the OptimizedModule wrapper: harmless here
+        # (the wrapper owns no parameters)
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+        _GUARD.append(torch.nn.modules.module.register_module_forward_pre_hook(_refuse_released))

@@ -80,6 +80,17 @@ def tiny_unet(seed: int = 0):
                                 out_channels=4).eval()
 
 
+class Two(torch.nn.Module):
+    """Two linears with a GELU between them: the smallest model with a DualScale site."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
 TINY = {"sd3": tiny_sd3, "flux": tiny_flux, "pixart": tiny_pixart, "unet": tiny_unet}
 
 

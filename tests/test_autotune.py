@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from segquant_compile import cli
-from segquant_compile.lowering import autotune
+from segquant_compile.lowering import autotune, triton_gemm
 
 
 @pytest.fixture
@@ -24,19 +24,20 @@ def test_key_and_buckets():
 
 
 def test_prune_respects_shared_memory_and_min_dot(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(autotune, "shared_memory", lambda device: 64 * 1024)
-    configs = autotune.prune(4096, 4096, 4096, "int8", "cpu")
-    assert configs and all(c["BLOCK_K"] >= autotune.MIN_DOT_K for c in configs)
+    monkeypatch.setattr(triton_gemm, "INTERPRET", False)
+    monkeypatch.setattr(triton_gemm, "shared_memory", lambda device: 64 * 1024)
+    configs = triton_gemm.prune(4096, 4096, 4096, "int8", "cpu")
+    assert configs and all(c["BLOCK_K"] >= triton_gemm.MIN_DOT_K for c in configs)
     assert all((c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"] <= 64 * 1024
                for c in configs)
-    small = autotune.prune(1, 64, 64, "int8", "cpu")
+    small = triton_gemm.prune(1, 64, 64, "int8", "cpu")
     assert all(c["BLOCK_M"] <= 16 for c in small)
 
 
 def test_tune_persists_for_a_second_process(cache):
-    cfg, timings = autotune.tune(20, 48, 64, "int8", "cpu")
-    assert timings and cfg == autotune.choose(20, 48, 64, "int8", "cpu")
+    cfg, timings = triton_gemm.tune(20, 48, 64, "int8", "cpu")
+    key = autotune.key(20, 48, 64, "int8", "cpu")
+    assert timings and cfg == autotune.choose(key, triton_gemm.prune(20, 48, 64, "int8", "cpu"))
     data = json.loads((cache / "autotune.json").read_text())
     assert data[autotune.key(20, 48, 64, "int8", "cpu")] == cfg
     code = ("import json; from segquant_compile.lowering import autotune as a; "
@@ -73,7 +74,27 @@ def test_bench_gemm_shapes_come_from_the_plan():
 
 
 def test_tune_survives_equal_timings(cache, monkeypatch):
-    monkeypatch.setattr(autotune, "prune", lambda *a: [dict(autotune.INTERPRETER_CONFIG),
-                                                       dict(autotune.INTERPRETER_CONFIG, BLOCK_N=16)])
-    cfg, timings = autotune.tune(20, 48, 64, "int8", "cpu", bench=lambda fn: 1.0)   # a tie
-    assert len(timings) == 2 and cfg == autotune.INTERPRETER_CONFIG
+    monkeypatch.setattr(triton_gemm, "prune", lambda *a: [dict(triton_gemm.INTERPRETER_CONFIG),
+                                                           dict(triton_gemm.INTERPRETER_CONFIG, BLOCK_N=16)])
+    cfg, timings = triton_gemm.tune(20, 48, 64, "int8", "cpu", bench=lambda fn: 1.0)   # a tie
+    assert len(timings) == 2 and cfg == triton_gemm.INTERPRETER_CONFIG
+
+
+def test_autotune_tunes_the_prologue_variant_the_gpu_runs(cache, tmp_path, capsys):
+    """Static options at small M run the in-kernel quantize prologue on CUDA: the CLI tunes it."""
+    from conftest import tiny_sd3
+    tiny_sd3().save_config(tmp_path / "model")
+    assert cli.main(["autotune", str(tmp_path / "model"), "--resolution", "64", "--text-tokens", "5",
+                     "--cache", str(cache), "--options", '{"activations": "static"}']) == 0
+    data = json.loads((cache / "autotune.json").read_text())
+    assert data and all(k.split("|")[1].endswith("-prologue") for k in data)
+
+
+def test_kernel_module_owns_its_configs_and_autotune_imports_no_kernel():
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(autotune))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not any("triton_gemm" in name for name in imported)
+    assert not hasattr(autotune, "CONFIGS") and triton_gemm.CONFIGS

@@ -29,3 +29,25 @@ def test_inspect_missing(capsys):
 def test_console_script():
     out = subprocess.run([sys.executable, "-m", "segquant_compile.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "inspect" in out.stdout and "demo" in out.stdout
+
+
+import pytest
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["inspect", "sd3.5-medium", "--resolution", "0"], "positive integer"),
+    (["inspect", "sd3.5-medium", "--resolution", "100"], "multiple of 8"),
+    (["inspect", "sd3.5-medium", "--batch", "two"], "not an integer"),
+    (["inspect", "sd3.5-medium", "--options", "{bad"], "not valid JSON"),
+    (["inspect", "sd3.5-medium", "--options", '{"format": "int4"}'], "valid values"),
+    (["inspect", "sd3.5-medium", "--bogus"], "unrecognized arguments"),
+    (["autotune"], "required: model"),
+    (["frobnicate"], "invalid choice"),
+    (["inspect", "/nonexistent/model"], "nothing is downloaded"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, needle):
+    out = subprocess.run([sys.executable, "-m", "segquant_compile.cli", *argv], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr, out.stderr

@@ -82,3 +82,15 @@ def test_opcheck():
     d = torch.full((4, 2), 0.01)
     torch.library.opcheck(torch.ops.segquant.gemm.default,
                           (q, d, d, w, torch.ones(6), torch.zeros(6), [0, 5, 12], [1, 0], torch.float32))
+
+
+def test_fp32_chunked_int8_gemm_is_exact():
+    """The CPU fallback for machines without int8 dot instructions: exact at the extremes."""
+    from segquant_compile.lowering.ops import EXACT_FP32_K, _int_mm_fp32
+    for m, k, n in [(3, 1, 4), (5, EXACT_FP32_K, 7), (2, 3 * EXACT_FP32_K + 5, 9)]:
+        worst = _int_mm_fp32(torch.full((m, k), -128, dtype=torch.int8), torch.full((k, n), -127, dtype=torch.int8))
+        assert worst.dtype == torch.int32 and bool((worst == 128 * 127 * k).all())
+        g = torch.Generator().manual_seed(k)
+        a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        b = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
+        assert torch.equal(_int_mm_fp32(a, b).long(), a.long() @ b.long())

@@ -1,6 +1,7 @@
 """Properties of the quantizers."""
 import itertools
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -92,9 +93,19 @@ def test_weight_round_trip(n, k, seed, per_segment):
 
 
 def test_static_steps():
-    d, dn = Q.static_steps(torch.tensor([2.54, 1.27]), torch.tensor([1.27, 0.0]), torch.tensor([0.256, 0.0]), [1, 0])
+    d, dn = Q.static_steps(torch.tensor([1.27, 1.27]), torch.tensor([0.256, 0.0]), [1, 0])
     torch.testing.assert_close(d, torch.tensor([[0.01, 0.01]]))
     torch.testing.assert_close(dn, torch.tensor([[0.002, 0.01]]))
+
+
+def test_static_steps_never_vanish():
+    """A DualScale segment seen one-signed takes the other side's step; a zero range is refused."""
+    d, dn = Q.static_steps(torch.tensor([1.27, 0.0]), torch.tensor([0.0, 2.56]), [1, 1])
+    torch.testing.assert_close(d, torch.tensor([[0.01, 0.02]]))
+    torch.testing.assert_close(dn, torch.tensor([[0.01, 0.02]]))
+    assert bool((d > 1e-6).all() and (dn > 1e-6).all())
+    with pytest.raises(ValueError, match="zero calibrated range"):
+        Q.static_steps(torch.tensor([0.0]), torch.tensor([0.0]), [0])
 
 
 @FAST

@@ -113,3 +113,21 @@ def test_large_k_and_many_segments():
     close(launch(*on_device(*args)), gemm_reference(*args), args[7], torch.float32)
     args = operands((2, 24, [0, 100, 301], [1, 0], False, False, torch.bfloat16, 4))
     close(launch(*on_device(*args)), gemm_reference(*args), args[7], torch.bfloat16)
+
+
+def test_prologue_keeps_non_finite_rows_non_finite():
+    """Static steps on float input: a row with NaN/Inf comes out NaN in the kernel and in the op,
+    the others are unchanged (int8 has no NaN: without this a NaN would turn finite)."""
+    q, d_x, d_neg, w, d_w, bias, bounds, dual, out = operands((5, 24, [0, 40, 64], [1, 1], False, True,
+                                                               torch.float32, 7))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
+    x[1, 3], x[3, 50] = float("nan"), float("inf")
+    ref = torch.ops.segquant.gemm_prologue(x, d_x, d_neg, None, w, d_w, bias, bounds, dual, out)
+    got = launch(*on_device(x, d_x, d_neg, w, d_w, bias), bounds, dual, out, prologue=True).cpu()
+    for y in (ref, got):
+        assert torch.isnan(y[[1, 3]]).all() and torch.isfinite(y[[0, 2, 4]]).all()
+    assert torch.equal(got[[0, 2, 4]], ref[[0, 2, 4]])
+    finite = x.clone()
+    finite[1, 3] = finite[3, 50] = 0.0
+    plain = torch.ops.segquant.gemm_prologue(finite, d_x, d_neg, None, w, d_w, bias, bounds, dual, out)
+    assert torch.equal(plain[[0, 2, 4]], ref[[0, 2, 4]])

@@ -1,0 +1,77 @@
+"""SiteLowering: how one linear site runs, decided once (passes.lowering.lower_site) and read by
+the rewrite, the CPU op's arguments, the Triton launcher, `segquant autotune` and the report.
+
+Plain data with no graph in it, so `lowering/` can read it without knowing about FX."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+# Activation scheme of one K segment.
+SYMMETRIC = "symmetric"      # one step, q in [-127, 127]
+DUALSCALE = "dualscale"      # d_pos on [0, 127], d_neg on [-128, 0] (DESIGN.md, DualScale)
+SCHEMES = (SYMMETRIC, DUALSCALE)
+
+LOWERED_FORMATS = ("int8", "fp8")
+
+
+def variant_name(fmt: str, dual: bool, prologue: bool = False) -> str:
+    """The kernel variant (`int8`, `int8-dual`, `fp8-dual`, `int8-prologue`, ...): part of the
+    autotune key, shared by the launcher and SiteLowering.variant."""
+    return fmt + ("-dual" if dual else "") + ("-prologue" if prologue else "")
+
+
+@dataclass(frozen=True)
+class SiteLowering:
+    format: str                          # "int8" | "fp8"
+    activations: str                     # "dynamic" (per token) | "static" (per tensor, per segment)
+    weights: str                         # "per-channel" | "per-tensor"
+    k_bounds: tuple[int, ...]            # K segments: S + 1 bounds
+    schemes: tuple[str, ...]             # activation scheme per K segment
+    out_bounds: tuple[int, ...] | None   # per-tensor weights: one weight step per output segment
+    smooth: float | str | None = None    # SmoothQuant alpha or "search" (static only): a divisor per channel
+    # kernel choices for one traced shape: they change no number, so two lowerings that differ
+    # only here share one QuantState
+    prologue: bool = field(default=False, compare=False)   # static steps applied in the kernel (CUDA)
+    rows: int | None = field(default=None, compare=False)   # M of the traced call (None: symbolic)
+    note: str | None = None              # why this lowering differs from the options' default
+
+    def __post_init__(self):
+        if len(self.schemes) != len(self.k_bounds) - 1:
+            raise ValueError(f"SiteLowering: {len(self.schemes)} schemes for {len(self.k_bounds) - 1} K segments")
+        unknown = set(self.schemes) - set(SCHEMES)
+        if unknown:
+            raise ValueError(f"SiteLowering: unknown activation scheme(s) {sorted(unknown)}")
+
+    @property
+    def static(self) -> bool:
+        return self.activations == "static"
+
+    @property
+    def dual(self) -> tuple[int, ...]:
+        """DualScale flags per K segment, as the GEMM op takes them."""
+        return tuple(int(s == DUALSCALE) for s in self.schemes)
+
+    @property
+    def in_features(self) -> int:
+        return self.k_bounds[-1]
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.format, DUALSCALE in self.schemes, self.prologue)
+
+    def as_dynamic(self, note: str) -> "SiteLowering":
+        """The same site with dynamic activations (a static site whose calibration is unusable)."""
+        return dataclasses.replace(self, activations="dynamic", smooth=None, prologue=False, note=note)
+
+    def describe(self) -> str:
+        schemes = set(self.schemes)
+        acts = schemes.pop() if len(schemes) == 1 else "mixed " + "/".join(self.schemes)
+        return f"{self.format} w {self.weights}, a {self.activations} {acts}" + \
+            (", prologue" if self.prologue else "") + (f", smooth {self.smooth}" if self.smooth is not None else "")
+
+
+@dataclass(frozen=True)
+class KeptFloat:
+    """A site that stays float, with the reason the report shows."""
+    reason: str

@@ -1,0 +1,143 @@
+"""Inline the opaque calls that hide linears from the plan.
+
+Dynamo keeps `F.multi_head_attention_forward` (nn.MultiheadAttention, nn.Transformer*) as one
+node (torch's trace rules list it as an in-graph function), so its in_proj and out_proj linears
+never appear in the graph. Replay such a call on its fake example values under a
+TorchFunctionMode and put the torch-level ops it runs into the graph in its place.
+"""
+from __future__ import annotations
+
+import operator
+import types
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .shapes import example
+
+
+class Unsupported(Exception):
+    """The call cannot be replayed as a static torch-level graph; the message says why."""
+
+
+def _unchecked(fn):
+    """`fn` without its `has_torch_function` early exit, so a mode sees the ops inside it."""
+    body = types.FunctionType(fn.__code__, dict(fn.__globals__, has_torch_function=lambda *_: False),
+                              fn.__name__, fn.__defaults__, fn.__closure__)
+    body.__kwdefaults__ = fn.__kwdefaults__
+    return body
+
+
+INLINABLE = {F.multi_head_attention_forward: _unchecked(F.multi_head_attention_forward)}
+
+
+def inline_opaque(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Inline every INLINABLE call of `gm` in place; returns {node name: reason} for the calls
+    left opaque."""
+    left: dict[str, str] = {}
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in INLINABLE]
+    for node in calls:
+        try:
+            _inline(gm.graph, node)
+        except Unsupported as e:
+            left[node.name] = str(e)
+    if len(left) < len(calls):
+        gm.graph.lint()
+        gm.recompile()
+    return left
+
+
+def _inline(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    for user in node.users:
+        if user.target is not operator.getitem:
+            raise Unsupported(f"{user.name} uses the whole result")
+    values = [example(n) for n in node.all_input_nodes]
+    if any(not isinstance(v, torch.Tensor) or any(isinstance(s, torch.SymInt) for s in v.shape) for v in values):
+        raise Unsupported("symbolic shapes: inlining needs static sizes")
+    fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None)
+    if fake_mode is None:
+        raise Unsupported("no fake example values")
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), example)
+    recorder = _Recorder(graph, {id(example(n)): n for n in node.all_input_nodes}, node.meta)
+    with graph.inserting_before(node):
+        try:
+            with fake_mode, recorder:
+                result = INLINABLE[node.target](*args, **kwargs)
+            outputs = [recorder.node_of(result[u.args[1]]) for u in node.users]
+        except Exception as e:   # an op the replay cannot take: leave the call opaque, say why
+            recorder.erase()
+            raise e if isinstance(e, Unsupported) else Unsupported(f"replay failed: {e}") from e
+    for user, new in zip(list(node.users), outputs):
+        user.replace_all_uses_with(new)
+        graph.erase_node(user)
+    graph.erase_node(node)
+    recorder.prune()
+
+
+class _Recorder(TorchFunctionMode):
+    """Runs each torch function on fake tensors and adds a node for every tensor it returns."""
+
+    def __init__(self, graph: torch.fx.Graph, env: dict[int, torch.fx.Node], meta: dict):
+        super().__init__()
+        self.graph, self.env, self.created = graph, env, []
+        self.meta = {k: meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta}
+        self.alive: list = []   # keeps recorded tensors alive: env is keyed by id()
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+        if not tensors:
+            return out
+        op, target = _target(func)
+        node = self._add(op, target, *torch.fx.node.map_aggregate((args, kwargs), self._arg), out)
+        if isinstance(out, torch.Tensor):
+            self.env[id(out)] = node
+        else:
+            for i, t in enumerate(out):
+                if isinstance(t, torch.Tensor):
+                    self.env[id(t)] = self._add("call_function", operator.getitem, (node, i), {}, t)
+        self.alive.append(out)
+        return out
+
+    def _add(self, op, target, args, kwargs, value) -> torch.fx.Node:
+        node = self.graph.create_node(op, target, tuple(args), dict(kwargs))
+        node.meta.update(self.meta, example_value=value)
+        self.created.append(node)
+        return node
+
+    def _arg(self, a):
+        if isinstance(a, torch.Tensor):
+            return self.node_of(a)
+        if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            raise Unsupported("a symbolic size reaches an op")
+        return a
+
+    def node_of(self, t) -> torch.fx.Node:
+        if id(t) not in self.env:
+            raise Unsupported("a tensor from outside the call (not an input)")
+        return self.env[id(t)]
+
+    def erase(self):
+        for n in reversed(self.created):
+            self.graph.erase_node(n)
+
+    def prune(self):
+        """Drop what the call computed but nothing uses (need_weights=False leaves some)."""
+        for n in reversed(self.created):
+            if not n.users and not str(n.target).endswith("_"):
+                self.graph.erase_node(n)
+
+
+def _target(func) -> tuple[str, object]:
+    name = getattr(func, "__name__", "")
+    if name.startswith("__") and name.endswith("__"):
+        fn = getattr(operator, name.strip("_"), None)
+        if fn is None or name.startswith("__r"):
+            raise Unsupported(f"operator {name}")
+        return "call_function", fn
+    if getattr(torch.Tensor, name, None) is func:
+        return "call_method", name
+    return "call_function", func

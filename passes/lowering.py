@@ -1,0 +1,48 @@
+"""lower_site: the one function that decides how a planned site runs under the options."""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from segquant_compile.lowering.site_lowering import (DUALSCALE, LOWERED_FORMATS, SYMMETRIC, KeptFloat,
+                                                     SiteLowering)
+
+from .plan import LinearSite
+
+PROLOGUE_MAX_ROWS = 256   # static steps at small M: quantizing inside the kernel saves a pass
+
+
+def skip_pattern(name: str, config) -> str | None:
+    """The first `skip` pattern a site name matches."""
+    return next((p for p in config.skip if fnmatch.fnmatch(name, p)), None)
+
+
+def lower_site(site: LinearSite, config, device: str = "cpu",
+               weight_dtype: torch.dtype | None = None) -> SiteLowering | KeptFloat:
+    """(LinearSite, QuantConfig) -> SiteLowering, or KeptFloat with the reason. `device` and
+    `weight_dtype` are those of the weight (None: judge the plan alone, as explain() does)."""
+    pattern = skip_pattern(site.name, config)
+    if pattern is not None:
+        return KeptFloat(f"matches skip pattern {pattern!r}")
+    if weight_dtype is not None and not weight_dtype.is_floating_point:
+        return KeptFloat(f"weight dtype {weight_dtype} is not floating point")
+    if device not in ("cpu", "cuda"):
+        return KeptFloat(f"weight on {device} device")
+    if config.format not in LOWERED_FORMATS:   # QuantConfig refuses these; kept for direct callers
+        return KeptFloat(f"format {config.format!r} has no lowering yet")
+    seg = site.input_segments if config.seglinear else None
+    k_bounds = seg.bounds if seg is not None else (0, site.in_features)
+    n_seg = len(k_bounds) - 1
+    sources = site.dualscale.sources if len(site.dualscale.sources) == n_seg else (None,) * n_seg
+    schemes = tuple(DUALSCALE if config.dualscale and s is not None else SYMMETRIC for s in sources)
+    out_bounds = None
+    if config.weights == "per-tensor":
+        out_seg = site.output_segments if config.seglinear else None
+        out_bounds = out_seg.bounds if out_seg is not None else (0, site.out_features)
+    static = config.activations == "static"
+    prologue = (static and device == "cuda" and config.format == "int8" and site.rows is not None
+                and site.rows <= PROLOGUE_MAX_ROWS)
+    return SiteLowering(format=config.format, activations=config.activations, weights=config.weights,
+                        k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds,
+                        smooth=config.smooth if static else None, prologue=prologue, rows=site.rows)

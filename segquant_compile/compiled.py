@@ -1,0 +1,114 @@
+"""find(compiled): a segquant-compiled model's options, graphs and QuantStates, the one way
+calibrate(), save(), report() and explain() reach them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from segquant_compile.config import QuantConfig
+
+
+def compiled_options(compiled) -> tuple[str | None, dict | None]:
+    """(backend name, options) of a torch.compile'd module; (None, None) when torch's internals
+    do not say (their layout is not public: walk it defensively)."""
+    obj = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):
+        if obj is None:
+            break
+        name = getattr(obj, "compiler_name", None)
+        if isinstance(name, str):
+            return name, dict(getattr(obj, "kwargs", {}) or {}).get("options", {})
+        obj = next((getattr(obj, a) for a in ("_torchdynamo_orig_backend", "_inner_convert", "compiler_fn")
+                    if getattr(obj, a, None) not in (None, obj)), None)
+    return None, None
+
+
+def module_paths(model: torch.nn.Module) -> dict[int, str]:
+    """id(parameter or buffer) -> its full name in the root model (shared tensors: first name)."""
+    out: dict[int, str] = {}
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        out.setdefault(id(t), name)
+    return out
+
+
+def site_path(param_name: str) -> str:
+    """`blocks.0.attn.to_q.weight` -> `blocks.0.attn.to_q`; `...in_proj_weight` -> `....in_proj`."""
+    head, _, leaf = param_name.rpartition(".")
+    if leaf == "weight":
+        return head
+    if leaf.endswith("_weight"):
+        return f"{head}.{leaf[:-len('_weight')]}" if head else leaf[:-len("_weight")]
+    return param_name
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    """One planned site of one weight of the model: quantized (state) or float (reason)."""
+    site: object                       # the LinearSite, named by its full module path
+    weight: torch.Tensor
+    state: object | None
+    reason: str | None
+
+
+@dataclass
+class Compiled:
+    model: torch.nn.Module             # the original (float) model
+    config: QuantConfig | None         # None when torch's internals do not tell the options
+    runners: list                      # GraphRunners that ran with this model's weights
+    rows: list[SiteRow]
+
+    @property
+    def states(self) -> list:
+        """[(weight, QuantState)], one per state."""
+        seen, out = set(), []
+        for r in self.rows:
+            if r.state is not None and id(r.state) not in seen:
+                seen.add(id(r.state))
+                out.append((r.weight, r.state))
+        return out
+
+    @property
+    def quant_states(self) -> list:
+        return [st for _, st in self.states]
+
+
+def find(compiled) -> Compiled:
+    """The model behind `compiled`, its options and everything segquant holds for it. Sites are
+    named by full module paths from the root (unique also across graph breaks), states too."""
+    import dataclasses
+
+    from segquant_compile.runtime import RUNNERS
+    from segquant_compile.state import REGISTRY
+    model = getattr(compiled, "_orig_mod", None)
+    if not isinstance(compiled, torch.nn.Module) or model is None:
+        raise TypeError("expected a model compiled with torch.compile(model, backend='segquant'), got "
+                        f"{type(compiled).__name__}")
+    backend, options = compiled_options(compiled)
+    if backend is not None and backend != "segquant":
+        raise TypeError(f"the model is compiled with backend {backend!r}, not 'segquant'")
+    config = QuantConfig.from_options(options) if backend == "segquant" else None
+    paths = module_paths(model)
+    mine = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    runners, rows, names = [], [], set()
+    for r in sorted((r for r in RUNNERS if config is None or r.config == config), key=id):
+        entry_of = {id(e.site): e for e in r.entries}
+        ran = False
+        for site, w in r.site_weights():
+            if mine.get(id(w)) is not w:
+                continue
+            ran = True
+            suffix = site.name[site.name.index("#"):] if "#" in site.name else ""
+            full = site_path(paths[id(w)]) + suffix
+            if full in names:
+                continue
+            names.add(full)
+            e = entry_of.get(id(site))
+            state = REGISTRY.get(w, r.state_key(e)) if e is not None else None
+            if state is not None:
+                state.name = full
+            rows.append(SiteRow(dataclasses.replace(site, name=full, graph=len(runners)), w, state,
+                                None if e is not None else r.fallbacks.get(site.name)))
+        if ran:
+            runners.append(r)
+    return Compiled(model, config, runners, rows)
