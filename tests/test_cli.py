@@ -51,3 +51,18 @@ def test_bad_arguments_exit_2_with_one_line(argv, needle):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+def test_demo_compares_with_float32_and_bfloat16(monkeypatch, capsys):
+    """The demo's code path on a tiny model: every number it prints is measured in the run."""
+    from conftest import SD3_TINY
+    from segquant_compile import demo
+    original = demo.sd3_inputs
+    monkeypatch.setattr(demo, "DEMO_SD3", SD3_TINY)
+    monkeypatch.setattr(demo, "sd3_inputs", lambda model, seed=0, **kw: original(model, resolution=64, tokens=5,
+                                                                                  seed=seed))
+    result = demo.run("sd3", "static")
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and "vs bfloat16" in out and "Inductor bfloat16" in out
+    assert result["bf16_inductor_s"] > 0 and result["speedup_vs_bf16"] > 0
+    assert result["sqnr_db"] > 25 and result["bf16_sqnr_db"] > 20
