@@ -14,21 +14,14 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 
 def median_us(fn, reps: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+    from segquant_compile.demo import median_seconds
+    return median_seconds(fn, warmup=10, reps=reps) * 1e6
 
 
 def main() -> None:

@@ -1,13 +1,15 @@
 """The segquant GEMM custom op: int8 activations x packed int8 weights, with SegLinear K
 segments and DualScale, returning the float output with bias.
 
-Math (every implementation, the Triton kernels included):
-    for each K segment s = [k_s, k_{s+1}):
-        plain:      y += (q[:, s] @ W[s, :]) * d_x[:, s]
-        DualScale:  y += (max(q,0)[:, s] @ W[s, :]) * d_x[:, s] + (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
+Math (every implementation, the Triton kernels included), per K segment s = [k_s, k_{s+1}) with
+scheme code schemes[s] (lowering/quantize.py):
+    0 symmetric:   y += (q[:, s] @ W[s, :]) * d_x[:, s]
+    1 DualScale:   y += (max(q,0)[:, s] @ W[s, :]) * d_x[:, s] + (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
+    2 asymmetric:  y += (q[:, s] @ W[s, :] - zp[:, s] * colsum[s]) * d_x[:, s]   (the correction in int32)
     y = y * d_w + bias
 with int32 accumulation inside a segment and fp32 across segments. Scales are step sizes;
-d_x / d_neg are [M, S] (dynamic, per token) or [1, S] (static, per tensor).
+d_x / d_neg / zp are [M, S] (dynamic, per token) or [1, S] (static, per tensor); colsum [S, N]
+int32 holds the packed weight's column sums per segment (packed with it).
 """
 from __future__ import annotations
 
@@ -21,51 +23,57 @@ LIB = "segquant"
 
 @torch.library.custom_op(f"{LIB}::gemm", mutates_args=())
 def gemm(q: Tensor, d_x: Tensor, d_neg: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None,
-         k_bounds: list[int], dual: list[int], out_dtype: torch.dtype) -> Tensor:
-    """q [M, K] int8; d_x, d_neg [M or 1, S] fp32; w [K, N] int8 (packed); d_w [N] fp32;
-    k_bounds S+1 ints; dual S flags; returns [M, N] out_dtype."""
-    return gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype)
+         k_bounds: list[int], schemes: list[int], out_dtype: torch.dtype, zp: Tensor | None = None,
+         colsum: Tensor | None = None) -> Tensor:
+    """q [M, K] int8; d_x, d_neg, zp [M or 1, S] fp32; w [K, N] int8 (packed); d_w [N] fp32;
+    k_bounds S+1 ints; schemes S codes; colsum [S, N] int32 (asymmetric segments); returns [M, N]."""
+    return gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
 
 
 @gemm.register_fake
-def _(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
+def _(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
     torch._check(q.dim() == 2 and w.dim() == 2, lambda: "segquant::gemm takes 2-D q and w")
     torch._check(q.shape[1] == w.shape[0], lambda: f"K mismatch: q {q.shape}, w {w.shape}")
     return q.new_empty((q.shape[0], w.shape[1]), dtype=out_dtype)
 
 
 @gemm.register_kernel("cuda")
-def _(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
+def _(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
     from .triton_gemm import launch
-    return launch(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype)
+    return launch(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
 
 
 @torch.library.custom_op(f"{LIB}::gemm_prologue", mutates_args=())
 def gemm_prologue(x: Tensor, d_x: Tensor, d_neg: Tensor, smooth: Tensor | None, w: Tensor, d_w: Tensor,
-                  bias: Tensor | None, k_bounds: list[int], dual: list[int], out_dtype: torch.dtype) -> Tensor:
+                  bias: Tensor | None, k_bounds: list[int], schemes: list[int], out_dtype: torch.dtype) -> Tensor:
     """The GEMM reading float activations, quantized with static steps d_x/d_neg [1, S] (and the
     SmoothQuant divisor) inside the kernel: no separate quantize pass. Rows holding NaN/Inf come
     out NaN."""
     from .quantize import nonfinite_rows, quantize_static
     xs = x.float() / smooth if smooth is not None else x.float()
-    q = quantize_static(xs, list(k_bounds), list(dual), d_x, d_neg)
-    y = gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, torch.float32) + nonfinite_rows(xs)
+    q = quantize_static(xs, list(k_bounds), list(schemes), d_x, d_neg)
+    y = gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, torch.float32) + nonfinite_rows(xs)
     return y.to(out_dtype)
 
 
 @gemm_prologue.register_fake
-def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, dual, out_dtype):
+def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype):
     return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype)
 
 
 @gemm_prologue.register_kernel("cuda")
-def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, dual, out_dtype):
+def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype):
     from .triton_gemm import launch
-    return launch(x, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=smooth, prologue=True)
+    return launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=smooth, prologue=True)
 
 
-def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
-    """CPU implementation: oneDNN int8 GEMM (torch._int_mm) per segment, fp32 epilogue; e4m3
+def column_sums(w: Tensor, k_bounds) -> Tensor:
+    """[S, N] int32 column sums of a packed [K, N] int8 weight per K segment (asymmetric scheme)."""
+    return torch.stack([w[k0:k1].sum(dim=0, dtype=torch.int32) for k0, k1 in zip(k_bounds[:-1], k_bounds[1:])])
+
+
+def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
+    """CPU implementation: an exact int8 GEMM (_int_mm) per segment, fp32 epilogue; e4m3
     operands (fp8 emulated on CPU) go through float64 products, exact for 8-bit values."""
     fp8 = q.dtype == torch.float8_e4m3fn
     mm = torch.matmul if fp8 else _int_mm
@@ -75,9 +83,12 @@ def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype):
         if fp8:
             qs, ws = qs.double(), ws.double()
         # int32 * fp32 promotes in one pass; the rest accumulates in place (CPU epilogue cost)
-        if dual[s]:
+        if schemes[s] == 1:
             part = torch.mul(mm(qs.clamp(min=0), ws), d_x[:, s:s + 1])
             part.add_(torch.mul(mm(qs.clamp(max=0), ws), d_neg[:, s:s + 1]))
+        elif schemes[s] == 2:
+            acc = mm(qs, ws) - zp[:, s:s + 1].to(torch.int32) * colsum[s]
+            part = torch.mul(acc, d_x[:, s:s + 1])
         else:
             part = torch.mul(mm(qs, ws), d_x[:, s:s + 1])
         y = part if y is None else y.add_(part)
@@ -128,10 +139,10 @@ def _int_mm(a: Tensor, b: Tensor) -> Tensor:
     return (a.double() @ b.double()).to(torch.int32)  # small or unaligned shapes: exact in float64
 
 
-def int_accumulators(q, w, k_bounds, dual):
+def int_accumulators(q, w, k_bounds, schemes):
     """The exact integer partial sums the op combines (int64), for tests and debugging."""
     out = []
     for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
         qs, ws = q[:, k0:k1].long(), w[k0:k1].long()
-        out.append((qs.clamp(min=0) @ ws, qs.clamp(max=0) @ ws) if dual[s] else (qs @ ws,))
+        out.append((qs.clamp(min=0) @ ws, qs.clamp(max=0) @ ws) if schemes[s] == 1 else (qs @ ws,))
     return out

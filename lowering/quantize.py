@@ -1,8 +1,13 @@
 """Quantizers in plain torch ops (Inductor fuses the activation ones into their producer).
 
-Scales are step sizes: x ~= q * d. Symmetric int8 uses [-127, 127]; DualScale uses
-d_pos = amax_pos / 127 on [0, 127] and d_neg = amax_neg / 128 on [-128, 0]. The fp8 format
-(e4m3) uses +-448 on both sides and rounds by the cast.
+Scales are step sizes: x ~= q * d. Per K segment, one scheme (codes as the GEMM op takes them):
+  0 symmetric:  q = round(x / d) on [-127, 127], d = amax / 127
+  1 DualScale:  d_pos = amax_pos / 127 on [0, 127] and d_neg = amax_neg / 128 on [-128, 0]
+  2 asymmetric: x ~= (q - z) * d on [-128, 127], d = (max - min) / 255 with 0 inside the range,
+                z = round(-min / d) - 128 (an integer, carried as float)
+The fp8 format (e4m3) uses +-448 on both sides and rounds by the cast (no asymmetric scheme).
+Each activation quantizer returns or takes (d, d_neg, zp), [M or 1, S] each: d_neg = d on
+non-DualScale segments, zp = 0 on non-asymmetric ones.
 """
 from __future__ import annotations
 
@@ -14,16 +19,37 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # (positive limit, negative limit) per format
 LIMITS = {"int8": (127.0, 128.0), "fp8": (FP8_MAX, FP8_MAX)}
+SYMMETRIC, DUALSCALE, ASYMMETRIC = 0, 1, 2     # scheme codes per K segment
 
 
-def weight_steps(w: Tensor, out_bounds: tuple[int, ...] | None = None, fmt: str = "int8") -> Tensor:
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def weight_steps(w: Tensor, out_bounds: tuple[int, ...] | None = None, fmt: str = "int8",
+                 clip: str = "absmax") -> Tensor:
     """Per-output-channel steps of a [N, K] weight; with `out_bounds`, one step per output
-    segment (per-tensor mode), broadcast back to N."""
+    segment (per-tensor mode), broadcast back to N. clip="mse": per channel, the clipped range
+    (CLIP_RATIOS of absmax) whose rounding error is smallest (int8 per channel only)."""
     amax = w.detach().abs().amax(dim=1).float()
+    if clip == "mse" and fmt == "int8" and out_bounds is None:
+        amax = amax * _mse_clip_ratio(w.detach().float(), amax)
     if out_bounds is not None:
         for a, b in zip(out_bounds[:-1], out_bounds[1:]):
             amax[a:b] = amax[a:b].max()
     return (amax / LIMITS[fmt][0]).clamp(min=EPS)
+
+
+def _mse_clip_ratio(w: Tensor, amax: Tensor) -> Tensor:
+    best_err, best = None, torch.ones_like(amax)
+    for r in CLIP_RATIOS:
+        step = (amax * r / 127).clamp(min=EPS)[:, None]
+        err = (torch.round(w / step).clamp(-127, 127) * step - w).pow(2).sum(dim=1)
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, torch.full_like(best, r), best)
+    return best
 
 
 def quantize_weight(w: Tensor, steps: Tensor, fmt: str = "int8") -> Tensor:
@@ -37,69 +63,92 @@ def _segments(x: Tensor, k_bounds: list[int]):
     return [x[:, a:b] for a, b in zip(k_bounds[:-1], k_bounds[1:])]
 
 
-def quantize_dynamic(x: Tensor, k_bounds: list[int], dual: list[int], fmt: str = "int8"):
-    """Per token and per K segment. x [M, K] float -> (q int8 [M, K], d [M, S], d_neg [M, S])."""
+def quantize_dynamic(x: Tensor, k_bounds: list[int], schemes: list[int], fmt: str = "int8"):
+    """Per token and per K segment. x [M, K] float -> (q [M, K], d, d_neg, zp [M, S])."""
     xf = x.float()
     pos_lim, neg_lim = LIMITS[fmt]
-    steps, negs, qs = [], [], []
-    for xs, is_dual in zip(_segments(xf, k_bounds), dual):
-        if is_dual:
+    steps, negs, zps, qs = [], [], [], []
+    for xs, scheme in zip(_segments(xf, k_bounds), schemes):
+        z = torch.zeros_like(xs[:, :1])
+        if scheme == DUALSCALE:
             d = (xs.amax(dim=1, keepdim=True).clamp(min=0) / pos_lim).clamp(min=EPS)
             dn = ((-xs).amax(dim=1, keepdim=True).clamp(min=0) / neg_lim).clamp(min=EPS)
+        elif scheme == ASYMMETRIC:
+            hi = xs.amax(dim=1, keepdim=True).clamp(min=0)
+            lo = xs.amin(dim=1, keepdim=True).clamp(max=0)
+            d, z = asymmetric_step(hi, -lo)
+            dn = d
         else:
             d = (xs.abs().amax(dim=1, keepdim=True) / pos_lim).clamp(min=EPS)
             dn = d
-        qs.append(_round(xs, d, dn, is_dual, fmt))
+        qs.append(_round(xs, d, dn, z, scheme, fmt))
         steps.append(d)
         negs.append(dn)
-    return torch.cat(qs, dim=1), torch.cat(steps, dim=1), torch.cat(negs, dim=1)
+        zps.append(z)
+    return torch.cat(qs, dim=1), torch.cat(steps, dim=1), torch.cat(negs, dim=1), torch.cat(zps, dim=1)
 
 
-def quantize_static(x: Tensor, k_bounds: list[int], dual: list[int], d: Tensor, d_neg: Tensor,
-                    fmt: str = "int8") -> Tensor:
-    """With calibrated per-segment steps d, d_neg [1, S]: x [M, K] -> q int8 [M, K]."""
+def asymmetric_step(pos_max: Tensor, neg_max: Tensor) -> tuple[Tensor, Tensor]:
+    """Range [-neg_max, pos_max] (both >= 0, so 0 is inside) -> (d, z) on [-128, 127]."""
+    d = ((pos_max + neg_max) / 255).clamp(min=EPS)
+    z = (torch.round(neg_max / d) - 128).clamp(-128, 127)
+    return d, z
+
+
+def quantize_static(x: Tensor, k_bounds: list[int], schemes: list[int], d: Tensor, d_neg: Tensor,
+                    zp: Tensor | None = None, fmt: str = "int8") -> Tensor:
+    """With calibrated per-segment steps d, d_neg and zero points zp [1, S]: x [M, K] -> q [M, K]."""
     xf = x.float()
-    qs = [_round(xs, d[:, i:i + 1], d_neg[:, i:i + 1], is_dual, fmt)
-          for i, (xs, is_dual) in enumerate(zip(_segments(xf, k_bounds), dual))]
+    qs = [_round(xs, d[:, i:i + 1], d_neg[:, i:i + 1], zp[:, i:i + 1] if zp is not None else None, scheme, fmt)
+          for i, (xs, scheme) in enumerate(zip(_segments(xf, k_bounds), schemes))]
     return torch.cat(qs, dim=1)
 
 
-def _round(xs: Tensor, d: Tensor, dn: Tensor, is_dual, fmt: str = "int8") -> Tensor:
+def _round(xs: Tensor, d: Tensor, dn: Tensor, z: Tensor | None, scheme: int, fmt: str = "int8") -> Tensor:
     if fmt == "fp8":
-        scaled = torch.where(xs >= 0, xs / d, xs / dn) if is_dual else xs / d
+        scaled = torch.where(xs >= 0, xs / d, xs / dn) if scheme == DUALSCALE else xs / d
         return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    if is_dual:
+    if scheme == DUALSCALE:
         pos = torch.round(xs / d).clamp(0, 127)
         neg = torch.round(xs / dn).clamp(-128, 0)
         return torch.where(xs >= 0, pos, neg).to(torch.int8)
+    if scheme == ASYMMETRIC:
+        return (torch.round(xs / d) + z).clamp(-128, 127).to(torch.int8)
     return torch.round(xs / d).clamp(-127, 127).to(torch.int8)
 
 
-def dequantize(q: Tensor, k_bounds: list[int], dual: list[int], d: Tensor, d_neg: Tensor) -> Tensor:
+def dequantize(q: Tensor, k_bounds: list[int], schemes: list[int], d: Tensor, d_neg: Tensor,
+               zp: Tensor | None = None) -> Tensor:
     """Inverse of the activation quantizers (for tests and SQNR)."""
     out = []
-    for i, (qs, is_dual) in enumerate(zip(_segments(q.float(), k_bounds), dual)):
-        if is_dual:
+    for i, (qs, scheme) in enumerate(zip(_segments(q.float(), k_bounds), schemes)):
+        if scheme == DUALSCALE:
             out.append(torch.where(qs >= 0, qs * d[:, i:i + 1], qs * d_neg[:, i:i + 1]))
+        elif scheme == ASYMMETRIC:
+            out.append((qs - zp[:, i:i + 1]) * d[:, i:i + 1])
         else:
             out.append(qs * d[:, i:i + 1])
     return torch.cat(out, dim=1)
 
 
-def static_steps(pos_max: Tensor, neg_max: Tensor, dual: list[int], fmt: str = "int8") -> tuple[Tensor, Tensor]:
-    """Calibrated ranges per segment [S] (all > 0 on some side) -> steps (d [1, S], d_neg [1, S]).
+def static_steps(pos_max: Tensor, neg_max: Tensor, schemes: list[int], fmt: str = "int8"
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Calibrated ranges per segment [S] (all > 0 on some side) -> (d, d_neg, zp), [1, S] each.
     A DualScale segment seen one-signed takes the other side's step for its empty side rather
     than a vanishing one (a value of that sign at inference is then not crushed to zero)."""
     pos_lim, neg_lim = LIMITS[fmt]
+    pos_max, neg_max = pos_max.float(), neg_max.float()
     amax = torch.maximum(pos_max, neg_max)
     if not bool((amax > 0).all()):
         raise ValueError("segquant: a segment with a zero calibrated range has no static step")
-    dual_t = torch.tensor(dual, dtype=torch.bool)
+    code = torch.tensor(schemes)
     d_pos = torch.where(pos_max > 0, pos_max / pos_lim, neg_max / neg_lim)
     d_neg = torch.where(neg_max > 0, neg_max / neg_lim, pos_max / pos_lim)
-    d = torch.where(dual_t, d_pos, amax / pos_lim)
-    dn = torch.where(dual_t, d_neg, amax / pos_lim)
-    return d[None].float(), dn[None].float()
+    d_asym, z = asymmetric_step(pos_max, neg_max)
+    d = torch.where(code == DUALSCALE, d_pos, torch.where(code == ASYMMETRIC, d_asym, amax / pos_lim))
+    dn = torch.where(code == DUALSCALE, d_neg, d)
+    zp = torch.where(code == ASYMMETRIC, z, torch.zeros_like(z))
+    return d[None], dn[None], zp[None]
 
 
 def nonfinite_rows(x: Tensor) -> Tensor:

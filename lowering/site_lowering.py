@@ -7,18 +7,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-# Activation scheme of one K segment.
+# Activation scheme of one K segment, and its code in the GEMM op (lowering/quantize.py).
 SYMMETRIC = "symmetric"      # one step, q in [-127, 127]
 DUALSCALE = "dualscale"      # d_pos on [0, 127], d_neg on [-128, 0] (DESIGN.md, DualScale)
-SCHEMES = (SYMMETRIC, DUALSCALE)
+ASYMMETRIC = "asymmetric"    # one step and a zero point, q in [-128, 127]
+SCHEMES = (SYMMETRIC, DUALSCALE, ASYMMETRIC)
+CODES = {SYMMETRIC: 0, DUALSCALE: 1, ASYMMETRIC: 2}
 
 LOWERED_FORMATS = ("int8", "fp8")
 
 
-def variant_name(fmt: str, dual: bool, prologue: bool = False) -> str:
-    """The kernel variant (`int8`, `int8-dual`, `fp8-dual`, `int8-prologue`, ...): part of the
-    autotune key, shared by the launcher and SiteLowering.variant."""
-    return fmt + ("-dual" if dual else "") + ("-prologue" if prologue else "")
+def variant_name(fmt: str, dual: bool, prologue: bool = False, asymmetric: bool = False) -> str:
+    """The kernel variant (`int8`, `int8-dual`, `int8-asym`, `fp8-dual`, `int8-prologue`, ...):
+    part of the autotune key, shared by the launcher and SiteLowering.variant."""
+    return fmt + ("-dual" if dual else "") + ("-asym" if asymmetric else "") + ("-prologue" if prologue else "")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class SiteLowering:
     schemes: tuple[str, ...]             # activation scheme per K segment
     out_bounds: tuple[int, ...] | None   # per-tensor weights: one weight step per output segment
     smooth: float | str | None = None    # SmoothQuant alpha or "search" (static only): a divisor per channel
+    auto: bool = False                   # schemes measured on real rows (dualscale="auto")
+    weight_clip: str = "absmax"          # weight steps from absmax, or clip-searched ("mse")
     # kernel choices for one traced shape: they change no number, so two lowerings that differ
     # only here share one QuantState
     prologue: bool = field(default=False, compare=False)   # static steps applied in the kernel (CUDA)
@@ -48,9 +52,17 @@ class SiteLowering:
         return self.activations == "static"
 
     @property
+    def codes(self) -> tuple[int, ...]:
+        """Scheme codes per K segment, as the GEMM op takes them."""
+        return tuple(CODES[s] for s in self.schemes)
+
+    @property
     def dual(self) -> tuple[int, ...]:
-        """DualScale flags per K segment, as the GEMM op takes them."""
         return tuple(int(s == DUALSCALE) for s in self.schemes)
+
+    @property
+    def asymmetric(self) -> bool:
+        return ASYMMETRIC in self.schemes
 
     @property
     def in_features(self) -> int:
@@ -58,11 +70,16 @@ class SiteLowering:
 
     @property
     def variant(self) -> str:
-        return variant_name(self.format, DUALSCALE in self.schemes, self.prologue)
+        return variant_name(self.format, DUALSCALE in self.schemes, self.prologue, self.asymmetric)
 
     def as_dynamic(self, note: str) -> "SiteLowering":
         """The same site with dynamic activations (a static site whose calibration is unusable)."""
         return dataclasses.replace(self, activations="dynamic", smooth=None, prologue=False, note=note)
+
+    def with_schemes(self, schemes: tuple[str, ...], note: str) -> "SiteLowering":
+        """The same site with measured schemes (dualscale="auto"); the prologue takes no zero point."""
+        return dataclasses.replace(self, schemes=tuple(schemes), note=note,
+                                   prologue=self.prologue and ASYMMETRIC not in schemes)
 
     def describe(self) -> str:
         schemes = set(self.schemes)

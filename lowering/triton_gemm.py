@@ -3,6 +3,7 @@
     int8 A [M, K] x int8 W [K, N] -> int32 per K segment -> fp32 flush with the segment's steps
     DUAL:      split A by sign in registers, two dots against the same W tile, combined at the
                flush with d_pos / d_neg (plain segments of a mixed site pass d_neg = d_x)
+    ASYM:      asymmetric segments subtract zp * colsum(W) from the int32 sum at the flush
     FP8:       e4m3 x e4m3 with fp32 accumulation (sm89+), same epilogues
     PROLOGUE:  A is float; each tile is quantized in the kernel with static per-segment steps
     epilogue:  * d_w (per output channel) + bias, cast to the output dtype
@@ -74,11 +75,11 @@ def _rint(x):
 
 @triton.jit
 def segquant_gemm_kernel(
-        A, W, C, DX, DN, DW, BIAS, KB, DUALS, SMOOTH,
+        A, W, C, DX, DN, DW, BIAS, KB, SCHEMES, SMOOTH, ZP, COLSUM,
         M, N, S,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dm, stride_ds,
         DUAL: tl.constexpr, FP8: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_SMOOTH: tl.constexpr,
+        HAS_SMOOTH: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -101,7 +102,8 @@ def segquant_gemm_kernel(
         d_pos = tl.load(DX + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
         d_neg = tl.load(DN + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
         # a plain segment of a mixed site quantizes symmetrically: its lower clamp is -127
-        low = tl.where(tl.load(DUALS + s) != 0, -128.0, -127.0)
+        scheme = tl.load(SCHEMES + s)                 # 0 symmetric, 1 DualScale, 2 asymmetric
+        low = tl.where(scheme == 1, -128.0, -127.0)
         if FP8:
             acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -149,6 +151,14 @@ def segquant_gemm_kernel(
         part = acc_p.to(tl.float32) * d_pos[:, None]
         if DUAL:
             part = part + acc_n.to(tl.float32) * d_neg[:, None]
+        if ASYM:
+            zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0).to(tl.int32)
+            colsum = tl.load(COLSUM + s * N + rn, mask=n_ok, other=0)
+            total = acc_p                                  # the whole q tile's sum (exact int32)
+            if DUAL:
+                total = acc_p + acc_n
+            corrected = (total - zp[:, None] * colsum[None, :]).to(tl.float32) * d_pos[:, None]
+            part = tl.where(scheme == 2, corrected, part)
         acc = acc + part
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -172,33 +182,38 @@ def int_tensor(values, device) -> torch.Tensor:
     return t
 
 
-def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, dual, out_dtype, smooth=None, prologue=False,
-           config=None) -> torch.Tensor:
+def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=None, prologue=False,
+           config=None, zp=None, colsum=None) -> torch.Tensor:
     """C = segquant GEMM of a [M, K] (int8, e4m3, or float with prologue) and packed w [K, N]."""
     M, K = a.shape
     N = w.shape[1]
     fp8 = w.dtype == torch.float8_e4m3fn
     if prologue and fp8:
         raise ValueError("segquant: the in-kernel quantize prologue is int8 only")
-    dual_any = any(int(d) for d in dual)
-    if d_x.shape[0] not in (1, M) or d_neg.shape != d_x.shape:
+    dual_any = 1 in schemes
+    asym = 2 in schemes
+    if asym and (prologue or fp8 or zp is None or colsum is None):
+        raise ValueError("segquant: asymmetric segments need int8 operands, zero points and column sums "
+                         "(and no prologue)")
+    if d_x.shape[0] not in (1, M) or d_neg.shape != d_x.shape or (zp is not None and zp.shape != d_x.shape):
         raise ValueError(f"segquant: activation steps must be [1 or M, S], got {tuple(d_x.shape)}")
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
     if config is None:
-        variant = variant_name("fp8" if fp8 else "int8", dual_any, prologue)
+        variant = variant_name("fp8" if fp8 else "int8", dual_any, prologue, asym)
         config = autotune.choose(autotune.key(M, N, K, variant, a.device), prune(M, N, K, variant, a.device))
     cfg = config
-    kb, flags = int_tensor(k_bounds, a.device), int_tensor(dual, a.device)
+    kb, flags = int_tensor(k_bounds, a.device), int_tensor(schemes, a.device)
     stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     segquant_gemm_kernel[grid](
         a, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, kb, flags,
-        smooth if smooth is not None else d_w,
+        smooth if smooth is not None else d_w, zp if zp is not None else d_x, colsum if colsum is not None else kb,
         M, N, len(k_bounds) - 1,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1), stride_dm, d_x.stride(1),
         DUAL=dual_any, FP8=fp8, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
+        ASYM=asym,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return c
@@ -208,6 +223,7 @@ def tune(m: int, n: int, k: int, variant: str, device, bench=None) -> tuple[dict
     """Tune this kernel for one GEMM shape and variant on random operands; persist the winner."""
     device = torch.device(device)
     dual, prologue, fp8 = "-dual" in variant, variant.endswith("prologue"), variant.startswith("fp8")
+    code = 2 if "-asym" in variant else int(dual)
     g = torch.Generator(device="cpu").manual_seed(0)
     if prologue:
         a = torch.randn(m, k, generator=g).to(device)
@@ -220,8 +236,12 @@ def tune(m: int, n: int, k: int, variant: str, device, bench=None) -> tuple[dict
     d = torch.full((m, 1), 0.01, device=device)
     d_w = torch.full((n,), 0.01, device=device)
 
+    zp = torch.zeros_like(d) if code == 2 else None
+    colsum = w.sum(dim=0, dtype=torch.int32)[None] if code == 2 else None
+
     def run(cfg):
-        launch(a, d, d, w, d_w, None, (0, k), (int(dual),), torch.bfloat16, prologue=prologue, config=cfg)
+        launch(a, d, d, w, d_w, None, (0, k), (code,), torch.bfloat16, prologue=prologue, config=cfg,
+               zp=zp, colsum=colsum)
     return autotune.tune(autotune.key(m, n, k, variant, device), prune(m, n, k, variant, device), run, bench)
 
 

@@ -5,8 +5,8 @@ import fnmatch
 
 import torch
 
-from segquant_compile.lowering.site_lowering import (DUALSCALE, LOWERED_FORMATS, SYMMETRIC, KeptFloat,
-                                                     SiteLowering)
+from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, LOWERED_FORMATS, SYMMETRIC,
+                                                     KeptFloat, SiteLowering)
 
 from .plan import LinearSite
 
@@ -35,7 +35,10 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     k_bounds = seg.bounds if seg is not None else (0, site.in_features)
     n_seg = len(k_bounds) - 1
     sources = site.dualscale.sources if len(site.dualscale.sources) == n_seg else (None,) * n_seg
-    schemes = tuple(DUALSCALE if config.dualscale and s is not None else SYMMETRIC for s in sources)
+    # DualScale where the graph shows a SiLU/GELU-like producer; with dualscale="auto" this is the
+    # starting point that measurement on real rows replaces
+    other = ASYMMETRIC if config.asymmetric else SYMMETRIC
+    schemes = tuple(DUALSCALE if config.dualscale and s is not None else other for s in sources)
     out_bounds = None
     if config.weights == "per-tensor":
         out_seg = site.output_segments if config.seglinear else None
@@ -45,4 +48,7 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
                 and site.rows <= PROLOGUE_MAX_ROWS)
     return SiteLowering(format=config.format, activations=config.activations, weights=config.weights,
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds,
-                        smooth=config.smooth if static else None, prologue=prologue, rows=site.rows)
+                        smooth=config.smooth if static else None, auto=config.dualscale == "auto",
+                        weight_clip=config.weight_clip,
+                        prologue=prologue and ASYMMETRIC not in schemes and config.dualscale != "auto",
+                        rows=site.rows)

@@ -14,7 +14,8 @@ from .plan import LinearSite
 
 def extra_fields(lowering: SiteLowering) -> tuple[str, ...]:
     """The per-site tensors `convert`'s graph takes as extra inputs, in order (QuantState fields)."""
-    return ("packed", "d_w") + (("d_x", "d_neg") if lowering.static else ()) + \
+    return ("packed", "d_w") + (("colsum",) if lowering.asymmetric else ()) + \
+        (("d_x", "d_neg") if lowering.static else ()) + (("zp",) if lowering.static and lowering.asymmetric else ()) + \
         (("smooth",) if lowering.smooth is not None else ())
 
 
@@ -42,8 +43,8 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
         with graph.inserting_before(node):
             new = graph.call_function(quantized_linear, (
                 nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
-                inputs.get("d_x"), inputs.get("d_neg"), inputs.get("smooth"),
-                lowering.k_bounds, lowering.dual, lowering.prologue, lowering.format))
+                inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
+                lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace")})
         node.replace_all_uses_with(new)
         graph.erase_node(node)

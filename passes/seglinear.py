@@ -249,6 +249,19 @@ def _walk_back(x, axes, notes, path, total: int) -> list[Evidence]:
     return found
 
 
+def _all_operands_agree(node, operands, notes, path, total: int) -> Evidence | list:
+    """Several full-size operands (x + y): their sum is segmented only if every operand is, the
+    same way. Accepting one operand's evidence would make the plan depend on the batch size: a
+    (1, T, D) table is full-size at batch 1 and broadcast at batch 2."""
+    results = [_walk_back(inp, axes, [], path, total) for inp, axes in operands]
+    kinds = [{(e.sizes, e.pattern) for e in r} for r in results]
+    if all(len(k) == 1 for k in kinds) and len(set().union(*kinds)) == 1:
+        return results[0][0]
+    if any(kinds):
+        notes.append(f"{node.name}: only some operands are assembled in segments: not a segmentation")
+    return []
+
+
 def _backward_step(node, axes, notes, path, total: int) -> Evidence | list:
     kind = classify(node)
     out_shape = shape(node)
@@ -261,7 +274,8 @@ def _backward_step(node, axes, notes, path, total: int) -> Evidence | list:
         return [(src, axes)] if shape(src) is not None else []
     if kind in (T.POINTWISE, T.BROADCAST, T.EXPAND):
         # follow the full-size operands; broadcast ones (per-channel tables) only add to them
-        return [(inp, axes) for inp in ops.tensor_inputs(node) if shape(inp) == out_shape]
+        full = [(inp, axes) for inp in ops.tensor_inputs(node) if shape(inp) == out_shape]
+        return full if len(full) < 2 else _all_operands_agree(node, full, notes, path, total)
     if kind is T.RESHAPE:
         return _backward_reshape(node, src, axes, notes, path, total)
     if kind is T.PERMUTE:

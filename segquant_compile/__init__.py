@@ -1,10 +1,12 @@
 """segquant-compile: a torch.compile backend for SegQuant post-training quantization."""
-from segquant_compile.backend import segquant_backend
+from segquant_compile.backend import compile, segquant_backend
 from segquant_compile.calibration import calibrate
 from segquant_compile.config import QuantConfig
 from segquant_compile.explain import explain, report
 from segquant_compile.persist import save
+from segquant_compile.pipeline import quantize_pipeline
 from segquant_compile.report import Report
 
-__all__ = ["QuantConfig", "Report", "calibrate", "explain", "report", "save", "segquant_backend"]
+__all__ = ["QuantConfig", "Report", "calibrate", "compile", "explain", "quantize_pipeline", "report", "save",
+           "segquant_backend"]
 __version__ = "0.1.0"

@@ -18,3 +18,11 @@ def segquant_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
         guard_released_weights()
     plan = build_plan(gm, config.activation_set, config.seglinear)
     return GraphRunner(gm, list(example_inputs), plan, config)
+
+
+def compile(model, **options):
+    """torch.compile(model, backend="segquant", options=options), with the options checked now:
+    torch hands options to a backend only at the first call, where an error arrives wrapped in
+    torch._dynamo.exc.BackendCompilerFailed (ours is its `.inner_exception`)."""
+    QuantConfig.from_options(options)
+    return torch.compile(model, backend="segquant", options=options or None)

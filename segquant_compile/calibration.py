@@ -2,10 +2,37 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
 _ACTIVE: list["Session"] = []
+# model -> its last calibration's summary, for report(); a global store because a graph (and its
+# runner) is shared by every instance of a class, while a summary belongs to one model; weak keys
+SUMMARIES: "weakref.WeakKeyDictionary[torch.nn.Module, CalibrationSummary]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class CalibrationSummary:
+    """What a calibrate() block saw: calls of the compiled model (a denoiser's calls, i.e. steps x
+    prompts, not pipeline calls), their batch sizes, the activation rows one call gives a site, and
+    the output SQNR of the last calibration call run again quantized, against its float output."""
+    calls: int
+    batch_sizes: dict[int, int] = field(default_factory=dict)   # batch size -> calls
+    rows_per_call: tuple[int, int] | None = None               # (fewest, most) over the sites
+    sites: int = 0
+    output_sqnr_db: float | None = None
+
+    def describe(self) -> str:
+        batches = ", ".join(f"{b} ({n} call{'s' * (n != 1)})" for b, n in sorted(self.batch_sizes.items()))
+        rows = (f"; {self.rows_per_call[0]}-{self.rows_per_call[1]} activation rows per call per site"
+                if self.rows_per_call else "")
+        sqnr = (f"; end-to-end output SQNR of the last calibration call, quantized vs float: "
+                f"{self.output_sqnr_db:.1f} dB" if self.output_sqnr_db is not None else "")
+        return f"calibration: {self.calls} call(s) of the compiled model, batch sizes {batches or '-'}" \
+               f"{rows}; {self.sites} site(s) calibrated{sqnr}"
 
 
 def active() -> "Session | None":
@@ -19,6 +46,8 @@ class Session:
         self.calls = 0
         self.open = True
         self.touched: dict[int, tuple] = {}    # id(state) -> (state, bias)
+        self.batch_sizes: Counter = Counter()
+        self.last = None                        # (args, kwargs, float output) of the last call
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -32,8 +61,14 @@ class Session:
             if not st.frozen:
                 self.touched[id(st)] = (st, b)
 
-    def after_call(self, *_):
+    def after_call(self, _module, args, kwargs, output):
         self.calls += 1
+        if self.open:
+            first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()), None)
+            self.batch_sizes[first.shape[0] if first is not None else 0] += 1
+            # the inputs themselves, not copies: a copy changes strides (an expanded timestep has
+            # stride 0) and the rerun would recompile on dynamo's stride guard
+            self.last = (args, kwargs, _first_tensor(output))
         if self.bar is not None:
             self.bar.update(1)
         if self.steps is not None and self.calls >= self.steps and self.open:
@@ -44,6 +79,34 @@ class Session:
         if self.calls and self.touched:
             states, biases = zip(*self.touched.values())
             freeze(states, biases)
+
+
+def _first_tensor(out):
+    """The main output: a tensor, the first of a tuple, or the first field of a diffusers output."""
+    if isinstance(out, dict):
+        out = next(iter(out.values()), None)
+    if isinstance(out, (tuple, list)):
+        out = out[0] if out else None
+    return out.detach().clone() if isinstance(out, torch.Tensor) else None
+
+
+def summarize(compiled, session: Session) -> CalibrationSummary:
+    """The summary of a finished session; runs the last call again, quantized (one extra call)."""
+    from segquant_compile.compiled import find
+    from segquant_compile.lowering.quantize import sqnr_db
+    found = find(compiled)
+    rows = [st.site.rows for st in found.quant_states if st.site.rows]
+    summary = CalibrationSummary(session.calls, dict(session.batch_sizes),
+                                 (min(rows), max(rows)) if rows else None, len(session.touched))
+    if session.last is not None and session.last[2] is not None:
+        args, kwargs, ref = session.last
+        with torch.no_grad():
+            out = _first_tensor(compiled(*args, **kwargs))
+        if out is not None and out.shape == ref.shape:
+            summary.output_sqnr_db = sqnr_db(ref.float(), out.float())
+    session.last = None
+    SUMMARIES[found.model] = summary
+    return summary
 
 
 def freeze(states, biases) -> None:
@@ -90,7 +153,7 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
                       "others keep theirs, though their inputs may have changed: calibrate(compiled, "
                       "recalibrate=True) recalibrates every site", stacklevel=3)
     session = Session(found.model, config.calibration_steps if config else None, progress)
-    hook = compiled.register_forward_hook(session.after_call)
+    hook = compiled.register_forward_hook(session.after_call, with_kwargs=True)
     _ACTIVE.append(session)
     try:
         yield session
@@ -112,3 +175,4 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
                            "not fallen back to eager (torch._dynamo.config.recompile_limit reached)?")
     if session.open:
         session.finish()
+    session.summary = summarize(compiled, session)

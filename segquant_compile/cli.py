@@ -1,4 +1,4 @@
-"""`segquant` console script: inspect, demo."""
+"""`segquant` console script: inspect, quantize, autotune, demo."""
 from __future__ import annotations
 
 import argparse
@@ -32,13 +32,18 @@ def resolution(text: str) -> int:
     return value
 
 
-def options_json(text: str) -> dict:
+def json_object(text: str, what: str) -> dict:
     try:
         value = json.loads(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object of segquant options")
+        raise argparse.ArgumentTypeError(f"must be a JSON object of {what}")
+    return value
+
+
+def options_json(text: str) -> dict:
+    value = json_object(text, "segquant options")
     from segquant_compile.config import QuantConfig
     try:
         QuantConfig.from_options(value)
@@ -50,18 +55,36 @@ def options_json(text: str) -> dict:
 def _add_model_args(p: argparse.ArgumentParser, default: str | None, many: bool = False):
     p.add_argument("model", nargs="?" if default else None, default=default,
                    help=f"a shipped config ({', '.join(models.shipped())}) or a local diffusers model folder")
-    p.add_argument("--batch", type=positive_int, nargs="+" if many else None, default=[1] if many else 1)
-    p.add_argument("--resolution", type=resolution, nargs="+" if many else None, default=[1024] if many else 1024,
+    # inspect: None = what a pipeline call passes (see cmd_inspect)
+    p.add_argument("--batch", type=positive_int, nargs="+" if many else None, default=[1] if many else None,
+                   help="the denoiser's batch (with guidance: 2 per image)")
+    p.add_argument("--resolution", type=resolution, nargs="+" if many else None, default=[1024] if many else None,
                    help="image side in pixels")
     p.add_argument("--text-tokens", type=positive_int, default=None)
     p.add_argument("--options", type=options_json, default=None, help="segquant options as JSON")
 
 
 def cmd_inspect(args) -> int:
+    """A folder is planned with the inputs its pipeline's default call gives the denoiser (side from
+    the configs, batch 2 with guidance, the text mask): the plan the compiled pipeline makes. A
+    shipped config keeps the documented batch 1 at 1024 px."""
+    from pathlib import Path
+
     from segquant_compile.explain import explain
-    model = models.build(models.load_config(args.model), device="meta")
-    inputs = models.example_inputs(model, batch=args.batch, resolution=args.resolution,
-                                   text_tokens=args.text_tokens)
+    config = models.load_config(args.model)
+    folder = None if args.model in models.shipped() else Path(args.model)
+    if folder is not None and folder.name in ("transformer", "unet"):   # a pipeline's denoiser folder
+        folder = folder.parent
+    defaults = models.pipeline_defaults(config, folder)
+    if folder is None:
+        defaults["batch"] = 1
+    batch, side = args.batch or defaults["batch"], args.resolution or defaults["resolution"]
+    tokens = args.text_tokens or defaults["text_tokens"]
+    model = models.build(config, device="meta")
+    inputs = models.example_inputs(model, batch=batch, resolution=side, text_tokens=tokens,
+                                   vae_factor=defaults["vae_factor"], attention_mask=folder is not None)
+    print(f"planned for one denoiser call: batch {batch}, {side}x{side} px (latent {side // defaults['vae_factor']}), "
+          f"{tokens} text tokens")
     report = explain(model, **inputs, options=args.options)
     print(report.summary() if args.summary else report)
     for path in args.save or ():
@@ -107,6 +130,36 @@ def cmd_autotune(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    """Quantize a local pipeline folder's denoiser: calibrate on the prompts, save, print the report."""
+    from pathlib import Path
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from segquant_compile.explain import report
+    from segquant_compile.pipeline import denoiser_name, quantize_pipeline
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts} holds no prompts (one per line)")
+    pipe = DiffusionPipeline.from_pretrained(args.folder, local_files_only=True)
+    kwargs = dict(args.pipe_kwargs or {})
+    if args.steps:
+        kwargs["num_inference_steps"] = args.steps
+    kwargs.setdefault("generator", torch.Generator().manual_seed(args.seed))
+    quantize_pipeline(pipe, prompts, options=args.options, save=args.out, **kwargs)
+    r = report(getattr(pipe, denoiser_name(pipe)))
+    print(r.summary())
+    if r.calibration is not None:
+        print(r.calibration.describe())
+    print(f"wrote {args.out}: load it with options={{'load': {str(args.out)!r}}}")
+    return 0
+
+
+def pipe_kwargs_json(text: str) -> dict:
+    return json_object(text, "pipeline call arguments")
+
+
 def cmd_demo(args) -> int:
     from segquant_compile import demo
     demo.run(args.model, args.activations, args.save)
@@ -121,6 +174,16 @@ def main(argv=None) -> int:
     p.add_argument("--save", action="append", metavar="PATH", help="write the report (.json, .dot, .html)")
     p.add_argument("--summary", action="store_true", help="totals only")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("quantize", help="calibrate a local diffusers pipeline folder's denoiser on prompts; save")
+    p.add_argument("folder", help="a local pipeline folder (DiffusionPipeline.from_pretrained, offline)")
+    p.add_argument("--prompts", required=True, help="a text file, one calibration prompt per line")
+    p.add_argument("--out", required=True, help="folder to save the quantized state to")
+    p.add_argument("--options", type=options_json, default=None, help="segquant options as JSON (default static)")
+    p.add_argument("--steps", type=positive_int, default=None, help="num_inference_steps per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pipe-kwargs", type=pipe_kwargs_json, default=None,
+                   help='more pipeline call arguments as JSON, e.g. \'{"guidance_scale": 4.5}\'')
+    p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("autotune", help="tune the GEMM kernels for every shape of a model; persist the cache")
     _add_model_args(p, default=None, many=True)
     p.add_argument("--cache", default=None, help="cache folder (default: SEGQUANT_CACHE_DIR or ~/.cache/segquant)")

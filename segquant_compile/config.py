@@ -20,7 +20,9 @@ class QuantConfig:
     weights: str = "per-channel"
     smooth: float | str | None = None
     seglinear: bool = True
-    dualscale: bool = True
+    dualscale: bool | str = True          # True, False, or "auto" (measured per segment)
+    asymmetric: bool = False              # zero points on the segments without DualScale
+    weight_clip: str = "absmax"           # "absmax" or "mse" (clip-searched per-channel weight steps)
     dualscale_activations: tuple[str, ...] = ("silu", "gelu")
     skip: tuple[str, ...] = ()
     inductor: bool = True
@@ -38,6 +40,8 @@ class QuantConfig:
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown segquant option(s) {unknown}; valid options: {valid}")
+        if options.get("load") is not None:
+            options = _adopt_saved(options)
         if mode is not None:
             if "mode" in options and options["mode"] != mode:
                 raise ValueError(f"segquant: mode {mode!r} and options['mode'] {options['mode']!r} disagree")
@@ -64,8 +68,14 @@ class QuantConfig:
                              f"formats: {available}")
         _choice("activations", self.activations, ACTIVATION_MODES)
         _choice("weights", self.weights, WEIGHT_MODES)
+        _choice("weight_clip", self.weight_clip, ("absmax", "mse"))
         _choice("mode", self.mode, MODES)
-        for key in ("seglinear", "dualscale", "inductor", "release_float_weights"):
+        if self.dualscale not in (True, False, "auto"):
+            raise ValueError(f"option 'dualscale' must be True, False or 'auto', got {self.dualscale!r}")
+        if self.format == "fp8" and (self.asymmetric or self.dualscale == "auto"):
+            raise ValueError("the asymmetric scheme (options 'asymmetric', dualscale='auto') is int8 only; "
+                             "fp8 takes dualscale True or False")
+        for key in ("seglinear", "inductor", "release_float_weights", "asymmetric"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be True or False, got {getattr(self, key)!r}")
         if self.smooth is not None and self.smooth != "search" and not (
@@ -93,6 +103,36 @@ class QuantConfig:
     @property
     def activation_set(self) -> frozenset[str]:
         return frozenset(self.dualscale_activations) if self.dualscale else frozenset()
+
+
+# options that only say how to run (not what the saved numbers are): never adopted from a save
+RUN_OPTIONS = ("load", "inductor", "mode", "release_float_weights", "autotune_cache", "calibration_steps")
+
+
+def _adopt_saved(options: dict) -> dict:
+    """options={'load': path} alone is enough: the options the save was made with fill every
+    option not given; one given with another value is an error naming both (the saved numbers
+    would not match it)."""
+    from segquant_compile.persist import saved_options
+    path = options["load"]
+    if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
+        return options   # validate() names the bad type
+    valid = {f.name for f in dataclasses.fields(QuantConfig)}
+    saved = {k: v for k, v in saved_options(path).items() if k in valid and k not in RUN_OPTIONS}
+    for key, value in saved.items():
+        if key in options and not _same(options[key], value):
+            raise ValueError(f"segquant: options[{key!r}]={options[key]!r} conflicts with {path}, saved with "
+                             f"another plan or options ({key}={value!r}); drop {key!r} to adopt the saved value")
+    return {**saved, **options}
+
+
+def _same(given, saved) -> bool:
+    """Compared as JSON holds them: tuples as lists, a lone string as a one-item list."""
+    if isinstance(given, str) and isinstance(saved, list):
+        given = [given]
+    if isinstance(given, (tuple, set, frozenset)):
+        given = list(given)
+    return given == saved
 
 
 def _choice(key, value, valid):

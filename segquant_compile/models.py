@@ -50,15 +50,17 @@ def build(config: dict, device: str | torch.device = "meta", dtype: torch.dtype 
 
 
 def example_inputs(model, batch: int = 1, resolution: int = 1024, text_tokens: int | None = None,
-                   device=None, dtype=None, generator: torch.Generator | None = None) -> dict:
-    """Keyword inputs for one denoiser call at `resolution` pixels (square)."""
+                   device=None, dtype=None, generator: torch.Generator | None = None,
+                   vae_factor: int = VAE_FACTOR, attention_mask: bool = False) -> dict:
+    """Keyword inputs for one denoiser call at `resolution` pixels (square). `attention_mask`: also
+    the text mask a pipeline passes (PixArt), so the traced graph is the pipeline's."""
     p = next(model.parameters())
     device = p.device if device is None else device
     dtype = p.dtype if dtype is None else dtype
     cfg = model.config
     kind = type(model).__name__
     tokens = text_tokens or TEXT_TOKENS.get(kind, 77)
-    latent = resolution // VAE_FACTOR
+    latent = resolution // vae_factor
 
     def rand(*shape):
         return torch.randn(*shape, generator=generator, dtype=dtype, device="cpu").to(device) \
@@ -84,9 +86,12 @@ def example_inputs(model, batch: int = 1, resolution: int = 1024, text_tokens: i
                 else torch.empty(batch, dtype=dtype, device=device)
         return out
     if kind == "PixArtTransformer2DModel":
-        return dict(hidden_states=rand(batch, cfg.in_channels, latent, latent),
-                    encoder_hidden_states=rand(batch, tokens, cfg.caption_channels), timestep=t,
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        out = dict(hidden_states=rand(batch, cfg.in_channels, latent, latent),
+                   encoder_hidden_states=rand(batch, tokens, cfg.caption_channels), timestep=t,
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+        if attention_mask:
+            out["encoder_attention_mask"] = torch.ones(batch, tokens, dtype=torch.long, device=device)
+        return out
     if kind == "UNet2DConditionModel":
         out = dict(sample=rand(batch, cfg.in_channels, latent, latent), timestep=t,
                    encoder_hidden_states=rand(batch, tokens, cfg.cross_attention_dim))
@@ -95,3 +100,57 @@ def example_inputs(model, batch: int = 1, resolution: int = 1024, text_tokens: i
             out["added_cond_kwargs"] = {"text_embeds": rand(batch, text), "time_ids": rand(batch, 6)}
         return out
     raise ValueError(f"no example inputs known for {kind}; pass inputs to explain() yourself")
+
+
+# ------------------------------------------------------------------ pipelines
+def vae_factor(folder) -> int | None:
+    """A pipeline folder's VAE scale factor, as diffusers computes it (None: no vae/config.json)."""
+    path = Path(folder) / "vae" / "config.json"
+    if not path.is_file():
+        return None
+    return 2 ** (len(json.loads(path.read_text())["block_out_channels"]) - 1)
+
+
+def pipeline_defaults(config: dict, folder=None) -> dict:
+    """What one pipeline call with default settings passes the denoiser: the image side the pipeline
+    picks (transformer `sample_size` x the VAE factor), the batch (2 with classifier-free guidance:
+    every pipeline but FLUX), the text length."""
+    factor = (vae_factor(folder) if folder is not None else None) or VAE_FACTOR
+    side = config.get("sample_size")
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    return {"resolution": side * factor if side else 1024, "vae_factor": factor,
+            "batch": 1 if config.get("_class_name") == "FluxTransformer2DModel" else 2,
+            "text_tokens": TEXT_TOKENS.get(config.get("_class_name"), 77)}
+
+
+WORDS = "a an the of in on with and photo painting cat dog bird house tree car river city red blue green " \
+        "small large old new at night morning sky".split()
+
+
+def tiny_pixart_pipeline(seed: int = 0):
+    """A PixArt-Sigma pipeline from random tiny components, built offline (tests, bench): a T5
+    encoder (16 wide), a word-level tokenizer over WORDS, a 2-block transformer (16x16 latents),
+    a 2-level VAE (scale factor 2: 32x32 images). Call it with `use_resolution_binning=False`."""
+    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline,
+                           PixArtTransformer2DModel)
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                           num_heads=2)).eval()
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                           out_channels=8, num_layers=2, cross_attention_dim=16,
+                                           caption_channels=16, sample_size=16, patch_size=2,
+                                           norm_type="ada_norm_single", use_additional_conditions=False).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=32).eval()
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -16,9 +16,9 @@ from segquant_compile.state import QuantState, fingerprint
 
 FORMAT_VERSION = 2
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
-FIELDS = ("packed", "d_w", "d_x", "d_neg", "smooth")
+FIELDS = ("packed", "d_w", "colsum", "d_x", "d_neg", "zp", "smooth")
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
-LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth")
+LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth", "auto", "weight_clip")
 
 
 def _bias_name(weight_name: str) -> str:
@@ -62,7 +62,8 @@ def save(compiled, path) -> Path:
         weight_name = paths[id(weight)]
         sites[st.name] = {"weight": weight_name, "in_features": st.site.in_features,
                           "out_features": st.site.out_features, "lowering": _lowering_dict(st.base),
-                          "dynamic_note": st.dynamic_note, "fingerprint": st.fingerprint,
+                          "dynamic_note": st.dynamic_note, "chosen": list(st.chosen) if st.chosen else None,
+                          "candidates": st.candidates, "fingerprint": st.fingerprint,
                           "bias_fingerprint": fingerprint(params.get(_bias_name(weight_name))),
                           "smooth_alpha": st.alpha, "sqnr_db": st.sqnr}
     options = dataclasses.asdict(found.config) if found.config is not None else {}
@@ -71,6 +72,27 @@ def save(compiled, path) -> Path:
     save_file(tensors, str(path / TENSORS))
     (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return path
+
+
+_SAVED_OPTIONS: dict[str, dict] = {}   # resolved path -> options: one read per process and save
+
+
+def saved_options(path) -> dict:
+    """The options a directory was saved with (the manifest only: validating options reads no
+    tensors). The last read is kept per path, so report/save still work if the folder goes away."""
+    path = Path(path).resolve()
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        if str(path) in _SAVED_OPTIONS:
+            return _SAVED_OPTIONS[str(path)]
+        raise FileNotFoundError(f"segquant load: no {MANIFEST} in {path}")
+    try:
+        options = json.loads(manifest.read_text())["options"]
+    except Exception as e:
+        raise ValueError(f"segquant load: {path} is unreadable or corrupt ({type(e).__name__}: {e}); "
+                         f"save it again") from None
+    _SAVED_OPTIONS[str(path)] = dict(options)
+    return options
 
 
 @functools.lru_cache(maxsize=4)
@@ -130,4 +152,6 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
     for f, v in values.items():
         setattr(state, f, v.to(weight.device) if v is not None else None)
     state.name, state.dynamic_note = name, entry.get("dynamic_note")
+    state.chosen = tuple(entry["chosen"]) if entry.get("chosen") else None
+    state.candidates = entry.get("candidates")
     state.alpha, state.sqnr = entry.get("smooth_alpha"), entry.get("sqnr_db")

@@ -13,6 +13,25 @@ from segquant_compile.passes.lowering import skip_pattern
 
 FORMAT_VERSION = 1
 
+# What each column and the summary line say, printed under the table (terminal, JSON and HTML).
+LEGEND = {
+    "site": "the linear (or conv) layer's full module path in the model; a suffix #k marks the k-th call "
+            "of the same weight within one graph",
+    "K -> N": "input features -> output features of the weight",
+    "output segments": "pieces the output is consumed in (chunk, split, slicing), found in the graph: "
+                       "'6x96 (chunk)' = 6 segments of 96 features; each gets its own weight steps",
+    "input segments": "pieces the input is assembled from (cat, the head merge before to_out): each gets its "
+                      "own activation step and its own integer accumulation (SegLinear)",
+    "DualScale": "the activation (silu, gelu) the input comes from: its positive and negative sides get "
+                 "their own steps; '-' none",
+    "quantized": "format, weight granularity, activations (dynamic per token, or static per segment) and "
+                 "scheme; SQNR = this site's output alone on calibration rows, quantized vs float; "
+                 "'planned' = not compiled yet (explain); 'float: why' = kept in float",
+    "graph(s)": "FX graphs dynamo handed the backend for this model: one per frame it compiled (a graph break "
+                "splits a forward into several) and one more per recompile for new shapes; each site is "
+                "listed once however many graphs hold it",
+}
+
 
 @dataclass
 class Report:
@@ -23,6 +42,7 @@ class Report:
     fallbacks: dict[str, str] = field(default_factory=dict)   # site -> why it stays float
     states: dict[str, object] = field(default_factory=dict)   # site -> QuantState (compiled models)
     unreached: dict[str, str] = field(default_factory=dict)   # linear module -> why no graph planned it
+    calibration: object | None = None    # calibration.CalibrationSummary of the last calibrate() block
 
     @property
     def skipped(self) -> set[str]:
@@ -79,8 +99,13 @@ class Report:
         return out
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "model": self.model,
-                "config": _config_dict(self.config), "totals": self.totals(), "sites": self.rows()}
+        import dataclasses
+        calib = dataclasses.asdict(self.calibration) if self.calibration is not None else None
+        return {"format_version": FORMAT_VERSION, "model": self.model, "config": _config_dict(self.config),
+                "totals": self.totals(), "calibration": calib, "legend": LEGEND, "sites": self.rows()}
+
+    def legend(self) -> str:
+        return "\n".join(f"  {k}: {v}" for k, v in LEGEND.items())
 
     def __str__(self) -> str:
         head = ("site", "K -> N", "output segments", "input segments", "DualScale", "quantized")
@@ -95,6 +120,9 @@ class Report:
         lines = [line(head), line(tuple("-" * w for w in widths)), *map(line, body), "", self.summary()]
         lines += [f"float: {c.name} ({c.kind} call): {c.reason}" for c in self.float_calls]
         lines += [f"float: {name} (linear module): {why}" for name, why in self.unreached.items()]
+        if self.calibration is not None:
+            lines.append(self.calibration.describe())
+        lines += ["", "legend:", self.legend()]
         return "\n".join(lines)
 
     def _quant_text(self, name: str) -> str:
@@ -109,6 +137,11 @@ class Report:
             text += f", SQNR {info['sqnr_db']:.1f} dB"
         if st.dynamic_note:
             text += f" ({st.dynamic_note})"
+        if st.candidates:   # dualscale="auto": what each scheme measured, per segment
+            short = {"symmetric": "sym", "asymmetric": "asym", "dualscale": "dual"}
+            text += "; measured " + " | ".join(
+                " ".join(f"{short[k]} {v:.1f}" for k, v in c.items()) for c in st.candidates[:4]) + " dB" + \
+                (f" (+{len(st.candidates) - 4} segments)" if len(st.candidates) > 4 else "")
         return text
 
     def summary(self) -> str:
@@ -167,8 +200,10 @@ class Report:
                 f'<td>{html.escape(_dual_text(s))}</td><td>{quant}</td>'
                 f'<td><details><summary>graph</summary>{_svg(self._neighbourhood(s), s.node)}'
                 f'<div class="notes">{notes}</div></details></td></tr>')
+        summary = self.summary() + ("\n" + self.calibration.describe() if self.calibration is not None else "")
+        legend = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in LEGEND.items())
         return _PAGE.format(title=html.escape(f"segquant plan: {self.model}"),
-                            summary=html.escape(self.summary()),
+                            summary=html.escape(summary), legend=legend,
                             config=html.escape(json.dumps(_config_dict(self.config))),
                             rows="\n".join(rows), total=t["sites"])
 
@@ -249,7 +284,7 @@ tr[hidden] {{ display: none; }}
 #bar {{ margin: 1em 0; }}
 </style></head><body>
 <h1>{title}</h1>
-<p id="summary">{summary}</p>
+<p id="summary" style="white-space: pre-line">{summary}</p>
 <p><small>options: {config}</small></p>
 <div id="bar">
  <input id="q" placeholder="filter sites (substring)" size="40">
@@ -264,6 +299,7 @@ tr[hidden] {{ display: none; }}
 <tbody>
 {rows}
 </tbody></table>
+<h3>legend</h3><dl>{legend}</dl>
 <script>
 const q = document.getElementById('q');
 const boxes = [...document.querySelectorAll('#bar input[type=checkbox]')];

@@ -79,7 +79,8 @@ class Observer(torch.nn.Module):
 
     def forward(self, x, weight):
         state = REGISTRY.get(weight, self.key)
-        if state is not None and not state.frozen:   # calibrated sites keep their steps
+        # calibrated sites keep their steps; a dynamic "auto" site observes until it has chosen
+        if state is not None and (not state.frozen or state.needs_choice):
             state.observe(x)
 
 
@@ -91,6 +92,12 @@ def _fake(t, static: bool = False):
     if ctx is None or ctx.fake_mode is None or not isinstance(t, torch.Tensor):
         return t
     return ctx.fake_mode.from_tensor(t, static_shapes=static) if static else ctx.fake_mode.from_tensor(t)
+
+
+def _concrete(inputs) -> bool:
+    """Real tensors and ints (not symbolic sizes or fake tensors): the graph can run on them."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return all(not isinstance(t, (torch.SymInt, torch.SymFloat, FakeTensor)) for t in inputs)
 
 
 class _InferenceOnly(torch.autograd.Function):
@@ -137,6 +144,8 @@ class GraphRunner:
             from segquant_compile.lowering import autotune
             autotune.set_cache_dir(config.autotune_cache)
         states = self.states_of_call(example_inputs)
+        if any(st.needs_choice and not st.base.static for st in states) and _concrete(example_inputs):
+            self.choose_schemes(example_inputs, states)   # now, so the graph compiles once
         self.converted(states)
         RUNNERS.add(self)
 
@@ -170,7 +179,7 @@ class GraphRunner:
     def converted(self, states) -> tuple:
         """The compiled quantized graph for these states (compiled on first need; again only
         for a state that calibration turned dynamic)."""
-        key = tuple(st.dynamic_note for st in states)
+        key = tuple(st.decided for st in states)
         found = self._converted.get(key)
         if found is None:
             with self._lock:
@@ -181,8 +190,7 @@ class GraphRunner:
 
     def _convert(self, states):
         # this graph's kernel choices (prologue, rows) with the numbers each state runs with
-        lowerings = [e.lowering if st.dynamic_note is None else e.lowering.as_dynamic(st.dynamic_note)
-                     for e, st in zip(self.entries, states)]
+        lowerings = [st.applied_to(e.lowering) for e, st in zip(self.entries, states)]
         gm, extras = convert(self.gm, [(e.site, lo) for e, lo in zip(self.entries, lowerings)])
         self.quantized_gm = gm
         for e, st, lo in zip(self.entries, states, lowerings):
@@ -218,6 +226,8 @@ class GraphRunner:
     # ------------------------------------------------------------------ running
     def __call__(self, *args):
         states = self.states_of_call(args)
+        if any(st.needs_choice and not st.base.static for st in states):
+            self.choose_schemes(args, states)
         session = calibration.active()
         if session is not None and session.owns(args[i] for i in self.weight_positions):
             return self._calibrate(args, states, session)
@@ -244,6 +254,15 @@ class GraphRunner:
 
     def state_key(self, entry: SiteEntry) -> tuple:
         return state_key(entry.lowering, self.config.load)
+
+    def choose_schemes(self, args, states) -> None:
+        """dualscale="auto", dynamic: measure the schemes on this call's rows (the observer
+        graph in float), then keep them: later calls never change the graph."""
+        pending = [st for st in states if st.needs_choice]
+        self._calibrate(args, states, None)
+        for st in pending:
+            st.choose_schemes(torch.cat(st.sample), REGISTRY.weight_of(st))
+            st.discard_statistics()
 
     def _biases(self, args):
         return [args[e.bias] if e.bias is not None else None for e in self.entries]

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from segquant_compile.lowering import quantize as Q
+from segquant_compile.lowering import scheme_choice
 from segquant_compile.lowering.linear import quantized_linear
+from segquant_compile.lowering.ops import column_sums
 from segquant_compile.lowering.site_lowering import SiteLowering
 from segquant_compile.passes import LinearSite
 
@@ -55,6 +57,9 @@ class QuantState:
         self.base = lowering             # the lowering the options decided
         self.source = source             # the saved directory it was loaded from (None: made here)
         self.dynamic_note: str | None = None   # why a static site runs dynamic (unusable calibration)
+        self.chosen: tuple[str, ...] | None = None   # schemes measured for dualscale="auto"
+        self.candidates: list[dict[str, float]] | None = None   # per segment: scheme -> SQNR (dB)
+        self.zp: Tensor | None = None            # static zero points [1, S] (asymmetric segments)
         self.smooth: Tensor | None = None
         self.alpha: float | None = None
         # calibration statistics, per input channel: positive and negative maxima
@@ -73,8 +78,26 @@ class QuantState:
 
     @property
     def lowering(self) -> SiteLowering:
-        """What runs: the base lowering, or its dynamic form when calibration was unusable."""
-        return self.base if self.dynamic_note is None else self.base.as_dynamic(self.dynamic_note)
+        """What runs: the base lowering with the measured schemes, dynamic when calibration was unusable."""
+        return self.applied_to(self.base)
+
+    def applied_to(self, lowering: SiteLowering) -> SiteLowering:
+        """`lowering` (this state's, or a graph's with its kernel choices) with what calibration
+        decided: the measured schemes, dynamic activations."""
+        if self.chosen is not None:
+            lowering = lowering.with_schemes(self.chosen, "schemes measured (dualscale='auto')")
+        if self.dynamic_note is not None:
+            lowering = lowering.as_dynamic(self.dynamic_note)
+        return lowering
+
+    @property
+    def decided(self) -> tuple:
+        """What changes the compiled graph: the key of a runner's converted graphs."""
+        return self.chosen, self.dynamic_note
+
+    @property
+    def needs_choice(self) -> bool:
+        return self.base.auto and self.chosen is None
 
     # ------------------------------------------------------------------ weights
     @property
@@ -96,8 +119,9 @@ class QuantState:
         if self.smooth is not None:
             w = w * self.smooth
         fmt = self.lowering.format
-        self.d_w = Q.weight_steps(w, self.lowering.out_bounds, fmt)
+        self.d_w = Q.weight_steps(w, self.lowering.out_bounds, fmt, self.base.weight_clip)
         self.packed = Q.quantize_weight(w, self.d_w, fmt)
+        self.colsum = column_sums(self.packed, self.base.k_bounds) if fmt == "int8" else None
         self.fingerprint = fingerprint(weight)
         self._stamp = self.stamp(weight)
         # a view made once (slicing a Parameter per call costs ~4 us); a non-contiguous weight's
@@ -152,15 +176,18 @@ class QuantState:
             self.pos_max = pos if self.pos_max is None else torch.maximum(self.pos_max, pos)
             self.neg_max = neg if self.neg_max is None else torch.maximum(self.neg_max, neg)
             kept = sum(len(s) for s in self.sample)
-            if kept < SAMPLE_ROWS:
+            if kept < SAMPLE_ROWS:   # spread over calls; a dynamic "auto" choice has one call
+                per_call = SAMPLE_ROWS if self.needs_choice and not self.base.static else max(1, SAMPLE_ROWS // 8)
                 idx = torch.randperm(len(x2), generator=torch.Generator().manual_seed(self.observed_calls))
-                self.sample.append(x2[idx[: min(len(x2), max(1, SAMPLE_ROWS // 8), SAMPLE_ROWS - kept)]].cpu())
+                self.sample.append(x2[idx[: min(len(x2), per_call, SAMPLE_ROWS - kept)]].cpu())
             self.observed_calls += 1
 
     def reset_calibration(self) -> None:
         """Forget statistics and steps (recalibrate, or a calibration that raised)."""
-        self.pos_max = self.neg_max = self.d_x = self.d_neg = self.sqnr = None
+        self.pos_max = self.neg_max = self.d_x = self.d_neg = self.zp = self.sqnr = None
         self.sample, self.observed_calls = [], 0
+        if self.base.static:
+            self.chosen = self.candidates = None
         if self.smooth is not None or self.dynamic_note is not None:
             self.smooth, self.alpha, self.dynamic_note = None, None, None
             self.pack(self._weight_for_repack())
@@ -189,11 +216,13 @@ class QuantState:
                     f"kept dynamic")
             warnings.warn(f"segquant: {self.name}: {note}", stacklevel=2)
             self.dynamic_note = note
-            self.d_x = self.d_neg = None
+            self.d_x = self.d_neg = self.zp = None
             self._set_smooth(weight, None)
             self.sqnr = self._sqnr(weight, torch.cat(self.sample))
             return
         rows = torch.cat(self.sample)
+        if self.base.auto:
+            self.choose_schemes(rows, weight)
         smooth = self.lowering.smooth
         if smooth is None:
             self._set_smooth(weight, None)
@@ -226,15 +255,26 @@ class QuantState:
         self.pack(weight)
         if self.lowering.static:
             seg_pos, seg_neg = self._segment_ranges(self.smooth)
-            self.d_x, self.d_neg = Q.static_steps(seg_pos, seg_neg, list(self.lowering.dual), self.lowering.format)
+            self.d_x, self.d_neg, self.zp = Q.static_steps(seg_pos, seg_neg, list(self.lowering.codes),
+                                                           self.lowering.format)
+            if not self.lowering.asymmetric:
+                self.zp = None
+
+    def choose_schemes(self, rows: Tensor, weight: Tensor) -> None:
+        """dualscale="auto": measure every candidate scheme per segment on these rows, keep the
+        rule's choice (lowering/scheme_choice.py). Dynamic sites choose once, on the first call."""
+        lo = self.base
+        self.candidates = scheme_choice.segment_sqnr(rows, self._float_weight(weight), self.packed, self.d_w,
+                                                     self.colsum, lo.k_bounds, lo.static, lo.format)
+        self.chosen = scheme_choice.choose(self.candidates)
 
     def _sqnr(self, weight: Tensor, rows: Tensor) -> float:
         w = self._float_weight(weight).float()
         bias = self.bias.detach().float() if self.bias is not None else None
         ref = rows @ w.t() + (bias if bias is not None else 0)
         lo = self.lowering
-        out = quantized_linear(rows, self.packed, self.d_w, bias, self.d_x, self.d_neg, self.smooth,
-                               lo.k_bounds, lo.dual, fmt=lo.format)
+        out = quantized_linear(rows, self.packed, self.d_w, bias, self.d_x, self.d_neg, self.zp, self.smooth,
+                               self.colsum, lo.k_bounds, lo.codes, fmt=lo.format)
         return Q.sqnr_db(ref, out)
 
     def graph_input(self, field: str) -> Tensor:
@@ -245,7 +285,8 @@ class QuantState:
             shape = (self.packed.shape[0],) if field == "smooth" else (1, len(self.lowering.schemes))
             value = self._placeholders.get(field)
             if value is None:
-                value = self._placeholders[field] = torch.ones(shape, device=self.packed.device)
+                fill = torch.zeros if field == "zp" else torch.ones
+                value = self._placeholders[field] = fill(shape, device=self.packed.device)
         return value
 
     # ------------------------------------------------------------------ report
@@ -260,6 +301,10 @@ class QuantState:
             out["act_step"] = [round(float(v), 6) for v in self.d_x.reshape(-1)]
             if any(lo.dual):
                 out["act_step_neg"] = [round(float(v), 6) for v in self.d_neg.reshape(-1)]
+            if self.zp is not None:
+                out["zero_point"] = [int(v) for v in self.zp.reshape(-1)]
+        if self.candidates is not None:
+            out["candidates_sqnr_db"] = [{k: round(v, 2) for k, v in c.items()} for c in self.candidates]
         if self.sqnr is not None:
             out["sqnr_db"] = round(self.sqnr, 2)
         if self.alpha is not None:

@@ -99,3 +99,19 @@ def test_cat_of_two_linears_feeds_a_segmented_linear():
     assert seg.sizes == (16, 24) and seg.pattern == "cat"
     assert plan["out"].dualscale.sources == (None, "gelu")
     assert plan["p"].output_segments is None and plan["q"].output_segments is None
+
+
+def test_plan_does_not_depend_on_the_batch_size():
+    """x + table: a (1, T, D) table is full-size at batch 1 and broadcast at batch 2; a
+    segmentation seen through only one operand of a sum is none (PixArt's attn2.to_q)."""
+    from conftest import tiny_inputs, tiny_pixart
+
+    import segquant_compile as sq
+    model = tiny_pixart()
+    plans = []
+    for batch in (1, 2):
+        report = sq.explain(model, **tiny_inputs(model, batch=batch))
+        plans.append({s.name: (s.input_segments and s.input_segments.sizes,
+                               s.output_segments and s.output_segments.sizes) for s in report.sites})
+    assert plans[0] == plans[1]
+    assert plans[0]["transformer_blocks.0.attn2.to_q"] == (None, None)
