@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -16,16 +15,7 @@ import torch
 import segquant_compile as sq
 from segquant_compile.demo import demo_sd3, median_seconds, sd3_inputs
 from segquant_compile.lowering.quantize import sqnr_db
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 
 def linear_share(model, x) -> float:

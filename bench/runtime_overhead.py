@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 from pathlib import Path
 
 import torch
+
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 
 def median_us(fn, reps: int) -> float:
@@ -61,7 +62,7 @@ def main() -> None:
            "lookup_us_per_site": round(t_lookup / n_sites, 2), "segquant_forward_us": round(t_quant, 1),
            "inductor_fp32_forward_us": round(t_fp32, 1),
            "shape": "demo SD3 (39.7 M params), batch 1, 64 px (16 image + 8 text tokens)",
-           "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "device": cpu_name(), "threads": torch.get_num_threads(),
            "torch": torch.__version__}
     try:
         import triton

@@ -40,7 +40,7 @@ def segment_sqnr(rows: Tensor, weight: Tensor, packed: Tensor, d_w: Tensor, cols
             else:
                 q, d, dn, zp = Q.quantize_dynamic(xs, bounds, code, fmt)
             got = gemm_reference(q, d, dn, packed[k0:k1], torch.ones_like(d_w), None, bounds, code,
-                                 torch.float32, zp, colsum[s:s + 1]) * d_w
+                                 torch.float32, zp, colsum[s:s + 1] if colsum is not None else None) * d_w
             results[scheme] = Q.sqnr_db(ref, got)
         out.append(results)
     return out

@@ -223,7 +223,10 @@ def tune(m: int, n: int, k: int, variant: str, device, bench=None) -> tuple[dict
     """Tune this kernel for one GEMM shape and variant on random operands; persist the winner."""
     device = torch.device(device)
     dual, prologue, fp8 = "-dual" in variant, variant.endswith("prologue"), variant.startswith("fp8")
-    code = 2 if "-asym" in variant else int(dual)
+    asym = "-asym" in variant
+    # one segment of each scheme the variant holds (DualScale and asymmetric: two halves)
+    codes = tuple(c for c, on in ((1, dual), (2, asym)) if on) or (0,)
+    bounds = (0, k) if len(codes) == 1 else (0, k // 2, k)
     g = torch.Generator(device="cpu").manual_seed(0)
     if prologue:
         a = torch.randn(m, k, generator=g).to(device)
@@ -233,14 +236,14 @@ def tune(m: int, n: int, k: int, variant: str, device, bench=None) -> tuple[dict
         a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
     w = (torch.randn(k, n, generator=g).to(device).to(torch.float8_e4m3fn) if fp8 else
          torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device))
-    d = torch.full((m, 1), 0.01, device=device)
+    d = torch.full((m, len(codes)), 0.01, device=device)
     d_w = torch.full((n,), 0.01, device=device)
-
-    zp = torch.zeros_like(d) if code == 2 else None
-    colsum = w.sum(dim=0, dtype=torch.int32)[None] if code == 2 else None
+    zp = torch.zeros_like(d) if asym else None
+    colsum = torch.stack([w[a0:a1].sum(dim=0, dtype=torch.int32) for a0, a1 in zip(bounds[:-1], bounds[1:])]) \
+        if asym else None
 
     def run(cfg):
-        launch(a, d, d, w, d_w, None, (0, k), (code,), torch.bfloat16, prologue=prologue, config=cfg,
+        launch(a, d, d, w, d_w, None, bounds, codes, torch.bfloat16, prologue=prologue, config=cfg,
                zp=zp, colsum=colsum)
     return autotune.tune(autotune.key(m, n, k, variant, device), prune(m, n, k, variant, device), run, bench)
 

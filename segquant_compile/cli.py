@@ -92,6 +92,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def possible_variants(lowering) -> set[str]:
+    """The kernel variants a site may run: its own, or with dualscale="auto" every one the
+    measurement can choose (DualScale only on segments it starts with, asymmetric anywhere)."""
+    from segquant_compile.lowering.site_lowering import DUALSCALE, variant_name
+    if not lowering.auto:
+        return {lowering.variant}
+    duals = {False, True} if DUALSCALE in lowering.schemes else {False}
+    return {variant_name(lowering.format, d, False, a) for d in duals for a in (False, True)}
+
+
 def cmd_autotune(args) -> int:
     """Tune every GEMM shape of a model's plan at the given batch sizes and resolutions."""
     import os
@@ -122,8 +132,9 @@ def cmd_autotune(args) -> int:
                 lowering = lower_site(site, config, "cuda")   # the kernel variant the GPU runs
                 if site.rows is None or not isinstance(lowering, SiteLowering):
                     continue
-                shape = (site.rows, site.out_features, site.in_features, lowering.variant)
-                shapes.setdefault(autotune.key(*shape, device), shape)
+                for variant in possible_variants(lowering):
+                    shape = (site.rows, site.out_features, site.in_features, variant)
+                    shapes.setdefault(autotune.key(*shape, device), shape)
     for m, n, k, variant in tqdm(sorted(shapes.values()), desc="segquant autotune", unit="shape"):
         tune(m, n, k, variant, device)
     print(f"tuned {len(shapes)} GEMM shapes; cache: {autotune.cache_path()}")

@@ -261,7 +261,8 @@ class GraphRunner:
         pending = [st for st in states if st.needs_choice]
         self._calibrate(args, states, None)
         for st in pending:
-            st.choose_schemes(torch.cat(st.sample), REGISTRY.weight_of(st))
+            if st.sample:   # none when every row was non-finite: choose on a later call
+                st.choose_schemes(torch.cat(st.sample), REGISTRY.weight_of(st))
             st.discard_statistics()
 
     def _biases(self, args):

@@ -168,6 +168,10 @@ class QuantState:
                 f"segquant: cannot calibrate {self.name}: its float weight was released "
                 f"(options release_float_weights=True); compile the float model again to recalibrate")
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.needs_choice and not self.base.static:   # choosing schemes on a call: skip NaN/Inf rows
+            x2 = x2[torch.isfinite(x2).all(dim=1)]
+            if not len(x2):
+                return
         pos = x2.amax(dim=0).clamp(min=0)
         neg = (-x2).amax(dim=0).clamp(min=0)
         if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):

@@ -57,6 +57,7 @@ def test_cli_tunes_every_shape_of_a_model(cache, tmp_path, capsys):
     n = int(out.split("tuned ")[1].split()[0])
     assert n == len(data) > 5
     assert any("int8-dual" in k for k in data)
+    assert any("int8-asym" in k for k in data)   # dualscale="auto" may choose zero points
 
 
 def test_bench_gemm_shapes_come_from_the_plan():
@@ -85,7 +86,7 @@ def test_autotune_tunes_the_prologue_variant_the_gpu_runs(cache, tmp_path, capsy
     from conftest import tiny_sd3
     tiny_sd3().save_config(tmp_path / "model")
     assert cli.main(["autotune", str(tmp_path / "model"), "--resolution", "64", "--text-tokens", "5",
-                     "--cache", str(cache), "--options", '{"activations": "static"}']) == 0
+                     "--cache", str(cache), "--options", '{"activations": "static", "dualscale": true}']) == 0
     data = json.loads((cache / "autotune.json").read_text())
     assert data and all(k.split("|")[1].endswith("-prologue") for k in data)
 

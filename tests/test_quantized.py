@@ -216,7 +216,10 @@ def test_report_of_compiled_model():
     assert "float: matches skip pattern" in text and "SQNR" in text and "4 stay float" in text
     row = next(x for x in r.rows() if x["site"] == "transformer_blocks.0.ff.net.2")
     assert row["quant"]["format"] == "int8" and row["quant"]["sqnr_db"] > 20
-    assert len(row["quant"]["act_step"]) == 1 and len(row["quant"]["act_step_neg"]) == 1
+    assert len(row["quant"]["act_step"]) == 1 and len(row["quant"]["candidates_sqnr_db"]) == 1
+    schemes = row["quant"]["schemes"]                     # dualscale="auto": what was measured best
+    assert ("act_step_neg" in row["quant"]) == (schemes == ["dualscale"])
+    assert ("zero_point" in row["quant"]) == (schemes == ["asymmetric"])
 
 
 def test_replaced_weight_in_static_mode_asks_for_calibration():
