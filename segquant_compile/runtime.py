@@ -192,7 +192,6 @@ class GraphRunner:
         # this graph's kernel choices (prologue, rows) with the numbers each state runs with
         lowerings = [st.applied_to(e.lowering) for e, st in zip(self.entries, states)]
         gm, extras = convert(self.gm, [(e.site, lo) for e, lo in zip(self.entries, lowerings)])
-        self.quantized_gm = gm
         for e, st, lo in zip(self.entries, states, lowerings):
             if st.packed.is_cuda and e.site.rows is not None:   # tune now, never inside a CUDA graph capture
                 from segquant_compile.lowering.triton_gemm import ensure
