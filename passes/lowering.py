@@ -13,16 +13,16 @@ from .plan import LinearSite
 PROLOGUE_MAX_ROWS = 256   # static steps at small M: quantizing inside the kernel saves a pass
 
 
-def skip_pattern(name: str, config) -> str | None:
-    """The first `skip` pattern a site name matches."""
-    return next((p for p in config.skip if fnmatch.fnmatch(name, p)), None)
+def skip_pattern(name: str, patterns) -> str | None:
+    """The first of the `skip` patterns a site name matches."""
+    return next((p for p in patterns if fnmatch.fnmatch(name, p)), None)
 
 
 def lower_site(site: LinearSite, config, device: str = "cpu",
                weight_dtype: torch.dtype | None = None) -> SiteLowering | KeptFloat:
     """(LinearSite, QuantConfig) -> SiteLowering, or KeptFloat with the reason. `device` and
     `weight_dtype` are those of the weight (None: judge the plan alone, as explain() does)."""
-    pattern = skip_pattern(site.name, config)
+    pattern = skip_pattern(site.name, config.skip)
     if pattern is not None:
         return KeptFloat(f"matches skip pattern {pattern!r}")
     if weight_dtype is not None and not weight_dtype.is_floating_point:

@@ -63,5 +63,5 @@ def report(compiled) -> Report:
 
 def _warn_unused_skips(config: QuantConfig, names) -> None:
     for pattern in config.skip:
-        if not any(skip_pattern(n, QuantConfig(skip=(pattern,))) for n in names):
+        if not any(skip_pattern(n, (pattern,)) for n in names):
             warnings.warn(f"segquant: skip pattern {pattern!r} matches no linear site", stacklevel=3)

@@ -46,7 +46,7 @@ class Report:
 
     @property
     def skipped(self) -> set[str]:
-        return {s.name for s in self.sites if skip_pattern(s.name, self.config)}
+        return {s.name for s in self.sites if skip_pattern(s.name, self.config.skip)}
 
     @property
     def float_calls(self) -> tuple:

@@ -2,8 +2,8 @@
 
 Dynamo reuses a graph for every module instance of the same code, with weights as inputs, so
 each call looks its weights' QuantStates up (states_of_call); the quantized graph is compiled
-once per set of lowerings (convert_graph: normally once, in the backend call; again only when
-calibration turns a site dynamic). Preparing, converting, creating states and releasing float
+once per set of calibration decisions (converted: normally once, in the backend call; again only
+when calibration measures schemes or turns a site dynamic). Preparing, converting, creating states and releasing float
 weights are the functions below, one job each; the runner keeps no per-call state."""
 from __future__ import annotations
 
@@ -33,10 +33,15 @@ class SiteEntry(NamedTuple):
     bias: int | None
 
 
+def placeholder_index(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Placeholder name -> position in the graph's inputs."""
+    return {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+
+
 def plan_entries(plan: Plan, gm: torch.fx.GraphModule, example_inputs, config: QuantConfig
                  ) -> tuple[tuple[SiteEntry, ...], dict[str, str]]:
     """Lower every planned site: the quantized ones as entries, the rest with their reason."""
-    index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    index = placeholder_index(gm)
     entries, floats = [], {}
     for site in plan:
         w = index.get(site.weight_node)
@@ -129,7 +134,7 @@ class GraphRunner:
         self.gm, self.plan, self.config = gm, plan, config
         self.entries, self.fallbacks = plan_entries(plan, gm, example_inputs, config)
         self.weight_positions = tuple(e.weight for e in self.entries)
-        index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        index = placeholder_index(gm)
         self._plan_positions = tuple(index.get(s.weight_node) for s in plan)
         # every planned site's weight, per set of weights this graph ran with (weakly): how
         # report/save tell a model's graphs and sites apart, by identity
@@ -261,7 +266,7 @@ class GraphRunner:
         self._calibrate(args, states, None)
         for st in pending:
             if st.sample:   # none when every row was non-finite: choose on a later call
-                st.choose_schemes(torch.cat(st.sample), REGISTRY.weight_of(st))
+                st.choose_schemes(torch.cat(st.sample), st.weight())
             st.discard_statistics()
 
     def _biases(self, args):

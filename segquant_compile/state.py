@@ -124,10 +124,12 @@ class QuantState:
         self.colsum = column_sums(self.packed, self.base.k_bounds) if fmt == "int8" else None
         self.fingerprint = fingerprint(weight)
         self._stamp = self.stamp(weight)
+        self._weight = weakref.ref(weight)
         # a view made once (slicing a Parameter per call costs ~4 us); a non-contiguous weight's
         # probe is a copy, so it is taken again at each check
-        self._probe_view = probe(weight) if weight.is_contiguous() else None
-        self._probe = probe(weight).clone()
+        view = probe(weight)
+        self._probe_view = view if weight.is_contiguous() else None
+        self._probe = view.clone()
 
     @staticmethod
     def stamp(weight: Tensor):
@@ -194,15 +196,16 @@ class QuantState:
             self.chosen = self.candidates = None
         if self.smooth is not None or self.dynamic_note is not None:
             self.smooth, self.alpha, self.dynamic_note = None, None, None
-            self.pack(self._weight_for_repack())
+            self.pack(self.weight())
 
     def discard_statistics(self) -> None:
         """Drop what a calibration collected, keeping steps frozen before it."""
         self.pos_max = self.neg_max = None
         self.sample, self.observed_calls = [], 0
 
-    def _weight_for_repack(self) -> Tensor:
-        weight = REGISTRY.weight_of(self)
+    def weight(self) -> Tensor:
+        """The float weight this state was packed from (held weakly: the state dies with it)."""
+        weight = self._weight()
         if weight is None:
             raise RuntimeError(f"segquant: the weight of {self.name} is gone")
         return weight
@@ -212,7 +215,7 @@ class QuantState:
         segment whose calibrated range is zero gets no step: the site stays dynamic, with a warning."""
         if self.pos_max is None:
             raise RuntimeError(f"segquant: {self.name} saw no calibration data")
-        weight = self._weight_for_repack()
+        weight = self.weight()
         pos, neg = self._segment_ranges(None)
         empty = [i for i, (p, n) in enumerate(zip(pos.tolist(), neg.tolist())) if p <= 0 and n <= 0]
         if empty:
@@ -345,12 +348,6 @@ class Registry:
                 return entry[1]
             self._by_key[key] = (weakref.ref(weight, lambda _r, k=key: self._by_key.pop(k, None)), state)
         return state
-
-    def weight_of(self, state: QuantState) -> Tensor | None:
-        for ref, st in list(self._by_key.values()):
-            if st is state:
-                return ref()
-        return None
 
     def states_for(self, tensors) -> list[tuple[Tensor, QuantState]]:
         """(weight, state) for every state of these tensors."""
