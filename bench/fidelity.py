@@ -55,6 +55,9 @@ CONFIGS = {
     "dualscale": ("segquant dualscale", "segquant", {"dualscale": True}),
     "asymmetric": ("segquant asymmetric", "segquant", {"dualscale": False, "asymmetric": True}),
     "auto": ("segquant auto", "segquant", {"dualscale": "auto"}),
+    # both real models have 4 heads: 2 groups of 2 adjacent heads, and 1 (one step per token)
+    "heads2": ("segquant head_groups=2", "segquant", {"head_groups": 2}),
+    "heads1": ("segquant head_groups=1", "segquant", {"head_groups": 1}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),
     "torchao-asym": ("torchao int8 dynamic asymmetric", "torchao", "asymmetric"),
 }

@@ -6,16 +6,20 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.segquant)
+from .cpu_linear import cpu_linear, quantized_activation
 from .quantize import ASYMMETRIC, nonfinite_rows, quantize_dynamic, quantize_static
 
 
-def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x: Tensor | None,
+def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | None, d_x: Tensor | None,
                      d_neg: Tensor | None, zp: Tensor | None, smooth: Tensor | None, colsum: Tensor | None,
                      k_bounds: tuple[int, ...], schemes: tuple[int, ...], prologue: bool = False,
-                     fmt: str = "int8") -> Tensor:
-    """y = x @ W^T + b with int8 W (packed [K, N]); static steps d_x/d_neg/zp [1, S] or dynamic
+                     fmt: str = "int8", cpu_gemm: str | None = None, activation=None) -> Tensor:
+    """y = x @ W^T + b with int8 W (packed [K, N]; with cpu_gemm "fp32" and d_w None, the
+    dequantized fp32 weight); static steps d_x/d_neg/zp [1, S] or dynamic
     when d_x is None; `schemes` one code per K segment (lowering/quantize.py); colsum [S, N] for
-    asymmetric segments. `prologue`: static steps applied inside the GEMM kernel."""
+    asymmetric segments. `prologue`: static steps applied inside the GEMM kernel. `cpu_gemm`
+    ("int8" | "fp32", decided outside tracing): the site as plain torch ops on CPU (cpu_linear.py);
+    `activation`: its quantized input there, when sites share it."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     k_bounds, schemes = list(k_bounds), list(schemes)
@@ -24,6 +28,9 @@ def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x
         return y.reshape(*lead, w.shape[1])
     if smooth is not None:
         x2 = x2 / smooth
+    if cpu_gemm is not None and x.device.type == "cpu":   # plain ops: Inductor fuses the epilogue
+        y = cpu_linear(x2, w, d_w, bias, d_x, d_neg, zp, colsum, k_bounds, schemes, cpu_gemm, x.dtype, activation)
+        return y.reshape(*lead, w.shape[1])
     if d_x is None:   # dynamic: a NaN/Inf row gets a NaN/Inf step, so its output stays non-finite
         q, d_x, d_neg, zp = quantize_dynamic(x2, k_bounds, schemes, fmt)
         zp = zp if ASYMMETRIC in schemes else None   # all zeros otherwise: traced away
@@ -33,3 +40,9 @@ def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x
         y = torch.ops.segquant.gemm(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, x.dtype, zp, colsum)
         y = y + nonfinite_rows(x2).to(y.dtype)
     return y.reshape(*lead, w.shape[1])
+
+
+def shared_activation(x: Tensor, k_bounds: tuple[int, ...], schemes: tuple[int, ...], cpu_gemm: str):
+    """The dynamic quantized activation several CPU sites read (q/k/v projections of one input):
+    computed once; each site's `quantized_linear(..., activation=...)` takes it."""
+    return quantized_activation(x.reshape(-1, x.shape[-1]), list(k_bounds), list(schemes), None, None, None, cpu_gemm)

@@ -13,6 +13,7 @@ int32 holds the packed weight's column sums per segment (packed with it).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -116,17 +117,30 @@ def cpu_int8_gemm() -> str:
     """Which exact CPU int8 GEMM is faster here, measured once: oneDNN's `_int_mm` (fast with
     VNNI/AMX) or fp32 chunks (oneDNN falls back to a reference loop on plain AVX2, ~100x slower)."""
     import time
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
-    b = torch.randint(-127, 128, (512, 512), generator=g, dtype=torch.int8)
-    best = {}
-    for name, fn in (("onednn", torch._int_mm), ("fp32", _int_mm_fp32)):
-        fn(a, b)
-        t = time.perf_counter()
-        for _ in range(3):
+    with _untraced():   # real tensors even if called under a trace (a fake timing would decide)
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
+        b = torch.randint(-127, 128, (512, 512), generator=g, dtype=torch.int8)
+        best = {}
+        for name, fn in (("onednn", torch._int_mm), ("fp32", _int_mm_fp32)):
             fn(a, b)
-        best[name] = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(3):
+                fn(a, b)
+            best[name] = time.perf_counter() - t
     return min(best, key=best.get)
+
+
+def _untraced() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    try:   # internal context managers, feature-tested: without them nothing is disabled
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+    except ImportError:
+        return stack
+    stack.enter_context(unset_fake_temporarily())
+    stack.enter_context(disable_proxy_modes_tracing())
+    return stack
 
 
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:

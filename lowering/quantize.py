@@ -66,26 +66,31 @@ def _segments(x: Tensor, k_bounds: list[int]):
 def quantize_dynamic(x: Tensor, k_bounds: list[int], schemes: list[int], fmt: str = "int8"):
     """Per token and per K segment. x [M, K] float -> (q [M, K], d, d_neg, zp [M, S])."""
     xf = x.float()
-    pos_lim, neg_lim = LIMITS[fmt]
     steps, negs, zps, qs = [], [], [], []
     for xs, scheme in zip(_segments(xf, k_bounds), schemes):
-        z = torch.zeros_like(xs[:, :1])
-        if scheme == DUALSCALE:
-            d = (xs.amax(dim=1, keepdim=True).clamp(min=0) / pos_lim).clamp(min=EPS)
-            dn = ((-xs).amax(dim=1, keepdim=True).clamp(min=0) / neg_lim).clamp(min=EPS)
-        elif scheme == ASYMMETRIC:
-            hi = xs.amax(dim=1, keepdim=True).clamp(min=0)
-            lo = xs.amin(dim=1, keepdim=True).clamp(max=0)
-            d, z = asymmetric_step(hi, -lo)
-            dn = d
-        else:
-            d = (xs.abs().amax(dim=1, keepdim=True) / pos_lim).clamp(min=EPS)
-            dn = d
+        d, dn, z = dynamic_steps(xs, scheme, fmt)
         qs.append(_round(xs, d, dn, z, scheme, fmt))
         steps.append(d)
         negs.append(dn)
         zps.append(z)
     return torch.cat(qs, dim=1), torch.cat(steps, dim=1), torch.cat(negs, dim=1), torch.cat(zps, dim=1)
+
+
+def dynamic_steps(xs: Tensor, scheme: int, fmt: str = "int8") -> tuple[Tensor, Tensor, Tensor]:
+    """One segment's per-token (d, d_neg, z), [M, 1] each."""
+    pos_lim, neg_lim = LIMITS[fmt]
+    z = torch.zeros_like(xs[:, :1])
+    if scheme == DUALSCALE:
+        d = (xs.amax(dim=1, keepdim=True).clamp(min=0) / pos_lim).clamp(min=EPS)
+        dn = ((-xs).amax(dim=1, keepdim=True).clamp(min=0) / neg_lim).clamp(min=EPS)
+        return d, dn, z
+    if scheme == ASYMMETRIC:
+        hi = xs.amax(dim=1, keepdim=True).clamp(min=0)
+        lo = xs.amin(dim=1, keepdim=True).clamp(max=0)
+        d, z = asymmetric_step(hi, -lo)
+        return d, d, z
+    d = (xs.abs().amax(dim=1, keepdim=True) / pos_lim).clamp(min=EPS)
+    return d, d, z
 
 
 def asymmetric_step(pos_max: Tensor, neg_max: Tensor) -> tuple[Tensor, Tensor]:

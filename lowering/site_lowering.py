@@ -34,10 +34,12 @@ class SiteLowering:
     smooth: float | str | None = None    # SmoothQuant alpha or "search" (static only): a divisor per channel
     auto: bool = False                   # schemes measured on real rows (dualscale="auto")
     weight_clip: str = "absmax"          # weight steps from absmax, or clip-searched ("mse")
+    heads: int | None = None             # head segments merged into these K segments (head_groups)
     # kernel choices for one traced shape: they change no number, so two lowerings that differ
     # only here share one QuantState
     prologue: bool = field(default=False, compare=False)   # static steps applied in the kernel (CUDA)
     rows: int | None = field(default=None, compare=False)   # M of the traced call (None: symbolic)
+    cpu_gemm: str | None = field(default=None, compare=False)   # CPU int8: "int8" | "fp32" (cpu_linear.py)
     note: str | None = None              # why this lowering differs from the options' default
 
     def __post_init__(self):
@@ -85,7 +87,8 @@ class SiteLowering:
         schemes = set(self.schemes)
         acts = schemes.pop() if len(schemes) == 1 else "mixed " + "/".join(self.schemes)
         return f"{self.format} w {self.weights}, a {self.activations} {acts}" + \
-            (", prologue" if self.prologue else "") + (f", smooth {self.smooth}" if self.smooth is not None else "")
+            (", prologue" if self.prologue else "") + (f", smooth {self.smooth}" if self.smooth is not None else "") + \
+            (f", {self.heads} heads in {len(self.schemes)} segments" if self.heads else "")
 
 
 @dataclass(frozen=True)

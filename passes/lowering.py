@@ -5,6 +5,7 @@ import fnmatch
 
 import torch
 
+from segquant_compile.lowering.cpu_linear import cpu_gemm
 from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, LOWERED_FORMATS, SYMMETRIC,
                                                      KeptFloat, SiteLowering)
 
@@ -16,6 +17,16 @@ PROLOGUE_MAX_ROWS = 256   # static steps at small M: quantizing inside the kerne
 def skip_pattern(name: str, patterns) -> str | None:
     """The first of the `skip` patterns a site name matches."""
     return next((p for p in patterns if fnmatch.fnmatch(name, p)), None)
+
+
+def group_segments(k_bounds, sources, groups: int):
+    """Adjacent segments merged into `groups` (sizes as equal as possible); a merged segment keeps
+    a DualScale source only if all its parts share it."""
+    n = len(k_bounds) - 1
+    cuts = [round(i * n / groups) for i in range(groups + 1)]
+    bounds = tuple(k_bounds[c] for c in cuts)
+    merged = tuple(sources[a] if len(set(sources[a:b])) == 1 else None for a, b in zip(cuts[:-1], cuts[1:]))
+    return bounds, merged
 
 
 def lower_site(site: LinearSite, config, device: str = "cpu",
@@ -35,6 +46,10 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     k_bounds = seg.bounds if seg is not None else (0, site.in_features)
     n_seg = len(k_bounds) - 1
     sources = site.dualscale.sources if len(site.dualscale.sources) == n_seg else (None,) * n_seg
+    heads = None
+    if config.head_groups and seg is not None and seg.pattern == "head_merge" and n_seg > config.head_groups:
+        heads, (k_bounds, sources) = n_seg, group_segments(k_bounds, sources, config.head_groups)
+        n_seg = len(k_bounds) - 1
     # DualScale where the graph shows a SiLU/GELU-like producer; with dualscale="auto" this is the
     # starting point that measurement on real rows replaces
     other = ASYMMETRIC if config.asymmetric else SYMMETRIC
@@ -44,11 +59,13 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
         out_seg = site.output_segments if config.seglinear else None
         out_bounds = out_seg.bounds if out_seg is not None else (0, site.out_features)
     static = config.activations == "static"
+    # decided here, outside any tracing: the choice is a measurement (lowering/cpu_linear.py)
+    cpu = cpu_gemm() if device == "cpu" and config.format == "int8" else None
     prologue = (static and device == "cuda" and config.format == "int8" and site.rows is not None
                 and site.rows <= PROLOGUE_MAX_ROWS)
     return SiteLowering(format=config.format, activations=config.activations, weights=config.weights,
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds,
                         smooth=config.smooth if static else None, auto=config.dualscale == "auto",
-                        weight_clip=config.weight_clip,
+                        weight_clip=config.weight_clip, heads=heads,
                         prologue=prologue and ASYMMETRIC not in schemes and config.dualscale != "auto",
-                        rows=site.rows)
+                        rows=site.rows, cpu_gemm=cpu)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import torch.fx
 
-from segquant_compile.lowering.linear import quantized_linear
+from segquant_compile.lowering.linear import quantized_linear, shared_activation
 from segquant_compile.lowering.site_lowering import SiteLowering
 
 from .plan import LinearSite
@@ -14,7 +14,11 @@ from .plan import LinearSite
 
 def extra_fields(lowering: SiteLowering) -> tuple[str, ...]:
     """The per-site tensors `convert`'s graph takes as extra inputs, in order (QuantState fields)."""
-    return ("packed", "d_w") + (("colsum",) if lowering.asymmetric else ()) + \
+    if lowering.cpu_gemm == "fp32":   # one fp32 GEMM on the dequantized weight (cpu_linear.py)
+        weight = ("dequantized",)
+    else:
+        weight = ("packed", "d_w") + (("colsum",) if lowering.asymmetric else ())
+    return weight + \
         (("d_x", "d_neg") if lowering.static else ()) + (("zp",) if lowering.static and lowering.asymmetric else ()) + \
         (("smooth",) if lowering.smooth is not None else ())
 
@@ -25,6 +29,15 @@ def _placeholder_after_inputs(graph: torch.fx.Graph, name: str) -> torch.fx.Node
         return graph.placeholder(name)
 
 
+def activation_key(site: LinearSite, lowering: SiteLowering) -> tuple | None:
+    """Sites with equal keys quantize the same tensor the same way: dynamic CPU sites of one input
+    with one segmentation and schemes (q/k/v projections), whose steps the graph computes from
+    that input by one rule. Static steps are per site (graph inputs): never shared."""
+    if lowering.cpu_gemm is None or lowering.static or lowering.smooth is not None:
+        return None
+    return site.input_node, lowering.k_bounds, lowering.codes, lowering.cpu_gemm
+
+
 def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLowering]]
             ) -> tuple[torch.fx.GraphModule, list[tuple[int, str]]]:
     """Replace each (site, lowering) matmul by `quantized_linear`. Returns the new module and the
@@ -33,18 +46,29 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     extras: list[tuple[int, str]] = []
+    keys = [activation_key(s, lo) for s, lo in entries]
+    shared = {}   # activation key -> the node computing it, for keys that two or more sites have
     for i, (site, lowering) in enumerate(entries):
         node = nodes[site.node]
+        key = keys[i]
+        if key is not None and keys.count(key) > 1 and key not in shared:
+            first = min((nodes[entries[j][0].node] for j, k in enumerate(keys) if k == key),
+                        key=lambda n: list(graph.nodes).index(n))
+            with graph.inserting_before(first):
+                shared[key] = graph.call_function(shared_activation, (
+                    nodes[site.input_node], lowering.k_bounds, lowering.codes, lowering.cpu_gemm))
         inputs = {}
         for f in extra_fields(lowering):
             inputs[f] = _placeholder_after_inputs(graph, f"sq_{i}_{f}")
             extras.append((i, f))
         bias = nodes[site.bias_node] if site.bias_node else None
         with graph.inserting_before(node):
+            w = inputs.get("packed", inputs.get("dequantized"))
             new = graph.call_function(quantized_linear, (
-                nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
+                nodes[site.input_node], w, inputs.get("d_w"), bias,
                 inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
-                lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format))
+                lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format, lowering.cpu_gemm,
+                shared.get(key)))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace")})
         node.replace_all_uses_with(new)
         graph.erase_node(node)

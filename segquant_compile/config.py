@@ -20,6 +20,9 @@ class QuantConfig:
     weights: str = "per-channel"
     smooth: float | str | None = None
     seglinear: bool = True
+    # at most this many input segments from a head merge (adjacent heads share a step): fewer
+    # segment GEMMs on the int8 CPU form; None keeps one segment per head
+    head_groups: int | None = None
     # "auto": per segment, the scheme measured best on real rows (won on both real models:
     # bench/results/fidelity.json); True: DualScale where SiLU/GELU feeds; False: none
     dualscale: bool | str = "auto"
@@ -91,6 +94,9 @@ class QuantConfig:
         if self.calibration_steps is not None and not (isinstance(self.calibration_steps, int)
                                                        and self.calibration_steps > 0):
             raise ValueError(f"option 'calibration_steps' must be a positive int, got {self.calibration_steps!r}")
+        if self.head_groups is not None and not (isinstance(self.head_groups, int) and not isinstance(
+                self.head_groups, bool) and self.head_groups > 0):
+            raise ValueError(f"option 'head_groups' must be None or a positive int, got {self.head_groups!r}")
         if self.load is not None and not isinstance(self.load, str):
             raise ValueError(f"option 'load' must be a path (str), got {type(self.load).__name__} {self.load!r}")
         if self.autotune_cache is not None and not isinstance(self.autotune_cache, str):

@@ -73,6 +73,7 @@ class QuantState:
         self.released = False
         self.bias: Tensor | None = None   # the site's bias, for SQNR at freeze (set while calibrating)
         self._placeholders: dict[str, Tensor] = {}
+        self._dequantized: tuple | None = None   # (packed, d_w, fp32 [K, N]) for the CPU fp32 GEMM
         self._lock = threading.Lock()
         self.pack(weight)
 
@@ -130,6 +131,16 @@ class QuantState:
         view = probe(weight)
         self._probe_view = view if weight.is_contiguous() else None
         self._probe = view.clone()
+
+    @property
+    def dequantized(self) -> Tensor:
+        """The packed weight's grid values times its steps, fp32 [K, N]: the operand of the CPU
+        fp32 GEMM (lowering/cpu_linear.py), made once per packing rather than per call (a
+        per-call conversion cost ~25% of the forward and fresh buffers: page faults)."""
+        cached = self._dequantized
+        if cached is None or cached[0] is not self.packed or cached[1] is not self.d_w:
+            cached = self._dequantized = (self.packed, self.d_w, self.packed.float() * self.d_w)
+        return cached[2]
 
     @staticmethod
     def stamp(weight: Tensor):
@@ -281,7 +292,7 @@ class QuantState:
         ref = rows @ w.t() + (bias if bias is not None else 0)
         lo = self.lowering
         out = quantized_linear(rows, self.packed, self.d_w, bias, self.d_x, self.d_neg, self.zp, self.smooth,
-                               self.colsum, lo.k_bounds, lo.codes, fmt=lo.format)
+                               self.colsum, lo.k_bounds, lo.codes, fmt=lo.format, cpu_gemm=lo.cpu_gemm)
         return Q.sqnr_db(ref, out)
 
     def graph_input(self, field: str) -> Tensor:
@@ -302,6 +313,8 @@ class QuantState:
         out = {"format": lo.format, "weights": lo.weights, "activations": lo.activations,
                "schemes": list(lo.schemes), "kernel": lo.variant,
                "weight_step": [float(self.d_w.min()), float(self.d_w.max())]}
+        if lo.cpu_gemm:   # how the CPU runs it (lowering/cpu_linear.py)
+            out["cpu_gemm"] = lo.cpu_gemm
         if lo.note:
             out["note"] = lo.note
         if self.d_x is not None:
