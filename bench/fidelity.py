@@ -202,6 +202,8 @@ def run_config(model_key, config_key, seeds, images, refs, classifier):
         row["wall_s"] = time.perf_counter() - t0
         print(f"  [{model_key}] {name}: ERROR {row['error']}", flush=True)
         return row, None
+    if kind == "segquant":   # what ran quantized (a site dynamo never reached would stay float)
+        row["quantized_sites"] = len(sq.report(net).states)
     allp = torch.cat(psnrs)
     row.update({
         "psnr_mean_db": allp.mean().item(),
