@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import torch.fx
 
+from segquant_compile.lowering.conv import quantized_conv2d
 from segquant_compile.lowering.linear import quantized_linear
 from segquant_compile.lowering.site_lowering import SiteLowering
 
@@ -41,10 +42,11 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
             extras.append((i, f))
         bias = nodes[site.bias_node] if site.bias_node else None
         with graph.inserting_before(node):
-            new = graph.call_function(quantized_linear, (
+            new = graph.call_function(quantized_linear if lowering.conv is None else quantized_conv2d, (
                 nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
                 inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
-                lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format))
+                lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format),
+                {"conv": tuple(lowering.conv.as_list())} if lowering.conv is not None else {})
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace")})
         node.replace_all_uses_with(new)
         graph.erase_node(node)
