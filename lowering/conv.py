@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import quantize as Q
-from .ops import LIB, gemm_reference
+from .ops import EXACT_FP32_K, LIB, cpu_int8_gemm, gemm_reference
 from .site_lowering import ConvGeometry
 
 
@@ -28,20 +28,13 @@ def im2col(x: Tensor, geometry: ConvGeometry, pad: Tensor | None = None) -> Tens
     (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.padding
     b, c, h, w = x.shape
     ho, wo = geometry.output_size(h, w)
-    xp = F.pad(x, (pw, pw, ph, ph)) if x.is_floating_point() else _pad_int(x, ph, pw)
     if pad is not None and (ph or pw):
-        inside = torch.zeros(1, 1, h + 2 * ph, w + 2 * pw, dtype=torch.bool, device=x.device)
-        inside[..., ph:ph + h, pw:pw + w] = True
-        xp = torch.where(inside, xp, pad.to(xp.dtype).view(1, c, 1, 1))
+        xp = pad_channels(x, pad, ph, pw)
+    else:
+        xp = F.pad(x, (pw, pw, ph, ph))
     taps = [xp[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
     cols = torch.stack(taps, dim=2)                           # [B, C, taps, Ho, Wo]
     return cols.permute(0, 3, 4, 1, 2).reshape(b * ho * wo, c * kh * kw)
-
-
-def _pad_int(x: Tensor, ph: int, pw: int) -> Tensor:
-    out = x.new_zeros((x.shape[0], x.shape[1], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw))
-    out[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]] = x
-    return out
 
 
 def channel_pad(zp: Tensor | None, k_bounds, geometry: ConvGeometry, channels: int, device) -> Tensor | None:
@@ -78,11 +71,19 @@ def _(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=No
                   zp=zp, colsum=colsum)
 
 
-def conv2d_reference(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None):
-    """CPU implementation: im2col, then the linear GEMM's reference (exact int32 per segment)."""
+def conv2d_reference(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None,
+                     direct: bool | None = None):
+    """CPU implementation: im2col, then the linear GEMM's reference (exact int32 per segment).
+    An int8 input (static steps) on a CPU without int8 dot instructions takes `direct_sums`
+    instead: the same integers from fp32 convolutions, no im2col (`direct`: force either)."""
     g = ConvGeometry.from_list(geometry) if not isinstance(geometry, ConvGeometry) else geometry
     b, _, h, wd = x.shape
     ho, wo = g.output_size(h, wd)
+    if direct is None:
+        direct = not x.is_floating_point() and x.device.type == "cpu" and cpu_int8_gemm() == "fp32"
+    if direct:
+        y = _epilogue(direct_sums(x, w, k_bounds, schemes, g, zp), d_x, d_neg, d_w, bias, schemes, zp, colsum)
+        return y.to(out_dtype).view(b, ho, wo, -1).permute(0, 3, 1, 2)
     if x.is_floating_point():
         rows = im2col(x.float(), g)
         q = Q.quantize_static(rows, list(k_bounds), list(schemes), d_x, d_neg, zp)
@@ -90,6 +91,68 @@ def conv2d_reference(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, o
         q = im2col(x, g, channel_pad(zp, k_bounds, g, x.shape[1], x.device))
     y = gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
     return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def direct_sums(q: Tensor, w: Tensor, k_bounds, schemes, geometry: ConvGeometry, zp: Tensor | None):
+    """Per K segment, the exact int32 sums q_rows[:, K_s] @ W[K_s] ([M, N]; DualScale: the
+    positive and negative halves) from fp32 convolutions of the int8 input, in channel chunks of
+    at most EXACT_FP32_K taps: every partial sum is an integer below 2**24, so fp32 is exact in
+    any summation order, at float convolution speed (no im2col)."""
+    taps, (kh, kw) = geometry.taps, geometry.kernel
+    n = w.shape[1]
+    pad = channel_pad(zp, k_bounds, geometry, q.shape[1], q.device)
+    qf = q.float()
+    if pad is not None and any(geometry.padding):        # asymmetric: outside the image is the zero point
+        (ph, pw) = geometry.padding
+        qf = pad_channels(qf, pad, ph, pw)
+        padding = (0, 0)
+    else:
+        padding = geometry.padding
+    qf = qf.contiguous(memory_format=torch.channels_last)
+    weight = w.t().reshape(n, -1, kh, kw)                  # packed [K, N] -> [N, C, kh, kw] (a view)
+    step = max(1, EXACT_FP32_K // taps)
+    out = []
+    for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
+        c0, c1 = k0 // taps, k1 // taps
+        halves = (qf[:, c0:c1].clamp(min=0), qf[:, c0:c1].clamp(max=0)) if schemes[s] == 1 else (qf[:, c0:c1],)
+        sums = []
+        for half in halves:
+            acc = None
+            for a in range(0, c1 - c0, step):
+                part = F.conv2d(half[:, a:a + step], weight[:, c0 + a:min(c1, c0 + a + step)].float()
+                                .contiguous(memory_format=torch.channels_last), None, geometry.stride, padding)
+                part = part.permute(0, 2, 3, 1).reshape(-1, n).to(torch.int32)
+                acc = part if acc is None else acc.add_(part)
+            sums.append(acc)
+        out.append(tuple(sums))
+    return out
+
+
+def pad_channels(x: Tensor, pad: Tensor, ph: int, pw: int) -> Tensor:
+    """x padded by (ph, pw) with a value per channel."""
+    xp = F.pad(x, (pw, pw, ph, ph))
+    inside = torch.zeros(1, 1, *xp.shape[2:], dtype=torch.bool, device=x.device)
+    inside[..., ph:ph + x.shape[2], pw:pw + x.shape[3]] = True
+    return torch.where(inside, xp, pad.to(xp.dtype).view(1, -1, 1, 1))
+
+
+def _epilogue(sums, d_x, d_neg, d_w, bias, schemes, zp, colsum) -> Tensor:
+    """gemm_reference's epilogue on given integer sums, in its order of fp32 operations (the
+    tests pin the two paths bit for bit)."""
+    y = None
+    for s, acc in enumerate(sums):
+        if schemes[s] == 1:
+            part = torch.mul(acc[0], d_x[:, s:s + 1])
+            part.add_(torch.mul(acc[1], d_neg[:, s:s + 1]))
+        elif schemes[s] == 2:
+            part = torch.mul(acc[0] - zp[:, s:s + 1].to(torch.int32) * colsum[s], d_x[:, s:s + 1])
+        else:
+            part = torch.mul(acc[0], d_x[:, s:s + 1])
+        y = part if y is None else y.add_(part)
+    y.mul_(d_w)
+    if bias is not None:
+        y.add_(bias)
+    return y
 
 
 # ---------------------------------------------------------------- traceable site

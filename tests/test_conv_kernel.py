@@ -126,3 +126,26 @@ def test_triton_conv_bf16_output_and_refusals():
         _launch(torch.zeros_like(x, dtype=torch.int8), d, dn, w, d_w, bias, kb, [0], geo, torch.float32)
     with pytest.raises(ValueError, match="do not match"):
         _launch(x[:, :3], d, dn, w, d_w, bias, kb, [0], geo, torch.float32)
+
+
+@pytest.mark.parametrize("schemes", [(0, 0), (1, 1), (2, 2), (1, 0, 2)])
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3])
+def test_direct_cpu_path_is_the_im2col_path_bit_for_bit(geometry, schemes):
+    """Static int8 input on CPU: fp32 convolutions in channel chunks give the exact integer sums
+    (K per segment up to 1290 here: more than one chunk of 1024 taps), also at the extremes."""
+    channels = (143, 2, 5)[: len(schemes)]
+    x, geo, kb, w, d_w, bias = problem(channels, geometry, schemes, n=7, side=4)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-128, 128, x.shape, generator=g, dtype=torch.int8)
+    q[0, :, 0, 0], w[:, 0] = -128, 127                       # largest products
+    schemes = list(schemes)
+    s = len(schemes)
+    d = torch.rand(1, s, generator=g) * 0.01 + 1e-3
+    dn = torch.where(torch.tensor([c == 1 for c in schemes]), torch.rand(1, s, generator=g) * 0.01 + 1e-3, d)
+    zp = torch.where(torch.tensor([c == 2 for c in schemes]), torch.randint(-20, 20, (1, s), generator=g).float(),
+                     torch.zeros(1, s)) if 2 in schemes else None
+    colsum = column_sums(w, kb) if 2 in schemes else None
+    args = (q, d, dn, w, d_w, bias, kb, schemes, geo, torch.float32, zp, colsum)
+    direct = C.conv2d_reference(*args, direct=True)
+    assert torch.equal(direct, C.conv2d_reference(*args, direct=False))
+    assert direct.stride() == C.conv2d_reference(*args, direct=False).stride()
