@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import autotune
 from .site_lowering import ConvGeometry, variant_name
-from .triton_gemm import _rint, int_tensor, prune
+from .triton_gemm import _rint, flush, int_tensor, prune
 
 
 @triton.jit
@@ -95,18 +95,7 @@ def segquant_conv_kernel(
                 acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
             else:
                 acc_p += tl.dot(a, w, out_dtype=tl.int32)
-        # flush this segment's integer sums into fp32 with its own steps (the GEMM kernel's order)
-        part = acc_p.to(tl.float32) * d_pos[:, None]
-        if DUAL:
-            part = part + acc_n.to(tl.float32) * d_neg[:, None]
-        if ASYM:
-            colsum = tl.load(COLSUM + s * N + rn, mask=n_ok, other=0)
-            total = acc_p
-            if DUAL:
-                total = acc_p + acc_n
-            corrected = (total - zp.to(tl.int32)[:, None] * colsum[None, :]).to(tl.float32) * d_pos[:, None]
-            part = tl.where(scheme == 2, corrected, part)
-        acc = acc + part
+        acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

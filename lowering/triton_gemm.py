@@ -74,6 +74,23 @@ def _rint(x):
 
 
 @triton.jit
+def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.constexpr, ASYM: tl.constexpr):
+    """One K segment's integer sums into fp32 with its own steps (the reference's order);
+    asymmetric segments subtract zp * colsum(W) in int32 first. Shared with triton_conv.py."""
+    part = acc_p.to(tl.float32) * d_pos[:, None]
+    if DUAL:
+        part = part + acc_n.to(tl.float32) * d_neg[:, None]
+    if ASYM:
+        colsum = tl.load(colsum_ptr, mask=n_ok, other=0)
+        total = acc_p                                  # the whole q tile's sum (exact int32)
+        if DUAL:
+            total = acc_p + acc_n
+        corrected = (total - zp.to(tl.int32)[:, None] * colsum[None, :]).to(tl.float32) * d_pos[:, None]
+        part = tl.where(scheme == 2, corrected, part)
+    return part
+
+
+@triton.jit
 def segquant_gemm_kernel(
         A, W, C, DX, DN, DW, BIAS, KB, SCHEMES, SMOOTH, ZP, COLSUM,
         M, N, S,
@@ -147,19 +164,11 @@ def segquant_gemm_kernel(
                     acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
                 else:
                     acc_p += tl.dot(a, w, out_dtype=tl.int32)
-        # flush this segment's integer sums into fp32 with its own steps (same order as the reference)
-        part = acc_p.to(tl.float32) * d_pos[:, None]
-        if DUAL:
-            part = part + acc_n.to(tl.float32) * d_neg[:, None]
         if ASYM:
-            zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0).to(tl.int32)
-            colsum = tl.load(COLSUM + s * N + rn, mask=n_ok, other=0)
-            total = acc_p                                  # the whole q tile's sum (exact int32)
-            if DUAL:
-                total = acc_p + acc_n
-            corrected = (total - zp[:, None] * colsum[None, :]).to(tl.float32) * d_pos[:, None]
-            part = tl.where(scheme == 2, corrected, part)
-        acc = acc + part
+            zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
+        else:
+            zp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

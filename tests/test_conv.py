@@ -53,6 +53,45 @@ def test_sdxl_unet_conv_sites(meta_report):
     assert {row["kind"] for row in r.to_dict()["sites"]} == {"linear", "conv2d"}
 
 
+# ------------------------------------------------------------------ segments and DualScale on small graphs
+class Skip(nn.Module):
+    """A UNet up-block in miniature: cat(hidden, skip) with unequal widths, read by a 1x1 shortcut
+    directly and by a 3x3 conv through GroupNorm -> SiLU; an upsampled cat; a chunked conv output."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, 24)
+        self.shortcut = nn.Conv2d(24, 8, 1)
+        self.conv1 = nn.Conv2d(24, 8, 3, padding=1)
+        self.up = nn.Conv2d(24, 8, 3, padding=1)
+        self.mixed = nn.Conv2d(24, 8, 3, padding=1)
+        self.split = nn.Conv2d(8, 12, 3, padding=1)
+
+    def forward(self, h, skip):
+        x = torch.cat([h, skip], dim=1)                                  # 16 + 8 channels
+        y = self.shortcut(x) + self.conv1(nn.functional.silu(self.norm(x)))
+        y = y + self.up(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))[..., ::2, ::2]
+        y = y + self.mixed(torch.cat([nn.functional.silu(h), skip], dim=1))
+        a, b, c = self.split(y).split([4, 4, 4], dim=1)
+        return a * b + c
+
+
+def test_channel_segments_dualscale_and_output_segments():
+    args = (torch.randn(2, 16, 6, 6), torch.randn(2, 8, 6, 6))
+    r = sq.explain(Skip(groups=3), *args)          # groups of 8 channels: the boundary at 16 falls between
+    assert r.plan["shortcut"].input_segments.sizes == (16, 8)
+    assert r.plan["conv1"].input_segments.sizes == (16 * 9, 8 * 9) and r.plan["conv1"].dualscale.sources == ("silu",) * 2
+    assert r.plan["up"].input_segments.sizes == (16 * 9, 8 * 9)       # nearest upsampling keeps channels
+    assert r.plan["mixed"].dualscale.sources == ("silu", None)        # DualScale per segment
+    assert r.plan["split"].output_segments.sizes == (4, 4, 4)
+    straddled = sq.explain(Skip(groups=2), *args)  # groups of 12 channels: one straddles channel 16
+    assert straddled.plan["conv1"].input_segments is None
+    assert straddled.plan["shortcut"].input_segments.sizes == (16, 8)
+    assert any("straddles" in n for n in straddled.plan["conv1"].notes)
+    skipped = sq.explain(Skip(groups=3), *args, options={"skip": ["shortcut", "up"]})
+    assert set(skipped.fallbacks) == {"shortcut", "up"}
+
+
 # ------------------------------------------------------------------ float reasons
 class Odd(nn.Module):
     """One conv of each kind segquant cannot lower, and one it can."""
