@@ -74,6 +74,20 @@ def _rint(x):
 
 
 @triton.jit
+def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's output tile, in grouped order (W tiles stay in L2)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.constexpr, ASYM: tl.constexpr):
     """One K segment's integer sums into fp32 with its own steps (the reference's order);
     asymmetric segments subtract zp * colsum(W) in int32 first. Shared with triton_conv.py."""
@@ -98,16 +112,7 @@ def segquant_gemm_kernel(
         DUAL: tl.constexpr, FP8: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SMOOTH: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n                       # grouped order: W tiles stay in L2
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
