@@ -161,7 +161,7 @@ class Report:
                 + (f" (+{t['dualscale_partial']} on some input segments)" if t["dualscale_partial"] else "")
                 + (f", {t['skipped']} skipped" if t["skipped"] else "")
                 + (f"; {t['float']} stay float" if t["float"] else "")
-                + (f"; {t['float_calls'] + t['unreached']} other linear call(s) float (listed)"
+                + (f"; {t['float_calls'] + t['unreached']} other linear/conv call(s) float (listed)"
                    if t["float_calls"] + t["unreached"] else ""))
 
     # ------------------------------------------------------------------ files
