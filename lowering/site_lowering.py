@@ -17,6 +17,41 @@ CODES = {SYMMETRIC: 0, DUALSCALE: 1, ASYMMETRIC: 2}
 LOWERED_FORMATS = ("int8", "fp8")
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A conv2d site's implicit GEMM: K = in_channels x kh x kw, ordered channel-major (c, i, j)
+    like the weight's own [N, C, kh, kw] layout and F.unfold, so an input-channel segment
+    [c0, c1) is the one K range [c0 * kh * kw, c1 * kh * kw). Rows (M) are output pixels."""
+    in_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def channel_bounds(self, k_bounds) -> tuple[int, ...]:
+        return tuple(k // self.taps for k in k_bounds)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        return ((h + 2 * self.padding[0] - self.kernel[0]) // self.stride[0] + 1,
+                (w + 2 * self.padding[1] - self.kernel[1]) // self.stride[1] + 1)
+
+    def tag(self) -> str:
+        """Part of a conv kernel's variant (its autotune key): `conv3x3s2`."""
+        return f"conv{self.kernel[0]}x{self.kernel[1]}s{self.stride[0]}" + \
+            (f"x{self.stride[1]}" if self.stride[1] != self.stride[0] else "")
+
+    def as_list(self) -> list[int]:
+        """Flat ints (op arguments, the saved manifest)."""
+        return [self.in_channels, *self.kernel, *self.stride, *self.padding]
+
+    @classmethod
+    def from_list(cls, v) -> "ConvGeometry":
+        return cls(int(v[0]), (int(v[1]), int(v[2])), (int(v[3]), int(v[4])), (int(v[5]), int(v[6])))
+
+
 def variant_name(fmt: str, dual: bool, prologue: bool = False, asymmetric: bool = False) -> str:
     """The kernel variant (`int8`, `int8-dual`, `int8-asym`, `fp8-dual`, `int8-prologue`, ...):
     part of the autotune key, shared by the launcher and SiteLowering.variant."""
@@ -41,6 +76,7 @@ class SiteLowering:
     rows: int | None = field(default=None, compare=False)   # M of the traced call (None: symbolic)
     cpu_gemm: str | None = field(default=None, compare=False)   # CPU int8: "int8" | "fp32" (cpu_linear.py)
     note: str | None = None              # why this lowering differs from the options' default
+    conv: ConvGeometry | None = None     # a conv2d site: its implicit GEMM (None: a linear)
 
     def __post_init__(self):
         if len(self.schemes) != len(self.k_bounds) - 1:
@@ -72,6 +108,9 @@ class SiteLowering:
 
     @property
     def variant(self) -> str:
+        if self.conv is not None:   # a dynamic conv quantizes its float input in the kernel
+            name = variant_name(self.format, DUALSCALE in self.schemes, not self.static, self.asymmetric)
+            return self.conv.tag() + "-" + name
         return variant_name(self.format, DUALSCALE in self.schemes, self.prologue, self.asymmetric)
 
     def as_dynamic(self, note: str) -> "SiteLowering":

@@ -74,6 +74,37 @@ def _rint(x):
 
 
 @triton.jit
+def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's output tile, in grouped order (W tiles stay in L2)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.constexpr, ASYM: tl.constexpr):
+    """One K segment's integer sums into fp32 with its own steps (the reference's order);
+    asymmetric segments subtract zp * colsum(W) in int32 first. Shared with triton_conv.py."""
+    part = acc_p.to(tl.float32) * d_pos[:, None]
+    if DUAL:
+        part = part + acc_n.to(tl.float32) * d_neg[:, None]
+    if ASYM:
+        colsum = tl.load(colsum_ptr, mask=n_ok, other=0)
+        total = acc_p                                  # the whole q tile's sum (exact int32)
+        if DUAL:
+            total = acc_p + acc_n
+        corrected = (total - zp.to(tl.int32)[:, None] * colsum[None, :]).to(tl.float32) * d_pos[:, None]
+        part = tl.where(scheme == 2, corrected, part)
+    return part
+
+
+@triton.jit
 def segquant_gemm_kernel(
         A, W, C, DX, DN, DW, BIAS, KB, SCHEMES, SMOOTH, ZP, COLSUM,
         M, N, S,
@@ -81,16 +112,7 @@ def segquant_gemm_kernel(
         DUAL: tl.constexpr, FP8: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SMOOTH: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n                       # grouped order: W tiles stay in L2
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
@@ -147,19 +169,11 @@ def segquant_gemm_kernel(
                     acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
                 else:
                     acc_p += tl.dot(a, w, out_dtype=tl.int32)
-        # flush this segment's integer sums into fp32 with its own steps (same order as the reference)
-        part = acc_p.to(tl.float32) * d_pos[:, None]
-        if DUAL:
-            part = part + acc_n.to(tl.float32) * d_neg[:, None]
         if ASYM:
-            zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0).to(tl.int32)
-            colsum = tl.load(COLSUM + s * N + rn, mask=n_ok, other=0)
-            total = acc_p                                  # the whole q tile's sum (exact int32)
-            if DUAL:
-                total = acc_p + acc_n
-            corrected = (total - zp[:, None] * colsum[None, :]).to(tl.float32) * d_pos[:, None]
-            part = tl.where(scheme == 2, corrected, part)
-        acc = acc + part
+            zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
+        else:
+            zp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -42,6 +42,10 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
         return KeptFloat(f"weight on {device} device")
     if config.format not in LOWERED_FORMATS:   # QuantConfig refuses these; kept for direct callers
         return KeptFloat(f"format {config.format!r} has no lowering yet")
+    if site.conv is not None and not config.convs:
+        return KeptFloat("conv site kept float (options convs=False)")
+    if site.conv is not None and config.format != "int8":
+        return KeptFloat(f"conv sites are lowered for int8 only (format {config.format!r})")
     seg = site.input_segments if config.seglinear else None
     k_bounds = seg.bounds if seg is not None else (0, site.in_features)
     n_seg = len(k_bounds) - 1
@@ -59,13 +63,17 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
         out_seg = site.output_segments if config.seglinear else None
         out_bounds = out_seg.bounds if out_seg is not None else (0, site.out_features)
     static = config.activations == "static"
-    # decided here, outside any tracing: the choice is a measurement (lowering/cpu_linear.py)
-    cpu = cpu_gemm() if device == "cpu" and config.format == "int8" else None
     prologue = (static and device == "cuda" and config.format == "int8" and site.rows is not None
                 and site.rows <= PROLOGUE_MAX_ROWS)
+    conv = site.conv is not None
+    # decided here, outside any tracing: the choice is a measurement (lowering/cpu_linear.py);
+    # conv sites run the segquant::conv2d op (lowering/conv.py)
+    cpu = cpu_gemm() if device == "cpu" and config.format == "int8" and not conv else None
+    # a conv's smoothing divisor would differ per tap of one channel: SmoothQuant stays off there
+    note = "SmoothQuant is not applied to conv sites" if conv and static and config.smooth is not None else None
     return SiteLowering(format=config.format, activations=config.activations, weights=config.weights,
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds,
-                        smooth=config.smooth if static else None, auto=config.dualscale == "auto",
+                        smooth=config.smooth if static and not conv else None, auto=config.dualscale == "auto",
                         weight_clip=config.weight_clip, heads=heads,
-                        prologue=prologue and ASYMMETRIC not in schemes and config.dualscale != "auto",
-                        rows=site.rows, cpu_gemm=cpu)
+                        prologue=prologue and not conv and ASYMMETRIC not in schemes and config.dualscale != "auto",
+                        rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu)

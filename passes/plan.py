@@ -7,7 +7,10 @@ import networkx as nx
 import torch
 import torch.fx
 
+from segquant_compile.lowering.site_lowering import ConvGeometry
+
 from . import ops
+from .conv import conv_calls, geometry, why_not
 from .dualscale import REACHED, activation_source
 from .inline import inline_opaque
 from .names import param_names
@@ -55,6 +58,7 @@ class DualScale:
 
 @dataclass(frozen=True)
 class LinearSite:
+    """A site: a linear (or a conv2d, with `conv`: the same GEMM contract on im2col rows)."""
     name: str                      # module path, e.g. "transformer_blocks.0.norm1.linear"
     weight: str                    # parameter name
     node: str                      # FX node of the matmul
@@ -73,6 +77,7 @@ class LinearSite:
     rows: int | None = None        # M of the GEMM in the traced call (None when symbolic)
     neighbourhood: tuple[str, ...] = ()   # nodes the walks visited, for the report's drawing
     graph: int = 0                 # which captured graph (graph breaks give several)
+    conv: ConvGeometry | None = None   # a conv2d site (kind "conv2d"): K = in_channels x kh x kw
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,12 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
     floats = [FloatCall(node.name, name, kind, why, graph_index)
               for node, name, kind, why in unusable_calls(gm, names, opaque)]
     used: dict[str, int] = {}
+
+    def site_name(weight: str) -> str:
+        module = module_name(weight)
+        used[module] = used.get(module, 0) + 1
+        return module if used[module] == 1 else f"{module}#{used[module]}"
+
     for node, x, w, kind, nk, bias in find_sites(gm, names):
         w_shape = shape(w)
         why = "weight is not 2-D" if w_shape is None or len(w_shape) != 2 else \
@@ -113,45 +124,63 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
             floats.append(FloatCall(node.name, module_name(names[w.name]), kind, why, graph_index))
             continue
         n_out, k_in = (as_int(w_shape[0]), as_int(w_shape[1])) if nk else (as_int(w_shape[1]), as_int(w_shape[0]))
-        weight = names[w.name]
-        module = module_name(weight)
-        used[module] = used.get(module, 0) + 1
-        site_name = module if used[module] == 1 else f"{module}#{used[module]}"
-        notes: list[str] = []
-        out_seg = in_seg = None
-        out_ev = in_ev = None
-        if seglinear:
-            out_ev = output_segments(node, n_out)
-            in_ev = input_segments(x, k_in)
-            notes += out_ev.notes + in_ev.notes
-            if out_ev.sizes and len(out_ev.sizes) > 1:
-                out_seg = Segmentation("output", out_ev.sizes, out_ev.pattern, tuple(out_ev.nodes))
-            if in_ev.sizes and len(in_ev.sizes) > 1:   # one piece is no segmentation
-                in_seg = Segmentation("input", in_ev.sizes, in_ev.pattern, tuple(in_ev.nodes))
-        anchor = in_ev.anchor if in_seg is not None else None
-        source = activation_source(x, frozenset(activations), anchor)
-        n_segments = len(in_seg.sizes) if in_seg is not None else 1
-        if source == REACHED:
-            sources = tuple(activation_source(i, frozenset(activations)) for i in ops.cat_inputs(anchor))
-            if len(sources) != n_segments:
-                sources = (None,) * n_segments
-        else:
-            sources = (source,) * n_segments
-        around = [node.name, x.name, w.name]
-        for ev in (out_ev, in_ev):
-            if ev is not None:
-                around += ev.path[:24] + ev.nodes
-                for n in ev.nodes:   # what the evidence node splits into or assembles from
-                    around += list(graph.predecessors(n))[:8] + list(graph.successors(n))[:8]
-        sites.append(LinearSite(
-            name=site_name, weight=weight, node=node.name, kind=kind, in_features=k_in,
-            out_features=n_out, bias=bias is not None, output_segments=out_seg, input_segments=in_seg,
-            dualscale=DualScale(sources), notes=tuple(dict.fromkeys(notes)),
-            input_node=x.name, weight_node=w.name, weight_nk=nk,
-            bias_node=bias.name if isinstance(bias, torch.fx.Node) else None,
-            rows=as_int(prod(shape(x)[:-1])),
-            neighbourhood=tuple(dict.fromkeys(around)), graph=graph_index))
-    return Plan(tuple(sites), (graph,), tuple(floats))
+        sites.append(_site(graph, node, x, w, bias, kind, site_name(names[w.name]), names[w.name], n_out, k_in,
+                           activations, seglinear, graph_index, nk=nk, rows=as_int(prod(shape(x)[:-1]))))
+    for node, call in conv_calls(gm):
+        why = why_not(call, names)
+        if why:
+            w = call["weight"]
+            name = module_name(names[w.name]) if isinstance(w, torch.fx.Node) and w.name in names else node.name
+            floats.append(FloatCall(node.name, name, ops.name(node).lstrip("_"), why, graph_index))
+            continue
+        conv, w = geometry(call), call["weight"]
+        out = shape(node)
+        sites.append(_site(graph, node, call["input"], w, call["bias"], "conv2d", site_name(names[w.name]),
+                           names[w.name], as_int(shape(w)[0]), conv.in_channels * conv.taps, activations,
+                           seglinear, graph_index, conv=conv, rows=as_int(out[0] * out[2] * out[3])))
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return Plan(tuple(sorted(sites, key=lambda s: order[s.node])), (graph,), tuple(floats))
+
+
+def _site(graph, node, x, w, bias, kind: str, name: str, weight: str, n_out: int, k_in: int, activations,
+          seglinear: bool, graph_index: int, nk: bool = True, rows: int | None = None,
+          conv: ConvGeometry | None = None) -> LinearSite:
+    """Segments and DualScale of one site. A conv walks its channel axis (dim 1) in channels;
+    its input segments are then scaled to K ranges (channel-major K: one range per segment)."""
+    notes: list[str] = []
+    out_seg = in_seg = None
+    out_ev = in_ev = None
+    axis, taps = (1, conv.taps) if conv is not None else (-1, 1)
+    if seglinear:
+        out_ev = output_segments(node, n_out, axis)
+        in_ev = input_segments(x, k_in // taps, axis)
+        notes += out_ev.notes + in_ev.notes
+        if out_ev.sizes and len(out_ev.sizes) > 1:
+            out_seg = Segmentation("output", out_ev.sizes, out_ev.pattern, tuple(out_ev.nodes))
+        if in_ev.sizes and len(in_ev.sizes) > 1:   # one piece is no segmentation
+            in_seg = Segmentation("input", tuple(c * taps for c in in_ev.sizes), in_ev.pattern, tuple(in_ev.nodes))
+    anchor = in_ev.anchor if in_seg is not None else None
+    source = activation_source(x, frozenset(activations), anchor)
+    n_segments = len(in_seg.sizes) if in_seg is not None else 1
+    if source == REACHED:
+        sources = tuple(activation_source(i, frozenset(activations)) for i in ops.cat_inputs(anchor))
+        if len(sources) != n_segments:
+            sources = (None,) * n_segments
+    else:
+        sources = (source,) * n_segments
+    around = [node.name, x.name, w.name]
+    for ev in (out_ev, in_ev):
+        if ev is not None:
+            around += ev.path[:24] + ev.nodes
+            for n in ev.nodes:   # what the evidence node splits into or assembles from
+                around += list(graph.predecessors(n))[:8] + list(graph.successors(n))[:8]
+    return LinearSite(
+        name=name, weight=weight, node=node.name, kind=kind, in_features=k_in,
+        out_features=n_out, bias=bias is not None, output_segments=out_seg, input_segments=in_seg,
+        dualscale=DualScale(sources), notes=tuple(dict.fromkeys(notes)),
+        input_node=x.name, weight_node=w.name, weight_nk=nk,
+        bias_node=bias.name if isinstance(bias, torch.fx.Node) else None,
+        rows=rows, neighbourhood=tuple(dict.fromkeys(around)), graph=graph_index, conv=conv)
 
 
 def merge(plans: list[Plan]) -> Plan:

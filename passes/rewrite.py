@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import torch.fx
 
+from segquant_compile.lowering.conv import quantized_conv2d
 from segquant_compile.lowering.linear import quantized_linear, shared_activation
 from segquant_compile.lowering.site_lowering import SiteLowering
 
@@ -63,12 +64,19 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
             extras.append((i, f))
         bias = nodes[site.bias_node] if site.bias_node else None
         with graph.inserting_before(node):
-            w = inputs.get("packed", inputs.get("dequantized"))
-            new = graph.call_function(quantized_linear, (
-                nodes[site.input_node], w, inputs.get("d_w"), bias,
-                inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
-                lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format, lowering.cpu_gemm,
-                shared.get(key)))
+            if lowering.conv is None:
+                w = inputs.get("packed", inputs.get("dequantized"))
+                new = graph.call_function(quantized_linear, (
+                    nodes[site.input_node], w, inputs.get("d_w"), bias,
+                    inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
+                    lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format, lowering.cpu_gemm,
+                    shared.get(key)))
+            else:
+                new = graph.call_function(quantized_conv2d, (
+                    nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
+                    inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
+                    lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format),
+                    {"conv": tuple(lowering.conv.as_list())})
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace")})
         node.replace_all_uses_with(new)
         graph.erase_node(node)

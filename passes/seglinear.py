@@ -55,13 +55,13 @@ def _shift_after(axes, dim, by):
 
 # ---------------------------------------------------------------- output segments
 
-def output_segments(linear: torch.fx.Node, out_features: int) -> Evidence:
+def output_segments(linear: torch.fx.Node, out_features: int, axis: int = -1) -> Evidence:
     """Linear output consumed in pieces along its channel axis (chunk/split/unbind/slicing,
-    also after a reshape into (k, d) and on the k dim)."""
+    also after a reshape into (k, d) and on the k dim). `axis`: the channel dim (1 for a conv)."""
     ev = Evidence()
     cuts: set[int] = set()
     out_shape = shape(linear)
-    start = (linear, (len(out_shape) - 1,))
+    start = (linear, (norm_dim(axis, len(out_shape)),))
     seen, queue = {(linear.name, start[1])}, [start]
     patterns: list[str] = []
 
@@ -210,12 +210,13 @@ def as_int_or(x):
 
 # ---------------------------------------------------------------- input segments
 
-def input_segments(x: torch.fx.Node, in_features: int) -> Evidence:
+def input_segments(x: torch.fx.Node, in_features: int, axis: int = -1) -> Evidence:
     """Linear input assembled along its channel axis: cat/stack, or a head merge
-    (reshape/view/flatten of (..., heads, head_dim), also channel-first with a transpose)."""
+    (reshape/view/flatten of (..., heads, head_dim), also channel-first with a transpose).
+    `axis`: the channel dim (1 for a conv's NCHW input)."""
     notes: list[str] = []
     path: list[str] = []
-    found = _walk_back(x, (len(shape(x)) - 1,), notes, path, in_features)
+    found = _walk_back(x, (norm_dim(axis, len(shape(x))),), notes, path, in_features)
     distinct = {(e.sizes, e.pattern) for e in found}
     if len(distinct) == 1:
         ev = found[0]
@@ -266,6 +267,10 @@ def _backward_step(node, axes, notes, path, total: int) -> Evidence | list:
     kind = classify(node)
     out_shape = shape(node)
     src = source(node)
+    if kind is T.MIXING and out_shape is not None:
+        spatial = channel_transparent(node, axes)
+        if spatial is not None:
+            return spatial(node, axes, notes, path, total)
     if kind is T.MIXING or out_shape is None:
         return []
     if kind in (T.RESHAPE, T.PERMUTE, T.INDEX) and shape(src) is None:
@@ -353,3 +358,50 @@ def _backward_cat(node, axes, notes) -> Evidence | list:
         return []
     in_axes = _shift_after(axes, dim + 1, -1) if n == "stack" else axes
     return [(i, in_axes) for i in inputs]
+
+
+# ---------------------------------------------------------------- NCHW ops that keep the channel axis
+
+# ops on the spatial dims (2, 3, ...) of an NCHW tensor: every element stays in its channel
+SPATIAL_OPS = {"interpolate", "upsample_nearest2d", "upsample_bilinear2d", "pad", "constant_pad_nd"}
+
+
+def channel_transparent(node, axes):
+    """How the backward walk passes an op that mixes other dims but keeps the tracked channel
+    axis in place (a conv's dim 1), or None: spatial ops (resampling, padding) pass it as is;
+    GroupNorm mixes channels only inside its groups, so it passes a segmentation whose
+    boundaries fall between groups and ends the walk when a group straddles one."""
+    src = source(node)
+    if axes != (1,) or len(shape(node)) < 3 or shape(src) is None or shape(src)[:2] != shape(node)[:2]:
+        return None
+    n = ops.name(node)
+    if n in SPATIAL_OPS:
+        return lambda node, axes, notes, path, total: [(source(node), axes)]
+    if n == "group_norm":
+        return _through_group_norm
+    return None
+
+
+def _through_group_norm(node, axes, notes, path, total: int) -> Evidence | list:
+    groups = ops.arg(node, 1, "num_groups")
+    channels = as_int(shape(node)[1])
+    found = _walk_back(source(node), axes, notes, path, total)
+    if not isinstance(groups, int) or not channels or len({(e.sizes, e.pattern) for e in found}) != 1:
+        return []
+    ev, width = found[0], channels // groups      # segment sizes count channels here (minor = 1)
+    where = f"GroupNorm {node.name} ({groups} groups of {width} channels)"
+    if any(b % width for b in _cuts(ev.sizes)):
+        notes.append(f"{where} straddles the {ev.pattern} boundary at channel(s) {_cuts(ev.sizes)}: "
+                     f"its output mixes the segments")
+        return []
+    notes.append(f"{where} keeps the {ev.pattern} segments: every group lies inside one")
+    ev.nodes = [*ev.nodes, node.name]
+    return ev
+
+
+def _cuts(sizes) -> list[int]:
+    out, pos = [], 0
+    for s_ in sizes[:-1]:
+        pos += s_
+        out.append(pos)
+    return out

@@ -99,6 +99,9 @@ def possible_variants(lowering) -> set[str]:
     if not lowering.auto:
         return {lowering.variant}
     duals = {False, True} if DUALSCALE in lowering.schemes else {False}
+    if lowering.conv is not None:   # a dynamic conv quantizes in the kernel (prologue)
+        return {lowering.conv.tag() + "-" + variant_name(lowering.format, d, not lowering.static, a)
+                for d in duals for a in (False, True)}
     return {variant_name(lowering.format, d, False, a) for d in duals for a in (False, True)}
 
 
@@ -134,9 +137,14 @@ def cmd_autotune(args) -> int:
                     continue
                 for variant in possible_variants(lowering):
                     shape = (site.rows, site.out_features, site.in_features, variant)
-                    shapes.setdefault(autotune.key(*shape, device), shape)
-    for m, n, k, variant in tqdm(sorted(shapes.values()), desc="segquant autotune", unit="shape"):
-        tune(m, n, k, variant, device)
+                    shapes.setdefault(autotune.key(*shape, device), (*shape, lowering.conv))
+    for m, n, k, variant, conv in tqdm(sorted(shapes.values(), key=lambda s: s[:4]), desc="segquant autotune",
+                                       unit="shape"):
+        if conv is not None:
+            from segquant_compile.lowering import triton_conv
+            triton_conv.tune(m, n, conv, variant, device)
+        else:
+            tune(m, n, k, variant, device)
     print(f"tuned {len(shapes)} GEMM shapes; cache: {autotune.cache_path()}")
     return 0
 

@@ -23,6 +23,7 @@ class QuantConfig:
     # at most this many input segments from a head merge (adjacent heads share a step): fewer
     # segment GEMMs on the int8 CPU form; None keeps one segment per head
     head_groups: int | None = None
+    convs: bool = True                    # conv2d sites quantized (False: float, listed in the report)
     # "auto": per segment, the scheme measured best on real rows (won on both real models:
     # bench/results/fidelity.json); True: DualScale where SiLU/GELU feeds; False: none
     dualscale: bool | str = "auto"
@@ -79,7 +80,7 @@ class QuantConfig:
             raise ValueError(f"option 'dualscale' must be True, False or 'auto', got {self.dualscale!r}")
         if self.format == "fp8" and self.asymmetric:   # fp8 "auto" chooses between symmetric and DualScale
             raise ValueError("option 'asymmetric' (zero points) is int8 only; fp8 has no asymmetric scheme")
-        for key in ("seglinear", "inductor", "release_float_weights", "asymmetric"):
+        for key in ("seglinear", "convs", "inductor", "release_float_weights", "asymmetric"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be True or False, got {getattr(self, key)!r}")
         if self.smooth is not None and self.smooth != "search" and not (

@@ -51,14 +51,15 @@ def report(compiled) -> Report:
     plan = Plan(tuple(row.site for row in found.rows),
                 tuple(g for r in found.runners for g in r.plan.graphs), floats)
     reached = {id(row.weight) for row in found.rows}
-    unreached = {name: UNREACHED for name, m in found.model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and id(m.weight) not in reached}
+    kinds = {name: "linear" if isinstance(m, torch.nn.Linear) else "conv2d" for name, m in found.model.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and id(m.weight) not in reached}
+    unreached = dict.fromkeys(kinds, UNREACHED)
     names = [row.site.name for row in found.rows] + list(unreached)
     _warn_unused_skips(config, names)
     return Report(plan, config, n_graphs=len(found.runners), model=type(found.model).__name__,
                   fallbacks={row.site.name: row.reason for row in found.rows if row.reason is not None},
                   states={row.site.name: row.state for row in found.rows if row.state is not None},
-                  unreached=unreached, calibration=SUMMARIES.get(found.model))
+                  unreached=unreached, unreached_kinds=kinds, calibration=SUMMARIES.get(found.model))
 
 
 def _warn_unused_skips(config: QuantConfig, names) -> None:

@@ -18,7 +18,8 @@ FORMAT_VERSION = 2
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
 FIELDS = ("packed", "d_w", "colsum", "d_x", "d_neg", "zp", "smooth")
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
-LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth", "auto", "weight_clip")
+LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth", "auto", "weight_clip",
+                   "conv")
 
 
 def _bias_name(weight_name: str) -> str:
@@ -31,7 +32,7 @@ def _lowering_dict(lowering) -> dict:
     out = {}
     for f in LOWERING_FIELDS:
         v = getattr(lowering, f)
-        out[f] = list(v) if isinstance(v, tuple) else v
+        out[f] = list(v) if isinstance(v, tuple) else v.as_list() if hasattr(v, "as_list") else v
     return out
 
 

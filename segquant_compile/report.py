@@ -17,11 +17,13 @@ FORMAT_VERSION = 1
 LEGEND = {
     "site": "the linear (or conv) layer's full module path in the model; a suffix #k marks the k-th call "
             "of the same weight within one graph",
-    "K -> N": "input features -> output features of the weight",
+    "K -> N": "input features -> output features of the weight (a conv2d: in channels x kh x kw -> out channels; "
+              "it runs as an implicit GEMM with one row per output pixel)",
     "output segments": "pieces the output is consumed in (chunk, split, slicing), found in the graph: "
                        "'6x96 (chunk)' = 6 segments of 96 features; each gets its own weight steps",
-    "input segments": "pieces the input is assembled from (cat, the head merge before to_out): each gets its "
-                      "own activation step and its own integer accumulation (SegLinear)",
+    "input segments": "pieces the input is assembled from (cat, the head merge before to_out; for a conv2d the "
+                      "channels of a skip concatenation, 'ch'): each gets its own activation step and its own "
+                      "integer accumulation (SegLinear)",
     "DualScale": "the activation (silu, gelu) the input comes from: its positive and negative sides get "
                  "their own steps; '-' none",
     "quantized": "format, weight granularity, activations (dynamic per token, or static per segment) and "
@@ -42,6 +44,7 @@ class Report:
     fallbacks: dict[str, str] = field(default_factory=dict)   # site -> why it stays float
     states: dict[str, object] = field(default_factory=dict)   # site -> QuantState (compiled models)
     unreached: dict[str, str] = field(default_factory=dict)   # linear module -> why no graph planned it
+    unreached_kinds: dict[str, str] = field(default_factory=dict)   # such a module -> linear | conv2d
     calibration: object | None = None    # calibration.CalibrationSummary of the last calibrate() block
 
     @property
@@ -61,6 +64,7 @@ class Report:
         s = self.sites
         return {
             "sites": len(s),
+            "conv_sites": sum(x.conv is not None for x in s),
             "output_segmented": sum(x.output_segments is not None for x in s),
             "input_segmented": sum(x.input_segments is not None for x in s),
             "dualscale": sum(x.dualscale.all for x in s),
@@ -91,8 +95,8 @@ class Report:
                 "quant": self.states[s.name].summary() if s.name in self.states else None,
                 "notes": list(s.notes),
             })
-        for name, why in self.unreached.items():
-            out.append({"site": name, "kind": "linear module", "fallback": why, "quant": None})
+        for name, (kind, why) in self._unreached_kinds():
+            out.append({"site": name, "kind": f"{kind} module", "fallback": why, "quant": None})
         for call in self.float_calls:
             out.append({"site": call.name, "node": call.node, "kind": call.kind, "fallback": call.reason,
                         "quant": None})
@@ -113,17 +117,21 @@ class Report:
         body = [(s.name + (" (skip)" if s.name in skipped else ""),
                  f"{s.in_features} -> {s.out_features}",
                  s.output_segments.describe() if s.output_segments else "-",
-                 s.input_segments.describe() if s.input_segments else "-",
-                 _dual_text(s), self._quant_text(s.name)) for s in self.sites]
+                 _input_text(s), _dual_text(s), self._quant_text(s.name)) for s in self.sites]
         widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
         lines = [line(head), line(tuple("-" * w for w in widths)), *map(line, body), "", self.summary()]
         lines += [f"float: {c.name} ({c.kind} call): {c.reason}" for c in self.float_calls]
-        lines += [f"float: {name} (linear module): {why}" for name, why in self.unreached.items()]
+        lines += [f"float: {name} ({kind} module): {why}" for name, (kind, why) in self._unreached_kinds()]
         if self.calibration is not None:
             lines.append(self.calibration.describe())
         lines += ["", "legend:", self.legend()]
         return "\n".join(lines)
+
+    def _unreached_kinds(self):
+        """(name, (module kind, why)) for the modules no segquant graph reached."""
+        for name, why in self.unreached.items():
+            yield name, (self.unreached_kinds.get(name, "linear"), why)
 
     def _quant_text(self, name: str) -> str:
         if name in self.fallbacks:
@@ -146,12 +154,14 @@ class Report:
 
     def summary(self) -> str:
         t = self.totals()
-        return (f"{t['sites']} linear sites in {t['graphs']} graph(s): {t['output_segmented']} output-segmented, "
+        kinds = f"{t['sites']} sites ({t['sites'] - t['conv_sites']} linear, {t['conv_sites']} conv2d)" \
+            if t["conv_sites"] else f"{t['sites']} linear sites"
+        return (f"{kinds} in {t['graphs']} graph(s): {t['output_segmented']} output-segmented, "
                 f"{t['input_segmented']} input-segmented, {t['dualscale']} DualScale"
                 + (f" (+{t['dualscale_partial']} on some input segments)" if t["dualscale_partial"] else "")
                 + (f", {t['skipped']} skipped" if t["skipped"] else "")
                 + (f"; {t['float']} stay float" if t["float"] else "")
-                + (f"; {t['float_calls'] + t['unreached']} other linear call(s) float (listed)"
+                + (f"; {t['float_calls'] + t['unreached']} other linear/conv call(s) float (listed)"
                    if t["float_calls"] + t["unreached"] else ""))
 
     # ------------------------------------------------------------------ files
@@ -196,7 +206,7 @@ class Report:
             rows.append(
                 f'<tr data-flags="{flags}"><td>{html.escape(s.name)}</td><td>{s.in_features} &rarr; {s.out_features}</td>'
                 f'<td>{html.escape(s.output_segments.describe()) if s.output_segments else "-"}</td>'
-                f'<td>{html.escape(s.input_segments.describe()) if s.input_segments else "-"}</td>'
+                f'<td>{html.escape(_input_text(s))}</td>'
                 f'<td>{html.escape(_dual_text(s))}</td><td>{quant}</td>'
                 f'<td><details><summary>graph</summary>{_svg(self._neighbourhood(s), s.node)}'
                 f'<div class="notes">{notes}</div></details></td></tr>')
@@ -221,6 +231,17 @@ def _dual_text(s: LinearSite) -> str:
         return src[0]
     return "segments " + ",".join(str(i) for i, x in enumerate(src) if x) + ": " + \
         ",".join(sorted({x for x in src if x}))
+
+
+def _input_text(s: LinearSite) -> str:
+    """Input segments; a conv's in channels (its K ranges are channels x kh x kw)."""
+    seg = s.input_segments
+    if seg is None:
+        return "-"
+    if s.conv is None:
+        return seg.describe()
+    return seg.__class__(seg.axis, tuple(k // s.conv.taps for k in seg.sizes), seg.pattern, seg.evidence
+                         ).describe().replace(" (", " ch (", 1)
 
 
 def _site_label(s: LinearSite) -> str:

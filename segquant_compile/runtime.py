@@ -198,7 +198,10 @@ class GraphRunner:
         lowerings = [st.applied_to(e.lowering) for e, st in zip(self.entries, states)]
         gm, extras = convert(self.gm, [(e.site, lo) for e, lo in zip(self.entries, lowerings)])
         for e, st, lo in zip(self.entries, states, lowerings):
-            if st.packed.is_cuda and e.site.rows is not None:   # tune now, never inside a CUDA graph capture
+            if st.packed.is_cuda and e.site.rows is not None and lo.conv is not None:
+                from segquant_compile.lowering import triton_conv
+                triton_conv.ensure(e.site.rows, e.site.out_features, lo.conv, lo.variant, st.packed.device)
+            elif st.packed.is_cuda and e.site.rows is not None:   # tune now, never inside a CUDA graph capture
                 from segquant_compile.lowering.triton_gemm import ensure
                 ensure(e.site.rows, e.site.out_features, e.site.in_features, lo.variant, st.packed.device)
         if not self.config.inductor:

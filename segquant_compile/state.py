@@ -108,6 +108,8 @@ class QuantState:
 
     def _float_weight(self, weight: Tensor) -> Tensor:
         w = weight.detach()
+        if self.site.conv is not None:   # [N, C, kh, kw] -> [N, K], K channel-major like im2col
+            return w.reshape(w.shape[0], -1)
         return w if self.site.weight_nk else w.t()
 
     def pack(self, weight: Tensor) -> None:
@@ -180,13 +182,12 @@ class QuantState:
             raise FloatWeightsReleased(
                 f"segquant: cannot calibrate {self.name}: its float weight was released "
                 f"(options release_float_weights=True); compile the float model again to recalibrate")
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        x2, pos, neg = self._rows(x.detach())
         if self.needs_choice and not self.base.static:   # choosing schemes on a call: skip NaN/Inf rows
             x2 = x2[torch.isfinite(x2).all(dim=1)]
             if not len(x2):
                 return
-        pos = x2.amax(dim=0).clamp(min=0)
-        neg = (-x2).amax(dim=0).clamp(min=0)
+            pos, neg = x2.amax(dim=0).clamp(min=0), (-x2).amax(dim=0).clamp(min=0)
         if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
             raise FloatingPointError(f"segquant: NaN or Inf reached the calibration observer of {self.name}")
         with self._lock:
@@ -198,6 +199,19 @@ class QuantState:
                 idx = torch.randperm(len(x2), generator=torch.Generator().manual_seed(self.observed_calls))
                 self.sample.append(x2[idx[: min(len(x2), per_call, SAMPLE_ROWS - kept)]].cpu())
             self.observed_calls += 1
+
+    def _rows(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """GEMM rows of an activation, with per-K-column positive and negative maxima. A conv's
+        rows are im2col rows of SAMPLE_ROWS random output pixels (never the whole matrix)."""
+        conv = self.site.conv
+        if conv is None:
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            return x2, x2.amax(dim=0).clamp(min=0), (-x2).amax(dim=0).clamp(min=0)
+        from segquant_compile.lowering.conv import channel_ranges, im2col_rows
+        ho, wo = conv.output_size(x.shape[2], x.shape[3])
+        g = torch.Generator().manual_seed(self.observed_calls)
+        pixels = torch.randperm(x.shape[0] * ho * wo, generator=g)[:SAMPLE_ROWS].to(x.device)
+        return (im2col_rows(x.float(), conv, pixels), *channel_ranges(x, conv))
 
     def reset_calibration(self) -> None:
         """Forget statistics and steps (recalibrate, or a calibration that raised)."""

@@ -113,12 +113,12 @@ def fresh_dynamo():
 
 
 def site_gemm_calls(code: list[str]) -> int:
-    """GEMM launches of quantized sites in Inductor output code: segquant ops (CUDA, fp8) and,
+    """GEMM launches of quantized sites in Inductor output code: segquant ops (CUDA, fp8, convs) and,
     on CPU, the extern GEMMs Inductor attributes to a `quantized_linear` source node."""
     n = 0
     for c in code:
         lines = c.splitlines()
-        n += sum(line.count("torch.ops.segquant.gemm") for line in lines)
+        n += sum(line.count("torch.ops.segquant.gemm") + line.count("torch.ops.segquant.conv2d") for line in lines)
         n += sum(1 for prev, line in zip(lines, lines[1:])
                  if "quantized_linear" in prev and any(f"extern_kernels.{g}(" in line for g in ("addmm", "mm", "_int_mm")))
     return n

@@ -11,7 +11,9 @@ def names(report, pred):
 def test_sd35_medium(meta_report):
     r = meta_report("sd3.5-medium", batch=2, resolution=1024, text_tokens=333)
     t = r.totals()
-    assert (t["sites"], t["output_segmented"], t["input_segmented"], t["dualscale"]) == (392, 49, 61, 98)
+    # 392 linears + the patch embedding conv (pos_embed.proj, 2x2 stride 2)
+    assert (t["sites"], t["output_segmented"], t["input_segmented"], t["dualscale"]) == (393, 49, 61, 98)
+    assert t["conv_sites"] == 1 and r.plan["pos_embed.proj"].conv.kernel == (2, 2)
     assert t["graphs"] == 1
     for s in r.sites:
         if s.name.endswith("norm1.linear"):
@@ -66,7 +68,8 @@ def test_pixart_sigma(meta_report):
     # (timestep_embedder 2 + linear 1), + proj_out = 286.
     r = meta_report("pixart-sigma", batch=1, resolution=1024, text_tokens=300)
     t = r.totals()
-    assert (t["sites"], t["output_segmented"], t["input_segmented"], t["dualscale"]) == (286, 1, 57, 31)
+    assert (t["sites"], t["output_segmented"], t["input_segmented"], t["dualscale"]) == (287, 1, 57, 31)
+    assert t["conv_sites"] == 1 and r.plan["pos_embed.proj"].kind == "conv2d"   # + the patch embedding
     # the shared AdaLN linear, reshaped to (B, 6, D) and chunked on the 6-dim in every block
     seg = r.plan["adaln_single.linear"].output_segments
     assert seg.sizes == (1152,) * 6
@@ -80,7 +83,13 @@ def test_sdxl_unet(meta_report):
     # 11 Transformer2D proj_in/proj_out = 22, 17 resnet time_emb_proj, 4 embedding linears = 743.
     r = meta_report("sdxl-unet", batch=1, resolution=1024, text_tokens=77)
     t = r.totals()
-    assert (t["sites"], t["output_segmented"], t["input_segmented"], t["dualscale"]) == (743, 70, 142, 19)
+    # + 51 conv2d sites (test_conv.py checks them): 156 input-segmented, 54 DualScale in all
+    assert (t["sites"], t["conv_sites"], t["output_segmented"], t["input_segmented"], t["dualscale"]) == \
+        (794, 51, 70, 156, 54)
+    linears = [s for s in r.sites if s.kind == "linear"]
+    assert (len(linears), sum(s.output_segments is not None for s in linears),
+            sum(s.input_segments is not None for s in linears), sum(s.dualscale.all for s in linears)) == \
+        (743, 70, 142, 19)
     ff = names(r, lambda s: s.output_segments is not None)
     assert all(n.endswith("ff.net.0.proj") for n in ff)  # GEGLU chunk(2)
     assert r.plan["add_embedding.linear_1"].input_segments.sizes == (1280, 1536)

@@ -10,8 +10,8 @@ from conftest import tiny_sd3
 def test_inspect_shipped(capsys, tmp_path):
     assert cli.main(["inspect", "pixart-sigma", "--summary", "--save", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
-    assert "286 linear sites" in out
-    assert json.loads((tmp_path / "p.json").read_text())["totals"]["sites"] == 286
+    assert "287 sites (286 linear, 1 conv2d)" in out
+    assert json.loads((tmp_path / "p.json").read_text())["totals"]["sites"] == 287
 
 
 def test_inspect_local_folder(capsys, tmp_path):

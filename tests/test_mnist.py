@@ -27,7 +27,7 @@ def test_classifier_on_real_images(shared_data):
 def test_plan(dit):
     y = torch.tensor([3, 7])
     report = explain(dit, torch.randn(2, 1, 28, 28), torch.zeros(2), y)
-    assert report.totals()["sites"] == 40
+    assert report.totals()["sites"] == 41 and report.totals()["conv_sites"] == 1    # 40 linears + its patch conv
     for i in range(3):
         seg = report.plan[f"dits.{i}.lv"].input_segments
         assert seg.sizes == (64,) * 4 and seg.pattern == "head_merge"

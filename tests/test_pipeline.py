@@ -53,7 +53,7 @@ def test_readme_diffusers_section_as_written(folder, tmp_path, monkeypatch, caps
     assert cli.main(["inspect", folder, "--save", str(tmp_path / "plan.json")]) == 0
     assert "batch 2, 32x32 px (latent 16), 300 text tokens" in capsys.readouterr().out
     inspected = plan_of(json.loads((tmp_path / "plan.json").read_text())["sites"])
-    assert inspected == plan_of(report.rows()) and len(inspected) == 26
+    assert inspected == plan_of(report.rows()) and len(inspected) == 27   # 26 linears + the patch conv
     first = ns["image"]
     torch._dynamo.reset()
     exec(helper, ns)              # the one-call path (calibrated on other random latents: close, not equal)
@@ -74,7 +74,7 @@ def test_quantize_cli_then_load_alone(folder, tmp_path, capsys):
     assert cli.main(["quantize", folder, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
                      "--steps", "2", "--pipe-kwargs", json.dumps(kwargs)]) == 0
     text = capsys.readouterr().out
-    assert "calibration: 4 call(s)" in text and "26 linear sites" in text
+    assert "calibration: 4 call(s)" in text and "27 sites (26 linear, 1 conv2d)" in text
     assert json.loads((out / "manifest.json").read_text())["options"]["activations"] == "static"
     assert QuantConfig.from_options({"load": str(out)}).activations == "static"     # adopted
     with pytest.raises(ValueError, match=r"options\['activations'\]='dynamic'.*activations='static'"):
@@ -104,7 +104,7 @@ def test_inspect_folder_takes_the_pipeline_inputs(folder, capsys):
     assert cli.main(["inspect", folder, "--summary"]) == 0
     out = capsys.readouterr().out
     assert "batch 2, 32x32 px (latent 16), 300 text tokens" in out     # sample_size 16 x VAE factor 2
-    assert "26 linear sites in 1 graph(s)" in out
+    assert "27 sites (26 linear, 1 conv2d) in 1 graph(s)" in out
     assert cli.main(["inspect", folder, "--resolution", "64", "--batch", "1", "--text-tokens", "7", "--summary"]) == 0
     assert "batch 1, 64x64 px (latent 32), 7 text tokens" in capsys.readouterr().out
 

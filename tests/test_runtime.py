@@ -340,7 +340,7 @@ def test_explain_compiled_uses_its_options_and_report_without_linears():
     report = sq.explain(c, torch.randn(2, 8))
     assert report.config.skip == ("b",) and not report.config.dualscale
     assert set(report.fallbacks) == {"b"}
-    plain = torch.compile(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), backend="segquant", options=EAGER)
-    plain(torch.randn(1, 1, 6, 6))
+    plain = torch.compile(nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.ReLU()), backend="segquant", options=EAGER)
+    plain(torch.randn(1, 2, 6, 6))                       # a depthwise conv is no site
     r = sq.report(plain)
     assert r.totals()["sites"] == 0 and "0 linear sites" in str(r)

@@ -1,0 +1,170 @@
+"""Triton implicit-GEMM conv2d for the segquant conv op: the GEMM kernel's contract with the A
+tile gathered from the NCHW (or channels-last: any strides) input instead of loaded from rows.
+
+    row m = output pixel (b, ho, wo); column k = (c, i, j) channel-major: a K segment is a
+    channel range, so the per-segment loop, DualScale split, zero-point correction and flushes
+    are the GEMM kernel's (lowering/triton_gemm.py)
+    int8 input:   quantized with static steps outside; out-of-image taps read the segment's
+                  zero point (the quantized 0)
+    PROLOGUE:     float input, quantized in registers with per-pixel ([M, S]) or static steps
+                  (symmetric, DualScale or asymmetric per segment), out-of-image taps read 0.0
+    epilogue:     * d_w + bias, cast, stored at (b, n, ho, wo) through the output's strides
+The math is exactly lowering/conv.py's reference; see tests/test_conv_kernel.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import autotune
+from .site_lowering import ConvGeometry, variant_name
+from .triton_gemm import _rint, flush, int_tensor, prune, tile
+
+
+@triton.jit
+def segquant_conv_kernel(
+        X, W, C, DX, DN, DW, BIAS, KB, SCHEMES, ZP, COLSUM,
+        M, N, S, H, WD, HO, WO,
+        stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wn,
+        stride_cb, stride_cn, stride_ch, stride_cw, stride_dm, stride_ds,
+        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+        PW: tl.constexpr, DUAL: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    rm, rn = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    # the output pixel of each row, and the top-left input tap of its receptive field
+    b = rm // (HO * WO)
+    pix = rm % (HO * WO)
+    ho = pix // WO
+    wo = pix % WO
+    top = ho * SH - PH
+    left = wo * SW - PW
+    x_row = X + b * stride_xb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, S):
+        k0 = tl.load(KB + s)
+        k1 = tl.load(KB + s + 1)
+        d_pos = tl.load(DX + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+        d_neg = tl.load(DN + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+        scheme = tl.load(SCHEMES + s)                 # 0 symmetric, 1 DualScale, 2 asymmetric
+        if ASYM:
+            zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
+        else:
+            zp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(k0, k1, BLOCK_K):
+            kk = k + rk
+            k_ok = kk < k1
+            c = kk // (KH * KW)
+            tap = kk % (KH * KW)
+            hh = top[:, None] + (tap // KW)[None, :]
+            ww = left[:, None] + (tap % KW)[None, :]
+            inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < WD)
+            a_mask = m_ok[:, None] & k_ok[None, :]
+            ptr = x_row[:, None] + c[None, :] * stride_xc + hh * stride_xh + ww * stride_xw
+            if PROLOGUE:
+                x = tl.load(ptr, mask=a_mask & inside, other=0.0).to(tl.float32)
+                sym = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]), -127.0), 127.0)
+                qp = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]), 0.0), 127.0)
+                qn = tl.minimum(tl.maximum(_rint(x / d_neg[:, None]), -128.0), 0.0)
+                dual = tl.where(x >= 0, qp, qn)
+                asym = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]) + zp[:, None], -128.0), 127.0)
+                q = tl.where(scheme == 1, dual, tl.where(scheme == 2, asym, sym))
+                a = tl.where(a_mask, q, 0.0).to(tl.int8)
+            else:
+                pad = tl.where(a_mask, zp[:, None], 0.0).to(tl.int8)   # the quantized 0 of the segment
+                a = tl.load(ptr, mask=a_mask & inside, other=0)
+                a = tl.where(inside, a, pad)
+            w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if DUAL:
+                acc_p += tl.dot(tl.maximum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
+                acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
+            else:
+                acc_p += tl.dot(a, w, out_dtype=tl.int32)
+        acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
+    acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c_ptr = C + (b * stride_cb + ho * stride_ch + wo * stride_cw)[:, None] + rn[None, :] * stride_cn
+    tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def variant(geometry: ConvGeometry, schemes, prologue: bool) -> str:
+    return geometry.tag() + "-" + variant_name("int8", 1 in schemes, prologue, 2 in schemes)
+
+
+def launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeometry, out_dtype, zp=None,
+           colsum=None, config=None) -> torch.Tensor:
+    """y [B, N, Ho, Wo] (channels-last memory) = segquant conv of x [B, C, H, W] (int8 quantized
+    with static steps, or float with per-pixel or static steps) and packed w [K, N]."""
+    B, C, H, Wd = x.shape
+    K, N = w.shape
+    if C != geometry.in_channels or K != C * geometry.taps:
+        raise ValueError(f"segquant conv: input {tuple(x.shape)} and weight {tuple(w.shape)} do not match {geometry}")
+    prologue = x.is_floating_point()
+    asym = 2 in schemes
+    if asym and (zp is None or colsum is None):
+        raise ValueError("segquant conv: asymmetric segments need zero points and column sums")
+    Ho, Wo = geometry.output_size(H, Wd)
+    M = B * Ho * Wo
+    if d_x.shape[0] not in (1, M) or d_neg.shape != d_x.shape or (zp is not None and zp.shape != d_x.shape):
+        raise ValueError(f"segquant conv: activation steps must be [1 or M, S], got {tuple(d_x.shape)}")
+    if not prologue and d_x.shape[0] != 1:
+        raise ValueError("segquant conv: a quantized (int8) input takes static steps [1, S]")
+    c = torch.empty((B, N, Ho, Wo), dtype=out_dtype, device=x.device).to(memory_format=torch.channels_last)
+    if M == 0 or N == 0:
+        return c
+    name = variant(geometry, schemes, prologue)
+    if config is None:
+        config = autotune.choose(autotune.key(M, N, K, name, x.device), prune(M, N, K, name, x.device))
+    stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.padding
+    kb, flags = int_tensor(k_bounds, x.device), int_tensor(schemes, x.device)
+    segquant_conv_kernel[grid](
+        x, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, kb, flags,
+        zp if zp is not None else d_x, colsum if colsum is not None else kb,
+        M, N, len(k_bounds) - 1, H, Wd, Ho, Wo,
+        *x.stride(), w.stride(0), w.stride(1), *c.stride(), stride_dm, d_x.stride(1),
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DUAL=1 in schemes, PROLOGUE=prologue,
+        HAS_BIAS=bias is not None, ASYM=asym,
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        GROUP_M=config.get("GROUP_M", 8), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+    return c
+
+
+def tune(m: int, n: int, geometry: ConvGeometry, name: str, device, bench=None) -> tuple[dict, list]:
+    """Tune the conv kernel for one shape (M output pixels as a square batch-1 image) and variant."""
+    device = torch.device(device)
+    prologue, dual, asym = name.endswith("prologue"), "-dual" in name, "-asym" in name
+    codes = tuple(c for c, on in ((1, dual), (2, asym)) if on) or (0,)
+    cin, k = geometry.in_channels, geometry.in_channels * geometry.taps
+    bounds = (0, k) if len(codes) == 1 or cin < 2 else (0, (cin // 2) * geometry.taps, k)
+    codes = codes[: len(bounds) - 1]
+    side = max(1, round(m ** 0.5))
+    h = (side - 1) * geometry.stride[0] + geometry.kernel[0] - 2 * geometry.padding[0]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, cin, h, h, generator=g).to(device)
+    if not prologue:
+        x = torch.randint(-127, 128, x.shape, generator=g, dtype=torch.int8).to(device)
+    w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device)
+    d = torch.full((1, len(codes)), 0.01, device=device)
+    zp = torch.zeros_like(d) if asym else None
+    colsum = torch.stack([w[a:b].sum(dim=0, dtype=torch.int32) for a, b in zip(bounds[:-1], bounds[1:])]) \
+        if asym else None
+
+    def run(cfg):
+        launch(x, d, d, w, torch.full((n,), 0.01, device=device), None, bounds, codes, geometry, torch.bfloat16,
+               zp=zp, colsum=colsum, config=cfg)
+    return autotune.tune(autotune.key(m, n, k, name, device), prune(m, n, k, name, device), run, bench)
+
+
+def ensure(m: int, n: int, geometry: ConvGeometry, name: str, device) -> dict:
+    """A tuned config for this shape (at compile time, never inside a CUDA graph capture)."""
+    k = geometry.in_channels * geometry.taps
+    return autotune.cached(autotune.key(m, n, k, name, device)) or tune(m, n, geometry, name, device)[0]

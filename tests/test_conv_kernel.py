@@ -1,0 +1,151 @@
+"""The segquant conv2d op: its CPU reference against the linear GEMM contract on im2col rows, and
+the Triton implicit-GEMM kernel against that reference (TRITON_INTERPRET=1 on CPU machines)."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segquant_compile.lowering import conv as C
+from segquant_compile.lowering import quantize as Q
+from segquant_compile.lowering.ops import column_sums, gemm_reference
+from segquant_compile.lowering.site_lowering import ConvGeometry
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the geometries diffusers UNets use: 3x3 same, 3x3 stride 2 (Downsample2D), 1x1 (shortcut, proj)
+GEOMETRIES = [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)), ((1, 1), (1, 1), (0, 0)),
+              ((2, 2), (2, 2), (0, 0))]
+
+
+def problem(channels, geometry, schemes, seed=0, n=12, b=2, side=5):
+    g = torch.Generator().manual_seed(seed)
+    geo = ConvGeometry(sum(channels), *geometry)
+    x = torch.randn(b, geo.in_channels, side, side + 1, generator=g)
+    x[:, : channels[0]] *= 4            # segments with different ranges
+    if 1 in schemes:
+        x = F.silu(x)
+    k_bounds = [c * geo.taps for c in (0, *itertools.accumulate(channels))]
+    w = torch.randint(-127, 128, (geo.in_channels * geo.taps, n), generator=g, dtype=torch.int8)
+    d_w = torch.rand(n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g)
+    return x, geo, k_bounds, w, d_w, bias
+
+
+def test_im2col_is_unfold_in_channel_major_order():
+    x = torch.randn(2, 3, 5, 6)
+    for kernel, stride, padding in GEOMETRIES:
+        geo = ConvGeometry(3, kernel, stride, padding)
+        ref = F.unfold(x, kernel, padding=padding, stride=stride).transpose(1, 2).reshape(-1, 3 * geo.taps)
+        assert torch.equal(C.im2col(x, geo), ref)
+        assert torch.equal(C.im2col(x.to(memory_format=torch.channels_last), geo), ref)
+        pixels = torch.tensor([0, 3, len(ref) - 1])
+        assert torch.equal(C.im2col_rows(x, geo, pixels), ref[pixels])
+
+
+@pytest.mark.parametrize("schemes", [(0, 0), (1, 1), (2, 2), (0, 1), (2, 1)])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_pixel_steps_are_the_dynamic_steps_of_the_im2col_rows(geometry, schemes):
+    x, geo, kb, *_ = problem((3, 2), geometry, schemes)
+    rows = C.im2col(x, geo)
+    q, d, dn, zp = Q.quantize_dynamic(rows, kb, list(schemes))
+    pd, pdn, pzp = C.pixel_steps(x, geo, kb, list(schemes))
+    assert torch.equal(pd, d) and torch.equal(pdn, dn) and torch.equal(pzp, zp)
+    assert torch.equal(Q.quantize_static(rows, kb, list(schemes), pd, pdn, pzp), q)
+
+
+@pytest.mark.parametrize("schemes", [(0, 0), (1, 1), (2, 0)])
+def test_static_input_quantized_once_equals_the_rows_quantized(schemes):
+    x, geo, kb, *_ = problem((3, 2), GEOMETRIES[0], schemes)
+    rows = C.im2col(x, geo)
+    pos = torch.stack([rows[:, a:b].amax().clamp(min=0) for a, b in zip(kb[:-1], kb[1:])])
+    neg = torch.stack([(-rows[:, a:b]).amax().clamp(min=0) for a, b in zip(kb[:-1], kb[1:])]) * 0.5
+    d, dn, zp = Q.static_steps(pos, neg, list(schemes))
+    zp = zp if 2 in schemes else None
+    q = C.quantize_channels(x, geo, kb, list(schemes), d, dn, zp)
+    padded = C.im2col(q, geo, C.channel_pad(zp, kb, geo, x.shape[1], x.device))
+    assert torch.equal(padded, Q.quantize_static(rows, kb, list(schemes), d, dn, zp))
+
+
+def test_reference_is_the_float_conv_up_to_quantization():
+    x, geo, kb, _, _, bias = problem((3, 2), GEOMETRIES[1], (0, 0), n=6)
+    weight = torch.randn(6, 5, 3, 3)
+    d_w = Q.weight_steps(weight.reshape(6, -1))
+    w = Q.quantize_weight(weight.reshape(6, -1), d_w)
+    d, dn, _ = C.pixel_steps(x, geo, kb, [0, 0])
+    got = C.conv2d_reference(x, d, dn, w, d_w, bias, kb, [0, 0], geo, torch.float32)
+    ref = F.conv2d(x, weight, bias, geo.stride, geo.padding)
+    assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert Q.sqnr_db(ref, got) > 35
+
+
+def _launch(x, d, dn, w, d_w, bias, kb, schemes, geo, out, zp=None, colsum=None):
+    from segquant_compile.lowering.triton_conv import launch
+    dev = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return launch(dev(x), dev(d), dev(dn), dev(w), dev(d_w), dev(bias), kb, schemes, geo, out, zp=dev(zp),
+                  colsum=dev(colsum)).cpu()
+
+
+CASES = [(g, s, cl, quantized) for g in GEOMETRIES for s in [(0, 0), (1, 1), (2, 2), (1, 0)]
+         for cl in (False, True) for quantized in (False, True)][::3]
+
+
+@pytest.mark.parametrize("geometry,schemes,channels_last,quantized", CASES)
+def test_triton_conv_matches_the_reference(geometry, schemes, channels_last, quantized):
+    x, geo, kb, w, d_w, bias = problem((5, 3), geometry, schemes, seed=hash((geometry, schemes)) % 1000)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    schemes = list(schemes)
+    colsum = column_sums(w, kb) if 2 in schemes else None
+    if quantized:      # static: int8 input quantized once, padding reads the zero point
+        rows = C.im2col(x, geo)
+        pos = torch.stack([rows[:, a:b].amax().clamp(min=0) for a, b in zip(kb[:-1], kb[1:])])
+        neg = torch.stack([(-rows[:, a:b]).amax().clamp(min=0) for a, b in zip(kb[:-1], kb[1:])])
+        d, dn, zp = Q.static_steps(pos, neg, schemes)
+        zp = zp if 2 in schemes else None
+        inp = C.quantize_channels(x, geo, kb, schemes, d, dn, zp)
+    else:              # dynamic: float input, steps per output pixel, quantized in the prologue
+        d, dn, zp = C.pixel_steps(x, geo, kb, schemes)
+        zp = zp if 2 in schemes else None
+        inp = x
+    ref = C.conv2d_reference(inp, d, dn, w, d_w, bias, kb, schemes, geo, torch.float32, zp, colsum)
+    got = _launch(inp, d, dn, w, d_w, bias, kb, schemes, geo, torch.float32, zp, colsum)
+    assert got.shape == ref.shape and got.stride() == ref.stride()
+    if len(set(schemes)) == 1:
+        assert torch.equal(got, ref)       # same int32 sums, same fp32 epilogue order: bit exact
+    else:                                  # DualScale's split on a plain segment: fp32 rounding
+        assert ((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_triton_conv_bf16_output_and_refusals():
+    x, geo, kb, w, d_w, bias = problem((4,), GEOMETRIES[0], (0,))
+    d, dn, _ = C.pixel_steps(x, geo, kb, [0])
+    ref = C.conv2d_reference(x, d, dn, w, d_w, bias, kb, [0], geo, torch.float32)
+    got = _launch(x, d, dn, w, d_w, bias, kb, [0], geo, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs().max() / ref.abs().max()) < 8e-3
+    with pytest.raises(ValueError, match="static steps"):
+        _launch(torch.zeros_like(x, dtype=torch.int8), d, dn, w, d_w, bias, kb, [0], geo, torch.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        _launch(x[:, :3], d, dn, w, d_w, bias, kb, [0], geo, torch.float32)
+
+
+@pytest.mark.parametrize("schemes", [(0, 0), (1, 1), (2, 2), (1, 0, 2)])
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3])
+def test_direct_cpu_path_is_the_im2col_path_bit_for_bit(geometry, schemes):
+    """Static int8 input on CPU: fp32 convolutions in channel chunks give the exact integer sums
+    (K per segment up to 1290 here: more than one chunk of 1024 taps), also at the extremes."""
+    channels = (143, 2, 5)[: len(schemes)]
+    x, geo, kb, w, d_w, bias = problem(channels, geometry, schemes, n=7, side=4)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-128, 128, x.shape, generator=g, dtype=torch.int8)
+    q[0, :, 0, 0], w[:, 0] = -128, 127                       # largest products
+    schemes = list(schemes)
+    s = len(schemes)
+    d = torch.rand(1, s, generator=g) * 0.01 + 1e-3
+    dn = torch.where(torch.tensor([c == 1 for c in schemes]), torch.rand(1, s, generator=g) * 0.01 + 1e-3, d)
+    zp = torch.where(torch.tensor([c == 2 for c in schemes]), torch.randint(-20, 20, (1, s), generator=g).float(),
+                     torch.zeros(1, s)) if 2 in schemes else None
+    colsum = column_sums(w, kb) if 2 in schemes else None
+    args = (q, d, dn, w, d_w, bias, kb, schemes, geo, torch.float32, zp, colsum)
+    direct = C.conv2d_reference(*args, direct=True)
+    assert torch.equal(direct, C.conv2d_reference(*args, direct=False))
+    assert direct.stride() == C.conv2d_reference(*args, direct=False).stride()
