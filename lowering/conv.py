@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import quantize as Q
-from .ops import EXACT_FP32_K, LIB, cpu_int8_gemm, gemm_reference
+from .ops import EXACT_FP32_K, LIB, combine_segments, cpu_int8_gemm, gemm_reference
 from .site_lowering import ConvGeometry
 
 
@@ -82,7 +82,7 @@ def conv2d_reference(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, o
     if direct is None:
         direct = not x.is_floating_point() and x.device.type == "cpu" and cpu_int8_gemm() == "fp32"
     if direct:
-        y = _epilogue(direct_sums(x, w, k_bounds, schemes, g, zp), d_x, d_neg, d_w, bias, schemes, zp, colsum)
+        y = combine_segments(direct_sums(x, w, k_bounds, schemes, g, zp), d_x, d_neg, d_w, bias, schemes, zp, colsum)
         return y.to(out_dtype).view(b, ho, wo, -1).permute(0, 3, 1, 2)
     if x.is_floating_point():
         rows = im2col(x.float(), g)
@@ -134,25 +134,6 @@ def pad_channels(x: Tensor, pad: Tensor, ph: int, pw: int) -> Tensor:
     inside = torch.zeros(1, 1, *xp.shape[2:], dtype=torch.bool, device=x.device)
     inside[..., ph:ph + x.shape[2], pw:pw + x.shape[3]] = True
     return torch.where(inside, xp, pad.to(xp.dtype).view(1, -1, 1, 1))
-
-
-def _epilogue(sums, d_x, d_neg, d_w, bias, schemes, zp, colsum) -> Tensor:
-    """gemm_reference's epilogue on given integer sums, in its order of fp32 operations (the
-    tests pin the two paths bit for bit)."""
-    y = None
-    for s, acc in enumerate(sums):
-        if schemes[s] == 1:
-            part = torch.mul(acc[0], d_x[:, s:s + 1])
-            part.add_(torch.mul(acc[1], d_neg[:, s:s + 1]))
-        elif schemes[s] == 2:
-            part = torch.mul(acc[0] - zp[:, s:s + 1].to(torch.int32) * colsum[s], d_x[:, s:s + 1])
-        else:
-            part = torch.mul(acc[0], d_x[:, s:s + 1])
-        y = part if y is None else y.add_(part)
-    y.mul_(d_w)
-    if bias is not None:
-        y.add_(bias)
-    return y
 
 
 # ---------------------------------------------------------------- traceable site

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .ops import cpu_int8_gemm
-from .quantize import ASYMMETRIC, DUALSCALE, _round, _segments, dynamic_steps, nonfinite_rows
+from .quantize import ASYMMETRIC, DUALSCALE, _round, _segments, dequantize_segment, dynamic_steps, nonfinite_rows
 
 CPU_GEMMS = ("int8", "fp32")
 ENV = "SEGQUANT_CPU_GEMM"
@@ -58,11 +58,7 @@ def quantized_activation(x: Tensor, k_bounds, schemes, d_x, d_neg, zp, kind: str
     for (xs, d, dn, z), scheme in zip(segment_steps(x, k_bounds, schemes, d_x, d_neg, zp), schemes):
         q = _round(xs, d, dn, z, scheme)
         if kind == "fp32":
-            qf = q.float()
-            if scheme == DUALSCALE:
-                parts.append(torch.where(qf >= 0, qf * d, qf * dn))
-            else:
-                parts.append((qf - z) * d if scheme == ASYMMETRIC else qf * d)
+            parts.append(dequantize_segment(q.float(), d, dn, z, scheme))
         else:
             parts.append(((q.clamp(min=0), q.clamp(max=0)) if scheme == DUALSCALE else q, d, dn, z))
     if kind == "fp32":

@@ -78,25 +78,36 @@ def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp
     operands (fp8 emulated on CPU) go through float64 products, exact for 8-bit values."""
     fp8 = q.dtype == torch.float8_e4m3fn
     mm = torch.matmul if fp8 else _int_mm
+
+    def sums():   # lazily, so one segment's partial sums are alive at a time
+        for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
+            qs, ws = q[:, k0:k1], w[k0:k1]
+            if fp8:
+                qs, ws = qs.double(), ws.double()
+            yield (mm(qs.clamp(min=0), ws), mm(qs.clamp(max=0), ws)) if schemes[s] == 1 else (mm(qs, ws),)
+
+    y = combine_segments(sums(), d_x, d_neg, d_w, bias, schemes, zp, colsum)
+    return y if y.dtype == out_dtype else y.to(out_dtype)
+
+
+def combine_segments(sums, d_x, d_neg, d_w, bias, schemes, zp=None, colsum=None) -> Tensor:
+    """The epilogue on per-segment integer sums ((pos, neg) for DualScale, (all,) otherwise), in
+    the order of fp32 operations every implementation follows (the conv op shares it)."""
     y = None
-    for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
-        qs, ws = q[:, k0:k1], w[k0:k1]
-        if fp8:
-            qs, ws = qs.double(), ws.double()
+    for s, acc in enumerate(sums):
         # int32 * fp32 promotes in one pass; the rest accumulates in place (CPU epilogue cost)
         if schemes[s] == 1:
-            part = torch.mul(mm(qs.clamp(min=0), ws), d_x[:, s:s + 1])
-            part.add_(torch.mul(mm(qs.clamp(max=0), ws), d_neg[:, s:s + 1]))
+            part = torch.mul(acc[0], d_x[:, s:s + 1])
+            part.add_(torch.mul(acc[1], d_neg[:, s:s + 1]))
         elif schemes[s] == 2:
-            acc = mm(qs, ws) - zp[:, s:s + 1].to(torch.int32) * colsum[s]
-            part = torch.mul(acc, d_x[:, s:s + 1])
+            part = torch.mul(acc[0] - zp[:, s:s + 1].to(torch.int32) * colsum[s], d_x[:, s:s + 1])
         else:
-            part = torch.mul(mm(qs, ws), d_x[:, s:s + 1])
+            part = torch.mul(acc[0], d_x[:, s:s + 1])
         y = part if y is None else y.add_(part)
     y.mul_(d_w)
     if bias is not None:
         y.add_(bias)
-    return y if y.dtype == out_dtype else y.to(out_dtype)
+    return y
 
 
 EXACT_FP32_K = 1024   # 1024 products of 8-bit values: every partial sum is an integer below 2**24

@@ -125,15 +125,18 @@ def _round(xs: Tensor, d: Tensor, dn: Tensor, z: Tensor | None, scheme: int, fmt
 def dequantize(q: Tensor, k_bounds: list[int], schemes: list[int], d: Tensor, d_neg: Tensor,
                zp: Tensor | None = None) -> Tensor:
     """Inverse of the activation quantizers (for tests and SQNR)."""
-    out = []
-    for i, (qs, scheme) in enumerate(zip(_segments(q.float(), k_bounds), schemes)):
-        if scheme == DUALSCALE:
-            out.append(torch.where(qs >= 0, qs * d[:, i:i + 1], qs * d_neg[:, i:i + 1]))
-        elif scheme == ASYMMETRIC:
-            out.append((qs - zp[:, i:i + 1]) * d[:, i:i + 1])
-        else:
-            out.append(qs * d[:, i:i + 1])
-    return torch.cat(out, dim=1)
+    return torch.cat([dequantize_segment(qs, d[:, i:i + 1], d_neg[:, i:i + 1],
+                                         zp[:, i:i + 1] if zp is not None else None, scheme)
+                      for i, (qs, scheme) in enumerate(zip(_segments(q.float(), k_bounds), schemes))], dim=1)
+
+
+def dequantize_segment(qs: Tensor, d: Tensor, dn: Tensor, z: Tensor | None, scheme: int) -> Tensor:
+    """One segment's grid values (float) times its steps: the inverse of `_round`."""
+    if scheme == DUALSCALE:
+        return torch.where(qs >= 0, qs * d, qs * dn)
+    if scheme == ASYMMETRIC:
+        return (qs - z) * d
+    return qs * d
 
 
 def static_steps(pos_max: Tensor, neg_max: Tensor, schemes: list[int], fmt: str = "int8"

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import autotune
 from .site_lowering import ConvGeometry, variant_name
-from .triton_gemm import _rint, flush, int_tensor, prune, tile
+from .triton_gemm import _rint, flush, int_tensor, prune, segment_steps, tile
 
 
 @triton.jit
@@ -45,15 +45,8 @@ def segquant_conv_kernel(
     x_row = X + b * stride_xb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for s in range(0, S):
-        k0 = tl.load(KB + s)
-        k1 = tl.load(KB + s + 1)
-        d_pos = tl.load(DX + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
-        d_neg = tl.load(DN + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
-        scheme = tl.load(SCHEMES + s)                 # 0 symmetric, 1 DualScale, 2 asymmetric
-        if ASYM:
-            zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
-        else:
-            zp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        k0, k1, d_pos, d_neg, scheme, zp = segment_steps(KB, SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm,
+                                                         stride_ds, BLOCK_M, ASYM)
         acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k in range(k0, k1, BLOCK_K):

@@ -88,6 +88,23 @@ def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constex
 
 
 @triton.jit
+def segment_steps(KB, SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
+                  BLOCK_M: tl.constexpr, ASYM: tl.constexpr):
+    """K segment s: its bounds, scheme code (0 symmetric, 1 DualScale, 2 asymmetric) and the
+    steps and zero point of this tile's rows (zero point 0 unless ASYM). Shared with triton_conv.py."""
+    k0 = tl.load(KB + s)
+    k1 = tl.load(KB + s + 1)
+    d_pos = tl.load(DX + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+    d_neg = tl.load(DN + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+    scheme = tl.load(SCHEMES + s)
+    if ASYM:
+        zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
+    else:
+        zp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return k0, k1, d_pos, d_neg, scheme, zp
+
+
+@triton.jit
 def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.constexpr, ASYM: tl.constexpr):
     """One K segment's integer sums into fp32 with its own steps (the reference's order);
     asymmetric segments subtract zp * colsum(W) in int32 first. Shared with triton_conv.py."""
@@ -119,12 +136,9 @@ def segquant_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bad = tl.zeros((BLOCK_M,), dtype=tl.float32)     # PROLOGUE: rows holding NaN/Inf come out NaN
     for s in range(0, S):
-        k0 = tl.load(KB + s)
-        k1 = tl.load(KB + s + 1)
-        d_pos = tl.load(DX + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
-        d_neg = tl.load(DN + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+        k0, k1, d_pos, d_neg, scheme, zp = segment_steps(KB, SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm,
+                                                         stride_ds, BLOCK_M, ASYM)
         # a plain segment of a mixed site quantizes symmetrically: its lower clamp is -127
-        scheme = tl.load(SCHEMES + s)                 # 0 symmetric, 1 DualScale, 2 asymmetric
         low = tl.where(scheme == 1, -128.0, -127.0)
         if FP8:
             acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -169,10 +183,6 @@ def segquant_gemm_kernel(
                     acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
                 else:
                     acc_p += tl.dot(a, w, out_dtype=tl.int32)
-        if ASYM:
-            zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
-        else:
-            zp = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:

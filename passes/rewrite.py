@@ -3,6 +3,7 @@ sites (calibration runs that graph in float); `convert` replaces each site's mat
 quantized linear (activation quantize + one segquant GEMM op)."""
 from __future__ import annotations
 
+import collections
 import copy
 import torch.fx
 
@@ -48,14 +49,16 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
     nodes = {n.name: n for n in graph.nodes}
     extras: list[tuple[int, str]] = []
     keys = [activation_key(s, lo) for s, lo in entries]
+    counts = collections.Counter(keys)
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
     shared = {}   # activation key -> the node computing it, for keys that two or more sites have
     for i, (site, lowering) in enumerate(entries):
         node = nodes[site.node]
         key = keys[i]
-        if key is not None and keys.count(key) > 1 and key not in shared:
-            first = min((nodes[entries[j][0].node] for j, k in enumerate(keys) if k == key),
-                        key=lambda n: list(graph.nodes).index(n))
-            with graph.inserting_before(first):
+        if key is not None and counts[key] > 1 and key not in shared:
+            # before the first reader in graph order (no site with this key is rewritten yet)
+            first = min((entries[j][0].node for j, k in enumerate(keys) if k == key), key=position.get)
+            with graph.inserting_before(nodes[first]):
                 shared[key] = graph.call_function(shared_activation, (
                     nodes[site.input_node], lowering.k_bounds, lowering.codes, lowering.cpu_gemm))
         inputs = {}
