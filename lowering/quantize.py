@@ -59,6 +59,58 @@ def quantize_weight(w: Tensor, steps: Tensor, fmt: str = "int8") -> Tensor:
     return q.t().contiguous()
 
 
+# 4-bit weights (w4a8, int4-weight-only): symmetric grid [-7, 7], one step per output channel and
+# K group; groups never straddle a K segment (a segment's last group may be shorter).
+INT4_MAX = 7.0
+GROUP_SIZES = (64, 128)
+
+
+def group_bounds(k_bounds, group_size: int) -> tuple[int, ...]:
+    """K bounds of the weight groups: each segment cut every `group_size` (the bounds refine
+    k_bounds, so a segment boundary is always a group boundary)."""
+    out = [k_bounds[0]]
+    for k0, k1 in zip(k_bounds[:-1], k_bounds[1:]):
+        out.extend(min(k, k1) for k in range(k0 + group_size, k1 + group_size, group_size))
+    return tuple(out)
+
+
+def int4_steps(w: Tensor, g_bounds) -> Tensor:
+    """[G, N] steps of a [N, K] float weight: absmax / 7 per output channel and K group."""
+    w = w.detach().float()
+    amax = torch.stack([w[:, a:b].abs().amax(dim=1) for a, b in zip(g_bounds[:-1], g_bounds[1:])])
+    return (amax / INT4_MAX).clamp(min=EPS)
+
+
+def expand_groups(steps: Tensor, g_bounds) -> Tensor:
+    """[G, N] group steps -> [K, N] (each group's row repeated over its K range)."""
+    sizes = torch.tensor([b - a for a, b in zip(g_bounds[:-1], g_bounds[1:])], device=steps.device)
+    return steps.repeat_interleave(sizes, dim=0)
+
+
+def round_int4(w: Tensor, steps: Tensor, g_bounds) -> Tensor:
+    """[N, K] float -> [K, N] int8 holding the int4 grid values (round to nearest)."""
+    x = w.detach().float().t() / expand_groups(steps, g_bounds)
+    return torch.round(x).clamp(-INT4_MAX, INT4_MAX).to(torch.int8)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """[K, N] int8 values in [-8, 7] -> [ceil(K / 2), N] int8 bytes, two K rows per byte: row 2j
+    in the low nibble, row 2j + 1 in the high one (an odd K pads a zero nibble)."""
+    if q.shape[0] % 2:
+        q = torch.cat([q, q.new_zeros((1, q.shape[1]))])
+    lo, hi = q[0::2].to(torch.int16) & 0xF, q[1::2].to(torch.int16) & 0xF
+    b = lo | (hi << 4)
+    return torch.where(b > 127, b - 256, b).to(torch.int8)
+
+
+def unpack_int4(packed: Tensor, k: int) -> Tensor:
+    """Inverse of pack_int4: [ceil(K / 2), N] bytes -> [K, N] int8 (sign-extended nibbles)."""
+    b = packed.to(torch.int16) & 0xFF
+    lo, hi = b & 0xF, b >> 4
+    q = torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[1])[:k]
+    return torch.where(q > 7, q - 16, q).to(torch.int8)
+
+
 def _segments(x: Tensor, k_bounds: list[int]):
     return [x[:, a:b] for a, b in zip(k_bounds[:-1], k_bounds[1:])]
 
