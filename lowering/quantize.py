@@ -18,7 +18,7 @@ EPS = 1e-12
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # (positive limit, negative limit) per format
-LIMITS = {"int8": (127.0, 128.0), "fp8": (FP8_MAX, FP8_MAX)}
+LIMITS = {"int8": (127.0, 128.0), "fp8": (FP8_MAX, FP8_MAX), "w4a8": (127.0, 128.0)}   # w4a8: int8 activations
 SYMMETRIC, DUALSCALE, ASYMMETRIC = 0, 1, 2     # scheme codes per K segment
 
 
@@ -109,6 +109,34 @@ def unpack_int4(packed: Tensor, k: int) -> Tensor:
     lo, hi = b & 0xF, b >> 4
     q = torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[1])[:k]
     return torch.where(q > 7, q - 16, q).to(torch.int8)
+
+
+def weight_grid(fmt: str) -> str:
+    """The grid an 8-bit format's weights are rounded on ("int8" or "fp8")."""
+    return "fp8" if fmt == "fp8" else "int8"
+
+
+def pack_weight(w: Tensor, lowering, grid4: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A [N, K] float weight under a SiteLowering -> (packed, steps, grid values [K, N]): 8-bit
+    formats [K, N] with per-channel steps [N]; 4-bit formats [ceil(K/2), N] bytes with steps [G, N]
+    per K group, rounded to nearest unless `grid4` gives (grid, steps) (error-compensated)."""
+    if lowering.group_size is not None:
+        g = lowering.g_bounds
+        q, steps = grid4 if grid4 is not None else (None, int4_steps(w, g))
+        q = round_int4(w, steps, g) if q is None else q
+        return pack_int4(q), steps, q
+    fmt = weight_grid(lowering.format)
+    steps = weight_steps(w, lowering.out_bounds, fmt, lowering.weight_clip)
+    q = quantize_weight(w, steps, fmt)
+    return q, steps, q
+
+
+def dequantized_weight(packed: Tensor, steps: Tensor, lowering) -> Tensor:
+    """The packed weight's grid values times their steps: fp32 [K, N]."""
+    if lowering.group_size is not None:
+        k = lowering.in_features
+        return unpack_int4(packed, k).float() * expand_groups(steps, lowering.g_bounds)
+    return packed.float() * steps
 
 
 def _segments(x: Tensor, k_bounds: list[int]):

@@ -11,23 +11,24 @@ import torch
 from torch import Tensor
 
 from . import quantize as Q
-from .ops import gemm_reference
 from .site_lowering import ASYMMETRIC, CODES, DUALSCALE, SYMMETRIC
 
 DUALSCALE_MARGIN_DB = 1.0
 CANDIDATES = (SYMMETRIC, ASYMMETRIC, DUALSCALE)
 
 
-def segment_sqnr(rows: Tensor, weight: Tensor, packed: Tensor, d_w: Tensor, colsum: Tensor,
-                 k_bounds: tuple[int, ...], static: bool, fmt: str = "int8") -> list[dict[str, float]]:
+def segment_sqnr(rows: Tensor, weight: Tensor, dequantized: Tensor, k_bounds: tuple[int, ...], static: bool,
+                 fmt: str = "int8") -> list[dict[str, float]]:
     """Per K segment, the SQNR (dB) of that segment's contribution to the output under each
-    candidate scheme, weight quantized as it runs. rows [R, K] float; weight [N, K] float."""
+    candidate scheme, weight quantized as it runs. rows [R, K] float; weight [N, K] float;
+    dequantized [K, N]: the weight's grid values times their steps (any weight format)."""
     out = []
+    act = Q.weight_grid(fmt)   # the activations' grid: fp8 or int8 (w4a8 too)
     for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
         xs = rows[:, k0:k1].float()
         ref = xs @ weight[:, k0:k1].float().t()
         bounds, results = [0, k1 - k0], {}
-        for scheme in CANDIDATES if fmt == "int8" else (SYMMETRIC, DUALSCALE):
+        for scheme in CANDIDATES if act == "int8" else (SYMMETRIC, DUALSCALE):
             code = [CODES[scheme]]
             if static:
                 pos = xs.amax(dim=0).max().clamp(min=0)[None]
@@ -35,12 +36,11 @@ def segment_sqnr(rows: Tensor, weight: Tensor, packed: Tensor, d_w: Tensor, cols
                 if float(torch.maximum(pos, neg)) <= 0:
                     results[scheme] = float("inf")    # all zeros: every scheme is exact
                     continue
-                d, dn, zp = Q.static_steps(pos, neg, code, fmt)
-                q = Q.quantize_static(xs, bounds, code, d, dn, zp, fmt)
+                d, dn, zp = Q.static_steps(pos, neg, code, act)
+                q = Q.quantize_static(xs, bounds, code, d, dn, zp, act)
             else:
-                q, d, dn, zp = Q.quantize_dynamic(xs, bounds, code, fmt)
-            got = gemm_reference(q, d, dn, packed[k0:k1], torch.ones_like(d_w), None, bounds, code,
-                                 torch.float32, zp, colsum[s:s + 1] if colsum is not None else None) * d_w
+                q, d, dn, zp = Q.quantize_dynamic(xs, bounds, code, act)
+            got = Q.dequantize(q, bounds, code, d, dn, zp) @ dequantized[k0:k1]
             results[scheme] = Q.sqnr_db(ref, got)
         out.append(results)
     return out

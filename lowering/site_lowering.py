@@ -14,7 +14,12 @@ ASYMMETRIC = "asymmetric"    # one step and a zero point, q in [-128, 127]
 SCHEMES = (SYMMETRIC, DUALSCALE, ASYMMETRIC)
 CODES = {SYMMETRIC: 0, DUALSCALE: 1, ASYMMETRIC: 2}
 
-LOWERED_FORMATS = ("int8", "fp8")
+# Weight formats: bits per weight value and whether activations stay float (DESIGN.md, Formats).
+WEIGHT_BITS = {"int8": 8, "fp8": 8, "w4a8": 4, "int8-weight-only": 8, "int4-weight-only": 4}
+WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
+LOWERED_FORMATS = tuple(WEIGHT_BITS)
+GROUPED = tuple(f for f, bits in WEIGHT_BITS.items() if bits == 4)   # int4 steps per K group
+ROUNDINGS = ("rtn", "gptq")   # round to nearest; error-compensated (GPTQ, lowering/gptq.py), 4-bit only
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,8 @@ def variant_name(fmt: str, dual: bool, prologue: bool = False, asymmetric: bool 
 
 @dataclass(frozen=True)
 class SiteLowering:
-    format: str                          # "int8" | "fp8"
-    activations: str                     # "dynamic" (per token) | "static" (per tensor, per segment)
+    format: str                          # a WEIGHT_BITS key
+    activations: str                     # "dynamic" (per token) | "static" (per tensor, per segment) | "float" (weight-only)
     weights: str                         # "per-channel" | "per-tensor"
     k_bounds: tuple[int, ...]            # K segments: S + 1 bounds
     schemes: tuple[str, ...]             # activation scheme per K segment
@@ -77,6 +82,8 @@ class SiteLowering:
     cpu_gemm: str | None = field(default=None, compare=False)   # CPU int8: "int8" | "fp32" (cpu_linear.py)
     note: str | None = None              # why this lowering differs from the options' default
     conv: ConvGeometry | None = None     # a conv2d site: its implicit GEMM (None: a linear)
+    group_size: int | None = None        # 4-bit formats: K group of one weight step (within a segment)
+    rounding: str = "rtn"                # weight rounding: "rtn" | "gptq" (needs calibration rows)
 
     def __post_init__(self):
         if len(self.schemes) != len(self.k_bounds) - 1:
@@ -88,6 +95,22 @@ class SiteLowering:
     @property
     def static(self) -> bool:
         return self.activations == "static"
+
+    @property
+    def weight_only(self) -> bool:
+        return self.format in WEIGHT_ONLY
+
+    @property
+    def weight_bits(self) -> int:
+        return WEIGHT_BITS[self.format]
+
+    @property
+    def g_bounds(self) -> tuple[int, ...] | None:
+        """K bounds of the weight's step groups (4-bit formats); None: one step per channel."""
+        if self.group_size is None:
+            return None
+        from .quantize import group_bounds
+        return group_bounds(self.k_bounds, self.group_size)
 
     @property
     def codes(self) -> tuple[int, ...]:
@@ -108,6 +131,8 @@ class SiteLowering:
 
     @property
     def variant(self) -> str:
+        if self.weight_only:
+            return self.format
         if self.conv is not None:   # a dynamic conv quantizes its float input in the kernel
             name = variant_name(self.format, DUALSCALE in self.schemes, not self.static, self.asymmetric)
             return self.conv.tag() + "-" + name
@@ -123,9 +148,13 @@ class SiteLowering:
                                    prologue=self.prologue and ASYMMETRIC not in schemes)
 
     def describe(self) -> str:
+        fmt = self.format + (f" g{self.group_size}" if self.group_size else "") + \
+            (" gptq" if self.rounding == "gptq" else "")
+        if self.weight_only:
+            return f"{fmt}, a float"
         schemes = set(self.schemes)
         acts = schemes.pop() if len(schemes) == 1 else "mixed " + "/".join(self.schemes)
-        return f"{self.format} w {self.weights}, a {self.activations} {acts}" + \
+        return f"{fmt} w {self.weights}, a {self.activations} {acts}" + \
             (", prologue" if self.prologue else "") + (f", smooth {self.smooth}" if self.smooth is not None else "") + \
             (f", {self.heads} heads in {len(self.schemes)} segments" if self.heads else "")
 

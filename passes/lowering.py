@@ -6,7 +6,7 @@ import fnmatch
 import torch
 
 from segquant_compile.lowering.cpu_linear import cpu_gemm
-from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, LOWERED_FORMATS, SYMMETRIC,
+from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, GROUPED, LOWERED_FORMATS, SYMMETRIC,
                                                      KeptFloat, SiteLowering)
 
 from .plan import LinearSite
@@ -17,6 +17,16 @@ PROLOGUE_MAX_ROWS = 256   # static steps at small M: quantizing inside the kerne
 def skip_pattern(name: str, patterns) -> str | None:
     """The first of the `skip` patterns a site name matches."""
     return next((p for p in patterns if fnmatch.fnmatch(name, p)), None)
+
+
+def site_format(name: str, config) -> tuple[str, str | None]:
+    """(format, the `formats` entry that chose it): the first entry whose glob matches the site's
+    name, or that is the full path of a site named relative to a block (a graph break); else
+    the options' `format`."""
+    for pattern, fmt in config.formats:
+        if fnmatch.fnmatch(name, pattern) or pattern.endswith("." + name):
+            return fmt, pattern
+    return config.format, None
 
 
 def group_segments(k_bounds, sources, groups: int):
@@ -40,12 +50,15 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
         return KeptFloat(f"weight dtype {weight_dtype} is not floating point")
     if device not in ("cpu", "cuda"):
         return KeptFloat(f"weight on {device} device")
-    if config.format not in LOWERED_FORMATS:   # QuantConfig refuses these; kept for direct callers
-        return KeptFloat(f"format {config.format!r} has no lowering yet")
+    fmt, entry = site_format(site.name, config)
+    if fmt == "float":
+        return KeptFloat(f"format 'float' for this site (options formats[{entry!r}])")
+    if fmt not in LOWERED_FORMATS:   # "auto" with no allocated format for this site
+        return KeptFloat(f"format {fmt!r} names no format for this site (not in the sensitivity measurement?)")
     if site.conv is not None and not config.convs:
         return KeptFloat("conv site kept float (options convs=False)")
-    if site.conv is not None and config.format != "int8":
-        return KeptFloat(f"conv sites are lowered for int8 only (format {config.format!r})")
+    if site.conv is not None and fmt != "int8":
+        return KeptFloat(f"conv sites are lowered for int8 only (format {fmt!r})")
     seg = site.input_segments if config.seglinear else None
     k_bounds = seg.bounds if seg is not None else (0, site.in_features)
     n_seg = len(k_bounds) - 1
@@ -62,18 +75,30 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     if config.weights == "per-tensor":
         out_seg = site.output_segments if config.seglinear else None
         out_bounds = out_seg.bounds if out_seg is not None else (0, site.out_features)
-    static = config.activations == "static"
-    prologue = (static and device == "cuda" and config.format == "int8" and site.rows is not None
+    weight_only = fmt in ("int8-weight-only", "int4-weight-only")
+    if weight_only:   # float activations: no scheme applies
+        schemes = (SYMMETRIC,) * n_seg
+    activations = "float" if weight_only else config.activations
+    static = activations == "static"
+    prologue = (static and device == "cuda" and fmt == "int8" and site.rows is not None
                 and site.rows <= PROLOGUE_MAX_ROWS)
     conv = site.conv is not None
     # decided here, outside any tracing: the choice is a measurement (lowering/cpu_linear.py);
-    # conv sites run the segquant::conv2d op (lowering/conv.py)
-    cpu = cpu_gemm() if device == "cpu" and config.format == "int8" and not conv else None
+    # conv sites run the segquant::conv2d op (lowering/conv.py). The other integer formats run on
+    # CPU as their dequantized grids (one fp32 GEMM: no int4 or int8 x float instructions there)
+    cpu = None
+    if device == "cpu" and not conv and fmt != "fp8":
+        cpu = cpu_gemm() if fmt == "int8" else "fp32"
     # a conv's smoothing divisor would differ per tap of one channel: SmoothQuant stays off there
     note = "SmoothQuant is not applied to conv sites" if conv and static and config.smooth is not None else None
-    return SiteLowering(format=config.format, activations=config.activations, weights=config.weights,
-                        k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds,
-                        smooth=config.smooth if static and not conv else None, auto=config.dualscale == "auto",
-                        weight_clip=config.weight_clip, heads=heads,
+    grouped = fmt in GROUPED
+    rounding = config.weight_rounding if grouped else "rtn"
+    weights = config.weights if not grouped else "per-group"
+    return SiteLowering(format=fmt, activations=activations, weights=weights,
+                        k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds if not grouped else None,
+                        smooth=config.smooth if static and not conv else None,
+                        auto=config.dualscale == "auto" and not weight_only,
+                        weight_clip=config.weight_clip if not grouped else "absmax", heads=heads,
                         prologue=prologue and not conv and ASYMMETRIC not in schemes and config.dualscale != "auto",
-                        rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu)
+                        rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu,
+                        group_size=config.group_size if grouped else None, rounding=rounding)

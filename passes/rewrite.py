@@ -19,7 +19,7 @@ def extra_fields(lowering: SiteLowering) -> tuple[str, ...]:
     if lowering.cpu_gemm == "fp32":   # one fp32 GEMM on the dequantized weight (cpu_linear.py)
         weight = ("dequantized",)
     else:
-        weight = ("packed", "d_w") + (("colsum",) if lowering.asymmetric else ())
+        weight = ("packed", "d_w") + (("colsum",) if lowering.asymmetric and not lowering.weight_only else ())
     return weight + \
         (("d_x", "d_neg") if lowering.static else ()) + (("zp",) if lowering.static and lowering.asymmetric else ()) + \
         (("smooth",) if lowering.smooth is not None else ())
@@ -35,7 +35,7 @@ def activation_key(site: LinearSite, lowering: SiteLowering) -> tuple | None:
     """Sites with equal keys quantize the same tensor the same way: dynamic CPU sites of one input
     with one segmentation and schemes (q/k/v projections), whose steps the graph computes from
     that input by one rule. Static steps are per site (graph inputs): never shared."""
-    if lowering.cpu_gemm is None or lowering.static or lowering.smooth is not None:
+    if lowering.cpu_gemm is None or lowering.static or lowering.smooth is not None or lowering.weight_only:
         return None
     return site.input_node, lowering.k_bounds, lowering.codes, lowering.cpu_gemm
 
@@ -73,7 +73,7 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
                     nodes[site.input_node], w, inputs.get("d_w"), bias,
                     inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
                     lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format, lowering.cpu_gemm,
-                    shared.get(key)))
+                    shared.get(key), lowering.g_bounds))
             else:
                 new = graph.call_function(quantized_conv2d, (
                     nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,

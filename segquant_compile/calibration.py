@@ -129,9 +129,10 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
         raise TypeError(f"segquant_compile.calibrate(): {e}; compile with "
                         f"options={{'activations': 'static'}}") from None
     config = found.config
-    if config is not None and config.activations != "static":
-        raise ValueError("segquant_compile.calibrate() collects static activation steps; compile with "
-                         "options={'activations': 'static'} (dynamic activations need no calibration)")
+    if config is not None and config.activations != "static" and config.weight_rounding != "gptq":
+        raise ValueError("segquant_compile.calibrate() collects static activation steps (and GPTQ's rows); "
+                         "compile with options={'activations': 'static'} or {'weight_rounding': 'gptq'} "
+                         "(dynamic activations with rounded-to-nearest weights need no calibration)")
     if _ACTIVE:
         raise RuntimeError("segquant_compile.calibrate() is already running (calibrating twice)")
     mine = found.quant_states

@@ -4,10 +4,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from segquant_compile.lowering.quantize import GROUP_SIZES
+from segquant_compile.lowering.site_lowering import LOWERED_FORMATS, ROUNDINGS
 from segquant_compile.passes.ops import ACTIVATIONS
 
-FORMATS = ("int8", "fp8", "w4a8", "int8-weight-only")
-PLANNED_FORMATS = ("w4a8", "int8-weight-only")   # accepted names, not lowered yet: refused, never run as float
+AUTO = "auto"   # a format per site, allocated from measured sensitivity under a budget
+FORMATS = LOWERED_FORMATS + (AUTO,)
+FLOAT = "float"   # a per-site format: the site stays float (named in the report)
+BUDGETS = ("weight_bits",)
 ACTIVATION_MODES = ("dynamic", "static")
 WEIGHT_MODES = ("per-channel", "per-tensor")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -16,6 +20,13 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 @dataclass(frozen=True)
 class QuantConfig:
     format: str = "int8"
+    # per-site formats: (glob or full site name, format) pairs, the first match wins over `format`;
+    # format="auto" fills them from `sensitivity` (a saved segquant_compile.sensitivity) and `budget`
+    formats: tuple[tuple[str, str], ...] = ()
+    budget: tuple[tuple[str, float], ...] = ()
+    sensitivity: str | None = None
+    group_size: int = 128                 # 4-bit formats: K values per weight step (never across a segment)
+    weight_rounding: str = "rtn"          # 4-bit weights: "rtn" or "gptq" (error-compensated, calibrated)
     activations: str = "dynamic"
     weights: str = "per-channel"
     smooth: float | str | None = None
@@ -52,6 +63,12 @@ class QuantConfig:
             if "mode" in options and options["mode"] != mode:
                 raise ValueError(f"segquant: mode {mode!r} and options['mode'] {options['mode']!r} disagree")
             options["mode"] = mode
+        for key in ("formats", "budget"):   # mappings, held as pairs (a frozen config; JSON gives lists)
+            value = options.get(key)
+            if isinstance(value, dict):
+                options[key] = tuple((str(k), v) for k, v in value.items())
+            elif isinstance(value, (list, tuple)):
+                options[key] = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in value)
         for key in ("dualscale_activations", "skip"):
             if key in options:
                 value = options[key]
@@ -64,20 +81,41 @@ class QuantConfig:
                                      f"{type(value).__name__} {value!r}")
         config = cls(**options)
         config.validate()
+        if config.format == AUTO and not config.formats:
+            config = dataclasses.replace(config, formats=_allocated(config))
         return config
 
     def validate(self) -> None:
         _choice("format", self.format, FORMATS)
-        if self.format in PLANNED_FORMATS:
-            available = [f for f in FORMATS if f not in PLANNED_FORMATS]
-            raise ValueError(f"format {self.format!r} is not lowered yet (it would run float); available "
-                             f"formats: {available}")
+        for pair in self.formats:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise ValueError(f"option 'formats' must map site names or globs to formats, got {pair!r}")
+            _choice(f"formats[{pair[0]!r}]", pair[1], LOWERED_FORMATS + (FLOAT,))
+        for pair in self.budget:
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise ValueError(f"option 'budget' must be a mapping like {{'weight_bits': 5}}, got {pair!r}")
+            _choice("budget", pair[0], BUDGETS)
+            if isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) or pair[1] <= 0:
+                raise ValueError(f"budget {pair[0]!r} must be a positive number, got {pair[1]!r}")
+        if self.format == AUTO and not self.formats and (not self.budget or self.sensitivity is None):
+            raise ValueError("format 'auto' needs options 'budget' (e.g. {'weight_bits': 5}) and 'sensitivity' "
+                             "(a file saved by segquant_compile.sensitivity(...).save('sens.json'))")
+        if self.format != AUTO and (self.budget or self.sensitivity is not None):
+            raise ValueError("options 'budget' and 'sensitivity' choose formats for format='auto' only")
+        if self.sensitivity is not None and not isinstance(self.sensitivity, str):
+            raise ValueError(f"option 'sensitivity' must be a path (str), got {self.sensitivity!r}")
+        _choice("group_size", self.group_size, GROUP_SIZES)
+        _choice("weight_rounding", self.weight_rounding, ROUNDINGS)
         _choice("activations", self.activations, ACTIVATION_MODES)
         _choice("weights", self.weights, WEIGHT_MODES)
         _choice("weight_clip", self.weight_clip, ("absmax", "mse"))
         _choice("mode", self.mode, MODES)
         if self.dualscale not in (True, False, "auto"):
             raise ValueError(f"option 'dualscale' must be True, False or 'auto', got {self.dualscale!r}")
+        if self.weight_rounding == "gptq" and not any(f in ("w4a8", "int4-weight-only", AUTO)
+                                                      for f in (self.format, *(f for _, f in self.formats))):
+            raise ValueError("weight_rounding 'gptq' applies to 4-bit weights: use it with format 'w4a8', "
+                             "'int4-weight-only' or 'auto'")
         if self.format == "fp8" and self.asymmetric:   # fp8 "auto" chooses between symmetric and DualScale
             raise ValueError("option 'asymmetric' (zero points) is int8 only; fp8 has no asymmetric scheme")
         for key in ("seglinear", "convs", "inductor", "release_float_weights", "asymmetric"):
@@ -111,6 +149,15 @@ class QuantConfig:
     @property
     def activation_set(self) -> frozenset[str]:
         return frozenset(self.dualscale_activations) if self.dualscale else frozenset()
+
+
+def _allocated(config: QuantConfig) -> tuple[tuple[str, str], ...]:
+    """format="auto": per site, the format the allocation picks from the measured sensitivity."""
+    from segquant_compile.allocation import allocate
+    from segquant_compile.sensitivity import Sensitivity
+    budget = dict(config.budget)
+    chosen = allocate(Sensitivity.load(config.sensitivity), weight_bits=budget["weight_bits"])
+    return tuple(chosen.formats.items())
 
 
 # options that only say how to run (not what the saved numbers are): never adopted from a save

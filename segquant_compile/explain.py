@@ -33,9 +33,11 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
     graphs = capture_graphs(model, args, kwargs)
     plan = merge([build_plan(gm, config.activation_set, config.seglinear, graph_index=i)
                   for i, (gm, _) in enumerate(graphs)])
-    fallbacks = {s.name: lo.reason for s in plan if isinstance(lo := lower_site(s, config), KeptFloat)}
+    lowered = {s.name: lower_site(s, config) for s in plan}
+    fallbacks = {name: lo.reason for name, lo in lowered.items() if isinstance(lo, KeptFloat)}
     _warn_unused_skips(config, [s.name for s in plan])
-    return Report(plan, config, n_graphs=len(graphs), model=type(model).__name__, fallbacks=fallbacks)
+    return Report(plan, config, n_graphs=len(graphs), model=type(model).__name__, fallbacks=fallbacks,
+                  planned={name: lo for name, lo in lowered.items() if not isinstance(lo, KeptFloat)})
 
 
 def report(compiled) -> Report:

@@ -14,12 +14,12 @@ import torch
 
 from segquant_compile.state import QuantState, fingerprint
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3   # 3: weight formats (group_size, rounding)
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
 FIELDS = ("packed", "d_w", "colsum", "d_x", "d_neg", "zp", "smooth")
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
 LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth", "auto", "weight_clip",
-                   "conv")
+                   "conv", "group_size", "rounding")
 
 
 def _bias_name(weight_name: str) -> str:
@@ -156,3 +156,4 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
     state.chosen = tuple(entry["chosen"]) if entry.get("chosen") else None
     state.candidates = entry.get("candidates")
     state.alpha, state.sqnr = entry.get("smooth_alpha"), entry.get("sqnr_db")
+    state.awaiting_rows = False   # the saved packing is the calibrated one (GPTQ included)

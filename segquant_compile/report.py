@@ -46,6 +46,7 @@ class Report:
     unreached: dict[str, str] = field(default_factory=dict)   # linear module -> why no graph planned it
     unreached_kinds: dict[str, str] = field(default_factory=dict)   # such a module -> linear | conv2d
     calibration: object | None = None    # calibration.CalibrationSummary of the last calibrate() block
+    planned: dict[str, object] = field(default_factory=dict)   # site -> SiteLowering (explain: not compiled)
 
     @property
     def skipped(self) -> set[str]:
@@ -74,7 +75,21 @@ class Report:
             "unreached": len(self.unreached),
             "float_calls": len(self.float_calls),
             "graphs": self.n_graphs,
+            **self._formats(),
         }
+
+    def _formats(self) -> dict:
+        """Sites per weight format, and the quantized sites' average weight bits weighted by their
+        weight element counts (the allocation's budget measure)."""
+        lowerings = {**self.planned, **{k: st.lowering for k, st in self.states.items()}}
+        quantized = [(lowerings[x.name], x.in_features * x.out_features) for x in self.sites if x.name in lowerings]
+        if not quantized:
+            return {}
+        counts: dict[str, int] = {}
+        for lo, _ in quantized:
+            counts[lo.format] = counts.get(lo.format, 0) + 1
+        bits = sum(lo.weight_bits * n for lo, n in quantized) / sum(n for _, n in quantized)
+        return {"formats": counts, "average_weight_bits": round(bits, 3)}
 
     # ------------------------------------------------------------------ views
     def rows(self) -> list[dict]:
@@ -138,7 +153,7 @@ class Report:
             return "float: " + self.fallbacks[name]
         st = self.states.get(name)
         if st is None:
-            return "planned"
+            return "planned: " + self.planned[name].describe() if name in self.planned else "planned"
         info = st.summary()
         text = st.lowering.describe()
         if info.get("sqnr_db") is not None:
@@ -162,7 +177,10 @@ class Report:
                 + (f", {t['skipped']} skipped" if t["skipped"] else "")
                 + (f"; {t['float']} stay float" if t["float"] else "")
                 + (f"; {t['float_calls'] + t['unreached']} other linear/conv call(s) float (listed)"
-                   if t["float_calls"] + t["unreached"] else ""))
+                   if t["float_calls"] + t["unreached"] else "")
+                + ("\nformats: " + ", ".join(f"{n} {f}" for f, n in t["formats"].items())
+                   + f"; average weight bits {t['average_weight_bits']:.2f} (quantized sites, by weight size)"
+                   if set(t.get("formats", ())) - {"int8"} else ""))
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> Path:

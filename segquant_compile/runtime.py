@@ -246,7 +246,8 @@ class GraphRunner:
                 return out
             missing = next(st.name for st in states if not st.frozen)
             raise RuntimeError(
-                f"segquant: static activations need calibration before use ({missing} has none: a model "
+                f"segquant: static activations and GPTQ rounding need calibration before use ({missing} has "
+                f"none: a model "
                 f"not calibrated yet, or a weight replaced since): run the compiled model inside "
                 f"`with segquant_compile.calibrate(compiled, recalibrate=True): ...`, or set options "
                 f"{{'calibration_steps': N}} or {{'load': path}}")

@@ -19,6 +19,7 @@ from segquant_compile.lowering.site_lowering import SiteLowering
 from segquant_compile.passes import LinearSite
 
 SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothing search
+GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian (damped where fewer than K)
 SMOOTH_GRID = (0.0, 0.25, 0.5, 0.75)
 PROBES = 64                # weight values compared at every call: catches edits through `.data`
 
@@ -74,6 +75,9 @@ class QuantState:
         self.bias: Tensor | None = None   # the site's bias, for SQNR at freeze (set while calibrating)
         self._placeholders: dict[str, Tensor] = {}
         self._dequantized: tuple | None = None   # (packed, d_w, fp32 [K, N]) for the CPU fp32 GEMM
+        # weight_rounding="gptq": rounded to nearest until calibration rows arrive (then frozen)
+        self.awaiting_rows = lowering.rounding == "gptq"
+        self._gptq_rows: Tensor | None = None    # set only while freeze() re-packs
         self._lock = threading.Lock()
         self.pack(weight)
 
@@ -104,7 +108,7 @@ class QuantState:
     @property
     def frozen(self) -> bool:
         """Ready to run quantized: dynamic, or static with steps."""
-        return not self.lowering.static or self.d_x is not None
+        return (not self.lowering.static or self.d_x is not None) and not self.awaiting_rows
 
     def _float_weight(self, weight: Tensor) -> Tensor:
         w = weight.detach()
@@ -121,10 +125,18 @@ class QuantState:
         w = self._float_weight(weight).float()
         if self.smooth is not None:
             w = w * self.smooth
-        fmt = self.lowering.format
-        self.d_w = Q.weight_steps(w, self.lowering.out_bounds, fmt, self.base.weight_clip)
-        self.packed = Q.quantize_weight(w, self.d_w, fmt)
-        self.colsum = column_sums(self.packed, self.base.k_bounds) if fmt == "int8" else None
+        lo = self.lowering
+        grid4 = None
+        if self._gptq_rows is not None:
+            from segquant_compile.lowering.gptq import gptq_int4
+            rows = self._gptq_rows / self.smooth if self.smooth is not None else self._gptq_rows
+            grid4 = gptq_int4(w, rows, lo.k_bounds, lo.g_bounds)
+        elif lo.rounding == "gptq" and not self.awaiting_rows:
+            warnings.warn(f"segquant: {self.name}: weight changed after GPTQ calibration; re-packed with "
+                          f"round-to-nearest (calibrate again for GPTQ)", stacklevel=3)
+        self.packed, self.d_w, grid = Q.pack_weight(w, lo, grid4)
+        # zero-point corrections need the grid's column sums per K segment (per group: 4-bit)
+        self.colsum = column_sums(grid, lo.g_bounds or lo.k_bounds) if lo.format in ("int8", "w4a8") else None
         self.fingerprint = fingerprint(weight)
         self._stamp = self.stamp(weight)
         self._weight = weakref.ref(weight)
@@ -141,7 +153,8 @@ class QuantState:
         per-call conversion cost ~25% of the forward and fresh buffers: page faults)."""
         cached = self._dequantized
         if cached is None or cached[0] is not self.packed or cached[1] is not self.d_w:
-            cached = self._dequantized = (self.packed, self.d_w, self.packed.float() * self.d_w)
+            cached = self._dequantized = (self.packed, self.d_w, Q.dequantized_weight(self.packed, self.d_w,
+                                                                                      self.lowering))
         return cached[2]
 
     @staticmethod
@@ -194,10 +207,11 @@ class QuantState:
             self.pos_max = pos if self.pos_max is None else torch.maximum(self.pos_max, pos)
             self.neg_max = neg if self.neg_max is None else torch.maximum(self.neg_max, neg)
             kept = sum(len(s) for s in self.sample)
-            if kept < SAMPLE_ROWS:   # spread over calls; a dynamic "auto" choice has one call
-                per_call = SAMPLE_ROWS if self.needs_choice and not self.base.static else max(1, SAMPLE_ROWS // 8)
+            limit = GPTQ_ROWS if self.awaiting_rows else SAMPLE_ROWS
+            if kept < limit:   # spread over calls; a dynamic "auto" choice has one call
+                per_call = limit if self.needs_choice and not self.base.static else max(1, limit // 8)
                 idx = torch.randperm(len(x2), generator=torch.Generator().manual_seed(self.observed_calls))
-                self.sample.append(x2[idx[: min(len(x2), per_call, SAMPLE_ROWS - kept)]].cpu())
+                self.sample.append(x2[idx[: min(len(x2), per_call, limit - kept)]].cpu())
             self.observed_calls += 1
 
     def _rows(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -241,19 +255,28 @@ class QuantState:
         if self.pos_max is None:
             raise RuntimeError(f"segquant: {self.name} saw no calibration data")
         weight = self.weight()
+        rows = torch.cat(self.sample)
+        if self.awaiting_rows:   # every packing below (smoothing search included) rounds by GPTQ
+            self._gptq_rows = rows.to(weight.device)
+        try:
+            self._freeze_steps(weight, rows)
+            self.awaiting_rows = False
+        finally:
+            self._gptq_rows = None
+
+    def _freeze_steps(self, weight: Tensor, rows: Tensor) -> None:
         pos, neg = self._segment_ranges(None)
         empty = [i for i, (p, n) in enumerate(zip(pos.tolist(), neg.tolist())) if p <= 0 and n <= 0]
-        if empty:
+        if empty and self.lowering.static:
             note = (f"calibrated range is zero on input segment(s) {empty} (only blank inputs seen): "
                     f"kept dynamic")
-            warnings.warn(f"segquant: {self.name}: {note}", stacklevel=2)
+            warnings.warn(f"segquant: {self.name}: {note}", stacklevel=3)
             self.dynamic_note = note
             self.d_x = self.d_neg = self.zp = None
             self._set_smooth(weight, None)
-            self.sqnr = self._sqnr(weight, torch.cat(self.sample))
+            self.sqnr = self._sqnr(weight, rows)
             return
-        rows = torch.cat(self.sample)
-        if self.base.auto:
+        if self.base.auto and (self.base.static or self.chosen is None):   # dynamic: chosen on its first call
             self.choose_schemes(rows, weight)
         smooth = self.lowering.smooth
         if smooth is None:
@@ -296,8 +319,8 @@ class QuantState:
         """dualscale="auto": measure every candidate scheme per segment on these rows, keep the
         rule's choice (lowering/scheme_choice.py). Dynamic sites choose once, on the first call."""
         lo = self.base
-        self.candidates = scheme_choice.segment_sqnr(rows, self._float_weight(weight), self.packed, self.d_w,
-                                                     self.colsum, lo.k_bounds, lo.static, lo.format)
+        self.candidates = scheme_choice.segment_sqnr(rows, self._float_weight(weight), self.dequantized,
+                                                     lo.k_bounds, lo.static, lo.format)
         self.chosen = scheme_choice.choose(self.candidates)
 
     def _sqnr(self, weight: Tensor, rows: Tensor) -> float:
@@ -305,8 +328,11 @@ class QuantState:
         bias = self.bias.detach().float() if self.bias is not None else None
         ref = rows @ w.t() + (bias if bias is not None else 0)
         lo = self.lowering
-        out = quantized_linear(rows, self.packed, self.d_w, bias, self.d_x, self.d_neg, self.zp, self.smooth,
-                               self.colsum, lo.k_bounds, lo.codes, fmt=lo.format, cpu_gemm=lo.cpu_gemm)
+        dequantized = lo.cpu_gemm == "fp32" and rows.device.type == "cpu"
+        w, d_w = (self.dequantized, None) if dequantized else (self.packed, self.d_w)
+        out = quantized_linear(rows, w, d_w, bias, self.d_x, self.d_neg, self.zp, self.smooth,
+                               self.colsum, lo.k_bounds, lo.codes, fmt=lo.format, cpu_gemm=lo.cpu_gemm,
+                               g_bounds=lo.g_bounds)
         return Q.sqnr_db(ref, out)
 
     def graph_input(self, field: str) -> Tensor:
@@ -324,9 +350,13 @@ class QuantState:
     # ------------------------------------------------------------------ report
     def summary(self) -> dict:
         lo = self.lowering
-        out = {"format": lo.format, "weights": lo.weights, "activations": lo.activations,
-               "schemes": list(lo.schemes), "kernel": lo.variant,
+        out = {"format": lo.format, "weight_bits": lo.weight_bits, "weights": lo.weights,
+               "activations": lo.activations, "schemes": list(lo.schemes), "kernel": lo.variant,
                "weight_step": [float(self.d_w.min()), float(self.d_w.max())]}
+        if lo.group_size:
+            out["group_size"] = lo.group_size
+        if lo.rounding != "rtn":
+            out["weight_rounding"] = lo.rounding + (" (awaiting calibration)" if self.awaiting_rows else "")
         if lo.cpu_gemm:   # how the CPU runs it (lowering/cpu_linear.py)
             out["cpu_gemm"] = lo.cpu_gemm
         if lo.note:

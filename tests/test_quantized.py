@@ -101,7 +101,7 @@ def test_calibrate_errors():
         with sq.calibrate(torch.compile(Two(), backend="segquant")):
             pass
     compiled = torch.compile(Two(), backend="segquant", options={"activations": "static", "inductor": False})
-    with pytest.raises(RuntimeError, match="static activations need calibration"):
+    with pytest.raises(RuntimeError, match="need calibration before use"):
         compiled(torch.randn(3, 8))
     with pytest.raises(RuntimeError, match="no call"):
         with sq.calibrate(compiled, progress=False):

@@ -310,15 +310,9 @@ def test_released_float_weights_give_clear_errors():
 
 
 # ------------------------------------------------------------------ options, explain, report
-def test_option_types_and_planned_formats():
+def test_option_types():
     with pytest.raises(ValueError, match=r"'skip' must be a string or a list of strings, got int 5"):
         sq.QuantConfig.from_options({"skip": 5})
-    for fmt in ("w4a8", "int8-weight-only"):
-        with pytest.raises(ValueError, match=r"not lowered yet.*\['int8', 'fp8'\]"):
-            sq.QuantConfig.from_options({"format": fmt})
-        c = torch.compile(Two(), backend="segquant", options={"format": fmt})
-        with pytest.raises(Exception, match="not lowered yet"):
-            c(torch.randn(2, 8))
 
 
 def test_unmatched_skip_pattern_warns():

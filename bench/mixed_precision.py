@@ -1,0 +1,156 @@
+"""Mixed precision on the two real models in ../shared/data (issue 10): uniform int8, uniform w4a8
+(round to nearest and GPTQ), and formats allocated from measured sensitivity (Qua2SeDiMo) at
+average weight bits 4.5, 5 and 6. Mean per-image PSNR against float samples and classifier
+accuracy, as bench/fidelity.py measures them (same seeds, labels, samplers). Writes
+bench/results/mixed_precision.json, a chart beside it, and the sensitivity pages
+(bench/results/sensitivity_<model>.html / .json).
+
+    .venv/bin/python bench/mixed_precision.py                 # 5 seeds x 100 images, both models
+    .venv/bin/python bench/mixed_precision.py --seeds 1 --images 20 --models dit   # quick check
+
+Sensitivity is measured on denoiser calls recorded while sampling the calibration seeds
+(fidelity.CALIBRATION_SEEDS, never the evaluation seeds): SENSITIVITY_CALLS calls spread over the
+sampling trajectory. GPTQ rows come from calibrating on the same seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import segquant_compile as sq
+from fidelity import (CALIBRATION_IMAGES, CALIBRATION_SEEDS, MODELS, RESULTS, git_state,  # noqa: E402
+                      labels_for, per_image_psnr, version)
+from machine import cpu_name  # noqa: E402
+from segquant_compile import mnist_dit
+
+BUDGETS = (4.5, 5.0, 6.0)
+FORMATS = ("int8", "w4a8")
+SENSITIVITY_CALLS = 6
+
+
+class Recorder(torch.nn.Module):
+    """The float model, recording the arguments of every call (sensitivity inputs)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, *args):
+        self.calls.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        return self.net(*args)
+
+
+def sensitivity_inputs(spec) -> list[tuple]:
+    rec = Recorder(spec["load"]())
+    with torch.no_grad():
+        spec["sample"](rec, labels_for(CALIBRATION_IMAGES), CALIBRATION_SEEDS.start)
+    picks = torch.linspace(0, len(rec.calls) - 1, SENSITIVITY_CALLS).round().long().tolist()
+    return [rec.calls[i] for i in picks]
+
+
+def calibrate(compiled, spec) -> None:
+    with sq.calibrate(compiled, progress=False):
+        for s in CALIBRATION_SEEDS:
+            spec["sample"](compiled, labels_for(CALIBRATION_IMAGES), s)
+
+
+def configs(sens_path: Path) -> dict[str, dict]:
+    out = {"int8": {}, "w4a8 rtn": {"format": "w4a8"},
+           "w4a8 gptq": {"format": "w4a8", "weight_rounding": "gptq"}}
+    for b in BUDGETS:
+        out[f"mix {b:g} bits"] = {"format": "auto", "budget": {"weight_bits": b}, "sensitivity": str(sens_path)}
+    return out
+
+
+def run(model_key: str, seeds, images, classifier) -> dict:
+    spec = MODELS[model_key]
+    torch._dynamo.reset()
+    net = spec["load"]()
+    t0 = time.perf_counter()
+    refs = {s: spec["sample"](net, labels_for(images), s) for s in seeds}
+    float_acc = sum(mnist_dit.accuracy(classifier, refs[s], labels_for(images), zero_one=spec["zero_one"])
+                    for s in seeds) / len(seeds)
+    result = {"title": spec["title"], "float": {"accuracy": float_acc, "wall_s": time.perf_counter() - t0},
+              "configs": {}}
+    t0 = time.perf_counter()
+    sens = sq.sensitivity(spec["load"](), sensitivity_inputs(spec), formats=FORMATS, progress=False)
+    sens_path = RESULTS / f"sensitivity_{model_key}.json"
+    sens.save(sens_path)
+    sens.save(sens_path.with_suffix(".html"))
+    result["sensitivity"] = {"seconds": time.perf_counter() - t0, "calls": SENSITIVITY_CALLS,
+                             "formats": list(FORMATS), "table": str(sens)}
+    print(sens, flush=True)
+    for name, opts in configs(sens_path).items():
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        compiled = torch.compile(spec["load"](), backend="segquant", options=dict(opts))
+        if opts.get("weight_rounding") == "gptq":
+            calibrate(compiled, spec)
+        psnrs, accs = [], []
+        for s in seeds:
+            out = spec["sample"](compiled, labels_for(images), s)
+            psnrs.append(per_image_psnr(refs[s], out, spec["peak2"]))
+            accs.append(mnist_dit.accuracy(classifier, out, labels_for(images), zero_one=spec["zero_one"]))
+        totals = sq.report(compiled).totals()
+        allp = torch.cat(psnrs)
+        row = {"options": opts, "psnr_mean_db": allp.mean().item(),
+               "psnr_per_seed_mean_db": {str(s): p.mean().item() for s, p in zip(seeds, psnrs)},
+               "accuracy": sum(accs) / len(accs), "formats": totals.get("formats"),
+               "average_weight_bits": totals.get("average_weight_bits"), "float_sites": totals["float"],
+               "wall_s": time.perf_counter() - t0}
+        result["configs"][name] = row
+        print(f"  [{model_key}] {name}: {row['psnr_mean_db']:.2f} dB, acc {row['accuracy']:.3f}, "
+              f"{row['average_weight_bits']} bits {row['formats']}", flush=True)
+    return result
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(results["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, key in zip(axes[0], models):
+        rows = results["models"][key]["configs"]
+        names = list(rows)
+        ax.bar(range(len(names)), [rows[n]["psnr_mean_db"] for n in names], color="#4c72b0")
+        ax.set_xticks(range(len(names)), [f"{n}\n{rows[n]['average_weight_bits']} b" for n in names], fontsize=7)
+        ax.set_ylabel("mean per-image PSNR vs float (dB)")
+        ax.set_title(results["models"][key]["title"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--images", type=int, default=100)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--out", type=Path, default=RESULTS / "mixed_precision.json")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    classifier = mnist_dit.load_classifier()
+    seeds = list(range(1, args.seeds + 1))
+    results = {"command": " ".join([".venv/bin/python bench/mixed_precision.py", *sys.argv[1:]]),
+               "device": cpu_name(), "torch": torch.__version__, "triton": version("triton"),
+               "git": git_state(), "seeds": seeds, "images_per_seed": args.images,
+               "calibration": {"seeds": [CALIBRATION_SEEDS.start, CALIBRATION_SEEDS.stop - 1],
+                               "images_per_seed": CALIBRATION_IMAGES},
+               "budgets_weight_bits": list(BUDGETS), "models": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key in args.models:
+            results["models"][key] = run(key, seeds, args.images, classifier)
+            args.out.write_text(json.dumps(results, indent=1))
+    chart(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

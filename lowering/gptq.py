@@ -1,0 +1,59 @@
+"""Error-compensated rounding of 4-bit weights (GPTQ, Frantar et al. 2022), per K segment.
+
+Columns of W [N, K] are rounded one at a time in K order; each rounding error is spread over the
+columns not yet rounded, weighted by the inverse Hessian of the layer's output error on
+calibration rows, H = X^T X. The Hessian is taken per K segment (block diagonal): a segment's
+activations get their own steps at inference, so its error is compensated inside it. A group's
+step (absmax / 7) comes from its weights as updated when the group starts, as in GPTQ's grouped
+variant. Round to nearest is the fallback (no rows: `pack_weight` without a grid).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .quantize import EPS, INT4_MAX
+
+DAMP = 0.01   # of the mean diagonal: keeps H invertible with fewer rows than columns
+
+
+def gptq_int4(w: Tensor, rows: Tensor, k_bounds, g_bounds) -> tuple[Tensor, Tensor]:
+    """w [N, K] float, rows [R, K] calibration inputs -> (grid values [K, N] int8 in [-7, 7],
+    steps [G, N]) on the groups `g_bounds` (which refine `k_bounds`)."""
+    W = w.detach().float().clone()
+    q = torch.zeros_like(W, dtype=torch.int8)
+    steps = []
+    for k0, k1 in zip(k_bounds[:-1], k_bounds[1:]):
+        U = _inverse_hessian_factor(rows[:, k0:k1].to(W.device).float())
+        for a, b in ((a, b) for a, b in zip(g_bounds[:-1], g_bounds[1:]) if k0 <= a < k1):
+            step = (W[:, a:b].abs().amax(dim=1) / INT4_MAX).clamp(min=EPS)
+            steps.append(step)
+            err = torch.empty((W.shape[0], b - a), device=W.device)
+            for i in range(a, b):
+                col = W[:, i]
+                qi = torch.round(col / step).clamp(-INT4_MAX, INT4_MAX)
+                q[:, i] = qi.to(torch.int8)
+                e = (col - qi * step) / U[i - k0, i - k0]
+                W[:, i + 1:b] -= e[:, None] * U[i - k0, i + 1 - k0:b - k0][None]
+                err[:, i - a] = e
+            W[:, b:k1] -= err @ U[a - k0:b - k0, b - k0:k1 - k0]   # the rest of the segment, at once
+    return q.t().contiguous(), torch.stack(steps)
+
+
+def _inverse_hessian_factor(x: Tensor) -> Tensor:
+    """Upper Cholesky factor of (X^T X + damping)^-1. Channels never active in calibration get a
+    unit diagonal: their weights are rounded to nearest and pass no error on (never zeroed: they
+    may be active at inference)."""
+    h = (x.t() @ x).double()
+    diag = torch.diagonal(h)
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    damp = DAMP * float(torch.diagonal(h).mean())
+    for attempt in range(4):   # more damping when rows are too few or collinear
+        try:
+            hd = h + (damp * 10 ** attempt) * torch.eye(len(h), dtype=h.dtype, device=h.device)
+            inv = torch.cholesky_inverse(torch.linalg.cholesky(hd))
+            return torch.linalg.cholesky(inv, upper=True).float()
+        except RuntimeError:
+            continue
+    return torch.eye(len(h), device=x.device)   # no compensation: round to nearest

@@ -1,0 +1,201 @@
+"""Weight formats beyond int8 (w4a8, int8/int4 weight-only), per-site formats and GPTQ rounding,
+through the whole compile on CPU (the GEMM ops and Triton kernels: tests/test_formats_kernels.py)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import segquant_compile as sq
+from segquant_compile.compiled import find
+from segquant_compile.lowering import quantize as Q
+from segquant_compile.lowering.gptq import gptq_int4
+
+
+
+class Net(torch.nn.Module):
+    """Output segments (chunk), input segments (cat) and a GELU-fed site: the SegLinear cases."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(256, 384)
+        self.b = torch.nn.Linear(128, 64)
+        self.c = torch.nn.Linear(256, 64)
+
+    def forward(self, x):
+        q, k, _ = self.a(x).chunk(3, dim=-1)
+        return self.c(torch.cat([F.gelu(q), k], -1)) + self.b(F.silu(q))
+
+
+def correlated(batch, seed):
+    """Inputs with correlated channels (where GPTQ's compensation has something to use)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(256) + 0.03 * torch.randn(256, 256, generator=torch.Generator().manual_seed(99))
+    return torch.randn(batch, 16, 256, generator=g) @ mix
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return Net().eval().requires_grad_(False)
+
+
+def compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="segquant", options={"inductor": False, **options})
+
+
+def formats_of(c):
+    return {st.name: st.lowering.format for st in find(c).quant_states}
+
+
+@pytest.mark.parametrize("fmt, floor", [("w4a8", 17.0), ("int8-weight-only", 40.0), ("int4-weight-only", 17.0)])
+def test_format_runs_every_site_at_that_format(net, fmt, floor):
+    x = correlated(4, 1)
+    c = compiled(net, format=fmt)
+    out = c(x)
+    assert formats_of(c) == {"a": fmt, "b": fmt, "c": fmt}
+    db = Q.sqnr_db(net(x), out)
+    assert floor < db < 60, db   # quantized (not float), and not broken
+
+
+def test_weight_only_is_float_activations_times_the_dequantized_weight(net):
+    x = correlated(2, 2)
+    c = compiled(net, format="int4-weight-only", group_size=64)
+    out = c(x)
+    states = {st.name: st for st in find(c).quant_states}
+    # the same forward by hand: each site x @ dequantized + b
+    lin = lambda name, v: v @ states[name].dequantized + getattr(net, name).bias  # noqa: E731
+    q, k, _ = lin("a", x).chunk(3, dim=-1)
+    ref = lin("c", torch.cat([F.gelu(q), k], -1)) + lin("b", F.silu(q))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    st_c = states["c"]
+    assert st_c.packed.shape == (128, 64) and st_c.d_w.shape == (4, 64)   # two per byte; 256 / 64 groups
+
+
+def test_w4a8_steps_are_per_group_inside_segments(net):
+    c = compiled(net, format="w4a8", group_size=64)
+    c(correlated(2, 3))
+    st_c = {st.name: st for st in find(c).quant_states}["c"]
+    assert st_c.lowering.k_bounds == (0, 128, 256)
+    assert st_c.lowering.g_bounds == (0, 64, 128, 192, 256)
+    assert st_c.colsum.shape == (4, 64)   # zero-point corrections per group
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=6), st.sampled_from(Q.GROUP_SIZES))
+def test_groups_refine_segments(sizes, group):
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    g = Q.group_bounds(bounds, group)
+    assert set(bounds) <= set(g) and list(g) == sorted(set(g))
+    assert all(0 < b - a <= group for a, b in zip(g[:-1], g[1:]))
+
+
+def test_per_site_formats_and_float(net):
+    c = compiled(net, formats={"c": "w4a8", "b": "float"})
+    c(correlated(2, 4))
+    assert formats_of(c) == {"a": "int8", "c": "w4a8"}
+    text = str(sq.report(c))
+    assert "format 'float' for this site" in text
+    # weighted by weight size: a 256x384 at 8 bits, c 256x64 at 4 (b is float)
+    assert "formats: 1 int8, 1 w4a8; average weight bits 7.43" in text
+    assert sq.report(c).totals()["average_weight_bits"] == round((98304 * 8 + 16384 * 4) / 114688, 3)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"format": "w8"}, "invalid value 'w8'"),
+    ({"formats": {"a": "int3"}}, "formats\\['a'\\]"),
+    ({"weight_rounding": "gptq"}, "applies to 4-bit weights"),
+    ({"format": "w4a8", "group_size": 96}, "group_size"),
+    ({"format": "auto"}, "needs options 'budget'"),
+    ({"budget": {"weight_bits": 5}}, "format='auto' only"),
+    ({"format": "auto", "budget": {"bits": 5}, "sensitivity": "s.json"}, "budget"),
+])
+def test_bad_format_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        sq.compile(torch.nn.Linear(4, 4), **options)
+
+
+def test_gptq_beats_round_to_nearest_on_held_out_rows():
+    torch.manual_seed(0)
+    w = torch.randn(64, 300)
+    k_bounds = (0, 100, 300)
+    g = Q.group_bounds(k_bounds, 64)
+    mix = torch.eye(300) + 0.3 * torch.randn(300, 300)
+    rows, held_out = torch.randn(2000, 300) @ mix, torch.randn(1000, 300) @ mix
+    q, steps = gptq_int4(w, rows, k_bounds, g)
+    assert q.abs().max() <= 7 and steps.shape == (len(g) - 1, 64)
+    rtn_steps = Q.int4_steps(w, g)
+    rtn = Q.round_int4(w, rtn_steps, g).float() * Q.expand_groups(rtn_steps, g)
+    ref = held_out @ w.t()
+    gain = Q.sqnr_db(ref, held_out @ (q.float() * Q.expand_groups(steps, g))) - Q.sqnr_db(ref, held_out @ rtn)
+    assert gain > 0.5, gain
+
+
+def test_gptq_needs_calibration_then_runs_dynamic(net):
+    c = compiled(net, format="w4a8", weight_rounding="gptq")
+    with pytest.raises(RuntimeError, match="need calibration before use"):
+        c(correlated(2, 5))
+    with sq.calibrate(c, progress=False):
+        for seed in range(3):
+            c(correlated(32, 10 + seed))
+    x = correlated(8, 6)
+    got = c(x)
+    states = find(c).quant_states
+    assert all(not st.awaiting_rows and st.lowering.activations == "dynamic" for st in states)
+    assert "gptq" in str(sq.report(c))
+    rtn = compiled(net, format="w4a8")(x)
+    ref = net(x)
+    assert Q.sqnr_db(ref, got) > Q.sqnr_db(ref, rtn)   # the model output, not just one layer
+
+
+def test_gptq_site_whose_weight_changes_is_repacked_to_nearest_with_a_warning():
+    torch.manual_seed(0)
+    model = Net().eval().requires_grad_(False)
+    c = compiled(model, format="w4a8", weight_rounding="gptq")
+    with sq.calibrate(c, progress=False):
+        c(correlated(32, 11))
+    c(correlated(2, 7))
+    with torch.no_grad():
+        model.b.weight.mul_(1.5)
+    with pytest.warns(UserWarning, match="re-packed with round-to-nearest"):
+        out = c(correlated(2, 7))
+    st_b = {st.name: st for st in find(c).quant_states}["b"]
+    expect = Q.pack_weight(model.b.weight, st_b.lowering)
+    assert torch.equal(st_b.packed, expect[0]) and torch.equal(st_b.d_w, expect[1])
+    assert torch.isfinite(out).all()
+
+
+def test_mixed_formats_save_and_load_bit_identically(net, tmp_path):
+    options = dict(formats={"c": "w4a8", "b": "int4-weight-only"}, activations="static",
+                   weight_rounding="gptq", group_size=64)
+    c = compiled(net, **options)
+    with sq.calibrate(c, progress=False):
+        for seed in range(2):
+            c(correlated(32, 20 + seed))
+    x = correlated(4, 8)
+    want = c(x)
+    sq.save(c, tmp_path / "q")
+    saved = {st.name: st for st in find(c).quant_states}
+    loaded = compiled(net, load=str(tmp_path / "q"))   # dynamo's reset: `c` is gone from here on
+    got = loaded(x)
+    assert torch.equal(want, got)
+    for st in find(loaded).quant_states:
+        assert st.lowering == saved[st.name].lowering
+        assert torch.equal(st.packed, saved[st.name].packed) and torch.equal(st.d_w, saved[st.name].d_w)
+    assert formats_of(loaded) == {"a": "int8", "b": "int4-weight-only", "c": "w4a8"}
+
+
+def test_explain_on_the_meta_device_plans_per_site_formats():
+    from segquant_compile import explain, models
+    model = models.build(models.load_config("sd3.5-medium"), device="meta")
+    report = explain(model, **models.example_inputs(model, batch=1),
+                     options={"format": "w4a8", "formats": {"*norm1*": "int8", "proj_out": "float"}})
+    text = str(report)
+    assert "planned: w4a8 g128" in text and "planned: int8 w per-channel" in text
+    assert "float: format 'float' for this site" in text
+    assert 4.0 < report.totals()["average_weight_bits"] < 8.0
