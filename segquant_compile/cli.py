@@ -1,4 +1,4 @@
-"""`segquant` console script: inspect, quantize, autotune, demo."""
+"""`segquant` console script: inspect, quantize, autotune, sensitivity, demo."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,8 @@ import json
 import sys
 
 from segquant_compile import models
+from segquant_compile.config import FORMATS
+from segquant_compile.sensitivity import DEFAULT_FORMATS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,6 +181,65 @@ def pipe_kwargs_json(text: str) -> dict:
     return json_object(text, "pipeline call arguments")
 
 
+def sampler_calls(sample, net, steps: int) -> list[tuple]:
+    """`steps` of the calls a float sampling run `sample(fn)` makes to `net`, evenly spread over the
+    run: the inputs the network really sees at those timesteps."""
+    seen = []
+
+    def record(*args):
+        seen.append(tuple(a.clone() for a in args))
+        return net(*args)
+    sample(record)
+    n = len(seen)
+    return [seen[i] for i in sorted({min(n - 1, int((k + 0.5) * n / steps)) for k in range(steps)})]
+
+
+def sensitivity_target(args):
+    """(model with real weights, its calls): an MNIST model on its sampler's inputs (seed 0, one image
+    per digit), or a local diffusers folder's denoiser on example inputs at `steps` timesteps."""
+    import torch
+    if args.model in ("mnist-dit", "mnist-vit"):
+        from segquant_compile import mnist_dit, mnist_vit
+        mnist, load = {"mnist-dit": (mnist_dit, mnist_dit.load_dit), "mnist-vit": (mnist_vit, mnist_vit.load_vit)}[
+            args.model]
+        net = load()   # a missing file: FileNotFoundError, exit status 2
+        return net, sampler_calls(lambda fn: mnist.sample(fn, torch.arange(10), seed=0), net, args.steps)
+    config = models.load_config(args.model)   # a shipped config builds on meta: sensitivity() refuses it
+    folder = models.model_folder(args.model) if args.model not in models.shipped() else None
+    if folder is None:
+        model = models.build(config, device="meta")
+    else:
+        model = models.model_class(config).from_pretrained(folder, local_files_only=True).eval()
+    pipeline = folder.parent if folder is not None and folder.name in ("transformer", "unet") else folder
+    defaults = models.pipeline_defaults(config, pipeline)
+    g = torch.Generator().manual_seed(0)
+    calls = []
+    for k in range(args.steps):
+        x = models.example_inputs(model, batch=1, resolution=args.resolution or defaults["resolution"],
+                                  text_tokens=args.text_tokens or defaults["text_tokens"], generator=g,
+                                  vae_factor=defaults["vae_factor"])
+        # example inputs sit mid-schedule: spread the steps evenly over (0, 2 x mid)
+        x["timestep"] = x["timestep"] * (2 * (args.steps - k) / (args.steps + 1))
+        calls.append(x)
+    return model, calls
+
+
+def cmd_sensitivity(args) -> int:
+    from segquant_compile.sensitivity import sensitivity
+    model, calls = sensitivity_target(args)
+    sens = sensitivity(model, calls, formats=args.formats, options=args.options)
+    print(sens)
+    for path in args.out or ():
+        print(f"wrote {sens.save(path)}")
+    return 0
+
+
+def sensitivity_file(text: str) -> str:
+    if not text.endswith((".json", ".html")):
+        raise argparse.ArgumentTypeError(f"{text!r}: write .json or .html")
+    return text
+
+
 def cmd_demo(args) -> int:
     from segquant_compile import demo
     demo.run(args.model, args.activations, args.save)
@@ -207,6 +268,17 @@ def main(argv=None) -> int:
     _add_model_args(p, default=None, many=True)
     p.add_argument("--cache", default=None, help="cache folder (default: SEGQUANT_CACHE_DIR or ~/.cache/segquant)")
     p.set_defaults(func=cmd_autotune)
+    p = sub.add_parser("sensitivity", help="per site and format, the output error when only that site is "
+                                           "quantized (real weights)")
+    p.add_argument("model", help="mnist-dit, mnist-vit (../shared/data) or a local diffusers model folder with "
+                                 "weights; shipped configs have none")
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(DEFAULT_FORMATS))
+    p.add_argument("--steps", type=positive_int, default=4, help="sampler timesteps (one model call each)")
+    p.add_argument("--out", type=sensitivity_file, action="append", metavar="PATH", help="write .json or .html")
+    p.add_argument("--resolution", type=resolution, default=None, help="diffusers folders: image side in pixels")
+    p.add_argument("--text-tokens", type=positive_int, default=None, help="diffusers folders: text length")
+    p.add_argument("--options", type=options_json, default=None, help="segquant options as JSON")
+    p.set_defaults(func=cmd_sensitivity)
     p = sub.add_parser("demo", help="quantize an embedded default model: plan, SQNR and time against float")
     p.add_argument("--model", choices=["sd3", "mnist"], default="sd3",
                    help="sd3: an SD3-style transformer with random weights; mnist: the real DiT in ../shared/data")

@@ -24,6 +24,17 @@ def compiled_options(compiled) -> tuple[str | None, dict | None]:
     return None, None
 
 
+def unwrap(model, options: dict | None) -> tuple:
+    """(the module behind a torch.compile'd one, the options to plan it with: those given, else
+    those it was segquant-compiled with); anything else passes through."""
+    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        backend, compiled_with = compiled_options(model)
+        if options is None and backend == "segquant":
+            options = compiled_with
+        model = model._orig_mod
+    return model, options
+
+
 def module_paths(model: torch.nn.Module) -> dict[int, str]:
     """id(parameter or buffer) -> its full name in the root model (shared tensors: first name)."""
     out: dict[int, str] = {}

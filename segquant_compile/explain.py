@@ -6,6 +6,7 @@ import warnings
 import torch
 
 from segquant_compile.capture import capture_graphs
+from segquant_compile.compiled import unwrap
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.site_lowering import KeptFloat
 from segquant_compile.passes import build_plan, merge
@@ -23,12 +24,7 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
     if not callable(model):
         raise TypeError(f"segquant_compile.explain needs a callable model (an nn.Module or function), "
                         f"got {type(model).__name__}")
-    if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-        from segquant_compile.compiled import compiled_options
-        backend, compiled_with = compiled_options(model)
-        if options is None and backend == "segquant":
-            options = compiled_with
-        model = model._orig_mod
+    model, options = unwrap(model, options)
     config = QuantConfig.from_options(options)
     graphs = capture_graphs(model, args, kwargs)
     plan = merge([build_plan(gm, config.activation_set, config.seglinear, graph_index=i)

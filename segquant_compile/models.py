@@ -30,6 +30,20 @@ def load_config(name_or_path: str) -> dict:
                             f"model folder with a config.json (nothing is downloaded)")
 
 
+def model_folder(path) -> Path:
+    """A local diffusers model's own folder (its config.json beside its weights; a pipeline
+    folder's transformer/ or unet/); ValueError when it holds a config but no weights."""
+    path = Path(path)
+    path = path.parent if path.is_file() else path
+    for candidate in (path, path / "transformer", path / "unet"):
+        if (candidate / "config.json").is_file():
+            if not any(candidate.glob("*.safetensors")) and not any(candidate.glob("*.bin")):
+                raise ValueError(f"segquant.sensitivity needs real weights: {candidate} holds a config.json but no "
+                                 f"weight files (*.safetensors, *.bin)")
+            return candidate
+    raise FileNotFoundError(f"{path} holds no diffusers model (config.json)")
+
+
 def model_class(config: dict):
     import diffusers
     name = config.get("_class_name")

@@ -133,9 +133,7 @@ class Report:
                  f"{s.in_features} -> {s.out_features}",
                  s.output_segments.describe() if s.output_segments else "-",
                  _input_text(s), _dual_text(s), self._quant_text(s.name)) for s in self.sites]
-        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-        lines = [line(head), line(tuple("-" * w for w in widths)), *map(line, body), "", self.summary()]
+        lines = [*text_table(head, body), "", self.summary()]
         lines += [f"float: {c.name} ({c.kind} call): {c.reason}" for c in self.float_calls]
         lines += [f"float: {name} ({kind} module): {why}" for name, (kind, why) in self._unreached_kinds()]
         if self.calibration is not None:
@@ -234,6 +232,13 @@ class Report:
                             summary=html.escape(summary), legend=legend,
                             config=html.escape(json.dumps(_config_dict(self.config))),
                             rows="\n".join(rows), total=t["sites"])
+
+
+def text_table(head, rows) -> list[str]:
+    """Lines of a plain-text table: columns padded to their widest cell, a rule under the head."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return [line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
 
 
 def _config_dict(config) -> dict:

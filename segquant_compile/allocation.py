@@ -1,0 +1,123 @@
+"""allocate(): one format per site from measured sensitivity, the least summed output error under an
+average weight-bit budget (Qua2SeDiMo's search, arXiv 2412.14628, solved exactly instead)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from segquant_compile.report import text_table
+from segquant_compile.sensitivity_report import Sensitivity, db
+
+FLOAT = "float"
+# nominal weight bits per format ("float": the 16-bit weights a diffusion model runs in)
+NOMINAL_BITS = {FLOAT: 16, "int8": 8, "fp8": 8, "w4a8": 4, "int8-weight-only": 8, "int4-weight-only": 4}
+MAX_CELLS = 1 << 15   # DP width: the choice table is sites x MAX_CELLS bytes
+
+
+@dataclass
+class Allocation:
+    formats: dict[str, str]      # site name -> format ("float": kept float)
+    average_bits: float          # weight bits per element, weighted by each site's weight elements
+    error: float                 # summed measured error of the chosen formats (noise powers add)
+    weight_bits: float           # the budget
+    bits: dict[str, float]       # the bits per format it was computed with
+
+    def describe(self) -> str:
+        counts: dict[str, int] = {}
+        for f in self.formats.values():
+            counts[f] = counts.get(f, 0) + 1
+        lines = [f"allocation under {self.weight_bits:g} average weight bits: {self.average_bits:.3f} bits, summed "
+                 f"error {self.error:.3e} (output SQNR about {db(self.error):.1f} dB if the errors add)",
+                 *text_table(("format", "bits", "sites"), [(f, f"{self.bits[f]:g}", str(n)) for f, n in counts.items()]),
+                 "", *text_table(("site", "format"), list(self.formats.items()))]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Allocation":
+        return cls(**json.loads(text))
+
+
+def allocate(sens: Sensitivity, weight_bits: float, bits: dict[str, float] | None = None) -> Allocation:
+    """Choose per site one of its measured formats or "float" (NOMINAL_BITS, overridden by `bits`)
+    minimising the summed measured error, subject to the average weight bits (weighted by each
+    site's weight elements) <= `weight_bits`.
+
+    An exact multiple-choice knapsack by dynamic programming over a discretised bit cost: every
+    site first pays its cheapest option, and the extra bits of the others are counted in cells of
+    one unit, the greatest common divisor of all extra costs (then the DP is exactly optimal) or,
+    when the budget would need more than MAX_CELLS such cells, budget / MAX_CELLS with every cost
+    rounded UP to whole cells: the result never exceeds the budget, and is optimal for the rounded
+    costs. Raises ValueError when the budget is below every site's cheapest format."""
+    table = {**NOMINAL_BITS, **(bits or {})}
+    if not sens.sites:
+        raise ValueError("allocate: the sensitivity holds no sites")
+    # per site: (format, exact cost in bits, error); a NaN/inf error is no option
+    options = []
+    for s in sens.sites:
+        opts = [(FLOAT, Fraction(table[FLOAT]) * s.weight_numel, 0.0)]
+        for f, err in s.error.items():
+            if f not in table:
+                raise ValueError(f"allocate: no bit width for format {f!r}; pass bits={{{f!r}: ...}}")
+            if math.isfinite(err):
+                opts.append((f, Fraction(table[f]) * s.weight_numel, err))
+        options.append(opts)
+    total = sum(s.weight_numel for s in sens.sites)
+    floor = [min(c for _, c, _ in opts) for opts in options]
+    budget = Fraction(weight_bits) * total
+    if sum(floor) > budget:
+        raise ValueError(f"allocate: a budget of {weight_bits:g} average weight bits is infeasible: the minimum "
+                         f"over these sites' formats is {float(sum(floor) / total):.4g} bits")
+    slack = budget - sum(floor)
+    extras = [[c - low for _, c, _ in opts] for opts, low in zip(options, floor)]
+    unit = _unit(extras)
+    if slack / unit > MAX_CELLS:
+        unit = slack / MAX_CELLS
+    cap = math.floor(slack / unit)
+    cells = [[math.ceil(e / unit) for e in es] for es in extras]
+    picks = _knapsack(cells, [[err for _, _, err in opts] for opts in options], cap)
+    chosen = {s.name: opts[j][0] for s, opts, j in zip(sens.sites, options, picks)}
+    cost = sum(opts[j][1] for opts, j in zip(options, picks))
+    error = sum(opts[j][2] for opts, j in zip(options, picks))
+    return Allocation(chosen, float(cost / total), error, weight_bits, {f: table[f] for f in set(chosen.values())})
+
+
+def _unit(extras: list[list[Fraction]]) -> Fraction:
+    """The greatest common divisor of the nonzero extra costs (1 when there is none)."""
+    nonzero = [e for es in extras for e in es if e]
+    if not nonzero:
+        return Fraction(1)
+    den = math.lcm(*(e.denominator for e in nonzero))
+    return Fraction(math.gcd(*(int(e * den) for e in nonzero)), den)
+
+
+def _knapsack(cells: list[list[int]], errors: list[list[float]], cap: int) -> list[int]:
+    """Per site the option index minimising the summed error with summed cells <= cap (ties: fewer
+    cells). best[c]: the least error of the sites so far using exactly c cells."""
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((len(cells), cap + 1), dtype=np.int16)
+    for i, (ws, es) in enumerate(zip(cells, errors)):
+        new = np.full(cap + 1, np.inf)
+        for j, (w, e) in enumerate(zip(ws, es)):
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[w:] = best[:cap + 1 - w] + e
+            better = cand < new
+            new[better] = cand[better]
+            choice[i, better] = j
+        best = new
+    c = int(np.argmin(best))
+    picks = []
+    for i in reversed(range(len(cells))):
+        j = int(choice[i, c])
+        picks.append(j)
+        c -= cells[i][j]
+    return picks[::-1]
