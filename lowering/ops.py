@@ -10,6 +10,10 @@ scheme code schemes[s] (lowering/quantize.py):
 with int32 accumulation inside a segment and fp32 across segments. Scales are step sizes;
 d_x / d_neg / zp are [M, S] (dynamic, per token) or [1, S] (static, per tensor); colsum [S, N]
 int32 holds the packed weight's column sums per segment (packed with it).
+
+The 4-bit and weight-only formats have their own ops below (segquant::gemm_w4: int4 weights with
+steps per K group, flushed per group; segquant::gemm_weight_only: float activations), each with
+its order of operations in its docstring.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import functools
 
 import torch
 from torch import Tensor
+
+from .quantize import expand_groups, unpack_int4
 
 LIB = "segquant"
 
@@ -95,19 +101,24 @@ def combine_segments(sums, d_x, d_neg, d_w, bias, schemes, zp=None, colsum=None)
     the order of fp32 operations every implementation follows (the conv op shares it)."""
     y = None
     for s, acc in enumerate(sums):
-        # int32 * fp32 promotes in one pass; the rest accumulates in place (CPU epilogue cost)
-        if schemes[s] == 1:
-            part = torch.mul(acc[0], d_x[:, s:s + 1])
-            part.add_(torch.mul(acc[1], d_neg[:, s:s + 1]))
-        elif schemes[s] == 2:
-            part = torch.mul(acc[0] - zp[:, s:s + 1].to(torch.int32) * colsum[s], d_x[:, s:s + 1])
-        else:
-            part = torch.mul(acc[0], d_x[:, s:s + 1])
+        part = segment_part(acc, s, schemes[s], d_x, d_neg, zp, colsum[s] if colsum is not None else None)
         y = part if y is None else y.add_(part)
     y.mul_(d_w)
     if bias is not None:
         y.add_(bias)
     return y
+
+
+def segment_part(acc, s, scheme, d_x, d_neg, zp=None, colsum=None) -> Tensor:
+    """One K range's fp32 part from its integer sums, with the steps of its segment s (colsum:
+    that range's [N] column sums, asymmetric only); the weight step is not applied yet."""
+    # int32 * fp32 promotes in one pass; the rest accumulates in place (CPU epilogue cost)
+    if scheme == 1:
+        part = torch.mul(acc[0], d_x[:, s:s + 1])
+        return part.add_(torch.mul(acc[1], d_neg[:, s:s + 1]))
+    if scheme == 2:
+        return torch.mul(acc[0] - zp[:, s:s + 1].to(torch.int32) * colsum, d_x[:, s:s + 1])
+    return torch.mul(acc[0], d_x[:, s:s + 1])
 
 
 EXACT_FP32_K = 1024   # 1024 products of 8-bit values: every partial sum is an integer below 2**24
@@ -171,3 +182,105 @@ def int_accumulators(q, w, k_bounds, schemes):
         qs, ws = q[:, k0:k1].long(), w[k0:k1].long()
         out.append((qs.clamp(min=0) @ ws, qs.clamp(max=0) @ ws) if schemes[s] == 1 else (qs @ ws,))
     return out
+
+
+# ---- The w4a8 and weight-only formats (DESIGN.md, Formats and granularity) ----
+
+@torch.library.custom_op(f"{LIB}::gemm_w4", mutates_args=())
+def gemm_w4(q: Tensor, d_x: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bias: Tensor | None,
+            k_bounds: list[int], g_bounds: list[int], schemes: list[int], out_dtype: torch.dtype,
+            zp: Tensor | None = None, colsum: Tensor | None = None) -> Tensor:
+    """w4a8: q [M, K] int8 activations with segquant::gemm's K segments, schemes and steps
+    (d_x, d_neg, zp [M or 1, S]) x int4 weights w4 [ceil(K/2), N] (quantize.pack_int4) with steps
+    d_w [G, N] per K group [g_bounds[g], g_bounds[g+1]) and output channel; the G + 1 g_bounds
+    refine k_bounds; colsum [G, N] int32 (group_column_sums) for asymmetric segments. Returns [M, N].
+
+    Order of fp32 operations (every implementation), for each group g of segment s in turn:
+        acc  = q[:, g] @ W[g]                                exact int32
+               DualScale: acc_pos = max(q, 0)[:, g] @ W[g], acc_neg = min(q, 0)[:, g] @ W[g]
+        part = acc * d_x[:, s]                               symmetric
+               acc_pos * d_x[:, s] + acc_neg * d_neg[:, s]   DualScale
+               (acc - zp[:, s] * colsum[g]) * d_x[:, s]      asymmetric (the correction in int32)
+        part = part * d_w[g]
+        y    = y + part
+    then y = y + bias, cast to out_dtype."""
+    w = unpack_int4(w4, q.shape[1])
+    groups = segment_groups(k_bounds, g_bounds)
+    y = None
+    for s, scheme in enumerate(schemes):
+        for g in range(groups[s], groups[s + 1]):
+            qs, ws = q[:, g_bounds[g]:g_bounds[g + 1]], w[g_bounds[g]:g_bounds[g + 1]]
+            acc = (_int_mm(qs.clamp(min=0), ws), _int_mm(qs.clamp(max=0), ws)) if scheme == 1 else (_int_mm(qs, ws),)
+            part = segment_part(acc, s, scheme, d_x, d_neg, zp, colsum[g] if colsum is not None else None)
+            part.mul_(d_w[g])
+            y = part if y is None else y.add_(part)
+    if bias is not None:
+        y.add_(bias)
+    return y.to(out_dtype)
+
+
+@gemm_w4.register_fake
+def _(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
+    torch._check(q.dim() == 2 and w4.dim() == 2, lambda: "segquant::gemm_w4 takes 2-D q and w4")
+    torch._check(w4.shape[0] == (q.shape[1] + 1) // 2, lambda: f"K mismatch: q {q.shape}, packed int4 w {w4.shape}")
+    return q.new_empty((q.shape[0], w4.shape[1]), dtype=out_dtype)
+
+
+@gemm_w4.register_kernel("cuda")
+def _(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
+    from .triton_formats import launch_w4
+    return launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
+
+
+def segment_groups(k_bounds, g_bounds) -> list[int]:
+    """S + 1 group indices: segment s holds the groups [out[s], out[s + 1]). A ValueError unless
+    the (strictly increasing) group bounds refine the segment bounds."""
+    g_bounds = list(g_bounds)
+    if (any(b <= a for a, b in zip(g_bounds, g_bounds[1:])) or not set(k_bounds) <= set(g_bounds)
+            or g_bounds[0] != k_bounds[0] or g_bounds[-1] != k_bounds[-1]):
+        raise ValueError(f"segquant: group bounds {g_bounds} do not refine the K segments {list(k_bounds)}")
+    return [g_bounds.index(k) for k in k_bounds]
+
+
+def group_column_sums(w4_unpacked: Tensor, g_bounds) -> Tensor:
+    """[G, N] int32 column sums of the unpacked [K, N] int4 weight per K group: the asymmetric
+    correction of w4a8 is per group, since the weight steps are."""
+    return column_sums(w4_unpacked, g_bounds)
+
+
+@torch.library.custom_op(f"{LIB}::gemm_weight_only", mutates_args=())
+def gemm_weight_only(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, g_bounds: list[int], bits: int,
+                     out_dtype: torch.dtype) -> Tensor:
+    """Float activations x [M, K] (any float dtype) x weights dequantized on the fly: bits 8,
+    w [K, N] int8 with d_w [N] per output channel (g_bounds [0, K]); bits 4, w [ceil(K/2), N]
+    packed int4 with d_w [G, N] per K group. y = x.float() @ dequantize_weight(...) (+ bias) in
+    fp32, cast to out_dtype. The kernel sums in another order (the steps applied per group after
+    the dot): equal up to fp32 rounding."""
+    y = x.float() @ dequantize_weight(w, d_w, g_bounds, bits, x.shape[1])
+    if bias is not None:
+        y.add_(bias)
+    return y.to(out_dtype)
+
+
+@gemm_weight_only.register_fake
+def _(x, w, d_w, bias, g_bounds, bits, out_dtype):
+    torch._check(x.dim() == 2 and w.dim() == 2, lambda: "segquant::gemm_weight_only takes 2-D x and w")
+    rows = x.shape[1] if bits == 8 else (x.shape[1] + 1) // 2
+    torch._check(w.shape[0] == rows, lambda: f"K mismatch: x {x.shape}, {bits}-bit w {w.shape}")
+    return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype)
+
+
+@gemm_weight_only.register_kernel("cuda")
+def _(x, w, d_w, bias, g_bounds, bits, out_dtype):
+    from .triton_formats import launch_weight_only
+    return launch_weight_only(x, w, d_w, bias, g_bounds, bits, out_dtype)
+
+
+def dequantize_weight(w: Tensor, d_w: Tensor, g_bounds, bits: int, k: int) -> Tensor:
+    """[K, N] fp32 weight of the weight-only formats: int8 [K, N] times d_w [N], or packed int4
+    [ceil(K/2), N] times d_w [G, N] over each group's K range."""
+    if bits == 8:
+        return w.float() * d_w
+    if bits == 4:
+        return unpack_int4(w, k).float() * expand_groups(d_w, g_bounds)
+    raise ValueError(f"segquant: weight-only bits must be 8 or 4, got {bits}")

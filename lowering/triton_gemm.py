@@ -47,7 +47,7 @@ def prune(m: int, n: int, k: int, variant: str, device) -> list[dict]:
     """Configs that fit: shared memory, the minimum dot size, no tile much larger than the problem."""
     if INTERPRET:
         return [dict(INTERPRETER_CONFIG)]
-    elem = 1 if not variant.endswith("prologue") else 4
+    elem = 4 if variant.endswith("prologue") or variant.endswith("weight-only") else 1   # bytes of an A element
     limit = shared_memory(device)
     out = []
     for c in CONFIGS:
@@ -106,18 +106,20 @@ def segment_steps(KB, SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
 
 @triton.jit
 def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.constexpr, ASYM: tl.constexpr):
-    """One K segment's integer sums into fp32 with its own steps (the reference's order);
-    asymmetric segments subtract zp * colsum(W) in int32 first. Shared with triton_conv.py."""
-    part = acc_p.to(tl.float32) * d_pos[:, None]
+    """One K segment's integer sums into fp32 with its own steps, in the reference's order
+    (ops.segment_part): only DualScale segments combine two products, the others (plain segments
+    of a DualScale site too) scale their whole sum once; asymmetric segments subtract
+    zp * colsum(W) in int32 first. Shared with triton_conv.py and triton_formats.py."""
+    total = acc_p                                      # the whole q tile's sum (exact int32)
     if DUAL:
-        part = part + acc_n.to(tl.float32) * d_neg[:, None]
+        total = acc_p + acc_n
     if ASYM:
         colsum = tl.load(colsum_ptr, mask=n_ok, other=0)
-        total = acc_p                                  # the whole q tile's sum (exact int32)
-        if DUAL:
-            total = acc_p + acc_n
-        corrected = (total - zp.to(tl.int32)[:, None] * colsum[None, :]).to(tl.float32) * d_pos[:, None]
-        part = tl.where(scheme == 2, corrected, part)
+        total = tl.where(scheme == 2, total - zp.to(tl.int32)[:, None] * colsum[None, :], total)
+    part = total.to(tl.float32) * d_pos[:, None]
+    if DUAL:
+        dual = acc_p.to(tl.float32) * d_pos[:, None] + acc_n.to(tl.float32) * d_neg[:, None]
+        part = tl.where(scheme == 1, dual, part)
     return part
 
 
