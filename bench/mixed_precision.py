@@ -65,6 +65,7 @@ def configs(sens_path: Path) -> dict[str, dict]:
            "w4a8 gptq": {"format": "w4a8", "weight_rounding": "gptq"}}
     for b in BUDGETS:
         out[f"mix {b:g} bits"] = {"format": "auto", "budget": {"weight_bits": b}, "sensitivity": str(sens_path)}
+    out["mix 5 bits gptq"] = {**out["mix 5 bits"], "weight_rounding": "gptq"}
     return out
 
 

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .quantize import expand_groups, unpack_int4
+from .quantize import dequantize_weight, unpack_int4
 
 LIB = "segquant"
 
@@ -276,11 +276,3 @@ def _(x, w, d_w, bias, g_bounds, bits, out_dtype):
     return launch_weight_only(x, w, d_w, bias, g_bounds, bits, out_dtype)
 
 
-def dequantize_weight(w: Tensor, d_w: Tensor, g_bounds, bits: int, k: int) -> Tensor:
-    """[K, N] fp32 weight of the weight-only formats: int8 [K, N] times d_w [N], or packed int4
-    [ceil(K/2), N] times d_w [G, N] over each group's K range."""
-    if bits == 8:
-        return w.float() * d_w
-    if bits == 4:
-        return unpack_int4(w, k).float() * expand_groups(d_w, g_bounds)
-    raise ValueError(f"segquant: weight-only bits must be 8 or 4, got {bits}")

@@ -132,11 +132,18 @@ def pack_weight(w: Tensor, lowering, grid4: tuple[Tensor, Tensor] | None = None)
 
 
 def dequantized_weight(packed: Tensor, steps: Tensor, lowering) -> Tensor:
-    """The packed weight's grid values times their steps: fp32 [K, N]."""
-    if lowering.group_size is not None:
-        k = lowering.in_features
-        return unpack_int4(packed, k).float() * expand_groups(steps, lowering.g_bounds)
-    return packed.float() * steps
+    """A site's packed weight as fp32 [K, N] (its grid values times their steps)."""
+    return dequantize_weight(packed, steps, lowering.g_bounds, lowering.weight_bits, lowering.in_features)
+
+
+def dequantize_weight(w: Tensor, d_w: Tensor, g_bounds, bits: int, k: int) -> Tensor:
+    """[K, N] fp32 weight: 8-bit [K, N] grid values times d_w [N], or packed int4
+    [ceil(K/2), N] times d_w [G, N] over each group's K range."""
+    if bits == 8:
+        return w.float() * d_w
+    if bits == 4:
+        return unpack_int4(w, k).float() * expand_groups(d_w, g_bounds)
+    raise ValueError(f"segquant: weight-only bits must be 8 or 4, got {bits}")
 
 
 def _segments(x: Tensor, k_bounds: list[int]):

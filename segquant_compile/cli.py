@@ -6,7 +6,7 @@ import json
 import sys
 
 from segquant_compile import models
-from segquant_compile.config import FORMATS
+from segquant_compile.lowering.site_lowering import LOWERED_FORMATS as FORMATS
 from segquant_compile.sensitivity import DEFAULT_FORMATS
 
 

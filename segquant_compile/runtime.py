@@ -201,7 +201,9 @@ class GraphRunner:
             if st.packed.is_cuda and e.site.rows is not None and lo.conv is not None:
                 from segquant_compile.lowering import triton_conv
                 triton_conv.ensure(e.site.rows, e.site.out_features, lo.conv, lo.variant, st.packed.device)
-            elif st.packed.is_cuda and e.site.rows is not None:   # tune now, never inside a CUDA graph capture
+            elif st.packed.is_cuda and e.site.rows is not None and lo.format in ("int8", "fp8"):
+                # tune now, never inside a CUDA graph capture (w4a8 and weight-only kernels take
+                # their first pruned config: no tuner for them yet, lowering/triton_formats.py)
                 from segquant_compile.lowering.triton_gemm import ensure
                 ensure(e.site.rows, e.site.out_features, e.site.in_features, lo.variant, st.packed.device)
         if not self.config.inductor:

@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_leaves
 
 from segquant_compile.capture import lifted_recompile_limits
 from segquant_compile.compiled import module_paths, site_path, unwrap
-from segquant_compile.config import FORMATS, QuantConfig
+from segquant_compile.config import QuantConfig
+from segquant_compile.lowering.site_lowering import LOWERED_FORMATS as FORMATS
 from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
 from segquant_compile.op_types import block_of, op_type
 from segquant_compile.passes import build_plan
@@ -37,9 +38,9 @@ def sensitivity(model, inputs, formats=DEFAULT_FORMATS, options: dict | None = N
     """Measure every quantizable site of `model` at every format, one site at a time.
 
     `inputs`: one call's positional args (a tuple; a dict is taken as keyword args), or a list of
-    such calls (e.g. several timesteps): errors are summed over them. Per (site, format): `error`,
-    the relative noise power of the model output, sum ||y_q - y_f||^2 / sum ||y_f||^2 over every
-    floating output tensor and call, with every other site float; and the site's own output SQNR
+    such calls (e.g. several timesteps). Per (site, format): `error`, the relative noise power of
+    the model output, sum ||y_q - y_f||^2 / sum ||y_f||^2 over the floating output tensors of a
+    call, averaged over the calls, with every other site float; and the site's own output SQNR
     on its sampled input rows. A format the site cannot take is recorded with the reason.
     Activations are measured dynamic (per token), whatever the options ask. Needs real weights. A
     segquant-compiled model is measured with the options it was compiled with (unless given)."""
@@ -53,7 +54,9 @@ def sensitivity(model, inputs, formats=DEFAULT_FORMATS, options: dict | None = N
     notes = ["activations measured dynamic (per token)" +
              ("; the options ask static: static steps need calibration, not measured here"
               if config.activations == "static" else "")]
-    config = dataclasses.replace(config, activations="dynamic", smooth=None)
+    # each site measured alone at each format: per-site formats and GPTQ's calibration do not apply
+    config = dataclasses.replace(config, activations="dynamic", smooth=None, formats=(), budget=(),
+                                 sensitivity=None, weight_rounding="rtn")
     calls = _calls(inputs)
     from tqdm.auto import tqdm
     with lifted_recompile_limits(), torch.no_grad():
@@ -79,11 +82,16 @@ def _row(probe: "Probe", name: str, site, numel: int, formats, error) -> SiteSen
 
 
 def relative_error(reference: list[list[torch.Tensor]], outputs: list[list[torch.Tensor]]) -> float:
-    """sum ||y_q - y_f||^2 / sum ||y_f||^2 over every output tensor of every call (float64)."""
-    noise = sum(float((q.double() - f.double()).pow(2).sum()) for fs, qs in zip(reference, outputs)
-                for f, q in zip(fs, qs))
-    power = sum(float(f.double().pow(2).sum()) for fs in reference for f in fs)
-    return noise / power if power > 0 else float("inf")
+    """The mean over calls of sum ||y_q - y_f||^2 / sum ||y_f||^2 over the call's output tensors
+    (float64). Per call, then averaged: every timestep weighs the same, where pooled sums would
+    be ruled by the calls whose output is largest (with EDM preconditioning, one end of the
+    noise schedule)."""
+    errors = []
+    for fs, qs in zip(reference, outputs):
+        noise = sum(float((q.double() - f.double()).pow(2).sum()) for f, q in zip(fs, qs))
+        power = sum(float(f.double().pow(2).sum()) for f in fs)
+        errors.append(noise / power if power > 0 else (0.0 if noise == 0 else float("inf")))
+    return sum(errors) / len(errors)
 
 
 def _real_module(model) -> torch.nn.Module:

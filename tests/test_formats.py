@@ -199,3 +199,42 @@ def test_explain_on_the_meta_device_plans_per_site_formats():
     assert "planned: w4a8 g128" in text and "planned: int8 w per-channel" in text
     assert "float: format 'float' for this site" in text
     assert 4.0 < report.totals()["average_weight_bits"] < 8.0
+
+
+def test_auto_format_allocates_under_the_budget_and_reloads_without_the_measurement(net, tmp_path):
+    calls = [(correlated(2, 30 + i),) for i in range(2)]
+    sens = sq.sensitivity(net, calls, formats=("int8", "w4a8"), progress=False)
+    assert {s.name for s in sens.sites} == {"a", "b", "c"}
+    path = tmp_path / "sens.json"
+    sens.save(path)
+    c = compiled(net, format="auto", budget={"weight_bits": 6}, sensitivity=str(path))
+    x = correlated(2, 40)
+    want = c(x)
+    chosen = sq.allocate(sens, weight_bits=6).formats
+    assert {k: v for k, v in chosen.items() if v != "float"} == formats_of(c)
+    totals = sq.report(c).totals()
+    assert totals["average_weight_bits"] <= 6.0 or "float" in chosen.values()
+    sq.save(c, tmp_path / "q")
+    path.unlink()   # the saved options hold the allocated formats
+    loaded = compiled(net, load=str(tmp_path / "q"))
+    assert torch.equal(loaded(x), want)
+    assert formats_of(loaded) == {k: v for k, v in chosen.items() if v != "float"}
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "int8-weight-only", "int4-weight-only"])
+def test_cpu_lowering_matches_the_gemm_op_the_gpu_runs(net, fmt):
+    """The CPU form (dequantized grids, one fp32 GEMM) against the op path (segquant::gemm_w4 /
+    gemm_weight_only, whose CUDA kernels tests/test_formats_kernels.py checks): same grid."""
+    from segquant_compile.lowering.linear import quantized_linear
+    c = compiled(net, format=fmt, group_size=64)
+    c(correlated(2, 50))
+    st_c = {st.name: st for st in find(c).quant_states}["c"]
+    lo = st_c.lowering
+    assert lo.cpu_gemm == "fp32"
+    x = F.gelu(correlated(3, 51)[..., :256])
+    args = (st_c.d_x, st_c.d_neg, st_c.zp, st_c.smooth, st_c.colsum, lo.k_bounds, lo.codes)
+    by_op = quantized_linear(x, st_c.packed, st_c.d_w, net.c.bias, *args, fmt=fmt, g_bounds=lo.g_bounds)
+    by_cpu = quantized_linear(x, st_c.dequantized, None, net.c.bias, *args, fmt=fmt, cpu_gemm="fp32",
+                              g_bounds=lo.g_bounds)
+    torch.testing.assert_close(by_cpu, by_op, rtol=1e-5, atol=1e-5)
+    assert Q.sqnr_db(x @ net.c.weight.t() + net.c.bias, by_op) > 15
