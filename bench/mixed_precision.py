@@ -30,7 +30,8 @@ from machine import cpu_name  # noqa: E402
 from segquant_compile import mnist_dit
 
 BUDGETS = (4.5, 5.0, 6.0)
-FORMATS = ("int8", "w4a8")
+FORMATS = ("int8", "w4a8", "int8-weight-only", "int4-weight-only")
+A8 = ("int8", "w4a8")   # the mix of the targets: weight bits change, activations stay int8
 SENSITIVITY_CALLS = 6
 
 
@@ -60,12 +61,15 @@ def calibrate(compiled, spec) -> None:
             spec["sample"](compiled, labels_for(CALIBRATION_IMAGES), s)
 
 
-def configs(sens_path: Path) -> dict[str, dict]:
+def configs(sens: dict[str, Path]) -> dict[str, dict]:
     out = {"int8": {}, "w4a8 rtn": {"format": "w4a8"},
            "w4a8 gptq": {"format": "w4a8", "weight_rounding": "gptq"}}
     for b in BUDGETS:
-        out[f"mix {b:g} bits"] = {"format": "auto", "budget": {"weight_bits": b}, "sensitivity": str(sens_path)}
+        out[f"mix {b:g} bits"] = {"format": "auto", "budget": {"weight_bits": b}, "sensitivity": str(sens["a8"])}
     out["mix 5 bits gptq"] = {**out["mix 5 bits"], "weight_rounding": "gptq"}
+    for b in BUDGETS:   # the weight-only formats too: float activations where they pay
+        out[f"mix {b:g} bits, all formats"] = {"format": "auto", "budget": {"weight_bits": b},
+                                               "sensitivity": str(sens["all"])}
     return out
 
 
@@ -84,10 +88,12 @@ def run(model_key: str, seeds, images, classifier) -> dict:
     sens_path = RESULTS / f"sensitivity_{model_key}.json"
     sens.save(sens_path)
     sens.save(sens_path.with_suffix(".html"))
+    a8_path = RESULTS / f"sensitivity_{model_key}_a8.json"
+    sens.only(A8).save(a8_path)
     result["sensitivity"] = {"seconds": time.perf_counter() - t0, "calls": SENSITIVITY_CALLS,
                              "formats": list(FORMATS), "table": str(sens)}
     print(sens, flush=True)
-    for name, opts in configs(sens_path).items():
+    for name, opts in configs({"all": sens_path, "a8": a8_path}).items():
         torch._dynamo.reset()
         t0 = time.perf_counter()
         compiled = torch.compile(spec["load"](), backend="segquant", options=dict(opts))

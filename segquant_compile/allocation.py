@@ -23,15 +23,20 @@ class Allocation:
     formats: dict[str, str]      # site name -> format ("float": kept float)
     average_bits: float          # weight bits per element, weighted by each site's weight elements
     error: float                 # summed measured error of the chosen formats (noise powers add)
-    weight_bits: float           # the budget
+    weight_bits: float | None    # the budget: average weight bits, or
     bits: dict[str, float]       # the bits per format it was computed with
+    latency: float | None = None   # the budget: summed GEMM seconds as a fraction of all float
+    seconds: float | None = None   # the chosen formats' summed GEMM seconds (the sensitivity's timings)
 
     def describe(self) -> str:
         counts: dict[str, int] = {}
         for f in self.formats.values():
             counts[f] = counts.get(f, 0) + 1
-        lines = [f"allocation under {self.weight_bits:g} average weight bits: {self.average_bits:.3f} bits, summed "
-                 f"error {self.error:.3e} (output SQNR about {db(self.error):.1f} dB if the errors add)",
+        budget = f"{self.weight_bits:g} average weight bits" if self.weight_bits is not None else \
+            f"{self.latency:g} x the float GEMM time"
+        lines = [f"allocation under {budget}: {self.average_bits:.3f} bits"
+                 + (f", {self.seconds * 1e3:.3f} ms of GEMMs" if self.seconds is not None else "")
+                 + f", summed error {self.error:.3e} (output SQNR about {db(self.error):.1f} dB if the errors add)",
                  *text_table(("format", "bits", "sites"), [(f, f"{self.bits[f]:g}", str(n)) for f, n in counts.items()]),
                  "", *text_table(("site", "format"), list(self.formats.items()))]
         return "\n".join(lines)
@@ -44,10 +49,13 @@ class Allocation:
         return cls(**json.loads(text))
 
 
-def allocate(sens: Sensitivity, weight_bits: float, bits: dict[str, float] | None = None) -> Allocation:
+def allocate(sens: Sensitivity, weight_bits: float | None = None, bits: dict[str, float] | None = None,
+             latency: float | None = None) -> Allocation:
     """Choose per site one of its measured formats or "float" (NOMINAL_BITS, overridden by `bits`)
-    minimising the summed measured error, subject to the average weight bits (weighted by each
-    site's weight elements) <= `weight_bits`.
+    minimising the summed measured error, subject to ONE budget: the average weight bits
+    (weighted by each site's weight elements) <= `weight_bits`, or the summed GEMM seconds <=
+    `latency` x those of all sites float (the cost model: each site's GEMM per format timed by
+    `sensitivity` on this machine, activation quantization included).
 
     An exact multiple-choice knapsack by dynamic programming over a discretised bit cost: every
     site first pays its cheapest option, and the extra bits of the others are counted in cells of
@@ -58,22 +66,37 @@ def allocate(sens: Sensitivity, weight_bits: float, bits: dict[str, float] | Non
     table = {**NOMINAL_BITS, **(bits or {})}
     if not sens.sites:
         raise ValueError("allocate: the sensitivity holds no sites")
-    # per site: (format, exact cost in bits, error); a NaN/inf error is no option
+    if (weight_bits is None) == (latency is None):
+        raise ValueError("allocate: give one budget, weight_bits or latency")
+    if latency is not None:
+        untimed = [s.name for s in sens.sites if set(s.seconds) < {FLOAT, *s.error}]
+        if untimed:
+            raise ValueError(f"allocate: no GEMM timings for {untimed[0]} (a sensitivity saved before they were "
+                             f"measured?): measure again for a latency budget")
+    # per site: (format, exact cost in bits or seconds, error); a NaN/inf error is no option
+    cost = (lambda s, f: Fraction(table[f]) * s.weight_numel) if latency is None else \
+        (lambda s, f: Fraction(s.seconds[f]))
     options = []
     for s in sens.sites:
-        opts = [(FLOAT, Fraction(table[FLOAT]) * s.weight_numel, 0.0)]
+        opts = [(FLOAT, cost(s, FLOAT), 0.0)]
         for f, err in s.error.items():
             if f not in table:
                 raise ValueError(f"allocate: no bit width for format {f!r}; pass bits={{{f!r}: ...}}")
             if math.isfinite(err):
-                opts.append((f, Fraction(table[f]) * s.weight_numel, err))
+                opts.append((f, cost(s, f), err))
         options.append(opts)
     total = sum(s.weight_numel for s in sens.sites)
     floor = [min(c for _, c, _ in opts) for opts in options]
-    budget = Fraction(weight_bits) * total
+    if latency is None:
+        budget, unit_name = Fraction(weight_bits) * total, f"{weight_bits:g} average weight bits"
+        least = f"{float(sum(floor) / total):.4g} bits"
+    else:
+        all_float = sum(opts[0][1] for opts in options)
+        budget, unit_name = Fraction(latency) * all_float, f"{latency:g} x the float GEMM time"
+        least = f"{float(sum(floor) / all_float):.4g} x the float GEMM time"
     if sum(floor) > budget:
-        raise ValueError(f"allocate: a budget of {weight_bits:g} average weight bits is infeasible: the minimum "
-                         f"over these sites' formats is {float(sum(floor) / total):.4g} bits")
+        raise ValueError(f"allocate: a budget of {unit_name} is infeasible: the minimum over these sites' "
+                         f"formats is {least}")
     slack = budget - sum(floor)
     extras = [[c - low for _, c, _ in opts] for opts, low in zip(options, floor)]
     unit = _unit(extras)
@@ -83,9 +106,11 @@ def allocate(sens: Sensitivity, weight_bits: float, bits: dict[str, float] | Non
     cells = [[math.ceil(e / unit) for e in es] for es in extras]
     picks = _knapsack(cells, [[err for _, _, err in opts] for opts in options], cap)
     chosen = {s.name: opts[j][0] for s, opts, j in zip(sens.sites, options, picks)}
-    cost = sum(opts[j][1] for opts, j in zip(options, picks))
     error = sum(opts[j][2] for opts, j in zip(options, picks))
-    return Allocation(chosen, float(cost / total), error, weight_bits, {f: table[f] for f in set(chosen.values())})
+    bits_used = sum(Fraction(table[f]) * s.weight_numel for s, f in zip(sens.sites, chosen.values()))   # exact
+    seconds = sum(s.seconds[f] for s, f in zip(sens.sites, chosen.values())) if latency is not None else None
+    return Allocation(chosen, float(bits_used / total), error, weight_bits, {f: table[f] for f in set(chosen.values())},
+                      latency, seconds)
 
 
 def _unit(extras: list[list[Fraction]]) -> Fraction:

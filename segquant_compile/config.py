@@ -11,7 +11,7 @@ from segquant_compile.passes.ops import ACTIVATIONS
 AUTO = "auto"   # a format per site, allocated from measured sensitivity under a budget
 FORMATS = LOWERED_FORMATS + (AUTO,)
 FLOAT = "float"   # a per-site format: the site stays float (named in the report)
-BUDGETS = ("weight_bits",)
+BUDGETS = ("weight_bits", "latency")   # average weight bits; GEMM time as a fraction of all float
 ACTIVATION_MODES = ("dynamic", "static")
 WEIGHT_MODES = ("per-channel", "per-tensor")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -97,6 +97,8 @@ class QuantConfig:
             _choice("budget", pair[0], BUDGETS)
             if isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) or pair[1] <= 0:
                 raise ValueError(f"budget {pair[0]!r} must be a positive number, got {pair[1]!r}")
+        if len(self.budget) > 1:
+            raise ValueError(f"option 'budget' takes one budget (weight_bits or latency), got {dict(self.budget)}")
         if self.format == AUTO and not self.formats and (not self.budget or self.sensitivity is None):
             raise ValueError("format 'auto' needs options 'budget' (e.g. {'weight_bits': 5}) and 'sensitivity' "
                              "(a file saved by segquant_compile.sensitivity(...).save('sens.json'))")
@@ -155,8 +157,7 @@ def _allocated(config: QuantConfig) -> tuple[tuple[str, str], ...]:
     """format="auto": per site, the format the allocation picks from the measured sensitivity."""
     from segquant_compile.allocation import allocate
     from segquant_compile.sensitivity import Sensitivity
-    budget = dict(config.budget)
-    chosen = allocate(Sensitivity.load(config.sensitivity), weight_bits=budget["weight_bits"])
+    chosen = allocate(Sensitivity.load(config.sensitivity), **dict(config.budget))
     return tuple(chosen.formats.items())
 
 

@@ -78,7 +78,24 @@ def _row(probe: "Probe", name: str, site, numel: int, formats, error) -> SiteSen
         name=name, op_type=op_type(name), block=block_of(name), kind=site.kind, in_features=site.in_features,
         out_features=site.out_features, weight_numel=numel, error={f: error[name, f] for f in measured},
         site_sqnr_db={f: probe.site_sqnr(name, f) for f in measured},
+        seconds={f: probe.seconds(name, f) for f in ([*measured, "float"] if measured else [])},
         not_applicable={f: probe.reason(name, f) for f in formats if f not in measured})
+
+
+def min_seconds(fn, repeats: int = 3) -> float:
+    """The fastest of a few timed calls after one warm-up (a cost model's GEMM time)."""
+    import time
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def relative_error(reference: list[list[torch.Tensor]], outputs: list[list[torch.Tensor]]) -> float:
@@ -149,6 +166,7 @@ class Probe:
         # (name, format) -> {lowering: state}: one lowering unless a weight's sites in two graphs differ
         self.states: dict[tuple[str, str], dict[SiteLowering, QuantState]] = {}
         self.reasons: dict[tuple[str, str], str] = {}
+        self.timings: dict[tuple[str, str], float] = {}    # (name, format or "float") -> GEMM seconds
         self.graphs: list[_Graph] = []
         # its own recompile region where torch has them (2.13): these cache entries then never count
         # against the recompile limit of the user's own torch.compile of this model
@@ -177,7 +195,7 @@ class Probe:
             reference = [self.run(*c) for c in calls]
         finally:
             self.recording = False
-        for states in self.states.values():
+        for (name, fmt), states in self.states.items():
             for state in states.values():
                 if not state.sample:
                     raise FloatingPointError(f"segquant.sensitivity: {state.name} saw no finite input rows")
@@ -185,6 +203,10 @@ class Probe:
                 if state.needs_choice:
                     state.choose_schemes(rows, weight)
                 state.sqnr = state._sqnr(weight, rows)
+                self.timings[name, fmt] = min_seconds(lambda: state.run_rows(rows))
+                if (name, "float") not in self.timings:
+                    w = state._float_weight(weight)
+                    self.timings[name, "float"] = min_seconds(lambda: rows @ w.t())
                 state.discard_statistics()
         return reference
 
@@ -215,6 +237,11 @@ class Probe:
 
     def site_sqnr(self, name: str, fmt: str) -> float:
         return next(iter(self.states[name, fmt].values())).sqnr
+
+    def seconds(self, name: str, fmt: str) -> float:
+        """The site's GEMM at `fmt` ("float": the float matmul), activation quantization
+        included, on its sampled rows, timed on this machine."""
+        return self.timings[name, fmt]
 
     def state(self, name: str, fmt: str, lowering: SiteLowering) -> QuantState:
         return self.states[name, fmt][lowering]

@@ -2,6 +2,8 @@
 type and per block; printed as tables, saved as JSON (exact round trip) or one HTML page."""
 from __future__ import annotations
 
+import dataclasses
+
 import html
 import json
 import math
@@ -32,6 +34,9 @@ class SiteSensitivity:
     error: dict[str, float]         # format -> model output relative noise power, only this site quantized
     site_sqnr_db: dict[str, float]  # format -> the site's own output SQNR on its real input rows
     not_applicable: dict[str, str] = field(default_factory=dict)   # format -> why it cannot take it
+    # format (and "float") -> seconds of the site's GEMM on its sampled rows, measured here: the
+    # cost model of a latency budget
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def output_sqnr_db(self, fmt: str) -> float | None:
         return db(self.error[fmt]) if fmt in self.error else None
@@ -56,6 +61,18 @@ class Sensitivity:
 
     def __getitem__(self, name: str) -> SiteSensitivity:
         return next(s for s in self.sites if s.name == name)
+
+    def only(self, formats) -> "Sensitivity":
+        """The same measurement with only these formats (what `allocate` may choose from)."""
+        keep = tuple(f for f in self.formats if f in formats)
+        if not keep:
+            raise ValueError(f"Sensitivity.only: none of {list(formats)} was measured ({list(self.formats)})")
+        pick = lambda d: {f: v for f, v in d.items() if f in keep}  # noqa: E731
+        sites = [dataclasses.replace(s, error=pick(s.error), site_sqnr_db=pick(s.site_sqnr_db),
+                                     not_applicable=pick(s.not_applicable),
+                                     seconds={f: v for f, v in s.seconds.items() if f in keep or f == "float"})
+                 for s in self.sites]
+        return dataclasses.replace(self, formats=keep, sites=sites)
 
     # ------------------------------------------------------------------ aggregation
     def _grouped(self, key, rank=None) -> dict[str, list[SiteSensitivity]]:

@@ -327,13 +327,17 @@ class QuantState:
         w = self._float_weight(weight).float()
         bias = self.bias.detach().float() if self.bias is not None else None
         ref = rows @ w.t() + (bias if bias is not None else 0)
+        return Q.sqnr_db(ref, self.run_rows(rows))
+
+    def run_rows(self, rows: Tensor) -> Tensor:
+        """The quantized site on GEMM rows [M, K] (eagerly, as its lowering runs on this device)."""
         lo = self.lowering
+        bias = self.bias.detach().float() if self.bias is not None else None
         dequantized = lo.cpu_gemm == "fp32" and rows.device.type == "cpu"
         w, d_w = (self.dequantized, None) if dequantized else (self.packed, self.d_w)
-        out = quantized_linear(rows, w, d_w, bias, self.d_x, self.d_neg, self.zp, self.smooth,
-                               self.colsum, lo.k_bounds, lo.codes, fmt=lo.format, cpu_gemm=lo.cpu_gemm,
-                               g_bounds=lo.g_bounds)
-        return Q.sqnr_db(ref, out)
+        return quantized_linear(rows, w, d_w, bias, self.d_x, self.d_neg, self.zp, self.smooth,
+                                self.colsum, lo.k_bounds, lo.codes, fmt=lo.format, cpu_gemm=lo.cpu_gemm,
+                                g_bounds=lo.g_bounds)
 
     def graph_input(self, field: str) -> Tensor:
         """The tensor the quantized graph takes for `field` (placeholders of the right shape

@@ -238,3 +238,26 @@ def test_cpu_lowering_matches_the_gemm_op_the_gpu_runs(net, fmt):
                               g_bounds=lo.g_bounds)
     torch.testing.assert_close(by_cpu, by_op, rtol=1e-5, atol=1e-5)
     assert Q.sqnr_db(x @ net.c.weight.t() + net.c.bias, by_op) > 15
+
+
+def test_latency_budget_from_the_measured_gemm_times(net, tmp_path):
+    sens = sq.sensitivity(net, [(correlated(2, 60),)], formats=("int8", "w4a8", "int8-weight-only"), progress=False)
+    for s in sens.sites:   # every measured format and float timed on this machine
+        assert set(s.seconds) == {*s.error, "float"} and all(t > 0 for t in s.seconds.values())
+    all_float = sum(s.seconds["float"] for s in sens.sites)
+    cheapest = sum(min(s.seconds.values()) for s in sens.sites)
+    for fraction in (cheapest / all_float * 1.01, 1.0, 3.0):
+        plan = sq.allocate(sens, latency=fraction)
+        assert plan.seconds <= fraction * all_float * (1 + 1e-9)
+        assert plan.seconds == pytest.approx(sum(s.seconds[plan.formats[s.name]] for s in sens.sites))
+    with pytest.raises(ValueError, match="infeasible"):
+        sq.allocate(sens, latency=cheapest / all_float * 0.5)
+    with pytest.raises(ValueError, match="one budget"):
+        sq.allocate(sens, weight_bits=6, latency=1.0)
+    only = sens.only(["int8"])
+    assert only.formats == ("int8",) and all(set(s.error) <= {"int8"} for s in only.sites)
+    path = tmp_path / "s.json"
+    sens.save(path)
+    c = compiled(net, format="auto", budget={"latency": 3.0}, sensitivity=str(path))
+    c(correlated(2, 61))
+    assert formats_of(c) == {k: v for k, v in sq.allocate(sens, latency=3.0).formats.items() if v != "float"}
