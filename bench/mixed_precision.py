@@ -127,7 +127,8 @@ def chart(results: dict, path: Path) -> None:
         rows = results["models"][key]["configs"]
         names = list(rows)
         ax.bar(range(len(names)), [rows[n]["psnr_mean_db"] for n in names], color="#4c72b0")
-        ax.set_xticks(range(len(names)), [f"{n}\n{rows[n]['average_weight_bits']} b" for n in names], fontsize=7)
+        ax.set_xticks(range(len(names)), [f"{n} ({rows[n]['average_weight_bits']} b)" for n in names],
+                      fontsize=7, rotation=40, ha="right")
         ax.set_ylabel("mean per-image PSNR vs float (dB)")
         ax.set_title(results["models"][key]["title"], fontsize=9)
     fig.tight_layout()
