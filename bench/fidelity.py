@@ -58,6 +58,8 @@ CONFIGS = {
     # both real models have 4 heads: 2 groups of 2 adjacent heads, and 1 (one step per token)
     "heads2": ("segquant head_groups=2", "segquant", {"head_groups": 2}),
     "heads1": ("segquant head_groups=1", "segquant", {"head_groups": 1}),
+    # the DiT's two K=16 patch-embedding sites, which its sensitivity ranks first (issue 10's bench)
+    "embed-float": ("segquant, patch embedding float", "segquant", {"skip": ["conv", "patch_emb"]}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),
     "torchao-asym": ("torchao int8 dynamic asymmetric", "torchao", "asymmetric"),
 }

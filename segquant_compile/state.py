@@ -66,7 +66,9 @@ class QuantState:
         # calibration statistics, per input channel: positive and negative maxima
         self.pos_max: Tensor | None = None
         self.neg_max: Tensor | None = None
-        self.sample: list[Tensor] = []
+        self.sample: list[Tensor] = []          # calibration rows: a uniform sample over all calls
+        self._reservoir: Tensor | None = None
+        self.rows_seen = 0
         self.observed_calls = 0
         self.d_x: Tensor | None = None
         self.d_neg: Tensor | None = None
@@ -206,13 +208,27 @@ class QuantState:
         with self._lock:
             self.pos_max = pos if self.pos_max is None else torch.maximum(self.pos_max, pos)
             self.neg_max = neg if self.neg_max is None else torch.maximum(self.neg_max, neg)
-            kept = sum(len(s) for s in self.sample)
-            limit = GPTQ_ROWS if self.awaiting_rows else SAMPLE_ROWS
-            if kept < limit:   # spread over calls; a dynamic "auto" choice has one call
-                per_call = limit if self.needs_choice and not self.base.static else max(1, limit // 8)
-                idx = torch.randperm(len(x2), generator=torch.Generator().manual_seed(self.observed_calls))
-                self.sample.append(x2[idx[: min(len(x2), per_call, limit - kept)]].cpu())
+            self._keep_rows(x2, GPTQ_ROWS if self.awaiting_rows else SAMPLE_ROWS)
             self.observed_calls += 1
+
+    def _keep_rows(self, x2: Tensor, limit: int) -> None:
+        """A uniform sample of every row observed so far, over all calls (reservoir sampling,
+        Vitter's algorithm R): a sampler's late timesteps count as much as its first ones
+        (keeping the first calls' rows would fit SQNR, scheme choice and GPTQ to high noise)."""
+        seen, n = self.rows_seen, len(x2)
+        if self._reservoir is None:
+            self._reservoir = torch.empty((limit, x2.shape[1]))
+        g = torch.Generator().manual_seed(self.observed_calls)
+        x2 = x2[torch.randperm(n, generator=g)].cpu()   # which rows fill the free slots: random too
+        fill = min(n, max(0, limit - seen))
+        self._reservoir[seen:seen + fill] = x2[:fill]
+        if n > fill:   # row number i replaces a random slot with probability limit / (i + 1)
+            slot = (torch.rand(n - fill, generator=g, dtype=torch.float64)
+                    * torch.arange(seen + fill + 1, seen + n + 1, dtype=torch.float64)).long()
+            kept = slot < limit
+            self._reservoir[slot[kept]] = x2[fill:][kept]
+        self.rows_seen = seen + n
+        self.sample = [self._reservoir[:min(self.rows_seen, limit)]]
 
     def _rows(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """GEMM rows of an activation, with per-K-column positive and negative maxima. A conv's
@@ -230,7 +246,7 @@ class QuantState:
     def reset_calibration(self) -> None:
         """Forget statistics and steps (recalibrate, or a calibration that raised)."""
         self.pos_max = self.neg_max = self.d_x = self.d_neg = self.zp = self.sqnr = None
-        self.sample, self.observed_calls = [], 0
+        self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
         if self.base.static:
             self.chosen = self.candidates = None
         if self.smooth is not None or self.dynamic_note is not None:
@@ -240,7 +256,7 @@ class QuantState:
     def discard_statistics(self) -> None:
         """Drop what a calibration collected, keeping steps frozen before it."""
         self.pos_max = self.neg_max = None
-        self.sample, self.observed_calls = [], 0
+        self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
 
     def weight(self) -> Tensor:
         """The float weight this state was packed from (held weakly: the state dies with it)."""
