@@ -338,3 +338,24 @@ def test_explain_compiled_uses_its_options_and_report_without_linears():
     plain(torch.randn(1, 2, 6, 6))                       # a depthwise conv is no site
     r = sq.report(plain)
     assert r.totals()["sites"] == 0 and "0 linear sites" in str(r)
+
+
+def test_calibration_rows_are_a_uniform_sample_over_all_calls():
+    """SQNR, scheme choice and GPTQ see rows from every call (a sampler's late timesteps too),
+    not the first calls' rows only."""
+    from segquant_compile.passes.lowering import lower_site
+    from segquant_compile.state import SAMPLE_ROWS, QuantState
+    model = Two()
+    site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
+    config = sq.QuantConfig.from_options({"activations": "static"})
+    weight = dict(model.named_parameters())[site.weight]
+    state = QuantState(site, lower_site(site, config), weight)
+    calls, per_call = 40, 64
+    for call in range(calls):
+        state.observe(torch.full((per_call, site.in_features), float(call)))
+    rows = torch.cat(state.sample)
+    assert len(rows) == SAMPLE_ROWS and state.rows_seen == calls * per_call
+    late = (rows[:, 0] >= calls // 2).float().mean().item()
+    assert 0.4 < late < 0.6, late   # half the rows seen came from the second half of the calls
+    state.discard_statistics()
+    assert not state.sample and state.rows_seen == 0
