@@ -13,6 +13,17 @@ def lifted_recompile_limits():
     return torch._dynamo.config.patch(**{k: v for k, v in patches.items() if hasattr(torch._dynamo.config, k)})
 
 
+def private_compile(model, backend, **kwargs):
+    """torch.compile with a backend of segquant's own (explain, sensitivity), in its own recompile
+    region where torch has them (2.13): its cache entries then never count against the recompile
+    limit of the user's own torch.compile of the same model (which would silently fall back to
+    eager after a few explains)."""
+    from inspect import signature
+    if "isolate_recompiles" in signature(torch.compile).parameters:
+        kwargs["isolate_recompiles"] = True
+    return torch.compile(model, backend=backend, **kwargs)
+
+
 def capture_graphs(model, args: tuple, kwargs: dict, dynamic: bool | None = False
                    ) -> list[tuple[torch.fx.GraphModule, list]]:
     """Every FX graph (with its example inputs) dynamo produces for one call of `model`."""
@@ -23,6 +34,6 @@ def capture_graphs(model, args: tuple, kwargs: dict, dynamic: bool | None = Fals
         return gm.forward
 
     with lifted_recompile_limits(), torch.no_grad():
-        compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+        compiled = private_compile(model, backend, dynamic=dynamic)
         compiled(*args, **kwargs)
     return graphs

@@ -10,12 +10,11 @@ site's alone."""
 from __future__ import annotations
 
 import dataclasses
-from inspect import signature
 
 import torch
 from torch.utils._pytree import tree_leaves
 
-from segquant_compile.capture import lifted_recompile_limits
+from segquant_compile.capture import lifted_recompile_limits, private_compile
 from segquant_compile.compiled import module_paths, site_path, unwrap
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.site_lowering import LOWERED_FORMATS as FORMATS
@@ -168,10 +167,7 @@ class Probe:
         self.reasons: dict[tuple[str, str], str] = {}
         self.timings: dict[tuple[str, str], float] = {}    # (name, format or "float") -> GEMM seconds
         self.graphs: list[_Graph] = []
-        # its own recompile region where torch has them (2.13): these cache entries then never count
-        # against the recompile limit of the user's own torch.compile of this model
-        isolate = {"isolate_recompiles": True} if "isolate_recompiles" in signature(torch.compile).parameters else {}
-        self.compiled = torch.compile(model, backend=self._backend, dynamic=False, **isolate)
+        self.compiled = private_compile(model, self._backend, dynamic=False)
 
     def _backend(self, gm, example_inputs, **_):
         graph = _Graph(self, gm, example_inputs)

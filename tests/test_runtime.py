@@ -359,3 +359,20 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     assert 0.4 < late < 0.6, late   # half the rows seen came from the second half of the calls
     state.discard_statistics()
     assert not state.sample and state.rows_seen == 0
+
+
+def test_explains_do_not_use_up_the_recompile_limit_of_a_later_compile():
+    """Each explain() compiles with a backend of its own; with torch's recompile regions (2.13)
+    those entries never push the user's compile of the same model past the limit into eager."""
+    import inspect
+    if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+        pytest.skip("this torch has no recompile regions (isolate_recompiles): explain lifts the limit "
+                    "only while it runs")
+    torch._dynamo.reset()
+    model = Two()
+    for _ in range(10):
+        sq.explain(model, torch.randn(2, 8))
+    c = torch.compile(model, backend="segquant", options=EAGER)
+    with torch.no_grad():
+        c(torch.randn(2, 8))
+    assert sq.report(c).states, "the segquant compile fell back to eager"
