@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import autotune
 from .site_lowering import ConvGeometry, variant_name
-from .triton_gemm import _rint, flush, int_tensor, prune, segment_steps, tile
+from .triton_gemm import _rint, flush, int8_dots, int_tensor, prune, segment_steps, tile
 
 
 @triton.jit
@@ -74,11 +74,7 @@ def segquant_conv_kernel(
                 a = tl.where(inside, a, pad)
             w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
                         mask=k_ok[:, None] & n_ok[None, :], other=0)
-            if DUAL:
-                acc_p += tl.dot(tl.maximum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
-                acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
-            else:
-                acc_p += tl.dot(a, w, out_dtype=tl.int32)
+            acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
         acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:

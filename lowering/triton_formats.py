@@ -18,7 +18,7 @@ import triton.language as tl
 from . import autotune
 from .ops import segment_groups
 from .site_lowering import variant_name
-from .triton_gemm import flush, int_tensor, prune, segment_steps, tile
+from .triton_gemm import flush, int8_dots, int_tensor, prune, segment_steps, tile
 
 
 @triton.jit
@@ -58,11 +58,7 @@ def w4a8_kernel(
                 a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak,
                             mask=m_ok[:, None] & k_ok[None, :], other=0)
                 w = int4_rows(W, kk, rn, k_ok[:, None] & n_ok[None, :], stride_wk, stride_wn)
-                if DUAL:
-                    acc_p += tl.dot(tl.maximum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
-                    acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
-                else:
-                    acc_p += tl.dot(a, w, out_dtype=tl.int32)
+                acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
             d_w = tl.load(DW + g * stride_dwg + rn * stride_dwn, mask=n_ok, other=0.0)
             part = flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + g * N + rn, n_ok, scheme, DUAL, ASYM)
             acc = acc + part * d_w[None, :]

@@ -105,6 +105,17 @@ def segment_steps(KB, SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
 
 
 @triton.jit
+def int8_dots(acc_p, acc_n, a, w, DUAL: tl.constexpr):
+    """One K tile's exact int32 dots; DualScale splits A by sign in registers (two dots, one W tile)."""
+    if DUAL:
+        acc_p += tl.dot(tl.maximum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
+        acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
+    else:
+        acc_p += tl.dot(a, w, out_dtype=tl.int32)
+    return acc_p, acc_n
+
+
+@triton.jit
 def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.constexpr, ASYM: tl.constexpr):
     """One K segment's integer sums into fp32 with its own steps, in the reference's order
     (ops.segment_part): only DualScale segments combine two products, the others (plain segments
@@ -180,11 +191,7 @@ def segquant_gemm_kernel(
                     acc_p += tl.dot(a, w, out_dtype=tl.float32)
             else:
                 w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=w_mask, other=0)
-                if DUAL:
-                    acc_p += tl.dot(tl.maximum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
-                    acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
-                else:
-                    acc_p += tl.dot(a, w, out_dtype=tl.int32)
+                acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
         acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
