@@ -193,7 +193,7 @@ def gemm_w4(q: Tensor, d_x: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bias
     """w4a8: q [M, K] int8 activations with segquant::gemm's K segments, schemes and steps
     (d_x, d_neg, zp [M or 1, S]) x int4 weights w4 [ceil(K/2), N] (quantize.pack_int4) with steps
     d_w [G, N] per K group [g_bounds[g], g_bounds[g+1]) and output channel; the G + 1 g_bounds
-    refine k_bounds; colsum [G, N] int32 (group_column_sums) for asymmetric segments. Returns [M, N].
+    refine k_bounds; colsum [G, N] int32 (column_sums over g_bounds) for asymmetric segments. Returns [M, N].
 
     Order of fp32 operations (every implementation), for each group g of segment s in turn:
         acc  = q[:, g] @ W[g]                                exact int32
@@ -240,12 +240,6 @@ def segment_groups(k_bounds, g_bounds) -> list[int]:
             or g_bounds[0] != k_bounds[0] or g_bounds[-1] != k_bounds[-1]):
         raise ValueError(f"segquant: group bounds {g_bounds} do not refine the K segments {list(k_bounds)}")
     return [g_bounds.index(k) for k in k_bounds]
-
-
-def group_column_sums(w4_unpacked: Tensor, g_bounds) -> Tensor:
-    """[G, N] int32 column sums of the unpacked [K, N] int4 weight per K group: the asymmetric
-    correction of w4a8 is per group, since the weight steps are."""
-    return column_sums(w4_unpacked, g_bounds)
 
 
 @torch.library.custom_op(f"{LIB}::gemm_weight_only", mutates_args=())

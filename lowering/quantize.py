@@ -18,7 +18,7 @@ EPS = 1e-12
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # (positive limit, negative limit) per format
-LIMITS = {"int8": (127.0, 128.0), "fp8": (FP8_MAX, FP8_MAX), "w4a8": (127.0, 128.0)}   # w4a8: int8 activations
+LIMITS = {"int8": (127.0, 128.0), "fp8": (FP8_MAX, FP8_MAX)}
 SYMMETRIC, DUALSCALE, ASYMMETRIC = 0, 1, 2     # scheme codes per K segment
 
 
@@ -36,7 +36,7 @@ def weight_steps(w: Tensor, out_bounds: tuple[int, ...] | None = None, fmt: str 
     if out_bounds is not None:
         for a, b in zip(out_bounds[:-1], out_bounds[1:]):
             amax[a:b] = amax[a:b].max()
-    return (amax / LIMITS[fmt][0]).clamp(min=EPS)
+    return (amax / LIMITS[grid(fmt)][0]).clamp(min=EPS)
 
 
 def _mse_clip_ratio(w: Tensor, amax: Tensor) -> Tensor:
@@ -111,8 +111,9 @@ def unpack_int4(packed: Tensor, k: int) -> Tensor:
     return torch.where(q > 7, q - 16, q).to(torch.int8)
 
 
-def weight_grid(fmt: str) -> str:
-    """The grid an 8-bit format's weights are rounded on ("int8" or "fp8")."""
+def grid(fmt: str) -> str:
+    """The 8-bit grid of a format's activations and 8-bit weights: "fp8" or "int8" (w4a8 and
+    the weight-only formats included)."""
     return "fp8" if fmt == "fp8" else "int8"
 
 
@@ -125,7 +126,7 @@ def pack_weight(w: Tensor, lowering, grid4: tuple[Tensor, Tensor] | None = None)
         q, steps = grid4 if grid4 is not None else (None, int4_steps(w, g))
         q = round_int4(w, steps, g) if q is None else q
         return pack_int4(q), steps, q
-    fmt = weight_grid(lowering.format)
+    fmt = grid(lowering.format)
     steps = weight_steps(w, lowering.out_bounds, fmt, lowering.weight_clip)
     q = quantize_weight(w, steps, fmt)
     return q, steps, q
@@ -165,7 +166,7 @@ def quantize_dynamic(x: Tensor, k_bounds: list[int], schemes: list[int], fmt: st
 
 def dynamic_steps(xs: Tensor, scheme: int, fmt: str = "int8") -> tuple[Tensor, Tensor, Tensor]:
     """One segment's per-token (d, d_neg, z), [M, 1] each."""
-    pos_lim, neg_lim = LIMITS[fmt]
+    pos_lim, neg_lim = LIMITS[grid(fmt)]
     z = torch.zeros_like(xs[:, :1])
     if scheme == DUALSCALE:
         d = (xs.amax(dim=1, keepdim=True).clamp(min=0) / pos_lim).clamp(min=EPS)
@@ -231,7 +232,7 @@ def static_steps(pos_max: Tensor, neg_max: Tensor, schemes: list[int], fmt: str 
     """Calibrated ranges per segment [S] (all > 0 on some side) -> (d, d_neg, zp), [1, S] each.
     A DualScale segment seen one-signed takes the other side's step for its empty side rather
     than a vanishing one (a value of that sign at inference is then not crushed to zero)."""
-    pos_lim, neg_lim = LIMITS[fmt]
+    pos_lim, neg_lim = LIMITS[grid(fmt)]
     pos_max, neg_max = pos_max.float(), neg_max.float()
     amax = torch.maximum(pos_max, neg_max)
     if not bool((amax > 0).all()):

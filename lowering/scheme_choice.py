@@ -23,7 +23,7 @@ def segment_sqnr(rows: Tensor, weight: Tensor, dequantized: Tensor, k_bounds: tu
     candidate scheme, weight quantized as it runs. rows [R, K] float; weight [N, K] float;
     dequantized [K, N]: the weight's grid values times their steps (any weight format)."""
     out = []
-    act = Q.weight_grid(fmt)   # the activations' grid: fp8 or int8 (w4a8 too)
+    act = Q.grid(fmt)
     for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
         xs = rows[:, k0:k1].float()
         ref = xs @ weight[:, k0:k1].float().t()

@@ -17,6 +17,7 @@ CODES = {SYMMETRIC: 0, DUALSCALE: 1, ASYMMETRIC: 2}
 # Weight formats: bits per weight value and whether activations stay float (DESIGN.md, Formats).
 WEIGHT_BITS = {"int8": 8, "fp8": 8, "w4a8": 4, "int8-weight-only": 8, "int4-weight-only": 4}
 WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
+FLOAT = "float"   # a per-site format choice: the site stays float (named in the report)
 LOWERED_FORMATS = tuple(WEIGHT_BITS)
 GROUPED = tuple(f for f, bits in WEIGHT_BITS.items() if bits == 4)   # int4 steps per K group
 ROUNDINGS = ("rtn", "gptq")   # round to nearest; error-compensated (GPTQ, lowering/gptq.py), 4-bit only

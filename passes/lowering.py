@@ -6,8 +6,8 @@ import fnmatch
 import torch
 
 from segquant_compile.lowering.cpu_linear import cpu_gemm
-from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, GROUPED, LOWERED_FORMATS, SYMMETRIC,
-                                                     KeptFloat, SiteLowering)
+from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, FLOAT, GROUPED, LOWERED_FORMATS,
+                                                     SYMMETRIC, WEIGHT_ONLY, KeptFloat, SiteLowering)
 
 from .plan import LinearSite
 
@@ -51,8 +51,8 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     if device not in ("cpu", "cuda"):
         return KeptFloat(f"weight on {device} device")
     fmt, entry = site_format(site.name, config)
-    if fmt == "float":
-        return KeptFloat(f"format 'float' for this site (options formats[{entry!r}])")
+    if fmt == FLOAT:
+        return KeptFloat(f"format '{FLOAT}' for this site (options formats[{entry!r}])")
     if fmt not in LOWERED_FORMATS:   # "auto" with no allocated format for this site
         return KeptFloat(f"format {fmt!r} names no format for this site (not in the sensitivity measurement?)")
     if site.conv is not None and not config.convs:
@@ -75,7 +75,7 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     if config.weights == "per-tensor":
         out_seg = site.output_segments if config.seglinear else None
         out_bounds = out_seg.bounds if out_seg is not None else (0, site.out_features)
-    weight_only = fmt in ("int8-weight-only", "int4-weight-only")
+    weight_only = fmt in WEIGHT_ONLY
     if weight_only:   # float activations: no scheme applies
         schemes = (SYMMETRIC,) * n_seg
     activations = "float" if weight_only else config.activations

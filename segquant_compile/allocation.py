@@ -9,12 +9,12 @@ from fractions import Fraction
 
 import numpy as np
 
+from segquant_compile.lowering.site_lowering import FLOAT, WEIGHT_BITS
 from segquant_compile.report import text_table
 from segquant_compile.sensitivity_report import Sensitivity, db
 
-FLOAT = "float"
 # nominal weight bits per format ("float": the 16-bit weights a diffusion model runs in)
-NOMINAL_BITS = {FLOAT: 16, "int8": 8, "fp8": 8, "w4a8": 4, "int8-weight-only": 8, "int4-weight-only": 4}
+NOMINAL_BITS = {FLOAT: 16, **WEIGHT_BITS}
 MAX_CELLS = 1 << 15   # DP width: the choice table is sites x MAX_CELLS bytes
 
 

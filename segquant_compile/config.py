@@ -5,12 +5,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from segquant_compile.lowering.quantize import GROUP_SIZES
-from segquant_compile.lowering.site_lowering import LOWERED_FORMATS, ROUNDINGS
+from segquant_compile.lowering.site_lowering import FLOAT, LOWERED_FORMATS, ROUNDINGS
 from segquant_compile.passes.ops import ACTIVATIONS
 
 AUTO = "auto"   # a format per site, allocated from measured sensitivity under a budget
 FORMATS = LOWERED_FORMATS + (AUTO,)
-FLOAT = "float"   # a per-site format: the site stays float (named in the report)
 BUDGETS = ("weight_bits", "latency")   # average weight bits; GEMM time as a fraction of all float
 ACTIVATION_MODES = ("dynamic", "static")
 WEIGHT_MODES = ("per-channel", "per-tensor")

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segquant_compile.lowering.ops import dequantize_weight, group_column_sums, segment_groups
+from segquant_compile.lowering.ops import column_sums, dequantize_weight, segment_groups
 from segquant_compile.lowering.quantize import group_bounds, pack_int4, unpack_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,7 +82,7 @@ def w4_operands(p):
     zp = torch.randint(-128, 128, (rows, s), generator=g).float()
     d_w = torch.rand(len(g_bounds) - 1, n, generator=g) * 0.01 + 1e-4
     bias = torch.randn(n, generator=g) if has_bias else None
-    colsum = group_column_sums(w, g_bounds)
+    colsum = column_sums(w, g_bounds)
     return (q, d_x, d_neg, pack_int4(w), d_w, bias, k_bounds, g_bounds, schemes, out), dict(zp=zp, colsum=colsum), w
 
 
