@@ -176,6 +176,18 @@ class Skip(Exception):
     pass
 
 
+def evaluate(spec, net, seeds, images, refs, classifier):
+    """Per seed: the per-image PSNRs against the float samples `refs`, the classifier accuracy,
+    and the samples."""
+    psnrs, accs, outs = [], [], []
+    for s in seeds:
+        out = spec["sample"](net, labels_for(images), s)
+        psnrs.append(per_image_psnr(refs[s], out, spec["peak2"]))
+        accs.append(mnist_dit.accuracy(classifier, out, labels_for(images), zero_one=spec["zero_one"]))
+        outs.append(out)
+    return psnrs, accs, outs
+
+
 def run_config(model_key, config_key, seeds, images, refs, classifier):
     spec = MODELS[model_key]
     name, kind, opts = CONFIGS[config_key]
@@ -188,12 +200,7 @@ def run_config(model_key, config_key, seeds, images, refs, classifier):
             warnings.simplefilter("ignore")
             net, info = build(model_key, config_key)
             row.update(info)
-            psnrs, accs, outs = [], [], []
-            for s in seeds:
-                out = spec["sample"](net, labels_for(images), s)
-                psnrs.append(per_image_psnr(refs[s], out, spec["peak2"]))
-                accs.append(mnist_dit.accuracy(classifier, out, labels_for(images), zero_one=spec["zero_one"]))
-                outs.append(out)
+            psnrs, accs, outs = evaluate(spec, net, seeds, images, refs, classifier)
     except Skip as e:
         row["skipped"] = str(e)
         print(f"  [{model_key}] {name}: skipped: {e}", flush=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 import segquant_compile as sq
-from fidelity import (CALIBRATION_IMAGES, CALIBRATION_SEEDS, MODELS, RESULTS, git_state,  # noqa: E402
-                      labels_for, per_image_psnr, version)
+from fidelity import (CALIBRATION_IMAGES, CALIBRATION_SEEDS, MODELS, RESULTS, evaluate, git_state,  # noqa: E402
+                      labels_for, version)
 from machine import cpu_name  # noqa: E402
 from segquant_compile import mnist_dit
 
@@ -99,11 +99,7 @@ def run(model_key: str, seeds, images, classifier) -> dict:
         compiled = torch.compile(spec["load"](), backend="segquant", options=dict(opts))
         if opts.get("weight_rounding") == "gptq":
             calibrate(compiled, spec)
-        psnrs, accs = [], []
-        for s in seeds:
-            out = spec["sample"](compiled, labels_for(images), s)
-            psnrs.append(per_image_psnr(refs[s], out, spec["peak2"]))
-            accs.append(mnist_dit.accuracy(classifier, out, labels_for(images), zero_one=spec["zero_one"]))
+        psnrs, accs, _ = evaluate(spec, compiled, seeds, images, refs, classifier)
         totals = sq.report(compiled).totals()
         allp = torch.cat(psnrs)
         row = {"options": opts, "psnr_mean_db": allp.mean().item(),
