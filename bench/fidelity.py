@@ -60,6 +60,13 @@ CONFIGS = {
     "heads1": ("segquant head_groups=1", "segquant", {"head_groups": 1}),
     # the DiT's two K=16 patch-embedding sites, which its sensitivity ranks first (issue 10's bench)
     "embed-float": ("segquant, patch embedding float", "segquant", {"skip": ["conv", "patch_emb"]}),
+    # every site quantized, the thin (K < 64) patch embeddings too: the default before min_k
+    "all-sites": ("segquant min_k=0 (every site)", "segquant", {"min_k": 0}),
+    "groups32": ("segquant activation groups of 32", "segquant", {"activation_group_size": 32}),
+    "groups16": ("segquant activation groups of 16", "segquant", {"activation_group_size": 16}),
+    "static-smooth": ("segquant static, SmoothQuant searched", "segquant", {"activations": "static", "smooth": "search"}),
+    "static-groups32": ("segquant static, activation groups of 32", "segquant",
+                        {"activations": "static", "activation_group_size": 32}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),
     "torchao-asym": ("torchao int8 dynamic asymmetric", "torchao", "asymmetric"),
 }

@@ -12,21 +12,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .quantize import EPS, INT4_MAX
+from .quantize import INT4_MAX, int4_group_step
 
 DAMP = 0.01   # of the mean diagonal: keeps H invertible with fewer rows than columns
 
 
-def gptq_int4(w: Tensor, rows: Tensor, k_bounds, g_bounds) -> tuple[Tensor, Tensor]:
+def gptq_int4(w: Tensor, rows: Tensor, k_bounds, g_bounds, clip: str = "absmax") -> tuple[Tensor, Tensor]:
     """w [N, K] float, rows [R, K] calibration inputs -> (grid values [K, N] int8 in [-7, 7],
-    steps [G, N]) on the groups `g_bounds` (which refine `k_bounds`)."""
+    steps [G, N]) on the groups `g_bounds` (which refine `k_bounds`); `clip` as in int4_steps,
+    taken on the updated weights when a group starts."""
     W = w.detach().float().clone()
     q = torch.zeros_like(W, dtype=torch.int8)
     steps = []
     for k0, k1 in zip(k_bounds[:-1], k_bounds[1:]):
         U = _inverse_hessian_factor(rows[:, k0:k1].to(W.device).float())
         for a, b in ((a, b) for a, b in zip(g_bounds[:-1], g_bounds[1:]) if k0 <= a < k1):
-            step = (W[:, a:b].abs().amax(dim=1) / INT4_MAX).clamp(min=EPS)
+            step = int4_group_step(W[:, a:b], clip)
             steps.append(step)
             err = torch.empty((W.shape[0], b - a), device=W.device)
             for i in range(a, b):

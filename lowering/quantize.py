@@ -23,6 +23,8 @@ SYMMETRIC, DUALSCALE, ASYMMETRIC = 0, 1, 2     # scheme codes per K segment
 
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+# 15 levels: the best clip sits lower (rounding error dominates clipping error for longer)
+CLIP_RATIOS_INT4 = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
 def weight_steps(w: Tensor, out_bounds: tuple[int, ...] | None = None, fmt: str = "int8",
@@ -32,18 +34,20 @@ def weight_steps(w: Tensor, out_bounds: tuple[int, ...] | None = None, fmt: str 
     (CLIP_RATIOS of absmax) whose rounding error is smallest (int8 per channel only)."""
     amax = w.detach().abs().amax(dim=1).float()
     if clip == "mse" and fmt == "int8" and out_bounds is None:
-        amax = amax * _mse_clip_ratio(w.detach().float(), amax)
+        amax = amax * mse_clip_ratio(w.detach().float(), amax, 127.0, CLIP_RATIOS)
     if out_bounds is not None:
         for a, b in zip(out_bounds[:-1], out_bounds[1:]):
             amax[a:b] = amax[a:b].max()
     return (amax / LIMITS[grid(fmt)][0]).clamp(min=EPS)
 
 
-def _mse_clip_ratio(w: Tensor, amax: Tensor) -> Tensor:
+def mse_clip_ratio(w: Tensor, amax: Tensor, limit: float, ratios) -> Tensor:
+    """Per row of w [N, K]: the ratio of its absmax whose symmetric grid (+-limit) rounds the
+    row with the smallest squared error."""
     best_err, best = None, torch.ones_like(amax)
-    for r in CLIP_RATIOS:
-        step = (amax * r / 127).clamp(min=EPS)[:, None]
-        err = (torch.round(w / step).clamp(-127, 127) * step - w).pow(2).sum(dim=1)
+    for r in ratios:
+        step = (amax * r / limit).clamp(min=EPS)[:, None]
+        err = (torch.round(w / step).clamp(-limit, limit) * step - w).pow(2).sum(dim=1)
         if best_err is None:
             best_err = err
         else:
@@ -74,10 +78,18 @@ def group_bounds(k_bounds, group_size: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def int4_steps(w: Tensor, g_bounds) -> Tensor:
-    """[G, N] steps of a [N, K] float weight: absmax / 7 per output channel and K group."""
+def int4_steps(w: Tensor, g_bounds, clip: str = "absmax") -> Tensor:
+    """[G, N] steps of a [N, K] float weight: absmax / 7 per output channel and K group; clip="mse":
+    the clipped range (CLIP_RATIOS_INT4 of absmax) that rounds the group with the smallest error."""
     w = w.detach().float()
-    amax = torch.stack([w[:, a:b].abs().amax(dim=1) for a, b in zip(g_bounds[:-1], g_bounds[1:])])
+    return torch.stack([int4_group_step(w[:, a:b], clip) for a, b in zip(g_bounds[:-1], g_bounds[1:])])
+
+
+def int4_group_step(wg: Tensor, clip: str = "absmax") -> Tensor:
+    """[N] steps of one K group's columns wg [N, g] (GPTQ takes them group by group)."""
+    amax = wg.abs().amax(dim=1)
+    if clip == "mse":
+        amax = amax * mse_clip_ratio(wg, amax, INT4_MAX, CLIP_RATIOS_INT4)
     return (amax / INT4_MAX).clamp(min=EPS)
 
 
@@ -123,7 +135,7 @@ def pack_weight(w: Tensor, lowering, grid4: tuple[Tensor, Tensor] | None = None)
     per K group, rounded to nearest unless `grid4` gives (grid, steps) (error-compensated)."""
     if lowering.group_size is not None:
         g = lowering.g_bounds
-        q, steps = grid4 if grid4 is not None else (None, int4_steps(w, g))
+        q, steps = grid4 if grid4 is not None else (None, int4_steps(w, g, lowering.weight_clip))
         q = round_int4(w, steps, g) if q is None else q
         return pack_int4(q), steps, q
     fmt = grid(lowering.format)

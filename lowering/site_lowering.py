@@ -76,6 +76,7 @@ class SiteLowering:
     auto: bool = False                   # schemes measured on real rows (dualscale="auto")
     weight_clip: str = "absmax"          # weight steps from absmax, or clip-searched ("mse")
     heads: int | None = None             # head segments merged into these K segments (head_groups)
+    act_groups: int | None = None        # segments cut into activation groups of this size (their own steps)
     # kernel choices for one traced shape: they change no number, so two lowerings that differ
     # only here share one QuantState
     prologue: bool = field(default=False, compare=False)   # static steps applied in the kernel (CUDA)
@@ -157,7 +158,9 @@ class SiteLowering:
         acts = schemes.pop() if len(schemes) == 1 else "mixed " + "/".join(self.schemes)
         return f"{fmt} w {self.weights}, a {self.activations} {acts}" + \
             (", prologue" if self.prologue else "") + (f", smooth {self.smooth}" if self.smooth is not None else "") + \
-            (f", {self.heads} heads in {len(self.schemes)} segments" if self.heads else "")
+            (f", {self.heads} heads in {len(self.schemes)} segments" if self.heads else "") + \
+            (f", activation groups of {self.act_groups} ({len(self.schemes)} steps per token)"
+             if self.act_groups else "")
 
 
 @dataclass(frozen=True)

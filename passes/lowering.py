@@ -6,6 +6,7 @@ import fnmatch
 import torch
 
 from segquant_compile.lowering.cpu_linear import cpu_gemm
+from segquant_compile.lowering.quantize import group_bounds
 from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, FLOAT, GROUPED, LOWERED_FORMATS,
                                                      SYMMETRIC, WEIGHT_ONLY, KeptFloat, SiteLowering)
 
@@ -39,6 +40,20 @@ def group_segments(k_bounds, sources, groups: int):
     return bounds, merged
 
 
+def split_segments(k_bounds, sources, size: int):
+    """Each segment cut every `size` columns (activation groups: a per-token step each); the
+    parts keep their segment's DualScale source."""
+    bounds = group_bounds(k_bounds, size)
+    owner = [next(i for i in range(len(k_bounds) - 1) if k_bounds[i] <= a < k_bounds[i + 1]) for a in bounds[:-1]]
+    return bounds, tuple(sources[i] for i in owner)
+
+
+def weight_clip(option: str, grouped: bool) -> str:
+    """The clip of a site's weight steps: "auto" clip-searches 4-bit groups only (15 levels: where
+    it was measured to win), 8-bit channels keep absmax."""
+    return option if option != "auto" else ("mse" if grouped else "absmax")
+
+
 def lower_site(site: LinearSite, config, device: str = "cpu",
                weight_dtype: torch.dtype | None = None) -> SiteLowering | KeptFloat:
     """(LinearSite, QuantConfig) -> SiteLowering, or KeptFloat with the reason. `device` and
@@ -55,6 +70,9 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
         return KeptFloat(f"format '{FLOAT}' for this site (options formats[{entry!r}])")
     if fmt not in LOWERED_FORMATS:   # "auto" with no allocated format for this site
         return KeptFloat(f"format {fmt!r} names no format for this site (not in the sensitivity measurement?)")
+    if entry is None and site.in_features < config.min_k:
+        return KeptFloat(f"K={site.in_features} < min_k={config.min_k}: too thin a GEMM for int8 to save "
+                         f"time, and the most sensitive kind of site (options min_k; 0 quantizes it)")
     if site.conv is not None and not config.convs:
         return KeptFloat("conv site kept float (options convs=False)")
     if site.conv is not None and fmt != "int8":
@@ -67,6 +85,11 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     if config.head_groups and seg is not None and seg.pattern == "head_merge" and n_seg > config.head_groups:
         heads, (k_bounds, sources) = n_seg, group_segments(k_bounds, sources, config.head_groups)
         n_seg = len(k_bounds) - 1
+    act_groups = None
+    weight_only = fmt in WEIGHT_ONLY
+    if config.activation_group_size and site.conv is None and not weight_only:
+        k_bounds, sources = split_segments(k_bounds, sources, config.activation_group_size)
+        act_groups, n_seg = config.activation_group_size, len(k_bounds) - 1
     # DualScale where the graph shows a SiLU/GELU-like producer; with dualscale="auto" this is the
     # starting point that measurement on real rows replaces
     other = ASYMMETRIC if config.asymmetric else SYMMETRIC
@@ -75,7 +98,6 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     if config.weights == "per-tensor":
         out_seg = site.output_segments if config.seglinear else None
         out_bounds = out_seg.bounds if out_seg is not None else (0, site.out_features)
-    weight_only = fmt in WEIGHT_ONLY
     if weight_only:   # float activations: no scheme applies
         schemes = (SYMMETRIC,) * n_seg
     activations = "float" if weight_only else config.activations
@@ -98,7 +120,8 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds if not grouped else None,
                         smooth=config.smooth if static and not conv else None,
                         auto=config.dualscale == "auto" and not weight_only,
-                        weight_clip=config.weight_clip if not grouped else "absmax", heads=heads,
+                        weight_clip=weight_clip(config.weight_clip, grouped), heads=heads,
+                        act_groups=act_groups,
                         prologue=prologue and not conv and ASYMMETRIC not in schemes and config.dualscale != "auto",
                         rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu,
                         group_size=config.group_size if grouped else None, rounding=rounding)

@@ -32,8 +32,8 @@ __all__ = ["DEFAULT_FORMATS", "Probe", "Sensitivity", "sensitivity"]
 DEFAULT_FORMATS = ("int8", "w4a8")
 
 
-def sensitivity(model, inputs, formats=DEFAULT_FORMATS, options: dict | None = None,
-                progress: bool = True) -> Sensitivity:
+def sensitivity(model, inputs=None, formats=DEFAULT_FORMATS, options: dict | None = None,
+                progress: bool = True, run=None) -> Sensitivity:
     """Measure every quantizable site of `model` at every format, one site at a time.
 
     `inputs`: one call's positional args (a tuple; a dict is taken as keyword args), or a list of
@@ -41,6 +41,11 @@ def sensitivity(model, inputs, formats=DEFAULT_FORMATS, options: dict | None = N
     the model output, sum ||y_q - y_f||^2 / sum ||y_f||^2 over the floating output tensors of a
     call, averaged over the calls, with every other site float; and the site's own output SQNR
     on its sampled input rows. A format the site cannot take is recorded with the reason.
+
+    `run` instead of `inputs`: a function of the model (e.g. a whole sampling run) whose floating
+    outputs are compared. The error is then that of the final samples, every step's error
+    compounded through the sampler, the measure a mixed allocation is judged by: one call's
+    output error ranks sites differently (a single-call error weighs nothing of the propagation).
     Activations are measured dynamic (per token), whatever the options ask. Needs real weights. A
     segquant-compiled model is measured with the options it was compiled with (unless given)."""
     model, options = unwrap(model, options)
@@ -56,10 +61,16 @@ def sensitivity(model, inputs, formats=DEFAULT_FORMATS, options: dict | None = N
     # each site measured alone at each format: per-site formats and GPTQ's calibration do not apply
     config = dataclasses.replace(config, activations="dynamic", smooth=None, formats=(), budget=(),
                                  sensitivity=None, weight_rounding="rtn")
-    calls = _calls(inputs)
+    if (inputs is None) == (run is None):
+        raise ValueError("segquant.sensitivity: give `inputs` (the calls) or `run` (a function of the model), one of them")
+    if run is not None and not callable(run):
+        raise TypeError(f"segquant.sensitivity: `run` must be a function of the model, got {type(run).__name__}")
+    calls = _calls(inputs) if run is None else [((), {})]
+    if run is not None:
+        notes.append("error measured on the outputs of `run` (a whole run per site and format)")
     from tqdm.auto import tqdm
     with lifted_recompile_limits(), torch.no_grad():
-        probe = Probe(model, config, formats)
+        probe = Probe(model, config, formats, run)
         reference = probe.record(calls)
         pairs = [(name, f) for name in probe.sites for f in formats if probe.measurable(name, f)]
         error: dict[tuple[str, str], float] = {}
@@ -155,8 +166,9 @@ class Probe:
     sampling every site's input rows; `outputs(name, fmt, calls)` runs it with that one site
     quantized. Sites are named by full module path (`site_path` of the weight's name)."""
 
-    def __init__(self, model: torch.nn.Module, config: QuantConfig, formats: tuple[str, ...]):
+    def __init__(self, model: torch.nn.Module, config: QuantConfig, formats: tuple[str, ...], runner=None):
         self.config = config
+        self.runner = runner   # a function of the model replacing the calls (sensitivity's `run`)
         self.configs = {f: _format_config(config, f) for f in formats}
         self.paths = module_paths(model)
         self.recording = False
@@ -181,7 +193,7 @@ class Probe:
                                                             else "")
 
     def run(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        return _floats(self.compiled(*args, **kwargs))
+        return _floats(self.runner(self.compiled) if self.runner is not None else self.compiled(*args, **kwargs))
 
     def record(self, calls) -> list[list[torch.Tensor]]:
         """The float outputs of every call; every site's states observe their input rows, then

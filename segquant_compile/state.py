@@ -132,7 +132,7 @@ class QuantState:
         if self._gptq_rows is not None:
             from segquant_compile.lowering.gptq import gptq_int4
             rows = self._gptq_rows / self.smooth if self.smooth is not None else self._gptq_rows
-            grid4 = gptq_int4(w, rows, lo.k_bounds, lo.g_bounds)
+            grid4 = gptq_int4(w, rows, lo.k_bounds, lo.g_bounds, lo.weight_clip)
         elif lo.rounding == "gptq" and not self.awaiting_rows:
             warnings.warn(f"segquant: {self.name}: weight changed after GPTQ calibration; re-packed with "
                           f"round-to-nearest (calibrate again for GPTQ)", stacklevel=3)

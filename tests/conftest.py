@@ -7,8 +7,37 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from segquant_compile import models
+import dataclasses
+
+from segquant_compile import QuantConfig, models
 from segquant_compile.mnist_dit import data_dir
+
+
+def _set_default(cls, name, value):
+    """Change one QuantConfig field's default (its generated __init__'s); returns the old one."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    defaults = list(cls.__init__.__defaults__)
+    old, defaults[names.index(name)] = defaults[names.index(name)], value
+    cls.__init__.__defaults__ = tuple(defaults)
+    return old
+
+
+# The tiny models of these tests have K of 8 to 64 throughout: their tests are about quantizing
+# sites, so they quantize every site (min_k=0). Tests marked `real_defaults` (the real models, the
+# min_k rule itself) run with the shipped default.
+MIN_K = _set_default(QuantConfig, "min_k", 0)
+
+
+@pytest.fixture(autouse=True)
+def _real_defaults(request):
+    if request.node.get_closest_marker("real_defaults") is None:
+        yield
+        return
+    _set_default(QuantConfig, "min_k", MIN_K)
+    try:
+        yield
+    finally:
+        _set_default(QuantConfig, "min_k", 0)
 
 SD3_TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,

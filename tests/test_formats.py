@@ -95,6 +95,33 @@ def test_groups_refine_segments(sizes, group):
     assert all(0 < b - a <= group for a, b in zip(g[:-1], g[1:]))
 
 
+def test_mse_clip_rounds_4bit_groups_no_worse_than_absmax():
+    torch.manual_seed(0)
+    w = torch.randn(32, 200)   # Gaussian groups: absmax spends levels on rare tails
+    g = Q.group_bounds((0, 200), 64)
+
+    def error(clip):   # per output channel, summed over its groups
+        s = Q.int4_steps(w, g, clip)
+        return (Q.round_int4(w, s, g).float() * Q.expand_groups(s, g) - w.t()).pow(2).sum(dim=0)
+    assert bool((error("mse") <= error("absmax") * (1 + 1e-6)).all())
+    assert error("mse").sum() < 0.9 * error("absmax").sum()
+
+
+def test_weight_clip_auto_searches_4bit_steps_only(net):
+    x = correlated(2, 3)
+    clips = {}
+    for fmt, clip in (("int8", "auto"), ("w4a8", "auto"), ("w4a8", "absmax")):
+        c = compiled(net, format=fmt, weight_clip=clip)
+        c(x)
+        st_a = {st.name: st for st in find(c).quant_states}["a"]
+        clips[fmt, clip] = st_a.lowering.weight_clip
+        if fmt == "w4a8":
+            w = net.a.weight.detach().float()
+            expect = Q.int4_steps(w, st_a.lowering.g_bounds, clips[fmt, clip])
+            assert torch.equal(st_a.d_w, expect)
+    assert clips == {("int8", "auto"): "absmax", ("w4a8", "auto"): "mse", ("w4a8", "absmax"): "absmax"}
+
+
 def test_per_site_formats_and_float(net):
     c = compiled(net, formats={"c": "w4a8", "b": "float"})
     c(correlated(2, 4))

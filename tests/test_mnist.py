@@ -5,6 +5,8 @@ import torch
 from segquant_compile import explain
 from segquant_compile import mnist_dit as md
 
+pytestmark = pytest.mark.real_defaults   # the real models run with the shipped defaults
+
 
 @pytest.fixture(scope="module")
 def dit(shared_data):

@@ -5,6 +5,8 @@ import torch
 
 from segquant_compile import mnist_vit as mv
 
+pytestmark = pytest.mark.real_defaults   # the real models run with the shipped defaults
+
 LABELS = torch.arange(100) % 10
 
 

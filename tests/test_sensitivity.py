@@ -138,6 +138,30 @@ def test_json_round_trip_and_html(measured, tmp_path):
         measured.save(tmp_path / "s.csv")
 
 
+def test_run_measures_the_error_of_a_whole_run(vit, measured):
+    """`run`: the error of what a function of the model returns. One call through `run` measures
+    what `inputs` measure; a run that feeds each output back (a sampler's loop) compounds it."""
+    model, calls = vit
+    one = sensitivity(model, run=lambda m: m(*calls[0]), formats=("int8",), progress=False)
+    alone = sensitivity(model, [calls[0]], formats=("int8",), progress=False)
+    assert {s.name: s.error for s in one.sites} == {s.name: s.error for s in alone.sites}
+
+    def sampler(m):   # a few Euler steps, each input the last output
+        x, t, y = calls[0]
+        for _ in range(3):
+            x = x + 0.3 * m(x, t, y)
+        return x
+    chained = sensitivity(model, run=sampler, formats=("int8",), progress=False)
+    errors = [s.error["int8"] for s in chained.sites]
+    assert all(math.isfinite(e) and e > 0 for e in errors)
+    assert errors != [s.error["int8"] for s in one.sites]
+    assert any("outputs of `run`" in n for n in chained.notes)
+    with pytest.raises(ValueError, match="one of them"):
+        sensitivity(model, calls, run=sampler, formats=("int8",), progress=False)
+    with pytest.raises(ValueError, match="one of them"):
+        sensitivity(model, formats=("int8",), progress=False)
+
+
 def test_static_options_are_measured_dynamic():
     torch.manual_seed(0)
     sens = sensitivity(Two().eval(), (torch.randn(16, 8),), formats=("int8",), options={"activations": "static"},
