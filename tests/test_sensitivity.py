@@ -333,6 +333,21 @@ def test_cli_diffusers_folder_with_weights(capsys, tmp_path):
     assert all(s.error["int8"] >= 0 for s in sens.sites) and (tmp_path / "s.html").is_file()
 
 
+def test_cli_whole_run_needs_an_mnist_model(capsys, tmp_path):
+    assert cli.main(["sensitivity", str(tmp_path), "--run"]) == 2
+    assert "--run" in capsys.readouterr().err
+
+
+@pytest.mark.real_defaults
+def test_cli_mnist_dit_whole_run(shared_data, capsys, tmp_path):
+    out = tmp_path / "run.json"
+    assert cli.main(["sensitivity", "mnist-dit", "--run", "--formats", "int8", "--out", str(out)]) == 0
+    sens = Sensitivity.load(out)
+    assert sens.calls == 1 and any("outputs of `run`" in n for n in sens.notes)
+    measured = [s for s in sens.sites if "int8" in s.error]
+    assert len(measured) == 39 and all(s.error["int8"] > 0 for s in measured)   # K=16 sites: min_k
+
+
 def test_cli_mnist_dit(shared_data, capsys, tmp_path):
     out = tmp_path / "x.json"
     assert cli.main(["sensitivity", "mnist-dit", "--formats", "int8", "fp8", "--steps", "2", "--out", str(out)]) == 0
