@@ -67,6 +67,8 @@ CONFIGS = {
     "static-smooth": ("segquant static, SmoothQuant searched", "segquant", {"activations": "static", "smooth": "search"}),
     "static-groups32": ("segquant static, activation groups of 32", "segquant",
                         {"activations": "static", "activation_group_size": 32}),
+    "static-smooth-groups16": ("segquant static, SmoothQuant searched, activation groups of 16", "segquant",
+                               {"activations": "static", "smooth": "search", "activation_group_size": 16}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),
     "torchao-asym": ("torchao int8 dynamic asymmetric", "torchao", "asymmetric"),
 }
