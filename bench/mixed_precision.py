@@ -11,9 +11,9 @@ bench/results/mixed_precision.json, a chart beside it, and the sensitivity pages
 Sensitivity is measured on whole sampling runs of a calibration seed (`sensitivity(..., run=)`,
 fidelity.CALIBRATION_SEEDS.start, never an evaluation seed): the error of the final samples, each
 step's error compounded, the measure the allocation is judged by. `--measure calls` measures
-SENSITIVITY_CALLS single denoiser calls spread over the trajectory instead (the previous bench:
-one call's error ranked the sites badly, see the README). GPTQ rows come from calibrating on the
-calibration seeds.
+SENSITIVITY_CALLS single denoiser calls spread over the trajectory instead (the previous bench;
+summed over sites, their errors did not predict the samples' PSNR). GPTQ rows come from
+calibrating on the calibration seeds.
 """
 from __future__ import annotations
 
