@@ -72,7 +72,7 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
         return KeptFloat(f"format {fmt!r} names no format for this site (not in the sensitivity measurement?)")
     if entry is None and site.in_features < config.min_k:
         return KeptFloat(f"K={site.in_features} < min_k={config.min_k}: too thin a GEMM for int8 to save "
-                         f"time, and the most sensitive kind of site (options min_k; 0 quantizes it)")
+                         f"time (options min_k; 0 quantizes it)")
     if site.conv is not None and not config.convs:
         return KeptFloat("conv site kept float (options convs=False)")
     if site.conv is not None and fmt != "int8":
