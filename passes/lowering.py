@@ -1,6 +1,7 @@
 """lower_site: the one function that decides how a planned site runs under the options."""
 from __future__ import annotations
 
+import bisect
 import fnmatch
 
 import torch
@@ -44,8 +45,7 @@ def split_segments(k_bounds, sources, size: int):
     """Each segment cut every `size` columns (activation groups: a per-token step each); the
     parts keep their segment's DualScale source."""
     bounds = group_bounds(k_bounds, size)
-    owner = [next(i for i in range(len(k_bounds) - 1) if k_bounds[i] <= a < k_bounds[i + 1]) for a in bounds[:-1]]
-    return bounds, tuple(sources[i] for i in owner)
+    return bounds, tuple(sources[bisect.bisect_right(k_bounds, a) - 1] for a in bounds[:-1])
 
 
 def weight_clip(option: str, grouped: bool) -> str:

@@ -204,9 +204,10 @@ def sensitivity_target(args):
         mnist, load = {"mnist-dit": (mnist_dit, mnist_dit.load_dit), "mnist-vit": (mnist_vit, mnist_vit.load_vit)}[
             args.model]
         net = load()   # a missing file: FileNotFoundError, exit status 2
-        if args.run:
-            return net, None, lambda m: mnist.sample(m, torch.arange(10), seed=0)
-        return net, sampler_calls(lambda fn: mnist.sample(fn, torch.arange(10), seed=0), net, args.steps), None
+
+        def sample(fn):
+            return mnist.sample(fn, torch.arange(10), seed=0)
+        return (net, None, sample) if args.run else (net, sampler_calls(sample, net, args.steps), None)
     if args.run:
         raise ValueError("segquant sensitivity --run: a whole sampling run is known for mnist-dit and mnist-vit "
                          "only; a diffusers folder is measured on --steps calls")

@@ -65,12 +65,12 @@ def sensitivity(model, inputs=None, formats=DEFAULT_FORMATS, options: dict | Non
         raise ValueError("segquant.sensitivity: give `inputs` (the calls) or `run` (a function of the model), one of them")
     if run is not None and not callable(run):
         raise TypeError(f"segquant.sensitivity: `run` must be a function of the model, got {type(run).__name__}")
-    calls = _calls(inputs) if run is None else [((), {})]
+    calls = _calls(inputs) if run is None else [run]
     if run is not None:
         notes.append("error measured on the outputs of `run` (a whole run per site and format)")
     from tqdm.auto import tqdm
     with lifted_recompile_limits(), torch.no_grad():
-        probe = Probe(model, config, formats, run)
+        probe = Probe(model, config, formats)
         reference = probe.record(calls)
         pairs = [(name, f) for name in probe.sites for f in formats if probe.measurable(name, f)]
         error: dict[tuple[str, str], float] = {}
@@ -132,13 +132,14 @@ def _real_module(model) -> torch.nn.Module:
     return model
 
 
-def _calls(inputs) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) per call: a tuple or dict is one call, a list is several."""
+def _calls(inputs) -> list:
+    """One function of the model per call: a tuple (positional args) or dict (keyword args) is one
+    call, a list is several."""
     def one(c):
         if isinstance(c, dict):
-            return (), c
+            return lambda m: m(**c)
         if isinstance(c, tuple):
-            return c, {}
+            return lambda m: m(*c)
         raise TypeError(f"segquant.sensitivity: a call's inputs are a tuple of positional args (or a dict of "
                         f"keyword args), got {type(c).__name__}")
     calls = [one(c) for c in inputs] if isinstance(inputs, list) else [one(inputs)]
@@ -164,11 +165,10 @@ def _floats(out) -> list[torch.Tensor]:
 class Probe:
     """`model` compiled once with a private backend (no registered name): `record` runs it float,
     sampling every site's input rows; `outputs(name, fmt, calls)` runs it with that one site
-    quantized. Sites are named by full module path (`site_path` of the weight's name)."""
+    quantized. A call is a function of the model (`_calls`, or sensitivity's `run`). Sites are named by full module path (`site_path` of the weight's name)."""
 
-    def __init__(self, model: torch.nn.Module, config: QuantConfig, formats: tuple[str, ...], runner=None):
+    def __init__(self, model: torch.nn.Module, config: QuantConfig, formats: tuple[str, ...]):
         self.config = config
-        self.runner = runner   # a function of the model replacing the calls (sensitivity's `run`)
         self.configs = {f: _format_config(config, f) for f in formats}
         self.paths = module_paths(model)
         self.recording = False
@@ -192,15 +192,16 @@ class Probe:
         return None if path is None else site_path(path) + (site.name[site.name.index("#"):] if "#" in site.name
                                                             else "")
 
-    def run(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        return _floats(self.runner(self.compiled) if self.runner is not None else self.compiled(*args, **kwargs))
+    def run(self, call) -> list[torch.Tensor]:
+        """The floating outputs of `call`, a function of the model (one call, or a whole run)."""
+        return _floats(call(self.compiled))
 
     def record(self, calls) -> list[list[torch.Tensor]]:
         """The float outputs of every call; every site's states observe their input rows, then
         choose their schemes (dualscale="auto") and measure their own SQNR on them."""
         self.recording = True
         try:
-            reference = [self.run(*c) for c in calls]
+            reference = [self.run(c) for c in calls]
         finally:
             self.recording = False
         for (name, fmt), states in self.states.items():
@@ -257,7 +258,7 @@ class Probe:
     def outputs(self, name: str, fmt: str, calls) -> list[list[torch.Tensor]]:
         self.target = (name, fmt)
         try:
-            return [self.run(*c) for c in calls]
+            return [self.run(c) for c in calls]
         finally:
             self.target = None
 
