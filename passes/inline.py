@@ -4,12 +4,17 @@ Dynamo keeps `F.multi_head_attention_forward` (nn.MultiheadAttention, nn.Transfo
 node (torch's trace rules list it as an in-graph function), so its in_proj and out_proj linears
 never appear in the graph. Replay such a call on its fake example values under a
 TorchFunctionMode and put the torch-level ops it runs into the graph in its place.
+
+Under dynamic shapes (a recompile after the batch changed, CFG doubling it, for instance) the
+replay's ops take symbolic sizes (`bsz * num_heads`): each is rebuilt in the graph from
+`sym_size` nodes of the call's inputs, so the attention linears stay sites whatever the shapes.
 """
 from __future__ import annotations
 
 import operator
 import types
 
+import sympy
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -54,8 +59,8 @@ def _inline(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         if user.target is not operator.getitem:
             raise Unsupported(f"{user.name} uses the whole result")
     values = [example(n) for n in node.all_input_nodes]
-    if any(not isinstance(v, torch.Tensor) or any(isinstance(s, torch.SymInt) for s in v.shape) for v in values):
-        raise Unsupported("symbolic shapes: inlining needs static sizes")
+    if any(not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat)) for v in values):
+        raise Unsupported("an input is neither a tensor nor a symbolic number")
     fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None)
     if fake_mode is None:
         raise Unsupported("no fake example values")
@@ -82,6 +87,15 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, graph: torch.fx.Graph, env: dict[int, torch.fx.Node], meta: dict):
         super().__init__()
         self.graph, self.env, self.created = graph, env, []
+        # symbol -> (node, SymInt): the symbolic sizes of the inputs, their sym_size nodes made on use
+        self.symbols: dict[sympy.Symbol, tuple] = {}
+        for node in list(env.values()):
+            value = example(node)
+            if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
+                self.symbols[value.node.expr] = (node, value)
+            for d, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+                if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                    self.symbols.setdefault(size.node.expr, (node, d, size))
         self.meta = {k: meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta}
         self.alive: list = []   # keeps recorded tensors alive: env is keyed by id()
 
@@ -111,9 +125,39 @@ class _Recorder(TorchFunctionMode):
     def _arg(self, a):
         if isinstance(a, torch.Tensor):
             return self.node_of(a)
-        if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            raise Unsupported("a symbolic size reaches an op")
+        if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)) and id(a) in self.env:
+            return self.env[id(a)]     # an input itself (dropout's p)
+        if isinstance(a, torch.SymInt):
+            return self._size(a.node.expr)[0]
+        if isinstance(a, (torch.SymFloat, torch.SymBool)):
+            raise Unsupported(f"a symbolic {type(a).__name__} reaches an op")
         return a
+
+    def _size(self, e) -> tuple:
+        """(graph value, SymInt or int) of the size expression `e`, built from the inputs'
+        sym_size nodes with +, * and //; a symbol the inputs do not hold cannot be built."""
+        from torch.utils._sympy.functions import FloorDiv
+        if e.is_Integer:
+            return int(e), int(e)
+        if isinstance(e, sympy.Symbol):
+            if e not in self.symbols:
+                raise Unsupported(f"the symbolic size {e} is not a size of the call's inputs")
+            held = self.symbols[e]
+            if len(held) == 3:   # first use: read it off its input
+                source, d, size = held
+                node = self._add("call_function", torch.ops.aten.sym_size.int, (source, d), {}, size)
+                self.symbols[e] = held = (node, size)
+            return held
+        ops = {sympy.Mul: operator.mul, sympy.Add: operator.add, FloorDiv: operator.floordiv}
+        op = next((f for t, f in ops.items() if isinstance(e, t)), None)
+        if op is None:
+            raise Unsupported(f"the symbolic size {e} ({type(e).__name__}) reaches an op")
+        node, value = self._size(e.args[0])
+        for arg in e.args[1:]:
+            n, v = self._size(arg)
+            value = op(value, v)
+            node = self._add("call_function", op, (node, n), {}, value)
+        return node, value
 
     def node_of(self, t) -> torch.fx.Node:
         if id(t) not in self.env:

@@ -58,6 +58,25 @@ def test_transformer_encoder_every_linear_is_a_site():
     assert set(report.states) == set(names)
 
 
+def test_transformer_encoder_stays_quantized_after_a_batch_change():
+    """A new batch size (a CFG sampler doubles it) makes dynamo recompile with symbolic sizes:
+    the attention linears are still sites there, computing what a graph traced at that batch
+    computes, not float."""
+    torch.backends.mha.set_fastpath_enabled(False)
+    torch.manual_seed(0)
+    m = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 2).eval()
+    x2, x3 = torch.randn(2, 6, 32), torch.randn(3, 6, 32)
+    with torch.no_grad():
+        c = torch.compile(m, backend="segquant", options=EAGER)
+        c(x2)
+        got = c(x3)                       # the recompile, batch symbolic
+        report = sq.report(c)
+        torch._dynamo.reset()
+        fresh = torch.compile(m, backend="segquant", options=EAGER)(x3)   # traced at batch 3
+    assert report.totals()["graphs"] == 2 and not report.float_calls and not report.unreached
+    torch.testing.assert_close(got, fresh, rtol=0, atol=0)
+    assert not torch.equal(got, m(x3))    # quantized, not the float model
+
 class ComputedWeight(nn.Module):
     def __init__(self):
         super().__init__()

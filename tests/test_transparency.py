@@ -149,14 +149,38 @@ def test_attention_with_weights_and_separate_projections():
     assert plan.float_calls == ()     # q @ k^T and attn @ v are not linear calls
 
 
-def test_symbolic_attention_is_a_float_call(no_fastpath):
-    model, x = encoder(batch_first=True)
-    graphs = capture_graphs(model, (x,), {}, dynamic=True)
-    plan = merge([build_plan(gm, graph_index=i) for i, (gm, _) in enumerate(graphs)])
-    attn = [f for f in plan.float_calls if f.kind == "multi_head_attention_forward"]
-    assert {f.name for f in attn} == {f"0.layers.{i}.self_attn.{p}" for i in range(LAYERS)
-                                      for p in ("in_proj", "out_proj")}
-    assert all("symbolic" in f.reason for f in attn)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_symbolic_attention_is_inlined(no_fastpath, batch_first):
+    """Under dynamic shapes (a recompile after the batch changed) the replay's sizes are symbolic
+    (bsz * num_heads): rebuilt from sym_size nodes, the attention linears stay sites with their
+    segments, and the graph computes what the opaque call did."""
+    model, x = encoder(batch_first)
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(x, 1)
+    (gm, inputs), = capture_graphs(model, (x,), {}, dynamic=True)
+    value = next(n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"
+                 and isinstance(n.meta.get("example_value"), torch.Tensor) and n.meta["example_value"].dim() == 3)
+    assert all(isinstance(s, torch.SymInt) for s in value.shape[:2])     # the trace really is symbolic
+    before = gm(*inputs)[0]
+    plan = build_plan(gm)
+    assert plan.float_calls == () and len(plan) == 4 * LAYERS
+    assert not any(n.target is F.multi_head_attention_forward for n in gm.graph.nodes)
+    assert any(n.target is torch.ops.aten.sym_size.int for n in gm.graph.nodes)
+    for i in range(LAYERS):
+        assert plan[f"0.layers.{i}.self_attn.in_proj"].output_segments.sizes == (E,) * 3
+        out = plan[f"0.layers.{i}.self_attn.out_proj"]
+        assert out.input_segments.sizes == (E // HEADS,) * HEADS and out.input_segments.pattern == "head_merge"
+    torch.testing.assert_close(gm(*inputs)[0], before, rtol=0, atol=0)
+
+
+def test_symbolic_size_from_outside_the_call_stays_opaque():
+    """A size the call's inputs do not hold cannot be rebuilt: the call stays opaque, with why."""
+    from segquant_compile.passes.inline import Unsupported, _Recorder
+    import sympy
+    graph = torch.fx.Graph()
+    recorder = _Recorder(graph, {}, {})
+    with pytest.raises(Unsupported, match="not a size of the call's inputs"):
+        recorder._size(sympy.Symbol("s9"))
 
 
 def test_fastpath_encoder_layer_is_reported():
