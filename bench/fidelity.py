@@ -69,6 +69,13 @@ CONFIGS = {
                         {"activations": "static", "activation_group_size": 32}),
     "static-smooth-groups16": ("segquant static, SmoothQuant searched, activation groups of 16", "segquant",
                                {"activations": "static", "smooth": "search", "activation_group_size": 16}),
+    # int8 weights rounded by GPTQ on the calibration runs' rows (weights hold most of the error)
+    "gptq": ("segquant dynamic, GPTQ weights", "segquant", {"weight_rounding": "gptq"}),
+    "static-gptq": ("segquant static, GPTQ weights", "segquant", {"activations": "static", "weight_rounding": "gptq"}),
+    "static-smooth-gptq": ("segquant static, SmoothQuant searched, GPTQ weights", "segquant",
+                           {"activations": "static", "smooth": "search", "weight_rounding": "gptq"}),
+    # the sites torchao quantizes: nn.MultiheadAttention's in_proj is a bare parameter, not an nn.Linear
+    "torchao-sites": ("segquant dynamic default, torchao's sites", "segquant", {"skip": ["*.in_proj"]}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),
     "torchao-asym": ("torchao int8 dynamic asymmetric", "torchao", "asymmetric"),
 }
@@ -157,7 +164,7 @@ def build(model_key: str, config_key: str):
         except ValueError as e:
             raise Skip(str(e)) from None
         compiled = torch.compile(net, backend="segquant", options=dict(opts))
-        if opts.get("activations") == "static":
+        if opts.get("activations") == "static" or opts.get("weight_rounding") == "gptq":
             t0 = time.perf_counter()
             with sq.calibrate(compiled, progress=False):
                 for s in CALIBRATION_SEEDS:

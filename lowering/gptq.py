@@ -1,11 +1,14 @@
-"""Error-compensated rounding of 4-bit weights (GPTQ, Frantar et al. 2022), per K segment.
+"""Error-compensated rounding of weights (GPTQ, Frantar et al. 2022), per K segment: 4-bit
+groups and 8-bit channels.
 
 Columns of W [N, K] are rounded one at a time in K order; each rounding error is spread over the
 columns not yet rounded, weighted by the inverse Hessian of the layer's output error on
 calibration rows, H = X^T X. The Hessian is taken per K segment (block diagonal): a segment's
 activations get their own steps at inference, so its error is compensated inside it. A group's
 step (absmax / 7) comes from its weights as updated when the group starts, as in GPTQ's grouped
-variant. Round to nearest is the fallback (no rows: `pack_weight` without a grid).
+variant. 8-bit weights keep their per-channel steps (absmax of the float weight, taken before
+any column moves, as GPTQ does without groups) and clamp to [-127, 127]. Round to nearest is the
+fallback (no rows: `pack_weight` without a grid).
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from torch import Tensor
 
 from .quantize import INT4_MAX, int4_group_step
 
+INT8_MAX = 127.0
+BLOCK = 128   # 8-bit columns compensated one at a time inside a block, the block's error at once
+
 DAMP = 0.01   # of the mean diagonal: keeps H invertible with fewer rows than columns
 
 
@@ -21,24 +27,41 @@ def gptq_int4(w: Tensor, rows: Tensor, k_bounds, g_bounds, clip: str = "absmax")
     """w [N, K] float, rows [R, K] calibration inputs -> (grid values [K, N] int8 in [-7, 7],
     steps [G, N]) on the groups `g_bounds` (which refine `k_bounds`); `clip` as in int4_steps,
     taken on the updated weights when a group starts."""
+    steps = []
+
+    def group_step(wg: Tensor) -> Tensor:
+        steps.append(int4_group_step(wg, clip))
+        return steps[-1]
+    q = _compensated(w, rows, k_bounds, g_bounds, group_step, INT4_MAX)
+    return q, torch.stack(steps)
+
+
+def gptq_int8(w: Tensor, rows: Tensor, k_bounds, steps: Tensor) -> Tensor:
+    """w [N, K] float, rows [R, K], per-channel steps [N] -> grid values [K, N] int8 in [-127, 127]."""
+    blocks = sorted({*k_bounds, *range(k_bounds[0], k_bounds[-1], BLOCK)})
+    return _compensated(w, rows, k_bounds, tuple(blocks), lambda wg: steps.to(wg.device), INT8_MAX)
+
+
+def _compensated(w: Tensor, rows: Tensor, k_bounds, blocks, step_of, qmax: float) -> Tensor:
+    """GPTQ's loop: per K segment, per block of columns (`blocks` refine `k_bounds`), the block's
+    steps from `step_of(its current columns)`, then each column rounded and its error spread over
+    the block's later columns, the block's error over the rest of the segment at once."""
     W = w.detach().float().clone()
     q = torch.zeros_like(W, dtype=torch.int8)
-    steps = []
     for k0, k1 in zip(k_bounds[:-1], k_bounds[1:]):
         U = _inverse_hessian_factor(rows[:, k0:k1].to(W.device).float())
-        for a, b in ((a, b) for a, b in zip(g_bounds[:-1], g_bounds[1:]) if k0 <= a < k1):
-            step = int4_group_step(W[:, a:b], clip)
-            steps.append(step)
+        for a, b in ((a, b) for a, b in zip(blocks[:-1], blocks[1:]) if k0 <= a < k1):
+            step = step_of(W[:, a:b])
             err = torch.empty((W.shape[0], b - a), device=W.device)
             for i in range(a, b):
                 col = W[:, i]
-                qi = torch.round(col / step).clamp(-INT4_MAX, INT4_MAX)
+                qi = torch.round(col / step).clamp(-qmax, qmax)
                 q[:, i] = qi.to(torch.int8)
                 e = (col - qi * step) / U[i - k0, i - k0]
                 W[:, i + 1:b] -= e[:, None] * U[i - k0, i + 1 - k0:b - k0][None]
                 err[:, i - a] = e
             W[:, b:k1] -= err @ U[a - k0:b - k0, b - k0:k1 - k0]   # the rest of the segment, at once
-    return q.t().contiguous(), torch.stack(steps)
+    return q.t().contiguous()
 
 
 def _inverse_hessian_factor(x: Tensor) -> Tensor:

@@ -129,15 +129,17 @@ def grid(fmt: str) -> str:
     return "fp8" if fmt == "fp8" else "int8"
 
 
-def pack_weight(w: Tensor, lowering, grid4: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def pack_weight(w: Tensor, lowering, rounded: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """A [N, K] float weight under a SiteLowering -> (packed, steps, grid values [K, N]): 8-bit
     formats [K, N] with per-channel steps [N]; 4-bit formats [ceil(K/2), N] bytes with steps [G, N]
-    per K group, rounded to nearest unless `grid4` gives (grid, steps) (error-compensated)."""
+    per K group; rounded to nearest unless `rounded` gives (grid, steps) (error-compensated)."""
     if lowering.group_size is not None:
         g = lowering.g_bounds
-        q, steps = grid4 if grid4 is not None else (None, int4_steps(w, g, lowering.weight_clip))
+        q, steps = rounded if rounded is not None else (None, int4_steps(w, g, lowering.weight_clip))
         q = round_int4(w, steps, g) if q is None else q
         return pack_int4(q), steps, q
+    if rounded is not None:
+        return rounded[0], rounded[1], rounded[0]
     fmt = grid(lowering.format)
     steps = weight_steps(w, lowering.out_bounds, fmt, lowering.weight_clip)
     q = quantize_weight(w, steps, fmt)

@@ -20,7 +20,7 @@ WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
 FLOAT = "float"   # a per-site format choice: the site stays float (named in the report)
 LOWERED_FORMATS = tuple(WEIGHT_BITS)
 GROUPED = tuple(f for f, bits in WEIGHT_BITS.items() if bits == 4)   # int4 steps per K group
-ROUNDINGS = ("rtn", "gptq")   # round to nearest; error-compensated (GPTQ, lowering/gptq.py), 4-bit only
+ROUNDINGS = ("rtn", "gptq")   # round to nearest; error-compensated (GPTQ, lowering/gptq.py), integer grids
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,15 @@ def weight_clip(option: str, grouped: bool) -> str:
     return option if option != "auto" else ("mse" if grouped else "absmax")
 
 
+def weight_rounding(option: str, activations: str, fmt: str) -> str:
+    """How a site's integer weights round: "auto" takes GPTQ where the model is calibrated anyway
+    (static activations: their calibration rows are GPTQ's), round to nearest elsewhere (dynamic
+    activations run without calibration). fp8 rounds by its cast."""
+    if fmt == "fp8":
+        return "rtn"
+    return option if option != "auto" else ("gptq" if activations == "static" else "rtn")
+
+
 def lower_site(site: LinearSite, config, device: str = "cpu",
                weight_dtype: torch.dtype | None = None) -> SiteLowering | KeptFloat:
     """(LinearSite, QuantConfig) -> SiteLowering, or KeptFloat with the reason. `device` and
@@ -114,7 +123,7 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     # a conv's smoothing divisor would differ per tap of one channel: SmoothQuant stays off there
     note = "SmoothQuant is not applied to conv sites" if conv and static and config.smooth is not None else None
     grouped = fmt in GROUPED
-    rounding = config.weight_rounding if grouped else "rtn"
+    rounding = weight_rounding(config.weight_rounding, config.activations, fmt)
     weights = config.weights if not grouped else "per-group"
     return SiteLowering(format=fmt, activations=activations, weights=weights,
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds if not grouped else None,

@@ -26,7 +26,9 @@ class QuantConfig:
     budget: tuple[tuple[str, float], ...] = ()
     sensitivity: str | None = None
     group_size: int = 128                 # 4-bit formats: K values per weight step (never across a segment)
-    weight_rounding: str = "rtn"          # 4-bit weights: "rtn" or "gptq" (error-compensated, calibrated)
+    # integer weights: "rtn", "gptq" (error-compensated on calibration rows) or "auto" (gptq when
+    # activations are static, i.e. calibrated anyway; rtn otherwise)
+    weight_rounding: str = "auto"
     activations: str = "dynamic"
     weights: str = "per-channel"
     # SmoothQuant (static only): alpha, "search" (per site, by SQNR on calibration rows) or None.
@@ -125,17 +127,16 @@ class QuantConfig:
                                                        self.activation_group_size not in ACTIVATION_GROUP_SIZES):
             raise ValueError(f"option 'activation_group_size' must be None or one of "
                              f"{list(ACTIVATION_GROUP_SIZES)}, got {self.activation_group_size!r}")
-        _choice("weight_rounding", self.weight_rounding, ROUNDINGS)
+        _choice("weight_rounding", self.weight_rounding, ("auto", *ROUNDINGS))
         _choice("activations", self.activations, ACTIVATION_MODES)
         _choice("weights", self.weights, WEIGHT_MODES)
         _choice("weight_clip", self.weight_clip, ("auto", "absmax", "mse"))
         _choice("mode", self.mode, MODES)
         if self.dualscale not in (True, False, "auto"):
             raise ValueError(f"option 'dualscale' must be True, False or 'auto', got {self.dualscale!r}")
-        if self.weight_rounding == "gptq" and not any(f in ("w4a8", "int4-weight-only", AUTO)
-                                                      for f in (self.format, *(f for _, f in self.formats))):
-            raise ValueError("weight_rounding 'gptq' applies to 4-bit weights: use it with format 'w4a8', "
-                             "'int4-weight-only' or 'auto'")
+        if self.weight_rounding == "gptq" and all(f == "fp8" for f in (self.format, *(f for _, f in self.formats))):
+            raise ValueError("weight_rounding 'gptq' rounds integer weights (int8, w4a8, the weight-only "
+                             "formats); fp8 weights round by the cast")
         if self.format == "fp8" and self.asymmetric:   # fp8 "auto" chooses between symmetric and DualScale
             raise ValueError("option 'asymmetric' (zero points) is int8 only; fp8 has no asymmetric scheme")
         for key in ("seglinear", "convs", "inductor", "release_float_weights", "asymmetric"):

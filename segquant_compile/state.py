@@ -128,15 +128,13 @@ class QuantState:
         if self.smooth is not None:
             w = w * self.smooth
         lo = self.lowering
-        grid4 = None
+        rounded = None
         if self._gptq_rows is not None:
-            from segquant_compile.lowering.gptq import gptq_int4
-            rows = self._gptq_rows / self.smooth if self.smooth is not None else self._gptq_rows
-            grid4 = gptq_int4(w, rows, lo.k_bounds, lo.g_bounds, lo.weight_clip)
+            rounded = self._gptq(w, lo)
         elif lo.rounding == "gptq" and not self.awaiting_rows:
             warnings.warn(f"segquant: {self.name}: weight changed after GPTQ calibration; re-packed with "
                           f"round-to-nearest (calibrate again for GPTQ)", stacklevel=3)
-        self.packed, self.d_w, grid = Q.pack_weight(w, lo, grid4)
+        self.packed, self.d_w, grid = Q.pack_weight(w, lo, rounded)
         # zero-point corrections need the grid's column sums per K segment (per group: 4-bit)
         self.colsum = column_sums(grid, lo.g_bounds or lo.k_bounds) if lo.format in ("int8", "w4a8") else None
         self.fingerprint = fingerprint(weight)
@@ -147,6 +145,16 @@ class QuantState:
         view = probe(weight)
         self._probe_view = view if weight.is_contiguous() else None
         self._probe = view.clone()
+
+    def _gptq(self, w: Tensor, lo: SiteLowering) -> tuple[Tensor, Tensor]:
+        """(grid [K, N], steps) of the (smoothed) weight, rounded by GPTQ on the calibration rows
+        (divided by the smoothing factors, as the GEMM sees them)."""
+        from segquant_compile.lowering.gptq import gptq_int4, gptq_int8
+        rows = self._gptq_rows / self.smooth if self.smooth is not None else self._gptq_rows
+        if lo.group_size is not None:
+            return gptq_int4(w, rows, lo.k_bounds, lo.g_bounds, lo.weight_clip)
+        steps = Q.weight_steps(w, lo.out_bounds, Q.grid(lo.format), lo.weight_clip)
+        return gptq_int8(w, rows, lo.k_bounds, steps), steps
 
     @property
     def dequantized(self) -> Tensor:
@@ -247,6 +255,7 @@ class QuantState:
         """Forget statistics and steps (recalibrate, or a calibration that raised)."""
         self.pos_max = self.neg_max = self.d_x = self.d_neg = self.zp = self.sqnr = None
         self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
+        self.awaiting_rows = self.base.rounding == "gptq"   # GPTQ rounds again, on the new rows
         if self.base.static:
             self.chosen = self.candidates = None
         if self.smooth is not None or self.dynamic_note is not None:
@@ -272,7 +281,7 @@ class QuantState:
             raise RuntimeError(f"segquant: {self.name} saw no calibration data")
         weight = self.weight()
         rows = torch.cat(self.sample)
-        if self.awaiting_rows:   # every packing below (smoothing search included) rounds by GPTQ
+        if self.awaiting_rows:   # the packings below round by GPTQ (SmoothQuant's search excepted)
             self._gptq_rows = rows.to(weight.device)
         try:
             self._freeze_steps(weight, rows)
@@ -298,12 +307,17 @@ class QuantState:
         if smooth is None:
             self._set_smooth(weight, None)
         elif smooth == "search":
+            # alpha chosen on weights rounded to nearest; GPTQ (if asked) rounds once, for the choice
+            gptq_rows, self._gptq_rows = self._gptq_rows, None
             best = None
-            for alpha in (None, *SMOOTH_GRID):
-                self._set_smooth(weight, alpha)
-                score = self._sqnr(weight, rows)
-                if best is None or score > best[0]:
-                    best = (score, alpha)
+            try:
+                for alpha in (None, *SMOOTH_GRID):
+                    self._set_smooth(weight, alpha)
+                    score = self._sqnr(weight, rows)
+                    if best is None or score > best[0]:
+                        best = (score, alpha)
+            finally:
+                self._gptq_rows = gptq_rows
             self._set_smooth(weight, best[1])
         else:
             self._set_smooth(weight, float(smooth))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import segquant_compile as sq
 from segquant_compile.compiled import find
 from segquant_compile.lowering import quantize as Q
-from segquant_compile.lowering.gptq import gptq_int4
+from segquant_compile.lowering.gptq import gptq_int4, gptq_int8
 
 
 
@@ -136,7 +136,7 @@ def test_per_site_formats_and_float(net):
 @pytest.mark.parametrize("options, message", [
     ({"format": "w8"}, "invalid value 'w8'"),
     ({"formats": {"a": "int3"}}, "formats\\['a'\\]"),
-    ({"weight_rounding": "gptq"}, "applies to 4-bit weights"),
+    ({"format": "fp8", "weight_rounding": "gptq"}, "rounds integer weights"),
     ({"format": "w4a8", "group_size": 96}, "group_size"),
     ({"format": "auto"}, "needs options 'budget'"),
     ({"budget": {"weight_bits": 5}}, "format='auto' only"),
@@ -161,6 +161,71 @@ def test_gptq_beats_round_to_nearest_on_held_out_rows():
     ref = held_out @ w.t()
     gain = Q.sqnr_db(ref, held_out @ (q.float() * Q.expand_groups(steps, g))) - Q.sqnr_db(ref, held_out @ rtn)
     assert gain > 0.5, gain
+
+
+def test_gptq_int8_keeps_the_channel_steps_and_beats_round_to_nearest():
+    """8-bit: the per-channel absmax steps stay; only which grid value each weight takes changes."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 300)
+    k_bounds = (0, 100, 300)
+    mix = torch.eye(300) + 0.3 * torch.randn(300, 300)
+    rows, held_out = torch.randn(2000, 300) @ mix, torch.randn(1000, 300) @ mix
+    steps = Q.weight_steps(w)
+    q = gptq_int8(w, rows, k_bounds, steps)
+    assert q.dtype == torch.int8 and q.shape == (300, 64) and q.abs().max() <= 127
+    rtn = Q.quantize_weight(w, steps)
+    assert not torch.equal(q, rtn) and (q.int() - rtn.int()).abs().max() <= 3   # nearby grid values
+    ref = held_out @ w.t()
+    gain = Q.sqnr_db(ref, held_out @ (q.float() * steps)) - Q.sqnr_db(ref, held_out @ (rtn.float() * steps))
+    assert gain > 0.5, gain
+
+
+def test_gptq_int8_model_is_calibrated_and_more_faithful(net):
+    c = compiled(net, weight_rounding="gptq")        # int8 weights, dynamic activations
+    with pytest.raises(RuntimeError, match="need calibration before use"):
+        c(correlated(2, 5))
+    with sq.calibrate(c, progress=False):
+        for seed in range(3):
+            c(correlated(32, 10 + seed))
+    x = correlated(64, 6)
+    got = c(x)
+    states = find(c).quant_states
+    assert {st.lowering.format for st in states} == {"int8"}
+    assert all(st.lowering.rounding == "gptq" and not st.awaiting_rows for st in states)
+    rtn = compiled(net)(x)
+    ref = net(x)
+    assert Q.sqnr_db(ref, got) > Q.sqnr_db(ref, rtn)
+
+
+@pytest.mark.parametrize("options, rounding", [
+    ({}, "rtn"),                                                   # dynamic: never calibrated
+    ({"activations": "static"}, "gptq"),                          # calibrated anyway: GPTQ
+    ({"activations": "static", "weight_rounding": "rtn"}, "rtn"),
+    ({"activations": "static", "format": "fp8"}, "rtn"),          # fp8 rounds by its cast
+    ({"weight_rounding": "gptq"}, "gptq"),
+])
+def test_weight_rounding_auto(options, rounding):
+    from segquant_compile.passes.lowering import lower_site
+    from segquant_compile.passes import build_plan
+    from segquant_compile.capture import capture_graphs
+    (gm, _), = capture_graphs(torch.nn.Linear(64, 32), (torch.randn(2, 64),), {})
+    site, = build_plan(gm)
+    assert lower_site(site, sq.QuantConfig.from_options(options)).rounding == rounding
+
+
+def test_recalibration_rounds_by_gptq_again(net):
+    c = compiled(net, activations="static")     # weight_rounding "auto": GPTQ
+    with sq.calibrate(c, progress=False):
+        c(correlated(32, 11))
+    first = {st.name: st.packed.clone() for st in find(c).quant_states}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no "re-packed with round-to-nearest"
+        with sq.calibrate(c, progress=False, recalibrate=True):
+            c(correlated(32, 12) * 3)
+    for st in find(c).quant_states:
+        assert not st.awaiting_rows and st.lowering.rounding == "gptq"
+        assert not torch.equal(st.packed, first[st.name])                       # rounded on the new rows
+        assert not torch.equal(st.packed, Q.pack_weight(st._float_weight(st.weight()).float(), st.lowering)[0])
 
 
 def test_gptq_needs_calibration_then_runs_dynamic(net):
