@@ -50,7 +50,10 @@ TORCHAO_MISSING = "torchao not installed (pip install '.[bench]')"
 # key -> (display name, kind, options); kind "segquant": torch.compile options; "torchao": act mapping
 CONFIGS = {
     "default": ("segquant dynamic default", "segquant", {}),
+    # static activations: weight_rounding "auto" rounds the weights by GPTQ on the calibration rows
     "static": ("segquant static", "segquant", {"activations": "static"}),
+    "static-rtn": ("segquant static, weights rounded to nearest", "segquant",
+                   {"activations": "static", "weight_rounding": "rtn"}),
     "symmetric": ("segquant symmetric", "segquant", {"dualscale": False}),
     "dualscale": ("segquant dualscale", "segquant", {"dualscale": True}),
     "asymmetric": ("segquant asymmetric", "segquant", {"dualscale": False, "asymmetric": True}),
@@ -71,9 +74,6 @@ CONFIGS = {
                                {"activations": "static", "smooth": "search", "activation_group_size": 16}),
     # int8 weights rounded by GPTQ on the calibration runs' rows (weights hold most of the error)
     "gptq": ("segquant dynamic, GPTQ weights", "segquant", {"weight_rounding": "gptq"}),
-    "static-gptq": ("segquant static, GPTQ weights", "segquant", {"activations": "static", "weight_rounding": "gptq"}),
-    "static-smooth-gptq": ("segquant static, SmoothQuant searched, GPTQ weights", "segquant",
-                           {"activations": "static", "smooth": "search", "weight_rounding": "gptq"}),
     # the sites torchao quantizes: nn.MultiheadAttention's in_proj is a bare parameter, not an nn.Linear
     "torchao-sites": ("segquant dynamic default, torchao's sites", "segquant", {"skip": ["*.in_proj"]}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),
