@@ -27,31 +27,29 @@ def gptq_int4(w: Tensor, rows: Tensor, k_bounds, g_bounds, clip: str = "absmax")
     """w [N, K] float, rows [R, K] calibration inputs -> (grid values [K, N] int8 in [-7, 7],
     steps [G, N]) on the groups `g_bounds` (which refine `k_bounds`); `clip` as in int4_steps,
     taken on the updated weights when a group starts."""
-    steps = []
-
-    def group_step(wg: Tensor) -> Tensor:
-        steps.append(int4_group_step(wg, clip))
-        return steps[-1]
-    q = _compensated(w, rows, k_bounds, g_bounds, group_step, INT4_MAX)
+    q, steps = _compensated(w, rows, k_bounds, g_bounds, lambda wg: int4_group_step(wg, clip), INT4_MAX)
     return q, torch.stack(steps)
 
 
 def gptq_int8(w: Tensor, rows: Tensor, k_bounds, steps: Tensor) -> Tensor:
     """w [N, K] float, rows [R, K], per-channel steps [N] -> grid values [K, N] int8 in [-127, 127]."""
     blocks = sorted({*k_bounds, *range(k_bounds[0], k_bounds[-1], BLOCK)})
-    return _compensated(w, rows, k_bounds, tuple(blocks), lambda wg: steps.to(wg.device), INT8_MAX)
+    return _compensated(w, rows, k_bounds, tuple(blocks), lambda wg: steps.to(wg.device), INT8_MAX)[0]
 
 
-def _compensated(w: Tensor, rows: Tensor, k_bounds, blocks, step_of, qmax: float) -> Tensor:
+def _compensated(w: Tensor, rows: Tensor, k_bounds, blocks, step_of, qmax: float) -> tuple[Tensor, list[Tensor]]:
     """GPTQ's loop: per K segment, per block of columns (`blocks` refine `k_bounds`), the block's
     steps from `step_of(its current columns)`, then each column rounded and its error spread over
-    the block's later columns, the block's error over the rest of the segment at once."""
+    the block's later columns, the block's error over the rest of the segment at once. Returns the
+    grid values [K, N] and each block's steps."""
     W = w.detach().float().clone()
     q = torch.zeros_like(W, dtype=torch.int8)
+    steps = []
     for k0, k1 in zip(k_bounds[:-1], k_bounds[1:]):
         U = _inverse_hessian_factor(rows[:, k0:k1].to(W.device).float())
         for a, b in ((a, b) for a, b in zip(blocks[:-1], blocks[1:]) if k0 <= a < k1):
             step = step_of(W[:, a:b])
+            steps.append(step)
             err = torch.empty((W.shape[0], b - a), device=W.device)
             for i in range(a, b):
                 col = W[:, i]
@@ -61,7 +59,7 @@ def _compensated(w: Tensor, rows: Tensor, k_bounds, blocks, step_of, qmax: float
                 W[:, i + 1:b] -= e[:, None] * U[i - k0, i + 1 - k0:b - k0][None]
                 err[:, i - a] = e
             W[:, b:k1] -= err @ U[a - k0:b - k0, b - k0:k1 - k0]   # the rest of the segment, at once
-    return q.t().contiguous()
+    return q.t().contiguous(), steps
 
 
 def _inverse_hessian_factor(x: Tensor) -> Tensor:

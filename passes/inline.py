@@ -87,15 +87,17 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, graph: torch.fx.Graph, env: dict[int, torch.fx.Node], meta: dict):
         super().__init__()
         self.graph, self.env, self.created = graph, env, []
-        # symbol -> (node, SymInt): the symbolic sizes of the inputs, their sym_size nodes made on use
+        # symbol -> (graph value, SymInt): an input that is the symbol itself, or a sym_size node
+        # made on first use from `dims` (symbol -> (input node, dim, SymInt))
         self.symbols: dict[sympy.Symbol, tuple] = {}
+        self.dims: dict[sympy.Symbol, tuple] = {}
         for node in list(env.values()):
             value = example(node)
             if isinstance(value, torch.SymInt) and isinstance(value.node.expr, sympy.Symbol):
                 self.symbols[value.node.expr] = (node, value)
             for d, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
                 if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                    self.symbols.setdefault(size.node.expr, (node, d, size))
+                    self.dims.setdefault(size.node.expr, (node, d, size))
         self.meta = {k: meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta}
         self.alive: list = []   # keeps recorded tensors alive: env is keyed by id()
 
@@ -141,13 +143,11 @@ class _Recorder(TorchFunctionMode):
             return int(e), int(e)
         if isinstance(e, sympy.Symbol):
             if e not in self.symbols:
-                raise Unsupported(f"the symbolic size {e} is not a size of the call's inputs")
-            held = self.symbols[e]
-            if len(held) == 3:   # first use: read it off its input
-                source, d, size = held
-                node = self._add("call_function", torch.ops.aten.sym_size.int, (source, d), {}, size)
-                self.symbols[e] = held = (node, size)
-            return held
+                if e not in self.dims:
+                    raise Unsupported(f"the symbolic size {e} is not a size of the call's inputs")
+                source, d, size = self.dims[e]
+                self.symbols[e] = (self._add("call_function", torch.ops.aten.sym_size.int, (source, d), {}, size), size)
+            return self.symbols[e]
         ops = {sympy.Mul: operator.mul, sympy.Add: operator.add, FloorDiv: operator.floordiv}
         op = next((f for t, f in ops.items() if isinstance(e, t)), None)
         if op is None:

@@ -32,8 +32,8 @@ class QuantConfig:
     activations: str = "dynamic"
     weights: str = "per-channel"
     # SmoothQuant (static only): alpha, "search" (per site, by SQNR on calibration rows) or None.
-    # "search" won on both real models (DiT +1.6 dB, ViT +3.1 dB) but lost 2.4 dB on the demo's
-    # random SD3 calibrated on 4 inputs (alpha chosen on the rows it is scored on): not the default
+    # "search" won on both real models (DiT +2.5 dB, ViT +3.5 dB, GPTQ weights) but lost 2.6 dB on the
+    # demo's random SD3 calibrated on 4 inputs (alpha chosen on the rows it is scored on): not the default
     smooth: float | str | None = None
     seglinear: bool = True
     # at most this many input segments from a head merge (adjacent heads share a step): fewer

@@ -180,23 +180,6 @@ def test_gptq_int8_keeps_the_channel_steps_and_beats_round_to_nearest():
     assert gain > 0.5, gain
 
 
-def test_gptq_int8_model_is_calibrated_and_more_faithful(net):
-    c = compiled(net, weight_rounding="gptq")        # int8 weights, dynamic activations
-    with pytest.raises(RuntimeError, match="need calibration before use"):
-        c(correlated(2, 5))
-    with sq.calibrate(c, progress=False):
-        for seed in range(3):
-            c(correlated(32, 10 + seed))
-    x = correlated(64, 6)
-    got = c(x)
-    states = find(c).quant_states
-    assert {st.lowering.format for st in states} == {"int8"}
-    assert all(st.lowering.rounding == "gptq" and not st.awaiting_rows for st in states)
-    rtn = compiled(net)(x)
-    ref = net(x)
-    assert Q.sqnr_db(ref, got) > Q.sqnr_db(ref, rtn)
-
-
 @pytest.mark.parametrize("options, rounding", [
     ({}, "rtn"),                                                   # dynamic: never calibrated
     ({"activations": "static"}, "gptq"),                          # calibrated anyway: GPTQ
@@ -228,19 +211,22 @@ def test_recalibration_rounds_by_gptq_again(net):
         assert not torch.equal(st.packed, Q.pack_weight(st._float_weight(st.weight()).float(), st.lowering)[0])
 
 
-def test_gptq_needs_calibration_then_runs_dynamic(net):
-    c = compiled(net, format="w4a8", weight_rounding="gptq")
+@pytest.mark.parametrize("fmt, batch", [("int8", 64), ("w4a8", 8)])
+def test_gptq_needs_calibration_then_runs_dynamic(net, fmt, batch):
+    c = compiled(net, format=fmt, weight_rounding="gptq")     # dynamic activations
     with pytest.raises(RuntimeError, match="need calibration before use"):
         c(correlated(2, 5))
     with sq.calibrate(c, progress=False):
         for seed in range(3):
             c(correlated(32, 10 + seed))
-    x = correlated(8, 6)
+    x = correlated(batch, 6)
     got = c(x)
     states = find(c).quant_states
-    assert all(not st.awaiting_rows and st.lowering.activations == "dynamic" for st in states)
+    assert {st.lowering.format for st in states} == {fmt}
+    assert all(st.lowering.rounding == "gptq" and not st.awaiting_rows and st.lowering.activations == "dynamic"
+               for st in states)
     assert "gptq" in str(sq.report(c))
-    rtn = compiled(net, format="w4a8")(x)
+    rtn = compiled(net, format=fmt)(x)
     ref = net(x)
     assert Q.sqnr_db(ref, got) > Q.sqnr_db(ref, rtn)   # the model output, not just one layer
 
