@@ -49,11 +49,16 @@ TORCHAO_MISSING = "torchao not installed (pip install '.[bench]')"
 
 # key -> (display name, kind, options); kind "segquant": torch.compile options; "torchao": act mapping
 CONFIGS = {
+    # weight_rounding "auto": GPTQ on the first call's rows (seed 1's first denoiser call)
     "default": ("segquant dynamic default", "segquant", {}),
+    "dynamic-rtn": ("segquant dynamic, weights rounded to nearest", "segquant", {"weight_rounding": "rtn"}),
     # static activations: weight_rounding "auto" rounds the weights by GPTQ on the calibration rows
     "static": ("segquant static", "segquant", {"activations": "static"}),
     "static-rtn": ("segquant static, weights rounded to nearest", "segquant",
                    {"activations": "static", "weight_rounding": "rtn"}),
+    # static steps from the calibrated range as seen (the default clip-searches it)
+    "static-absmax": ("segquant static, activation ranges unclipped", "segquant",
+                      {"activations": "static", "activation_clip": "absmax"}),
     "symmetric": ("segquant symmetric", "segquant", {"dualscale": False}),
     "dualscale": ("segquant dualscale", "segquant", {"dualscale": True}),
     "asymmetric": ("segquant asymmetric", "segquant", {"dualscale": False, "asymmetric": True}),
@@ -68,6 +73,8 @@ CONFIGS = {
     "groups32": ("segquant activation groups of 32", "segquant", {"activation_group_size": 32}),
     "groups16": ("segquant activation groups of 16", "segquant", {"activation_group_size": 16}),
     "static-smooth": ("segquant static, SmoothQuant searched", "segquant", {"activations": "static", "smooth": "search"}),
+    "static-smooth-absmax": ("segquant static, SmoothQuant searched, ranges unclipped", "segquant",
+                             {"activations": "static", "smooth": "search", "activation_clip": "absmax"}),
     "static-groups32": ("segquant static, activation groups of 32", "segquant",
                         {"activations": "static", "activation_group_size": 32}),
     "static-smooth-groups16": ("segquant static, SmoothQuant searched, activation groups of 16", "segquant",
@@ -76,6 +83,8 @@ CONFIGS = {
     "gptq": ("segquant dynamic, GPTQ weights", "segquant", {"weight_rounding": "gptq"}),
     # the sites torchao quantizes: nn.MultiheadAttention's in_proj is a bare parameter, not an nn.Linear
     "torchao-sites": ("segquant dynamic default, torchao's sites", "segquant", {"skip": ["*.in_proj"]}),
+    "torchao-sites-rtn": ("segquant dynamic rtn, torchao's sites", "segquant",
+                          {"skip": ["*.in_proj"], "weight_rounding": "rtn"}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),
     "torchao-asym": ("torchao int8 dynamic asymmetric", "torchao", "asymmetric"),
 }

@@ -65,14 +65,16 @@ def calibrate(compiled, spec) -> None:
 
 
 def configs(sens: dict[str, Path]) -> dict[str, dict]:
-    out = {"int8": {}, "w4a8 rtn": {"format": "w4a8"},
+    # round to nearest named: weight_rounding "auto" (the default) rounds by GPTQ on the first call
+    out = {"int8": {"weight_rounding": "rtn"}, "w4a8 rtn": {"format": "w4a8", "weight_rounding": "rtn"},
            "w4a8 gptq": {"format": "w4a8", "weight_rounding": "gptq"}}
     for b in BUDGETS:
-        out[f"mix {b:g} bits"] = {"format": "auto", "budget": {"weight_bits": b}, "sensitivity": str(sens["a8"])}
+        out[f"mix {b:g} bits"] = {"format": "auto", "budget": {"weight_bits": b}, "sensitivity": str(sens["a8"]),
+                                  "weight_rounding": "rtn"}
     out["mix 5 bits gptq"] = {**out["mix 5 bits"], "weight_rounding": "gptq"}
     for b in BUDGETS:   # the weight-only formats too: float activations where they pay
         out[f"mix {b:g} bits, all formats"] = {"format": "auto", "budget": {"weight_bits": b},
-                                               "sensitivity": str(sens["all"])}
+                                               "sensitivity": str(sens["all"]), "weight_rounding": "rtn"}
     return out
 
 

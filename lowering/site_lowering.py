@@ -21,6 +21,8 @@ FLOAT = "float"   # a per-site format choice: the site stays float (named in the
 LOWERED_FORMATS = tuple(WEIGHT_BITS)
 GROUPED = tuple(f for f, bits in WEIGHT_BITS.items() if bits == 4)   # int4 steps per K group
 ROUNDINGS = ("rtn", "gptq")   # round to nearest; error-compensated (GPTQ, lowering/gptq.py), integer grids
+# "auto" with dynamic activations: GPTQ on the first call's rows (a calibration's, if one comes first)
+GPTQ_FIRST_CALL = "gptq-first-call"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class SiteLowering:
     smooth: float | str | None = None    # SmoothQuant alpha or "search" (static only): a divisor per channel
     auto: bool = False                   # schemes measured on real rows (dualscale="auto")
     weight_clip: str = "absmax"          # weight steps from absmax, or clip-searched ("mse")
+    activation_clip: str | None = None   # static: "absmax" | "search" (ACT_CLIP_GRID, state.py); None: dynamic
     heads: int | None = None             # head segments merged into these K segments (head_groups)
     act_groups: int | None = None        # segments cut into activation groups of this size (their own steps)
     # kernel choices for one traced shape: they change no number, so two lowerings that differ
@@ -85,7 +88,7 @@ class SiteLowering:
     note: str | None = None              # why this lowering differs from the options' default
     conv: ConvGeometry | None = None     # a conv2d site: its implicit GEMM (None: a linear)
     group_size: int | None = None        # 4-bit formats: K group of one weight step (within a segment)
-    rounding: str = "rtn"                # weight rounding: "rtn" | "gptq" (needs calibration rows)
+    rounding: str = "rtn"                # weight rounding: "rtn" | "gptq" (needs calibration rows) | GPTQ_FIRST_CALL
 
     def __post_init__(self):
         if len(self.schemes) != len(self.k_bounds) - 1:
@@ -97,6 +100,11 @@ class SiteLowering:
     @property
     def static(self) -> bool:
         return self.activations == "static"
+
+    @property
+    def gptq(self) -> bool:
+        """Weights rounded by GPTQ, once rows arrive (calibration or the first call)."""
+        return self.rounding in ("gptq", GPTQ_FIRST_CALL)
 
     @property
     def weight_only(self) -> bool:
@@ -151,7 +159,7 @@ class SiteLowering:
 
     def describe(self) -> str:
         fmt = self.format + (f" g{self.group_size}" if self.group_size else "") + \
-            (" gptq" if self.rounding == "gptq" else "")
+            (" gptq" if self.gptq else "")
         if self.weight_only:
             return f"{fmt}, a float"
         schemes = set(self.schemes)

@@ -8,7 +8,7 @@ import torch
 
 from segquant_compile.lowering.cpu_linear import cpu_gemm
 from segquant_compile.lowering.quantize import group_bounds
-from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, FLOAT, GROUPED, LOWERED_FORMATS,
+from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, FLOAT, GPTQ_FIRST_CALL, GROUPED, LOWERED_FORMATS,
                                                      SYMMETRIC, WEIGHT_ONLY, KeptFloat, SiteLowering)
 
 from .plan import LinearSite
@@ -55,12 +55,13 @@ def weight_clip(option: str, grouped: bool) -> str:
 
 
 def weight_rounding(option: str, activations: str, fmt: str) -> str:
-    """How a site's integer weights round: "auto" takes GPTQ where the model is calibrated anyway
-    (static activations: their calibration rows are GPTQ's), round to nearest elsewhere (dynamic
-    activations run without calibration). fp8 rounds by its cast."""
+    """How a site's integer weights round: "auto" takes GPTQ on the rows there are: static
+    activations' calibration rows, or with dynamic activations (no calibration) the first call's
+    rows, as dualscale="auto" chooses its schemes there (a calibration before the first call gives
+    its rows instead). fp8 rounds by its cast."""
     if fmt == "fp8":
         return "rtn"
-    return option if option != "auto" else ("gptq" if activations == "static" else "rtn")
+    return option if option != "auto" else ("gptq" if activations == "static" else GPTQ_FIRST_CALL)
 
 
 def lower_site(site: LinearSite, config, device: str = "cpu",
@@ -130,6 +131,7 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
                         smooth=config.smooth if static and not conv else None,
                         auto=config.dualscale == "auto" and not weight_only,
                         weight_clip=weight_clip(config.weight_clip, grouped), heads=heads,
+                        activation_clip=config.activation_clip if static else None,
                         act_groups=act_groups,
                         prologue=prologue and not conv and ASYMMETRIC not in schemes and config.dualscale != "auto",
                         rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,17 +36,29 @@ class CalibrationSummary:
                f"{rows}; {self.sites} site(s) calibrated{sqnr}"
 
 
+ALREADY_CALIBRATED = ("segquant: this model is already calibrated with these options; pass "
+                      "calibrate(compiled, recalibrate=True) to collect new statistics")
+ONLY_NEW_SITES = ("segquant: calibrating only the sites without steps (new or replaced weights); the others keep "
+                  "theirs, though their inputs may have changed: calibrate(compiled, recalibrate=True) "
+                  "recalibrates every site")
+
+
 def active() -> "Session | None":
     return _ACTIVE[-1] if _ACTIVE and _ACTIVE[-1].open else None
 
 
 class Session:
-    def __init__(self, model: torch.nn.Module, steps: int | None, progress: bool):
+    def __init__(self, model: torch.nn.Module, steps: int | None, progress: bool, recalibrate: bool = False,
+                 known=()):
         self.tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
         self.steps = steps
         self.calls = 0
         self.open = True
         self.touched: dict[int, tuple] = {}    # id(state) -> (state, bias)
+        # states first met in a call that another compile of the same weights and options had
+        # calibrated already (states are shared by weight): reset with recalibrate, else kept
+        self.recalibrate, self.known = recalibrate, {id(st) for st in known}
+        self.kept: dict[int, object] = {}
         self.batch_sizes: Counter = Counter()
         self.last = None                        # (args, kwargs, float output) of the last call
         self.bar = None
@@ -58,7 +71,14 @@ class Session:
 
     def touch(self, states, biases) -> None:
         for st, b in zip(states, biases):
-            if not st.frozen:
+            if id(st) in self.touched or not st.calibrated_by_rows:
+                continue
+            if st.frozen and self.recalibrate and id(st) not in self.known:
+                st.reset_calibration()
+                self.known.add(id(st))
+            if st.frozen:
+                self.kept[id(st)] = st
+            else:
                 self.touched[id(st)] = (st, b)
 
     def after_call(self, _module, args, kwargs, output):
@@ -129,10 +149,12 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
         raise TypeError(f"segquant_compile.calibrate(): {e}; compile with "
                         f"options={{'activations': 'static'}}") from None
     config = found.config
-    if config is not None and config.activations != "static" and config.weight_rounding != "gptq":
-        raise ValueError("segquant_compile.calibrate() collects static activation steps (and GPTQ's rows); "
-                         "compile with options={'activations': 'static'} or {'weight_rounding': 'gptq'} "
-                         "(dynamic activations with rounded-to-nearest weights need no calibration)")
+    if config is not None and config.activations != "static" and (
+            config.weight_rounding == "rtn" or all(f == "fp8" for f in (config.format, *(f for _, f in config.formats)))):
+        raise ValueError("segquant_compile.calibrate() collects static activation steps and GPTQ's rows; "
+                         "compile with options={'activations': 'static'} or weight_rounding 'gptq' or 'auto' "
+                         "with integer weights (dynamic activations with weights rounded to nearest or fp8 "
+                         "need no calibration)")
     if _ACTIVE:
         raise RuntimeError("segquant_compile.calibrate() is already running (calibrating twice)")
     mine = found.quant_states
@@ -142,18 +164,15 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
             f"segquant_compile.calibrate(): the float weights of {len(released)} site(s) were released "
             f"(options release_float_weights=True), e.g. {released[0]}: calibration needs them; compile the "
             f"float model again")
+    mine = [st for st in mine if st.calibrated_by_rows]
     if mine and all(st.frozen for st in mine) and not recalibrate:
-        raise RuntimeError("segquant: this model is already calibrated with these options; pass "
-                           "calibrate(compiled, recalibrate=True) to collect new statistics")
+        raise RuntimeError(ALREADY_CALIBRATED)
     if recalibrate:
         for st in mine:
             st.reset_calibration()
     elif any(st.frozen for st in mine):
-        import warnings
-        warnings.warn("segquant: calibrating only the sites without steps (new or replaced weights); the "
-                      "others keep theirs, though their inputs may have changed: calibrate(compiled, "
-                      "recalibrate=True) recalibrates every site", stacklevel=3)
-    session = Session(found.model, config.calibration_steps if config else None, progress)
+        warnings.warn(ONLY_NEW_SITES, stacklevel=3)
+    session = Session(found.model, config.calibration_steps if config else None, progress, recalibrate, mine)
     hook = compiled.register_forward_hook(session.after_call, with_kwargs=True)
     _ACTIVE.append(session)
     try:
@@ -170,6 +189,12 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
             session.bar.close()
     if session.calls == 0:
         raise RuntimeError("segquant_compile.calibrate(): the block made no call of the compiled model")
+    # states a compile before this one calibrated (same weights, same options), first met in a call
+    late = [st for k, st in session.kept.items() if k not in session.known]
+    if late and not session.touched:
+        raise RuntimeError(ALREADY_CALIBRATED + " (by an earlier compile of the same weights)")
+    if late and not any(st.frozen for st in mine):
+        warnings.warn(ONLY_NEW_SITES, stacklevel=3)
     if not session.touched and not any(st.frozen for st in find(compiled).quant_states):
         raise RuntimeError("segquant_compile.calibrate(): no segquant graph ran inside the block; is the "
                            "model compiled with backend='segquant', does it have linear layers, and has dynamo "

@@ -14,12 +14,12 @@ import torch
 
 from segquant_compile.state import QuantState, fingerprint
 
-FORMAT_VERSION = 3   # 3: weight formats (group_size, rounding)
+FORMAT_VERSION = 4   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
 FIELDS = ("packed", "d_w", "colsum", "d_x", "d_neg", "zp", "smooth")
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
 LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth", "auto", "weight_clip",
-                   "conv", "group_size", "rounding")
+                   "conv", "group_size", "rounding", "activation_clip")
 
 
 def _bias_name(weight_name: str) -> str:
@@ -66,7 +66,8 @@ def save(compiled, path) -> Path:
                           "dynamic_note": st.dynamic_note, "chosen": list(st.chosen) if st.chosen else None,
                           "candidates": st.candidates, "fingerprint": st.fingerprint,
                           "bias_fingerprint": fingerprint(params.get(_bias_name(weight_name))),
-                          "smooth_alpha": st.alpha, "sqnr_db": st.sqnr}
+                          "smooth_alpha": st.alpha, "sqnr_db": st.sqnr, "activation_clip": st.act_clip,
+                          "gptq_rows": st.rows_source, "nearest_note": st.nearest_note}
     options = dataclasses.asdict(found.config) if found.config is not None else {}
     manifest = {"format_version": FORMAT_VERSION, "torch": torch.__version__,
                 "options": {k: v for k, v in options.items() if k not in ("load",)}, "sites": sites}
@@ -156,4 +157,6 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
     state.chosen = tuple(entry["chosen"]) if entry.get("chosen") else None
     state.candidates = entry.get("candidates")
     state.alpha, state.sqnr = entry.get("smooth_alpha"), entry.get("sqnr_db")
+    state.act_clip = entry.get("activation_clip")
+    state.rows_source, state.nearest_note = entry.get("gptq_rows"), entry.get("nearest_note")
     state.awaiting_rows = False   # the saved packing is the calibrated one (GPTQ included)

@@ -17,7 +17,7 @@ import torch
 
 from segquant_compile import calibration
 from segquant_compile.config import QuantConfig
-from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
+from segquant_compile.lowering.site_lowering import GPTQ_FIRST_CALL, KeptFloat, SiteLowering
 from segquant_compile.passes import LinearSite, Plan
 from segquant_compile.passes.lowering import lower_site
 from segquant_compile.passes.rewrite import convert, prepare
@@ -149,7 +149,7 @@ class GraphRunner:
             from segquant_compile.lowering import autotune
             autotune.set_cache_dir(config.autotune_cache)
         states = self.states_of_call(example_inputs)
-        if any(st.needs_choice and not st.base.static for st in states) and _concrete(example_inputs):
+        if any(st.first_call_pending for st in states) and _concrete(example_inputs):
             self.choose_schemes(example_inputs, states)   # now, so the graph compiles once
         self.converted(states)
         RUNNERS.add(self)
@@ -235,7 +235,7 @@ class GraphRunner:
     # ------------------------------------------------------------------ running
     def __call__(self, *args):
         states = self.states_of_call(args)
-        if any(st.needs_choice and not st.base.static for st in states):
+        if any(st.first_call_pending for st in states):
             self.choose_schemes(args, states)
         session = calibration.active()
         if session is not None and session.owns(args[i] for i in self.weight_positions):
@@ -266,12 +266,18 @@ class GraphRunner:
         return state_key(entry.lowering, self.config.load)
 
     def choose_schemes(self, args, states) -> None:
-        """dualscale="auto", dynamic: measure the schemes on this call's rows (the observer
-        graph in float), then keep them: later calls never change the graph."""
-        pending = [st for st in states if st.needs_choice]
+        """Dynamic activations, on the first call: measure the schemes (dualscale="auto") on
+        this call's rows (the observer graph in float) and round by GPTQ on them
+        (weight_rounding="auto"), then keep both: later calls never change the graph or the
+        weights. A calibration running this call gives GPTQ its rows instead, at its end."""
+        pending = [st for st in states if st.first_call_pending]
+        session = calibration.active()
+        calibrating = session is not None and session.owns(args[i] for i in self.weight_positions)
         self._calibrate(args, states, None)
-        for st in pending:
-            if st.sample:   # none when every row was non-finite: choose on a later call
+        for st in pending:   # rounded first: the schemes are measured with the weights that run
+            if st.awaiting_rows and st.base.rounding == GPTQ_FIRST_CALL and not calibrating:
+                st.round_on_first_call()
+            if st.needs_choice and st.sample:   # none when every row was non-finite: choose on a later call
                 st.choose_schemes(torch.cat(st.sample), st.weight())
             st.discard_statistics()
 

@@ -111,7 +111,7 @@ def test_weight_clip_auto_searches_4bit_steps_only(net):
     x = correlated(2, 3)
     clips = {}
     for fmt, clip in (("int8", "auto"), ("w4a8", "auto"), ("w4a8", "absmax")):
-        c = compiled(net, format=fmt, weight_clip=clip)
+        c = compiled(net, format=fmt, weight_clip=clip, weight_rounding="rtn")   # GPTQ moves the weights
         c(x)
         st_a = {st.name: st for st in find(c).quant_states}["a"]
         clips[fmt, clip] = st_a.lowering.weight_clip
@@ -181,7 +181,9 @@ def test_gptq_int8_keeps_the_channel_steps_and_beats_round_to_nearest():
 
 
 @pytest.mark.parametrize("options, rounding", [
-    ({}, "rtn"),                                                   # dynamic: never calibrated
+    ({}, "gptq-first-call"),                                       # dynamic: the first call's rows
+    ({"weight_rounding": "rtn"}, "rtn"),
+    ({"format": "fp8"}, "rtn"),                                    # fp8 rounds by its cast
     ({"activations": "static"}, "gptq"),                          # calibrated anyway: GPTQ
     ({"activations": "static", "weight_rounding": "rtn"}, "rtn"),
     ({"activations": "static", "format": "fp8"}, "rtn"),          # fp8 rounds by its cast
@@ -202,7 +204,7 @@ def test_recalibration_rounds_by_gptq_again(net):
         c(correlated(32, 11))
     first = {st.name: st.packed.clone() for st in find(c).quant_states}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")          # no "re-packed with round-to-nearest"
+        warnings.filterwarnings("error", message=".*re-packed with round-to-nearest")
         with sq.calibrate(c, progress=False, recalibrate=True):
             c(correlated(32, 12) * 3)
     for st in find(c).quant_states:
@@ -226,9 +228,114 @@ def test_gptq_needs_calibration_then_runs_dynamic(net, fmt, batch):
     assert all(st.lowering.rounding == "gptq" and not st.awaiting_rows and st.lowering.activations == "dynamic"
                for st in states)
     assert "gptq" in str(sq.report(c))
-    rtn = compiled(net, format=fmt)(x)
+    rtn = compiled(net, format=fmt, weight_rounding="rtn")(x)
     ref = net(x)
     assert Q.sqnr_db(ref, got) > Q.sqnr_db(ref, rtn)   # the model output, not just one layer
+
+
+# ------------------------------------------------------------------ GPTQ on the first call
+def fresh() -> Net:
+    """Weights of its own: a state is shared by every compile of one weight with one lowering,
+    so the module's `net` has had its first call in an earlier test."""
+    torch.manual_seed(0)
+    return Net().eval().requires_grad_(False)
+
+
+def rounded_by(c) -> dict:
+    return {st.name: st.summary().get("weight_rounding") for st in find(c).quant_states}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w4a8"])
+def test_dynamic_auto_rounds_by_gptq_on_the_first_call_then_keeps_it(fmt):
+    """weight_rounding "auto", dynamic: GPTQ on the first call's rows (damped more), fixed from
+    then on: the first call already runs with them, later calls never re-round, and the model is
+    more faithful than round to nearest on other inputs."""
+    net = fresh()
+    c = compiled(net, format=fmt)
+    first = correlated(64, 11)                        # 1024 rows: 4 per column of the widest K (256)
+    out_first = c(first)
+    packed = {st.name: st.packed.clone() for st in find(c).quant_states}
+    assert set(rounded_by(c).values()) == {"gptq (rows: the first call)"}
+    for st in find(c).quant_states:
+        assert st.lowering.rounding == "gptq-first-call" and not st.awaiting_rows and st.frozen
+        assert not torch.equal(st.packed, Q.pack_weight(st._float_weight(st.weight()).float(), st.lowering)[0])
+    c(correlated(3, 12))                              # another batch: a recompile, no re-rounding
+    assert all(torch.equal(st.packed, packed[st.name]) for st in find(c).quant_states)
+    assert torch.equal(c(first), out_first)           # the first call ran with the weights that stay
+    x = correlated(8, 6)
+    ref = net(x)
+    rtn = compiled(net, format=fmt, weight_rounding="rtn")(x)
+    assert Q.sqnr_db(ref, c(x)) > Q.sqnr_db(ref, rtn)
+
+
+def test_first_call_rounding_saves_and_loads_bit_identically(tmp_path):
+    net = fresh()
+    c = compiled(net)
+    c(correlated(64, 11))
+    x = correlated(4, 5)
+    want, rounding = c(x), rounded_by(c)
+    assert rounding == {n: "gptq (rows: the first call)" for n in "abc"}
+    sq.save(c, tmp_path / "q")
+    other = Net().eval().requires_grad_(False)
+    other.load_state_dict(net.state_dict())       # other tensors: no state shared with `net`
+    loaded = compiled(other, load=str(tmp_path / "q"))
+    assert torch.equal(loaded(x), want)
+    assert rounded_by(loaded) == rounding
+
+
+def test_first_call_damping_is_larger_than_calibrations():
+    """One call's rows are damped more (lowering/gptq.py FIRST_CALL_DAMP); the grid differs."""
+    from segquant_compile.lowering import gptq
+    assert gptq.FIRST_CALL_DAMP > gptq.DAMP
+    torch.manual_seed(0)
+    w, rows = torch.randn(32, 64), correlated(2, 3).reshape(-1, 256)[:, :64]
+    steps = w.abs().amax(dim=1) / 127
+    assert not torch.equal(gptq_int8(w, rows, (0, 64), steps), gptq_int8(w, rows, (0, 64), steps, gptq.FIRST_CALL_DAMP))
+
+
+def test_dynamic_auto_takes_a_calibrations_rows_when_one_comes_first():
+    c = compiled(fresh())
+    with sq.calibrate(c, progress=False):
+        for seed in range(2):
+            c(correlated(16, 30 + seed))
+    assert set(rounded_by(c).values()) == {"gptq (rows: calibration)"}
+    assert all(st.lowering.activations == "dynamic" for st in find(c).quant_states)
+
+
+def test_first_call_gptq_rounds_again_after_a_weight_edit():
+    model = fresh()
+    c = compiled(model)
+    c(correlated(64, 1))
+    with torch.no_grad():
+        model.b.weight.mul_(1.5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*re-packed with round-to-nearest")
+        c(correlated(64, 2))
+    st_b = {st.name: st for st in find(c).quant_states}["b"]
+    assert st_b.rows_source == "the first call" and not st_b.awaiting_rows
+    assert not torch.equal(st_b.packed, Q.pack_weight(model.b.weight.float().t().contiguous().t(), st_b.lowering)[0])
+
+
+def test_first_call_without_finite_rows_rounds_to_nearest_and_says_so():
+    model = torch.nn.Linear(64, 32).eval().requires_grad_(False)
+    c = compiled(model)
+    bad = torch.full((4, 64), float("nan"))
+    with pytest.warns(UserWarning, match="all NaN/Inf: weights rounded to nearest"):
+        out = c(bad)
+    assert torch.isnan(out).all()                     # NaN in, NaN out: never turned finite
+    st, = find(c).quant_states
+    assert torch.equal(st.packed, Q.pack_weight(model.weight.float(), st.lowering)[0])
+    assert rounded_by(c)[st.name] == "rtn (the first call's rows were all NaN/Inf)"
+
+
+def test_first_call_with_too_few_rows_rounds_to_nearest_and_says_so():
+    """GPTQ fitted to fewer rows than 4 per column of a K segment loses to round to nearest on
+    other rows: a call of 2 x 16 rows on K = 256 keeps the weights rounded to nearest."""
+    c = compiled(fresh())
+    c(correlated(2, 1))
+    st_a = {st.name: st for st in find(c).quant_states}["a"]
+    assert torch.equal(st_a.packed, Q.pack_weight(st_a._float_weight(st_a.weight()).float(), st_a.lowering)[0])
+    assert rounded_by(c)["a"] == "rtn (the first call gave 32 rows, fewer than 1024 (4 per column of a K segment))"
 
 
 def test_gptq_site_whose_weight_changes_is_repacked_to_nearest_with_a_warning():
@@ -274,7 +381,7 @@ def test_explain_on_the_meta_device_plans_per_site_formats():
     report = explain(model, **models.example_inputs(model, batch=1),
                      options={"format": "w4a8", "formats": {"*norm1*": "int8", "proj_out": "float"}})
     text = str(report)
-    assert "planned: w4a8 g128" in text and "planned: int8 w per-channel" in text
+    assert "planned: w4a8 g128 gptq" in text and "planned: int8 gptq w per-channel" in text
     assert "float: format 'float' for this site" in text
     assert 4.0 < report.totals()["average_weight_bits"] < 8.0
 

@@ -64,18 +64,84 @@ def test_new_resolution_recompiles_with_the_same_scales():
         assert torch.equal(s.d_x, steps[n]) and s.packed is packed[n]
 
 
-def test_packing_happens_once_per_weight(monkeypatch):
+@pytest.mark.parametrize("rounding", ["rtn", "auto"])
+def test_packing_happens_once_per_weight(monkeypatch, rounding):
+    """Round to nearest: one packing per weight, never again on a recompile. "auto" with
+    dynamic activations: to nearest when the state is made, then by GPTQ on the first call
+    where it had rows enough (4 per column of K)."""
     from segquant_compile.state import QuantState
     calls = []
     original = QuantState.pack
     monkeypatch.setattr(QuantState, "pack", lambda self, w: (calls.append(self.name), original(self, w))[1])
     model = TINY["pixart"]()
-    compiled = torch.compile(model, backend="segquant")
+    compiled = torch.compile(model, backend="segquant", options={"weight_rounding": rounding})
     with torch.no_grad():
-        compiled(**tiny_inputs(model, batch=1))
+        compiled(**tiny_inputs(model, batch=8))
         compiled(**tiny_inputs(model, batch=3))       # new batch: recompile
         compiled(**tiny_inputs(model, batch=5))
-    assert len(calls) == len(set(calls)) == len(sq.report(compiled).states)
+    states = list(sq.report(compiled).states.values())
+    assert len(set(calls)) == len(states)
+    assert all(calls.count(st.name) == 1 + (st.rows_source == "the first call") for st in states)
+    assert any(st.rows_source == "the first call" for st in states) == (rounding == "auto")
+
+
+def test_static_steps_clip_searched_on_calibration_rows(tmp_path):
+    """activation_clip "search" (the default): a range set by a few rows of a larger scale (a
+    sampler's few loud timesteps) is cut to the factor with the best output SQNR on the
+    calibration rows, better on typical inputs too; "absmax" keeps the range as seen. The factor
+    is reported, saved and loaded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval().requires_grad_(False)
+    rows = torch.randn(512, 64)
+    rows[:8] *= 4
+    typical = torch.randn(64, 64)
+    base = {"activations": "static", "weight_rounding": "rtn", "inductor": False}
+    sqnr, states, outs = {}, {}, {}
+    for clip in ("search", "absmax"):
+        torch._dynamo.reset()
+        c = torch.compile(model, backend="segquant", options={**base, "activation_clip": clip})
+        with sq.calibrate(c, progress=False):
+            c(rows)
+        (states[clip],) = sq.report(c).states.values()
+        outs[clip] = c(typical)
+        sqnr[clip] = sqnr_db(model(typical), outs[clip])
+        if clip == "search":
+            sq.save(c, tmp_path / "q")
+    assert states["search"].act_clip < 1 and states["absmax"].act_clip is None
+    assert float(states["search"].d_x.max()) < float(states["absmax"].d_x.max())
+    assert sqnr["search"] > sqnr["absmax"] + 0.5, sqnr
+    assert states["search"].summary()["activation_clip"] == states["search"].act_clip
+    with pytest.raises(ValueError, match="activation_clip"):
+        sq.QuantConfig.from_options({"activation_clip": "mse"})
+    torch._dynamo.reset()
+    fresh = nn.Sequential(nn.Linear(64, 32)).eval().requires_grad_(False)
+    fresh.load_state_dict(model.state_dict())   # other tensors: no state shared with `model`
+    loaded = torch.compile(fresh, backend="segquant", options={**base, "load": str(tmp_path / "q")})
+    assert torch.equal(loaded(typical), outs["search"])
+    (state,) = sq.report(loaded).states.values()
+    assert state.act_clip == states["search"].act_clip
+
+
+def test_a_second_compile_of_calibrated_weights_never_ignores_its_calibration():
+    """States are shared by weight and options: a new compile of calibrated weights, calibrated
+    again, raises instead of keeping the old steps in silence; recalibrate=True takes the new rows."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).eval().requires_grad_(False)
+    options = {"activations": "static", "weight_rounding": "rtn", "inductor": False}
+    first = torch.compile(lin, backend="segquant", options=options)
+    with sq.calibrate(first, progress=False):
+        first(torch.randn(64, 64))
+    torch._dynamo.reset()
+    second = torch.compile(lin, backend="segquant", options=options)
+    with pytest.raises(RuntimeError, match="earlier compile of the same weights"):
+        with sq.calibrate(second, progress=False):
+            second(torch.randn(64, 64) * 10)
+    (before,) = sq.report(second).states.values()
+    step = before.d_x.clone()
+    with sq.calibrate(second, progress=False, recalibrate=True):
+        second(torch.randn(64, 64) * 10)
+    (after,) = sq.report(second).states.values()
+    assert float(after.d_x.max()) > 5 * float(step.max())
 
 
 def test_calibration_steps_freeze_automatically():
@@ -97,9 +163,10 @@ def test_calibrate_errors():
     with pytest.raises(TypeError, match="inductor"):
         with sq.calibrate(torch.compile(Two(), backend="inductor")):
             pass
-    with pytest.raises(ValueError, match="static"):
-        with sq.calibrate(torch.compile(Two(), backend="segquant")):
-            pass
+    for options in ({"weight_rounding": "rtn"}, {"format": "fp8"}):   # dynamic: nothing to calibrate
+        with pytest.raises(ValueError, match="need no calibration"):
+            with sq.calibrate(torch.compile(Two(), backend="segquant", options=options)):
+                pass
     compiled = torch.compile(Two(), backend="segquant", options={"activations": "static", "inductor": False})
     with pytest.raises(RuntimeError, match="need calibration before use"):
         compiled(torch.randn(3, 8))

@@ -381,6 +381,26 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     assert not state.sample and state.rows_seen == 0
 
 
+def test_calibration_rows_are_the_same_every_run():
+    """One call of more rows than the reservoir draws several rows for one slot: the last one
+    holds it, every run (an index_put with repeated indices kept any one; first-call GPTQ then
+    rounded the same model differently from one compile to the next)."""
+    from segquant_compile.passes.lowering import lower_site
+    from segquant_compile.state import GPTQ_ROWS, QuantState
+    model = Two()
+    site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
+    config = sq.QuantConfig.from_options({"activations": "static"})
+    weight = dict(model.named_parameters())[site.weight]
+    x = torch.arange(3 * GPTQ_ROWS, dtype=torch.float32)[:, None].expand(-1, site.in_features)
+    samples = []
+    for _ in range(3):
+        state = QuantState(site, lower_site(site, config), weight)
+        state.observe(x)
+        samples.append(torch.cat(state.sample))
+    assert all(torch.equal(samples[0], s) for s in samples[1:])
+    assert len(samples[0][:, 0].unique()) == GPTQ_ROWS   # distinct rows: no slot written twice over
+
+
 def test_explains_do_not_use_up_the_recompile_limit_of_a_later_compile():
     """Each explain() compiles with a backend of its own; with torch's recompile regions (2.13)
     those entries never push the user's compile of the same model past the limit into eager."""
