@@ -37,12 +37,15 @@ def compiled(options, static=False):
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_asymmetric_beats_symmetric_on_one_sided_inputs(static):
+    """The schemes on the calibrated ranges as seen; a clip-searched range (the static default)
+    narrows the gap, asymmetric still ahead."""
     x = rows(1)
     with torch.no_grad():
-        m, sym = compiled({"dualscale": False}, static)
-        _, asym = compiled({"dualscale": False, "asymmetric": True}, static)
-        db_sym, db_asym = sqnr_db(m(x), sym(x)), sqnr_db(m(x), asym(x))
-    assert db_asym > db_sym + 1.0
+        for clip, margin in (("absmax", 1.0), ("search", 0.0)):
+            m, sym = compiled({"dualscale": False, "activation_clip": clip}, static)
+            _, asym = compiled({"dualscale": False, "asymmetric": True, "activation_clip": clip}, static)
+            db_sym, db_asym = sqnr_db(m(x), sym(x)), sqnr_db(m(x), asym(x))
+            assert db_asym > db_sym + margin, (clip, db_sym, db_asym)
     st = sq.report(asym).states["down"]
     assert st.lowering.schemes == ("asymmetric",) and st.lowering.variant == "int8-asym"
     if static:
