@@ -149,8 +149,7 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
         raise TypeError(f"segquant_compile.calibrate(): {e}; compile with "
                         f"options={{'activations': 'static'}}") from None
     config = found.config
-    if config is not None and config.activations != "static" and (
-            config.weight_rounding == "rtn" or all(f == "fp8" for f in (config.format, *(f for _, f in config.formats)))):
+    if config is not None and config.activations != "static" and (config.weight_rounding == "rtn" or config.only_fp8):
         raise ValueError("segquant_compile.calibrate() collects static activation steps and GPTQ's rows; "
                          "compile with options={'activations': 'static'} or weight_rounding 'gptq' or 'auto' "
                          "with integer weights (dynamic activations with weights rounded to nearest or fp8 "

@@ -102,6 +102,11 @@ class QuantConfig:
             config = dataclasses.replace(config, formats=_allocated(config))
         return config
 
+    @property
+    def only_fp8(self) -> bool:
+        """Every format asked is fp8: no integer weight for GPTQ to round."""
+        return all(f == "fp8" for f in (self.format, *(f for _, f in self.formats)))
+
     def validate(self) -> None:
         _choice("format", self.format, FORMATS)
         for pair in self.formats:
@@ -138,7 +143,7 @@ class QuantConfig:
         _choice("mode", self.mode, MODES)
         if self.dualscale not in (True, False, "auto"):
             raise ValueError(f"option 'dualscale' must be True, False or 'auto', got {self.dualscale!r}")
-        if self.weight_rounding == "gptq" and all(f == "fp8" for f in (self.format, *(f for _, f in self.formats))):
+        if self.weight_rounding == "gptq" and self.only_fp8:
             raise ValueError("weight_rounding 'gptq' rounds integer weights (int8, w4a8, the weight-only "
                              "formats); fp8 weights round by the cast")
         if self.format == "fp8" and self.asymmetric:   # fp8 "auto" chooses between symmetric and DualScale

@@ -17,7 +17,7 @@ import torch
 
 from segquant_compile import calibration
 from segquant_compile.config import QuantConfig
-from segquant_compile.lowering.site_lowering import GPTQ_FIRST_CALL, KeptFloat, SiteLowering
+from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
 from segquant_compile.passes import LinearSite, Plan
 from segquant_compile.passes.lowering import lower_site
 from segquant_compile.passes.rewrite import convert, prepare
@@ -275,7 +275,7 @@ class GraphRunner:
         calibrating = session is not None and session.owns(args[i] for i in self.weight_positions)
         self._calibrate(args, states, None)
         for st in pending:   # rounded first: the schemes are measured with the weights that run
-            if st.awaiting_rows and st.base.rounding == GPTQ_FIRST_CALL and not calibrating:
+            if st.awaiting_first_call and not calibrating:
                 st.round_on_first_call()
             if st.needs_choice and st.sample:   # none when every row was non-finite: choose on a later call
                 st.choose_schemes(torch.cat(st.sample), st.weight())

@@ -92,8 +92,8 @@ class QuantState:
         self.awaiting_rows = lowering.gptq
         self.rows_source: str | None = None      # where GPTQ's rows came from (the report)
         self.nearest_note: str | None = None     # why a first-call GPTQ site rounds to nearest
-        self._gptq_rows: Tensor | None = None    # set only while freeze() or the first call re-packs
-        self._gptq_damp = DAMP
+        # (rows, damping), set only while freeze() or the first call re-packs
+        self._gptq_rows: tuple[Tensor, float] | None = None
         self._lock = threading.Lock()
         self.pack(weight)
 
@@ -126,11 +126,15 @@ class QuantState:
         return self.base.static or self.base.gptq
 
     @property
+    def awaiting_first_call(self) -> bool:
+        """GPTQ's rounding waits for the first call's rows (weight_rounding="auto", dynamic)."""
+        return self.awaiting_rows and self.base.rounding == GPTQ_FIRST_CALL
+
+    @property
     def first_call_pending(self) -> bool:
         """Dynamic, with something decided on the first call's rows still to decide: the
         schemes (dualscale="auto"), GPTQ's rounding (weight_rounding="auto")."""
-        return not self.base.static and (self.needs_choice or
-                                         (self.awaiting_rows and self.base.rounding == GPTQ_FIRST_CALL))
+        return not self.base.static and (self.needs_choice or self.awaiting_first_call)
 
     # ------------------------------------------------------------------ weights
     @property
@@ -176,11 +180,13 @@ class QuantState:
         """(grid [K, N], steps) of the (smoothed) weight, rounded by GPTQ on the calibration rows
         (divided by the smoothing factors, as the GEMM sees them)."""
         from segquant_compile.lowering.gptq import gptq_int4, gptq_int8
-        rows = self._gptq_rows / self.smooth if self.smooth is not None else self._gptq_rows
+        rows, damp = self._gptq_rows
+        if self.smooth is not None:
+            rows = rows / self.smooth
         if lo.group_size is not None:
-            return gptq_int4(w, rows, lo.k_bounds, lo.g_bounds, lo.weight_clip, self._gptq_damp)
+            return gptq_int4(w, rows, lo.k_bounds, lo.g_bounds, lo.weight_clip, damp)
         steps = Q.weight_steps(w, lo.out_bounds, Q.grid(lo.format), lo.weight_clip)
-        return gptq_int8(w, rows, lo.k_bounds, steps, self._gptq_damp), steps
+        return gptq_int8(w, rows, lo.k_bounds, steps, damp), steps
 
     def round_on_first_call(self) -> None:
         """weight_rounding="auto" with dynamic activations: GPTQ on the first call's rows (damped
@@ -199,11 +205,11 @@ class QuantState:
                                  f"({FIRST_CALL_ROWS_PER_K} per column of a K segment)")
             return
         weight = self.weight()
-        self._gptq_rows, self._gptq_damp = rows.to(weight.device), FIRST_CALL_DAMP
+        self._gptq_rows = (rows.to(weight.device), FIRST_CALL_DAMP)
         try:
             self.pack(weight)
         finally:
-            self._gptq_rows, self._gptq_damp = None, DAMP
+            self._gptq_rows = None
         self.rows_source = "the first call"
 
     @property
@@ -311,7 +317,7 @@ class QuantState:
 
     def reset_calibration(self) -> None:
         """Forget statistics and steps (recalibrate, or a calibration that raised)."""
-        self.pos_max = self.neg_max = self.d_x = self.d_neg = self.zp = self.sqnr = None
+        self.pos_max = self.neg_max = self.d_x = self.d_neg = self.zp = self.sqnr = self.act_clip = None
         self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
         # GPTQ rounds again, on the new rows
         self.awaiting_rows, self.rows_source, self.nearest_note = self.base.gptq, None, None
@@ -319,7 +325,6 @@ class QuantState:
             self.chosen = self.candidates = None
         if self.smooth is not None or self.dynamic_note is not None:
             self.smooth, self.alpha, self.dynamic_note = None, None, None
-            self.act_clip = None
             self.pack(self.weight())
 
     def discard_statistics(self) -> None:
@@ -343,7 +348,7 @@ class QuantState:
         rows = torch.cat(self.sample)
         gptq = self.awaiting_rows
         if gptq:   # the packings below round by GPTQ (SmoothQuant's search excepted)
-            self._gptq_rows = rows.to(weight.device)
+            self._gptq_rows = (rows.to(weight.device), DAMP)
         try:
             self._freeze_steps(weight, rows)
             self.awaiting_rows = False
@@ -385,12 +390,13 @@ class QuantState:
         else:
             self._set_smooth(weight, float(smooth))
         if self.lowering.static and self.lowering.activation_clip == "search":
-            self._search_activation_clip(weight, rows)
-        self.sqnr = self._sqnr(weight, rows)
+            self.sqnr = self._search_activation_clip(weight, rows)
+        else:
+            self.sqnr = self._sqnr(weight, rows)
 
-    def _search_activation_clip(self, weight: Tensor, rows: Tensor) -> None:
+    def _search_activation_clip(self, weight: Tensor, rows: Tensor) -> float:
         """One factor per site (ACT_CLIP_GRID or 1) scaling every segment's calibrated range,
-        the best site output SQNR on the calibration rows; values beyond saturate."""
+        the best site output SQNR on the calibration rows (returned); values beyond saturate."""
         pos, neg = self._segment_ranges(self.smooth)
         best = (self._sqnr(weight, rows), 1.0)
         for c in ACT_CLIP_GRID:
@@ -400,6 +406,7 @@ class QuantState:
                 best = (score, c)
         self._set_static_steps(pos * best[1], neg * best[1])
         self.act_clip = best[1]
+        return best[0]
 
     def _segment_ranges(self, s: Tensor | None) -> tuple[Tensor, Tensor]:
         pos, neg = (self.pos_max, self.neg_max) if s is None else (self.pos_max / s, self.neg_max / s)
