@@ -72,15 +72,20 @@ CONFIGS = {
     "all-sites": ("segquant min_k=0 (every site)", "segquant", {"min_k": 0}),
     "groups32": ("segquant activation groups of 32", "segquant", {"activation_group_size": 32}),
     "groups16": ("segquant activation groups of 16", "segquant", {"activation_group_size": 16}),
+    # static SmoothQuant: "auto" (the default) is "search" there; the default before it, none
     "static-smooth": ("segquant static, SmoothQuant searched", "segquant", {"activations": "static", "smooth": "search"}),
-    "static-smooth-absmax": ("segquant static, SmoothQuant searched, ranges unclipped", "segquant",
-                             {"activations": "static", "smooth": "search", "activation_clip": "absmax"}),
+    "static-unsmoothed": ("segquant static, no SmoothQuant", "segquant", {"activations": "static", "smooth": None}),
     "static-groups32": ("segquant static, activation groups of 32", "segquant",
                         {"activations": "static", "activation_group_size": 32}),
-    "static-smooth-groups16": ("segquant static, SmoothQuant searched, activation groups of 16", "segquant",
-                               {"activations": "static", "smooth": "search", "activation_group_size": 16}),
-    # int8 weights rounded by GPTQ on the calibration runs' rows (weights hold most of the error)
-    "gptq": ("segquant dynamic, GPTQ weights", "segquant", {"weight_rounding": "gptq"}),
+    "static-groups16": ("segquant static, activation groups of 16", "segquant",
+                        {"activations": "static", "activation_group_size": 16}),
+    # SmoothQuant with dynamic activations: alpha searched per site on the first call's rows
+    "dynamic-smooth": ("segquant dynamic, SmoothQuant searched on the first call", "segquant", {"smooth": "search"}),
+    "dynamic-smooth-rtn": ("segquant dynamic, SmoothQuant searched on the first call, weights rounded to nearest",
+                           "segquant", {"smooth": "search", "weight_rounding": "rtn"}),
+    # calibrated dynamic: int8 weights rounded by GPTQ on the calibration runs' rows (weights hold
+    # most of the error), SmoothQuant searched on them (smooth "auto")
+    "gptq": ("segquant dynamic, calibrated (GPTQ weights, SmoothQuant)", "segquant", {"weight_rounding": "gptq"}),
     # the sites torchao quantizes: nn.MultiheadAttention's in_proj is a bare parameter, not an nn.Linear
     "torchao-sites": ("segquant dynamic default, torchao's sites", "segquant", {"skip": ["*.in_proj"]}),
     "torchao-sites-rtn": ("segquant dynamic rtn, torchao's sites", "segquant",

@@ -77,7 +77,7 @@ class SiteLowering:
     smooth: float | str | None = None    # SmoothQuant alpha or "search" (static only): a divisor per channel
     auto: bool = False                   # schemes measured on real rows (dualscale="auto")
     weight_clip: str = "absmax"          # weight steps from absmax, or clip-searched ("mse")
-    activation_clip: str | None = None   # static: "absmax" | "search" (ACT_CLIP_GRID, state.py); None: dynamic
+    activation_clip: str | None = None   # static: "absmax" | "search" | "auto" (state.py); None: dynamic
     heads: int | None = None             # head segments merged into these K segments (head_groups)
     act_groups: int | None = None        # segments cut into activation groups of this size (their own steps)
     # kernel choices for one traced shape: they change no number, so two lowerings that differ

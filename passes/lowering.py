@@ -122,13 +122,14 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     if device == "cpu" and not conv and fmt != "fp8":
         cpu = cpu_gemm() if fmt == "int8" else "fp32"
     # a conv's smoothing divisor would differ per tap of one channel: SmoothQuant stays off there
-    note = "SmoothQuant is not applied to conv sites" if conv and static and config.smooth is not None else None
+    note = "SmoothQuant is not applied to conv sites" if conv and not weight_only and config.smooth not in (
+        None, "auto") else None
     grouped = fmt in GROUPED
     rounding = weight_rounding(config.weight_rounding, config.activations, fmt)
     weights = config.weights if not grouped else "per-group"
     return SiteLowering(format=fmt, activations=activations, weights=weights,
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds if not grouped else None,
-                        smooth=config.smooth if static and not conv else None,
+                        smooth=config.smooth if not (conv or weight_only) else None,
                         auto=config.dualscale == "auto" and not weight_only,
                         weight_clip=weight_clip(config.weight_clip, grouped), heads=heads,
                         activation_clip=config.activation_clip if static else None,

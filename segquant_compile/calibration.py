@@ -149,11 +149,12 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
         raise TypeError(f"segquant_compile.calibrate(): {e}; compile with "
                         f"options={{'activations': 'static'}}") from None
     config = found.config
-    if config is not None and config.activations != "static" and (config.weight_rounding == "rtn" or config.only_fp8):
-        raise ValueError("segquant_compile.calibrate() collects static activation steps and GPTQ's rows; "
-                         "compile with options={'activations': 'static'} or weight_rounding 'gptq' or 'auto' "
-                         "with integer weights (dynamic activations with weights rounded to nearest or fp8 "
-                         "need no calibration)")
+    if config is not None and config.activations != "static" and config.smooth is None and (
+            config.weight_rounding == "rtn" or config.only_fp8):
+        raise ValueError("segquant_compile.calibrate() collects static activation steps, GPTQ's rows and "
+                         "SmoothQuant's ranges; compile with options={'activations': 'static'}, weight_rounding "
+                         "'gptq' or 'auto' with integer weights, or 'smooth' (dynamic activations with weights "
+                         "rounded to nearest or fp8 and no smoothing need no calibration)")
     if _ACTIVE:
         raise RuntimeError("segquant_compile.calibrate() is already running (calibrating twice)")
     mine = found.quant_states

@@ -31,10 +31,11 @@ class QuantConfig:
     weight_rounding: str = "auto"
     activations: str = "dynamic"
     weights: str = "per-channel"
-    # SmoothQuant (static only): alpha, "search" (per site, by SQNR on calibration rows) or None.
-    # "search" won on both real models (DiT +1.7 dB, ViT +2.7 dB, GPTQ weights) but lost 2.6 dB on the
-    # demo's random SD3 calibrated on 4 inputs (alpha chosen on the rows it is scored on): not the default
-    smooth: float | str | None = None
+    # SmoothQuant: alpha, "search" (per site, alpha or none by the SQNR on rows: a calibration's,
+    # else the first call's), None, or "auto" (the default): "search" where a calibration gives the
+    # ranges, none from one call (static default DiT +2.2 dB, ViT +2.7 dB; dynamic from a first call
+    # DiT -1.4 dB: its rows at sigma 80 leave later steps' channels unseen; bench/results/fidelity_smooth.json)
+    smooth: float | str | None = "auto"
     seglinear: bool = True
     # at most this many input segments from a head merge (adjacent heads share a step): fewer
     # segment GEMMs on the int8 CPU form; None keeps one segment per head
@@ -54,9 +55,11 @@ class QuantConfig:
     # "absmax", "mse" (clip-searched weight steps), or "auto": absmax for 8-bit weights, mse for
     # 4-bit (w4a8 round-to-nearest: DiT +0.65 dB, ViT +1.2 dB; int8: no gain on both models)
     weight_clip: str = "auto"
-    # static steps: "search" (the default) scales each site's calibrated range by the factor in
-    # 1, 0.9 .. 0.5 whose output SQNR on the calibration rows is best; "absmax": the range as seen
-    activation_clip: str = "search"
+    # static steps: "search" scales each site's calibrated range by the factor in 1, 0.9 .. 0.5
+    # whose output SQNR on the calibration rows is best; "absmax": the range as seen; "auto" (the
+    # default): "search" where SmoothQuant left the site unsmoothed (with smoothing the search lost
+    # on both real models: DiT 45.44 -> 45.06 dB, ViT 46.44 -> 45.98; without it, it won)
+    activation_clip: str = "auto"
     dualscale_activations: tuple[str, ...] = ("silu", "gelu")
     skip: tuple[str, ...] = ()
     inductor: bool = True
@@ -139,7 +142,7 @@ class QuantConfig:
         _choice("activations", self.activations, ACTIVATION_MODES)
         _choice("weights", self.weights, WEIGHT_MODES)
         _choice("weight_clip", self.weight_clip, ("auto", "absmax", "mse"))
-        _choice("activation_clip", self.activation_clip, ("absmax", "search"))
+        _choice("activation_clip", self.activation_clip, ("absmax", "search", "auto"))
         _choice("mode", self.mode, MODES)
         if self.dualscale not in (True, False, "auto"):
             raise ValueError(f"option 'dualscale' must be True, False or 'auto', got {self.dualscale!r}")
@@ -151,15 +154,13 @@ class QuantConfig:
         for key in ("seglinear", "convs", "inductor", "release_float_weights", "asymmetric"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"option {key!r} must be True or False, got {getattr(self, key)!r}")
-        if self.smooth not in (None, "search") and not (
+        if self.smooth not in (None, "search", "auto") and not (
                 isinstance(self.smooth, (int, float)) and not isinstance(self.smooth, bool)
                 and 0.0 <= self.smooth <= 1.0):
-            raise ValueError(f"option 'smooth' must be None, 'search' or a float in [0, 1], got {self.smooth!r}")
+            raise ValueError(f"option 'smooth' must be None, 'auto', 'search' or a float in [0, 1], got "
+                             f"{self.smooth!r}")
         for act in self.dualscale_activations:
             _choice("dualscale_activations", act, tuple(ACTIVATIONS))
-        if self.smooth is not None and self.activations != "static":
-            raise ValueError("option 'smooth' needs activations='static': SmoothQuant's factors come from "
-                             "calibrated per-channel ranges")
         if self.calibration_steps is not None and not (isinstance(self.calibration_steps, int)
                                                        and self.calibration_steps > 0):
             raise ValueError(f"option 'calibration_steps' must be a positive int, got {self.calibration_steps!r}")

@@ -67,7 +67,8 @@ def save(compiled, path) -> Path:
                           "candidates": st.candidates, "fingerprint": st.fingerprint,
                           "bias_fingerprint": fingerprint(params.get(_bias_name(weight_name))),
                           "smooth_alpha": st.alpha, "sqnr_db": st.sqnr, "activation_clip": st.act_clip,
-                          "gptq_rows": st.rows_source, "nearest_note": st.nearest_note}
+                          "gptq_rows": st.rows_source, "nearest_note": st.nearest_note,
+                          "smooth_note": st.smooth_note}
     options = dataclasses.asdict(found.config) if found.config is not None else {}
     manifest = {"format_version": FORMAT_VERSION, "torch": torch.__version__,
                 "options": {k: v for k, v in options.items() if k not in ("load",)}, "sites": sites}
@@ -159,4 +160,6 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
     state.alpha, state.sqnr = entry.get("smooth_alpha"), entry.get("sqnr_db")
     state.act_clip = entry.get("activation_clip")
     state.rows_source, state.nearest_note = entry.get("gptq_rows"), entry.get("nearest_note")
+    state.smooth_note = entry.get("smooth_note")
     state.awaiting_rows = False   # the saved packing is the calibrated one (GPTQ included)
+    state.smooth_pending = False  # and its smoothing factors (saved, or none)

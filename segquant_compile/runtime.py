@@ -269,13 +269,17 @@ class GraphRunner:
         """Dynamic activations, on the first call: measure the schemes (dualscale="auto") on
         this call's rows (the observer graph in float) and round by GPTQ on them
         (weight_rounding="auto"), then keep both: later calls never change the graph or the
-        weights. A calibration running this call gives GPTQ its rows instead, at its end."""
-        pending = [st for st in states if st.first_call_pending]
+        weights. A calibration running this call decides all of it instead, at its freeze, on
+        every call's rows (deciding here would discard the rows it collected before)."""
         session = calibration.active()
-        calibrating = session is not None and session.owns(args[i] for i in self.weight_positions)
+        if session is not None and session.owns(args[i] for i in self.weight_positions):
+            return
+        pending = [st for st in states if st.first_call_pending]
         self._calibrate(args, states, None)
-        for st in pending:   # rounded first: the schemes are measured with the weights that run
-            if st.awaiting_first_call and not calibrating:
+        for st in pending:   # smoothed, rounded, then the schemes measured with the weights that run
+            if st.smooth_pending:
+                st.smooth_on_first_call()
+            if st.awaiting_first_call:
                 st.round_on_first_call()
             if st.needs_choice and st.sample:   # none when every row was non-finite: choose on a later call
                 st.choose_schemes(torch.cat(st.sample), st.weight())

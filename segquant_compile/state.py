@@ -3,6 +3,7 @@ steps, calibration statistics), shared by every graph, graph break and recompile
 that weight. The Registry finds states by weight tensor (weakly: a state dies with its weight)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import warnings
@@ -57,6 +58,17 @@ def probe(weight: Tensor) -> Tensor:
     return flat[step // 2::step][:PROBES]
 
 
+def smoothing_factors(amax_x: Tensor, amax_w: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant's per-channel divisors amax_x^alpha / amax_w^(1 - alpha), raised to at least
+    the median over the channels seen active: only loud channels are divided down. A channel the
+    observed rows left quiet or at zero (a ReLU unit the first call never fired) would otherwise
+    be multiplied up to 1e5x, and once it fires set the token's step by itself (MNIST DiT, first
+    call at sigma 80: 44.7 -> 18.9 dB)."""
+    s = amax_x.clamp(min=1e-5).pow(alpha) / amax_w.clamp(min=1e-5).pow(1 - alpha)
+    active = amax_x > 1e-3 * amax_x.max()
+    return torch.maximum(s, s[active].median()) if active.any() else torch.ones_like(s)
+
+
 class FloatWeightsReleased(RuntimeError):
     """The float copy of a quantized weight was freed (release_float_weights=True)."""
 
@@ -74,11 +86,16 @@ class QuantState:
         self.smooth: Tensor | None = None
         self.alpha: float | None = None
         self.act_clip: float | None = None       # static: the factor of the calibrated range kept
+        # SmoothQuant's factors wait for ranges: calibration's, or with dynamic activations the first call's
+        self.smooth_pending = lowering.smooth is not None
+        self.smooth_note: str | None = None      # why a site to smooth on its first call was not
         # calibration statistics, per input channel: positive and negative maxima
         self.pos_max: Tensor | None = None
         self.neg_max: Tensor | None = None
         self.sample: list[Tensor] = []          # calibration rows: a uniform sample over all calls
         self._reservoir: Tensor | None = None
+        self._row_calls: Tensor | None = None   # the call each reservoir row came from
+        self._even_max: tuple[Tensor, Tensor] | None = None   # (pos, neg) maxima of even-numbered calls
         self.rows_seen = 0
         self.observed_calls = 0
         self.d_x: Tensor | None = None
@@ -109,12 +126,14 @@ class QuantState:
             lowering = lowering.with_schemes(self.chosen, "schemes measured (dualscale='auto')")
         if self.dynamic_note is not None:
             lowering = lowering.as_dynamic(self.dynamic_note)
+        if lowering.smooth is not None and self.smooth is None:   # no factors (yet, or searched to none):
+            lowering = dataclasses.replace(lowering, smooth=None)   # no divisor input in the graph
         return lowering
 
     @property
     def decided(self) -> tuple:
         """What changes the compiled graph: the key of a runner's converted graphs."""
-        return self.chosen, self.dynamic_note
+        return self.chosen, self.dynamic_note, self.smooth is not None
 
     @property
     def needs_choice(self) -> bool:
@@ -122,8 +141,8 @@ class QuantState:
 
     @property
     def calibrated_by_rows(self) -> bool:
-        """Calibration sets something here: static steps, or GPTQ's rounding."""
-        return self.base.static or self.base.gptq
+        """Calibration sets something here: static steps, GPTQ's rounding, SmoothQuant's factors."""
+        return self.base.static or self.base.gptq or self.base.smooth is not None
 
     @property
     def awaiting_first_call(self) -> bool:
@@ -133,14 +152,15 @@ class QuantState:
     @property
     def first_call_pending(self) -> bool:
         """Dynamic, with something decided on the first call's rows still to decide: the
-        schemes (dualscale="auto"), GPTQ's rounding (weight_rounding="auto")."""
-        return not self.base.static and (self.needs_choice or self.awaiting_first_call)
+        schemes (dualscale="auto"), GPTQ's rounding (weight_rounding="auto"), SmoothQuant's factors."""
+        return not self.base.static and (self.needs_choice or self.awaiting_first_call or self.smooth_pending)
 
     # ------------------------------------------------------------------ weights
     @property
     def frozen(self) -> bool:
         """Ready to run quantized: dynamic, or static with steps."""
-        return (not self.lowering.static or self.d_x is not None) and not self.awaiting_rows
+        return (not self.lowering.static or self.d_x is not None) and not self.awaiting_rows \
+            and not self.smooth_pending
 
     def _float_weight(self, weight: Tensor) -> Tensor:
         w = weight.detach()
@@ -188,6 +208,31 @@ class QuantState:
         steps = Q.weight_steps(w, lo.out_bounds, Q.grid(lo.format), lo.weight_clip)
         return gptq_int8(w, rows, lo.k_bounds, steps, damp), steps
 
+    def smooth_on_first_call(self) -> None:
+        """SmoothQuant with dynamic activations: the factors (alpha searched, or given) from the
+        first call's per-channel ranges and rows, then fixed like its schemes. Chosen on weights
+        rounded to nearest, before GPTQ rounds them (as at a calibration's freeze). smooth="auto"
+        leaves the site unsmoothed: one call's ranges miss the channels later calls use."""
+        self.smooth_pending = False
+        if self.base.smooth == "auto":   # smoothed from a calibration's ranges only
+            return
+        if not self.sample:
+            self.smooth_note = "the first call's rows were all NaN/Inf"
+            return
+        rows = torch.cat(self.sample)
+        self.smooth_note = self._too_few_rows(rows)
+        if self.smooth_note is None:
+            self._choose_smooth(self.weight(), rows)
+
+    def _too_few_rows(self, rows: Tensor) -> str | None:
+        """Why one call's rows are too few to fit to (FIRST_CALL_ROWS_PER_K), or None."""
+        kb = self.base.k_bounds
+        need = FIRST_CALL_ROWS_PER_K * max(b - a for a, b in zip(kb[:-1], kb[1:]))
+        if len(rows) < need:
+            return (f"the first call gave {len(rows)} rows, fewer than {need} "
+                    f"({FIRST_CALL_ROWS_PER_K} per column of a K segment)")
+        return None
+
     def round_on_first_call(self) -> None:
         """weight_rounding="auto" with dynamic activations: GPTQ on the first call's rows (damped
         more: lowering/gptq.py FIRST_CALL_DAMP), then fixed like the schemes chosen there. A site
@@ -198,11 +243,9 @@ class QuantState:
             self.nearest_note = "the first call's rows were all NaN/Inf"
             warnings.warn(f"segquant: {self.name}: {self.nearest_note}: weights rounded to nearest", stacklevel=3)
             return
-        rows, kb = torch.cat(self.sample), self.base.k_bounds
-        need = FIRST_CALL_ROWS_PER_K * max(b - a for a, b in zip(kb[:-1], kb[1:]))
-        if len(rows) < need:
-            self.nearest_note = (f"the first call gave {len(rows)} rows, fewer than {need} "
-                                 f"({FIRST_CALL_ROWS_PER_K} per column of a K segment)")
+        rows = torch.cat(self.sample)
+        self.nearest_note = self._too_few_rows(rows)
+        if self.nearest_note is not None:
             return
         weight = self.weight()
         self._gptq_rows = (rows.to(weight.device), FIRST_CALL_DAMP)
@@ -275,6 +318,10 @@ class QuantState:
         with self._lock:
             self.pos_max = pos if self.pos_max is None else torch.maximum(self.pos_max, pos)
             self.neg_max = neg if self.neg_max is None else torch.maximum(self.neg_max, neg)
+            if self.observed_calls % 2 == 0:
+                even = self._even_max
+                self._even_max = (pos, neg) if even is None else (torch.maximum(even[0], pos),
+                                                                  torch.maximum(even[1], neg))
             self._keep_rows(x2, GPTQ_ROWS if self.awaiting_rows else SAMPLE_ROWS)
             self.observed_calls += 1
 
@@ -285,10 +332,12 @@ class QuantState:
         seen, n = self.rows_seen, len(x2)
         if self._reservoir is None:
             self._reservoir = torch.empty((limit, x2.shape[1]))
+            self._row_calls = torch.full((limit,), -1, dtype=torch.long)
         g = torch.Generator().manual_seed(self.observed_calls)
         x2 = x2[torch.randperm(n, generator=g)].cpu()   # which rows fill the free slots: random too
         fill = min(n, max(0, limit - seen))
         self._reservoir[seen:seen + fill] = x2[:fill]
+        self._row_calls[seen:seen + fill] = self.observed_calls
         if n > fill:   # row number i replaces a random slot with probability limit / (i + 1)
             slot = (torch.rand(n - fill, generator=g, dtype=torch.float64)
                     * torch.arange(seen + fill + 1, seen + n + 1, dtype=torch.float64)).long()
@@ -299,6 +348,7 @@ class QuantState:
             last = torch.full((limit,), -1, dtype=torch.long).scatter_reduce_(0, slot[kept], order, "amax")
             filled = last >= 0
             self._reservoir[filled] = x2[fill:][last[filled]]
+            self._row_calls[filled] = self.observed_calls
         self.rows_seen = seen + n
         self.sample = [self._reservoir[:min(self.rows_seen, limit)]]
 
@@ -319,10 +369,12 @@ class QuantState:
         """Forget statistics and steps (recalibrate, or a calibration that raised)."""
         self.pos_max = self.neg_max = self.d_x = self.d_neg = self.zp = self.sqnr = self.act_clip = None
         self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
+        self._row_calls = self._even_max = None
         # GPTQ rounds again, on the new rows
         self.awaiting_rows, self.rows_source, self.nearest_note = self.base.gptq, None, None
         if self.base.static:
             self.chosen = self.candidates = None
+        self.smooth_pending, self.smooth_note = self.base.smooth is not None, None
         if self.smooth is not None or self.dynamic_note is not None:
             self.smooth, self.alpha, self.dynamic_note = None, None, None
             self.pack(self.weight())
@@ -331,6 +383,7 @@ class QuantState:
         """Drop what a calibration collected, keeping steps frozen before it."""
         self.pos_max = self.neg_max = None
         self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
+        self._row_calls = self._even_max = None
 
     def weight(self) -> Tensor:
         """The float weight this state was packed from (held weakly: the state dies with it)."""
@@ -351,7 +404,7 @@ class QuantState:
             self._gptq_rows = (rows.to(weight.device), DAMP)
         try:
             self._freeze_steps(weight, rows)
-            self.awaiting_rows = False
+            self.awaiting_rows = self.smooth_pending = False
             if gptq:
                 self.rows_source = "calibration"
         finally:
@@ -371,28 +424,52 @@ class QuantState:
             return
         if self.base.auto and (self.base.static or self.chosen is None):   # dynamic: chosen on its first call
             self.choose_schemes(rows, weight)
-        smooth = self.lowering.smooth
+        if self.smooth_pending or self.lowering.static:   # dynamic: smoothed on its first call
+            self._choose_smooth(weight, rows)
+        elif self._gptq_rows is not None:   # the factors stay; GPTQ rounds the smoothed weight
+            self.pack(weight)
+        clip = self.lowering.activation_clip   # "auto": searched where SmoothQuant left the site as it was
+        if self.lowering.static and (clip == "search" or clip == "auto" and self.smooth is None):
+            self.sqnr = self._search_activation_clip(weight, rows)
+        else:
+            self.sqnr = self._sqnr(weight, rows)
+
+    def _choose_smooth(self, weight: Tensor, rows: Tensor) -> None:
+        """SmoothQuant's factors from the ranges observed: the given alpha, or the best by the
+        site's output SQNR on `rows` (None, i.e. no smoothing, included). Packs the weight."""
+        self.smooth_pending = False
+        smooth = self.base.smooth
         if smooth is None:
             self._set_smooth(weight, None)
-        elif smooth == "search":
+        elif smooth in ("search", "auto"):
             # alpha chosen on weights rounded to nearest; GPTQ (if asked) rounds once, for the choice
-            gptq_rows, self._gptq_rows = self._gptq_rows, None
+            held = self._held_out()
+            saved = self._gptq_rows, self.pos_max, self.neg_max
+            self._gptq_rows = None
             best = None
             try:
+                if held is not None:   # factors and steps from the even calls, scored on the odd ones
+                    self.pos_max, self.neg_max, rows = held
                 for alpha in (None, *SMOOTH_GRID):
                     self._set_smooth(weight, alpha)
                     score = self._sqnr(weight, rows)
                     if best is None or score > best[0]:
                         best = (score, alpha)
             finally:
-                self._gptq_rows = gptq_rows
+                self._gptq_rows, self.pos_max, self.neg_max = saved
             self._set_smooth(weight, best[1])
         else:
             self._set_smooth(weight, float(smooth))
-        if self.lowering.static and self.lowering.activation_clip == "search":
-            self.sqnr = self._search_activation_clip(weight, rows)
-        else:
-            self.sqnr = self._sqnr(weight, rows)
+
+    def _held_out(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(positive and negative maxima of the even-numbered calls, the kept rows of the odd
+        ones): SmoothQuant's alpha scored on calls that did not set its factors and steps (chosen
+        and scored on the same rows, it fit 4 calibration inputs: `make demo` lost 3.7 dB).
+        None with a single call."""
+        if self._even_max is None or self._row_calls is None:
+            return None
+        odd = self._row_calls[:len(self.sample[0])] % 2 == 1
+        return (*self._even_max, self.sample[0][odd]) if odd.any() else None
 
     def _search_activation_clip(self, weight: Tensor, rows: Tensor) -> float:
         """One factor per site (ACT_CLIP_GRID or 1) scaling every segment's calibrated range,
@@ -419,9 +496,8 @@ class QuantState:
         if alpha is None:
             self.smooth = None
         else:
-            amax_x = torch.maximum(self.pos_max, self.neg_max).clamp(min=1e-5)
-            amax_w = self._float_weight(weight).float().abs().amax(dim=0).clamp(min=1e-5)
-            self.smooth = (amax_x.pow(alpha) / amax_w.pow(1 - alpha)).clamp(min=1e-5)
+            self.smooth = smoothing_factors(torch.maximum(self.pos_max, self.neg_max),
+                                            self._float_weight(weight).float().abs().amax(dim=0), alpha)
         self.pack(weight)
         if self.lowering.static:
             self._set_static_steps(*self._segment_ranges(self.smooth))
@@ -434,9 +510,10 @@ class QuantState:
     def choose_schemes(self, rows: Tensor, weight: Tensor) -> None:
         """dualscale="auto": measure every candidate scheme per segment on these rows, keep the
         rule's choice (lowering/scheme_choice.py). Dynamic sites choose once, on the first call."""
-        lo = self.base
-        self.candidates = scheme_choice.segment_sqnr(rows, self._float_weight(weight), self.dequantized,
-                                                     lo.k_bounds, lo.static, lo.format)
+        lo, w = self.base, self._float_weight(weight).float()
+        if self.smooth is not None:   # as the GEMM sees them (dynamic: smoothed on the first call)
+            rows, w = rows / self.smooth, w * self.smooth
+        self.candidates = scheme_choice.segment_sqnr(rows, w, self.dequantized, lo.k_bounds, lo.static, lo.format)
         self.chosen = scheme_choice.choose(self.candidates)
 
     def _sqnr(self, weight: Tensor, rows: Tensor) -> float:
@@ -499,6 +576,8 @@ class QuantState:
             out["sqnr_db"] = round(self.sqnr, 2)
         if self.alpha is not None:
             out["smooth_alpha"] = self.alpha
+        elif self.smooth_note is not None:
+            out["smooth_alpha"] = f"none ({self.smooth_note})"
         if self.act_clip is not None:
             out["activation_clip"] = self.act_clip
         return out

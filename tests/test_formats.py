@@ -299,7 +299,9 @@ def test_dynamic_auto_takes_a_calibrations_rows_when_one_comes_first():
         for seed in range(2):
             c(correlated(16, 30 + seed))
     assert set(rounded_by(c).values()) == {"gptq (rows: calibration)"}
-    assert all(st.lowering.activations == "dynamic" for st in find(c).quant_states)
+    # every call's rows (the first-call rule ran at each and kept only the last call's)
+    assert all(st.lowering.activations == "dynamic" and st.observed_calls == 2 and st.rows_seen == 2 * 16 * 16
+               for st in find(c).quant_states)
 
 
 def test_first_call_gptq_rounds_again_after_a_weight_edit():
@@ -341,7 +343,7 @@ def test_first_call_with_too_few_rows_rounds_to_nearest_and_says_so():
 def test_gptq_site_whose_weight_changes_is_repacked_to_nearest_with_a_warning():
     torch.manual_seed(0)
     model = Net().eval().requires_grad_(False)
-    c = compiled(model, format="w4a8", weight_rounding="gptq")
+    c = compiled(model, format="w4a8", weight_rounding="gptq", smooth=None)
     with sq.calibrate(c, progress=False):
         c(correlated(32, 11))
     c(correlated(2, 7))

@@ -95,7 +95,7 @@ def test_static_steps_clip_searched_on_calibration_rows(tmp_path):
     rows = torch.randn(512, 64)
     rows[:8] *= 4
     typical = torch.randn(64, 64)
-    base = {"activations": "static", "weight_rounding": "rtn", "inductor": False}
+    base = {"activations": "static", "weight_rounding": "rtn", "inductor": False, "smooth": None}
     sqnr, states, outs = {}, {}, {}
     for clip in ("search", "absmax"):
         torch._dynamo.reset()
@@ -122,12 +122,135 @@ def test_static_steps_clip_searched_on_calibration_rows(tmp_path):
     assert state.act_clip == states["search"].act_clip
 
 
+def outlier_rows(n, seed):
+    """Rows with a few input channels 30x louder than the rest (LayerNorm gains do this): one
+    per-token step is set by them and the other channels keep few levels."""
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(seed))
+    x[:, :4] *= 30
+    return x
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_smoothquant_searched_on_the_rows_beats_no_smoothing(tmp_path, activations):
+    """smooth="search": per site, alpha (or none) by the output SQNR on real rows. Dynamic: the
+    first call's, then fixed (a later call with other rows changes nothing); static: the
+    calibration's. Channel outliers make it smooth, and more faithful on other rows; alpha is
+    reported, saved and loaded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval().requires_grad_(False)
+    base = {"activations": activations, "weight_rounding": "rtn", "inductor": False}
+    held_out, sqnr, outs = outlier_rows(256, 2), {}, {}
+    for smooth in ("search", None):
+        torch._dynamo.reset()
+        c = torch.compile(model, backend="segquant", options={**base, "smooth": smooth})
+        if activations == "static":
+            with sq.calibrate(c, progress=False):
+                c(outlier_rows(512, 1))
+        else:
+            c(outlier_rows(512, 1))                      # the first call decides
+        (state,) = sq.report(c).states.values()
+        if smooth:
+            alpha, factors = state.alpha, state.smooth.clone()
+            assert alpha is not None and state.summary()["smooth_alpha"] == alpha
+            c(outlier_rows(300, 3) * 0.1)                # other rows, another batch: nothing changes
+            assert state.alpha == alpha and torch.equal(state.smooth, factors)
+            sq.save(c, tmp_path / "q")
+        else:
+            assert state.smooth is None and state.alpha is None
+        outs[smooth] = c(held_out)
+        sqnr[smooth] = sqnr_db(model(held_out), outs[smooth])
+    assert sqnr["search"] > sqnr[None] + 3, sqnr
+    torch._dynamo.reset()
+    fresh = nn.Sequential(nn.Linear(64, 32)).eval().requires_grad_(False)
+    fresh.load_state_dict(model.state_dict())
+    loaded = torch.compile(fresh, backend="segquant", options={**base, "smooth": "search", "load": str(tmp_path / "q")})
+    assert torch.equal(loaded(held_out), outs["search"])
+    (state,) = sq.report(loaded).states.values()
+    assert state.alpha == alpha and not state.first_call_pending
+
+
+def test_smoothquant_alpha_is_scored_on_calls_that_did_not_set_the_ranges(monkeypatch):
+    """With two or more calibration calls, alpha is scored on the odd calls' rows with factors and
+    steps from the even calls' ranges (on the same rows it fit `make demo`'s 4 inputs: -3.7 dB);
+    the final factors use every call's ranges. One call: scored on its own rows."""
+    from segquant_compile.state import QuantState
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).eval().requires_grad_(False)
+    c = torch.compile(lin, backend="segquant", options={"activations": "static", "smooth": "search",
+                                                        "weight_rounding": "rtn", "inductor": False})
+    scored = []
+    original = QuantState._sqnr
+    monkeypatch.setattr(QuantState, "_sqnr", lambda self, w, rows: (
+        scored.append((rows.clone(), self.pos_max.clone())), original(self, w, rows))[1])
+    calls = [outlier_rows(64, seed) * (1 + seed) for seed in range(4)]   # call i: values up to (1 + i) x
+    with sq.calibrate(c, progress=False):
+        for x in calls:
+            c(x)
+    (state,) = sq.report(c).states.values()
+    search = scored[:1 + 4]   # no smoothing, then the alpha grid; then the activation clip search
+    odd = torch.cat([calls[1], calls[3]])
+    for rows, pos in search:
+        assert len(rows) == 128 and all(any(torch.equal(r, o) for o in odd) for r in rows[:8])
+        assert torch.equal(pos, torch.maximum(calls[0], calls[2]).amax(dim=0).clamp(min=0))
+    assert torch.equal(state.pos_max, torch.cat(calls).amax(dim=0).clamp(min=0))
+
+
+def test_smoothing_never_amplifies_a_channel_the_rows_left_silent():
+    """Channels at zero in the first call (ReLU units that had not fired) get the median divisor,
+    not a tiny one: when they fire later they do not set the token's step by themselves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval().requires_grad_(False)
+    first = outlier_rows(512, 1)
+    first[:, 32:] = 0
+    later = outlier_rows(256, 2)
+    sqnr = {}
+    for smooth in ("search", None):
+        torch._dynamo.reset()
+        c = torch.compile(model, backend="segquant", options={"smooth": smooth, "weight_rounding": "rtn",
+                                                              "inductor": False})
+        c(first)
+        sqnr[smooth] = sqnr_db(model(later), c(later))
+    assert sqnr["search"] > sqnr[None] - 1, sqnr     # unclamped divisors of 1e-5: -30 dB
+
+
+def test_first_call_with_too_few_rows_is_not_smoothed_and_says_so():
+    """Factors fitted to fewer rows than 4 per input column (one timestep's AdaLN rows) would fit
+    that call; the site runs unsmoothed and the report says why."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).eval().requires_grad_(False)
+    c = torch.compile(lin, backend="segquant", options={"smooth": "search", "inductor": False})
+    c(outlier_rows(100, 1))
+    (state,) = sq.report(c).states.values()
+    assert state.smooth is None and not state.first_call_pending
+    assert state.summary()["smooth_alpha"] == ("none (the first call gave 100 rows, fewer than 256 "
+                                               "(4 per column of a K segment))")
+
+
+def test_dynamic_smoothing_from_a_calibration_when_one_comes_first():
+    """calibrate() before the first call gives SmoothQuant its ranges (all of its calls', weights
+    rounded to nearest too); without smoothing, GPTQ or static steps there is nothing to calibrate."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).eval().requires_grad_(False)
+    c = torch.compile(lin, backend="segquant", options={"smooth": "search", "weight_rounding": "rtn", "inductor": False})
+    with sq.calibrate(c, progress=False):
+        for seed in range(3):
+            c(outlier_rows(64, seed))
+    (state,) = sq.report(c).states.values()
+    assert state.observed_calls == 3 and state.alpha is not None and state.frozen
+    assert state.lowering.activations == "dynamic"
+    torch._dynamo.reset()
+    plain = torch.compile(nn.Linear(64, 32), backend="segquant", options={"weight_rounding": "rtn", "smooth": None})
+    with pytest.raises(ValueError, match="need no calibration"):
+        with sq.calibrate(plain, progress=False):
+            pass
+
+
 def test_a_second_compile_of_calibrated_weights_never_ignores_its_calibration():
     """States are shared by weight and options: a new compile of calibrated weights, calibrated
     again, raises instead of keeping the old steps in silence; recalibrate=True takes the new rows."""
     torch.manual_seed(0)
     lin = nn.Linear(64, 32).eval().requires_grad_(False)
-    options = {"activations": "static", "weight_rounding": "rtn", "inductor": False}
+    options = {"activations": "static", "weight_rounding": "rtn", "inductor": False, "smooth": None}
     first = torch.compile(lin, backend="segquant", options=options)
     with sq.calibrate(first, progress=False):
         first(torch.randn(64, 64))
@@ -163,7 +286,8 @@ def test_calibrate_errors():
     with pytest.raises(TypeError, match="inductor"):
         with sq.calibrate(torch.compile(Two(), backend="inductor")):
             pass
-    for options in ({"weight_rounding": "rtn"}, {"format": "fp8"}):   # dynamic: nothing to calibrate
+    # dynamic, no smoothing (the default "auto" smooths from a calibration): nothing to calibrate
+    for options in ({"weight_rounding": "rtn", "smooth": None}, {"format": "fp8", "smooth": None}):
         with pytest.raises(ValueError, match="need no calibration"):
             with sq.calibrate(torch.compile(Two(), backend="segquant", options=options)):
                 pass
