@@ -149,7 +149,8 @@ class GraphRunner:
             from segquant_compile.lowering import autotune
             autotune.set_cache_dir(config.autotune_cache)
         states = self.states_of_call(example_inputs)
-        if any(st.first_call_pending for st in states) and _concrete(example_inputs):
+        if any(st.first_call_pending for st in states) and _concrete(example_inputs) and \
+                self._session(example_inputs) is None:
             self.choose_schemes(example_inputs, states)   # now, so the graph compiles once
         self.converted(states)
         RUNNERS.add(self)
@@ -235,11 +236,11 @@ class GraphRunner:
     # ------------------------------------------------------------------ running
     def __call__(self, *args):
         states = self.states_of_call(args)
+        session = self._session(args)
+        if session is not None:   # its freeze decides what a first call would, on every call's rows
+            return self._calibrate(args, states, session)
         if any(st.first_call_pending for st in states):
             self.choose_schemes(args, states)
-        session = calibration.active()
-        if session is not None and session.owns(args[i] for i in self.weight_positions):
-            return self._calibrate(args, states, session)
         if not all(st.frozen for st in states):
             if self.config.calibration_steps:
                 out = self._calibrate(args, states, None)
@@ -262,6 +263,11 @@ class GraphRunner:
             out = fn(*args, *(states[i].graph_input(f) for i, f in extras))
         return out if anchor is None else _mark_inference_only(out, anchor)
 
+    def _session(self, args):
+        """The calibration session running over this call's weights, or None."""
+        session = calibration.active()
+        return session if session is not None and session.owns(args[i] for i in self.weight_positions) else None
+
     def state_key(self, entry: SiteEntry) -> tuple:
         return state_key(entry.lowering, self.config.load)
 
@@ -269,11 +275,8 @@ class GraphRunner:
         """Dynamic activations, on the first call: measure the schemes (dualscale="auto") on
         this call's rows (the observer graph in float) and round by GPTQ on them
         (weight_rounding="auto"), then keep both: later calls never change the graph or the
-        weights. A calibration running this call decides all of it instead, at its freeze, on
+        weights. Never inside a calibration of these weights: its freeze decides all of it, on
         every call's rows (deciding here would discard the rows it collected before)."""
-        session = calibration.active()
-        if session is not None and session.owns(args[i] for i in self.weight_positions):
-            return
         pending = [st for st in states if st.first_call_pending]
         self._calibrate(args, states, None)
         for st in pending:   # smoothed, rounded, then the schemes measured with the weights that run

@@ -216,22 +216,21 @@ class QuantState:
         self.smooth_pending = False
         if self.base.smooth == "auto":   # smoothed from a calibration's ranges only
             return
-        if not self.sample:
-            self.smooth_note = "the first call's rows were all NaN/Inf"
-            return
-        rows = torch.cat(self.sample)
-        self.smooth_note = self._too_few_rows(rows)
-        if self.smooth_note is None:
+        rows, self.smooth_note = self._first_call_rows()
+        if rows is not None:
             self._choose_smooth(self.weight(), rows)
 
-    def _too_few_rows(self, rows: Tensor) -> str | None:
-        """Why one call's rows are too few to fit to (FIRST_CALL_ROWS_PER_K), or None."""
-        kb = self.base.k_bounds
+    def _first_call_rows(self) -> tuple[Tensor | None, str | None]:
+        """(the first call's finite rows, None), or (None, why there are too few to fit to: none,
+        or fewer than FIRST_CALL_ROWS_PER_K per column of the widest K segment)."""
+        if not self.sample:
+            return None, "the first call's rows were all NaN/Inf"
+        rows, kb = torch.cat(self.sample), self.base.k_bounds
         need = FIRST_CALL_ROWS_PER_K * max(b - a for a, b in zip(kb[:-1], kb[1:]))
         if len(rows) < need:
-            return (f"the first call gave {len(rows)} rows, fewer than {need} "
-                    f"({FIRST_CALL_ROWS_PER_K} per column of a K segment)")
-        return None
+            return None, (f"the first call gave {len(rows)} rows, fewer than {need} "
+                          f"({FIRST_CALL_ROWS_PER_K} per column of a K segment)")
+        return rows, None
 
     def round_on_first_call(self) -> None:
         """weight_rounding="auto" with dynamic activations: GPTQ on the first call's rows (damped
@@ -239,13 +238,10 @@ class QuantState:
         whose first call gave no finite row, or too few rows to fit GPTQ to (FIRST_CALL_ROWS_PER_K),
         keeps round to nearest, said in the report."""
         self.awaiting_rows = False
-        if not self.sample:
-            self.nearest_note = "the first call's rows were all NaN/Inf"
-            warnings.warn(f"segquant: {self.name}: {self.nearest_note}: weights rounded to nearest", stacklevel=3)
-            return
-        rows = torch.cat(self.sample)
-        self.nearest_note = self._too_few_rows(rows)
-        if self.nearest_note is not None:
+        rows, self.nearest_note = self._first_call_rows()
+        if rows is None:
+            if not self.sample:
+                warnings.warn(f"segquant: {self.name}: {self.nearest_note}: weights rounded to nearest", stacklevel=3)
             return
         weight = self.weight()
         self._gptq_rows = (rows.to(weight.device), FIRST_CALL_DAMP)
@@ -424,10 +420,9 @@ class QuantState:
             return
         if self.base.auto and (self.base.static or self.chosen is None):   # dynamic: chosen on its first call
             self.choose_schemes(rows, weight)
-        if self.smooth_pending or self.lowering.static:   # dynamic: smoothed on its first call
-            self._choose_smooth(weight, rows)
-        elif self._gptq_rows is not None:   # the factors stay; GPTQ rounds the smoothed weight
-            self.pack(weight)
+        # a calibration's ranges decide the smoothing, whatever a first call decided (a call refused
+        # before calibration, weight_rounding "gptq", had settled "auto" to none); packs the weight
+        self._choose_smooth(weight, rows)
         clip = self.lowering.activation_clip   # "auto": searched where SmoothQuant left the site as it was
         if self.lowering.static and (clip == "search" or clip == "auto" and self.smooth is None):
             self.sqnr = self._search_activation_clip(weight, rows)

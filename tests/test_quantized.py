@@ -169,6 +169,21 @@ def test_smoothquant_searched_on_the_rows_beats_no_smoothing(tmp_path, activatio
     assert state.alpha == alpha and not state.first_call_pending
 
 
+def test_a_call_refused_before_calibration_does_not_settle_the_smoothing():
+    """weight_rounding "gptq" with dynamic activations refuses calls until calibrated; that
+    refused call must not decide smoothing ("auto": none from one call): the calibration does."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).eval().requires_grad_(False)
+    c = torch.compile(lin, backend="segquant", options={"weight_rounding": "gptq", "inductor": False})
+    with pytest.raises(RuntimeError, match="need calibration before use"):
+        c(outlier_rows(512, 0))
+    with sq.calibrate(c, progress=False):
+        for seed in range(3):
+            c(outlier_rows(64, seed))
+    (state,) = sq.report(c).states.values()
+    assert state.alpha is not None and state.smooth is not None and state.rows_source == "calibration"
+
+
 def test_smoothquant_alpha_is_scored_on_calls_that_did_not_set_the_ranges(monkeypatch):
     """With two or more calibration calls, alpha is scored on the odd calls' rows with factors and
     steps from the even calls' ranges (on the same rows it fit `make demo`'s 4 inputs: -3.7 dB);
