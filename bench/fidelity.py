@@ -88,6 +88,8 @@ CONFIGS = {
     "gptq": ("segquant dynamic, calibrated (GPTQ weights, SmoothQuant)", "segquant", {"weight_rounding": "gptq"}),
     # the sites torchao quantizes: nn.MultiheadAttention's in_proj is a bare parameter, not an nn.Linear
     "torchao-sites": ("segquant dynamic default, torchao's sites", "segquant", {"skip": ["*.in_proj"]}),
+    "static-torchao-sites": ("segquant static, torchao's sites", "segquant",
+                             {"activations": "static", "skip": ["*.in_proj"]}),
     "torchao-sites-rtn": ("segquant dynamic rtn, torchao's sites", "segquant",
                           {"skip": ["*.in_proj"], "weight_rounding": "rtn"}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),

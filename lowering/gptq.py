@@ -4,7 +4,9 @@ groups and 8-bit channels.
 Columns of W [N, K] are rounded one at a time in K order; each rounding error is spread over the
 columns not yet rounded, weighted by the inverse Hessian of the layer's output error on
 calibration rows, H = X^T X. The Hessian is taken per K segment (block diagonal): a segment's
-activations get their own steps at inference, so its error is compensated inside it. A group's
+activations get their own steps at inference, so its error is compensated inside it. It is a sum
+over rows, so the caller accumulates it over every row observed (segment_hessians per call) and
+holds no rows. A group's
 step (absmax / 7) comes from its weights as updated when the group starts, as in GPTQ's grouped
 variant. 8-bit weights keep their per-channel steps (absmax of the float weight, taken before
 any column moves, as GPTQ does without groups) and clamp to [-127, 127]. Round to nearest is the
@@ -32,22 +34,29 @@ DAMP = 0.01   # of the mean diagonal: keeps H invertible with fewer rows than co
 FIRST_CALL_DAMP = 1.0
 
 
-def gptq_int4(w: Tensor, rows: Tensor, k_bounds, g_bounds, clip: str = "absmax",
+def segment_hessians(rows: Tensor, k_bounds) -> list[Tensor]:
+    """rows [R, K] -> X^T X of each K segment (fp32, on the rows' device)."""
+    rows = rows.float()
+    return [rows[:, a:b].t() @ rows[:, a:b] for a, b in zip(k_bounds[:-1], k_bounds[1:])]
+
+
+def gptq_int4(w: Tensor, hessians: list[Tensor], k_bounds, g_bounds, clip: str = "absmax",
               damp: float = DAMP) -> tuple[Tensor, Tensor]:
-    """w [N, K] float, rows [R, K] calibration inputs -> (grid values [K, N] int8 in [-7, 7],
-    steps [G, N]) on the groups `g_bounds` (which refine `k_bounds`); `clip` as in int4_steps,
-    taken on the updated weights when a group starts."""
-    q, steps = _compensated(w, rows, k_bounds, g_bounds, lambda wg: int4_group_step(wg, clip), INT4_MAX, damp)
+    """w [N, K] float, `hessians` per K segment (segment_hessians) -> (grid values [K, N] int8 in
+    [-7, 7], steps [G, N]) on the groups `g_bounds` (which refine `k_bounds`); `clip` as in
+    int4_steps, taken on the updated weights when a group starts."""
+    q, steps = _compensated(w, hessians, k_bounds, g_bounds, lambda wg: int4_group_step(wg, clip), INT4_MAX, damp)
     return q, torch.stack(steps)
 
 
-def gptq_int8(w: Tensor, rows: Tensor, k_bounds, steps: Tensor, damp: float = DAMP) -> Tensor:
-    """w [N, K] float, rows [R, K], per-channel steps [N] -> grid values [K, N] int8 in [-127, 127]."""
+def gptq_int8(w: Tensor, hessians: list[Tensor], k_bounds, steps: Tensor, damp: float = DAMP) -> Tensor:
+    """w [N, K] float, `hessians` per K segment, per-channel steps [N] -> grid values [K, N] int8
+    in [-127, 127]."""
     blocks = sorted({*k_bounds, *range(k_bounds[0], k_bounds[-1], BLOCK)})
-    return _compensated(w, rows, k_bounds, tuple(blocks), lambda wg: steps.to(wg.device), INT8_MAX, damp)[0]
+    return _compensated(w, hessians, k_bounds, tuple(blocks), lambda wg: steps.to(wg.device), INT8_MAX, damp)[0]
 
 
-def _compensated(w: Tensor, rows: Tensor, k_bounds, blocks, step_of, qmax: float,
+def _compensated(w: Tensor, hessians: list[Tensor], k_bounds, blocks, step_of, qmax: float,
                  damp: float) -> tuple[Tensor, list[Tensor]]:
     """GPTQ's loop: per K segment, per block of columns (`blocks` refine `k_bounds`), the block's
     steps from `step_of(its current columns)`, then each column rounded and its error spread over
@@ -56,8 +65,8 @@ def _compensated(w: Tensor, rows: Tensor, k_bounds, blocks, step_of, qmax: float
     W = w.detach().float().clone()
     q = torch.zeros_like(W, dtype=torch.int8)
     steps = []
-    for k0, k1 in zip(k_bounds[:-1], k_bounds[1:]):
-        U = _inverse_hessian_factor(rows[:, k0:k1].to(W.device).float(), damp)
+    for (k0, k1), h in zip(zip(k_bounds[:-1], k_bounds[1:]), hessians):
+        U = _inverse_hessian_factor(h.to(W.device), damp)
         for a, b in ((a, b) for a, b in zip(blocks[:-1], blocks[1:]) if k0 <= a < k1):
             step = step_of(W[:, a:b])
             steps.append(step)
@@ -73,11 +82,11 @@ def _compensated(w: Tensor, rows: Tensor, k_bounds, blocks, step_of, qmax: float
     return q.t().contiguous(), steps
 
 
-def _inverse_hessian_factor(x: Tensor, damp: float = DAMP) -> Tensor:
-    """Upper Cholesky factor of (X^T X + damping)^-1. Channels never active in calibration get a
-    unit diagonal: their weights are rounded to nearest and pass no error on (never zeroed: they
-    may be active at inference)."""
-    h = (x.t() @ x).double()
+def _inverse_hessian_factor(h: Tensor, damp: float = DAMP) -> Tensor:
+    """Upper Cholesky factor of (H + damping)^-1, H = X^T X. Channels never active in calibration
+    get a unit diagonal: their weights are rounded to nearest and pass no error on (never zeroed:
+    they may be active at inference)."""
+    h = h.double().clone()
     diag = torch.diagonal(h)
     dead = diag <= 0
     h[dead, dead] = 1.0
@@ -89,4 +98,4 @@ def _inverse_hessian_factor(x: Tensor, damp: float = DAMP) -> Tensor:
             return torch.linalg.cholesky(inv, upper=True).float()
         except RuntimeError:
             continue
-    return torch.eye(len(h), device=x.device)   # no compensation: round to nearest
+    return torch.eye(len(h), device=h.device)   # no compensation: round to nearest

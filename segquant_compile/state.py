@@ -14,17 +14,21 @@ from torch import Tensor
 
 from segquant_compile.lowering import quantize as Q
 from segquant_compile.lowering import scheme_choice
-from segquant_compile.lowering.gptq import DAMP, FIRST_CALL_DAMP
+from segquant_compile.lowering.gptq import DAMP, FIRST_CALL_DAMP, segment_hessians
 from segquant_compile.lowering.linear import quantized_linear
 from segquant_compile.lowering.ops import column_sums
 from segquant_compile.lowering.site_lowering import GPTQ_FIRST_CALL, SiteLowering
 from segquant_compile.passes import LinearSite
 
 SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothing search
-GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian (damped where fewer than K)
+GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian where none is accumulated
+# GPTQ's Hessian X^T X is summed over every row observed (no rows held) where the widest K segment
+# has at most this many columns (K^2 fp32 per segment: 64 MB at 4096); wider sites fit GPTQ_ROWS
+# sampled rows (damped where fewer than K)
+HESSIAN_MAX_K = 4096
 # GPTQ on one call's rows only with at least this many rows per column of the widest K segment:
 # with fewer it fits that call (a 256-column layer on 256 rows: -2.4 dB on other rows against
-# round to nearest; on 1024 rows +0.4 dB). Sites wider than GPTQ_ROWS / 4 need a calibration.
+# round to nearest; on 1024 rows +0.4 dB)
 FIRST_CALL_ROWS_PER_K = 4
 SMOOTH_GRID = (0.0, 0.25, 0.5, 0.75)
 # static steps: the calibrated range scaled by one of these (1 included) where the site's output
@@ -109,8 +113,10 @@ class QuantState:
         self.awaiting_rows = lowering.gptq
         self.rows_source: str | None = None      # where GPTQ's rows came from (the report)
         self.nearest_note: str | None = None     # why a first-call GPTQ site rounds to nearest
-        # (rows, damping), set only while freeze() or the first call re-packs
-        self._gptq_rows: tuple[Tensor, float] | None = None
+        # GPTQ's Hessian per K segment, summed over the rows observed (None: from the kept rows)
+        self._hessians: list[Tensor] | None = None
+        # (Hessians per K segment, damping), set only while freeze() or the first call re-packs
+        self._gptq_hessians: tuple[list[Tensor], float] | None = None
         self._lock = threading.Lock()
         self.pack(weight)
 
@@ -179,7 +185,7 @@ class QuantState:
             w = w * self.smooth
         lo = self.lowering
         rounded = None
-        if self._gptq_rows is not None:
+        if self._gptq_hessians is not None:
             rounded = self._gptq(w, lo)
         elif lo.gptq and not self.awaiting_rows:
             warnings.warn(f"segquant: {self.name}: weight changed after GPTQ calibration; re-packed with "
@@ -197,16 +203,30 @@ class QuantState:
         self._probe = view.clone()
 
     def _gptq(self, w: Tensor, lo: SiteLowering) -> tuple[Tensor, Tensor]:
-        """(grid [K, N], steps) of the (smoothed) weight, rounded by GPTQ on the calibration rows
-        (divided by the smoothing factors, as the GEMM sees them)."""
+        """(grid [K, N], steps) of the (smoothed) weight, rounded by GPTQ on the calibration
+        rows' Hessians (of the rows divided by the smoothing factors, as the GEMM sees them)."""
         from segquant_compile.lowering.gptq import gptq_int4, gptq_int8
-        rows, damp = self._gptq_rows
+        hessians, damp = self._gptq_hessians
         if self.smooth is not None:
-            rows = rows / self.smooth
+            kb = lo.k_bounds
+            inv = [(1 / self.smooth[a:b]).to(h.device) for a, b, h in zip(kb[:-1], kb[1:], hessians)]
+            hessians = [h * i[:, None] * i[None, :] for h, i in zip(hessians, inv)]
         if lo.group_size is not None:
-            return gptq_int4(w, rows, lo.k_bounds, lo.g_bounds, lo.weight_clip, damp)
+            return gptq_int4(w, hessians, lo.k_bounds, lo.g_bounds, lo.weight_clip, damp)
         steps = Q.weight_steps(w, lo.out_bounds, Q.grid(lo.format), lo.weight_clip)
-        return gptq_int8(w, rows, lo.k_bounds, steps, damp), steps
+        return gptq_int8(w, hessians, lo.k_bounds, steps, damp), steps
+
+    def _gptq_input(self, rows: Tensor, device) -> list[Tensor]:
+        """GPTQ's Hessians per K segment: summed over every row observed where accumulated,
+        else those of the kept rows."""
+        hessians = self._hessians if self._hessians is not None else segment_hessians(rows, self.base.k_bounds)
+        return [h.to(device) for h in hessians]
+
+    @property
+    def _sums_hessian(self) -> bool:
+        """GPTQ waits for rows and the Hessian is small enough to sum over all of them."""
+        kb = self.base.k_bounds
+        return self.awaiting_rows and max(b - a for a, b in zip(kb[:-1], kb[1:])) <= HESSIAN_MAX_K
 
     def smooth_on_first_call(self) -> None:
         """SmoothQuant with dynamic activations: the factors (alpha searched, or given) from the
@@ -227,8 +247,11 @@ class QuantState:
             return None, "the first call's rows were all NaN/Inf"
         rows, kb = torch.cat(self.sample), self.base.k_bounds
         need = FIRST_CALL_ROWS_PER_K * max(b - a for a, b in zip(kb[:-1], kb[1:]))
-        if len(rows) < need:
-            return None, (f"the first call gave {len(rows)} rows, fewer than {need} "
+        n = self.rows_seen if self._hessians is not None else len(rows)   # the rows GPTQ would fit
+        if n < need:
+            kept = "" if n == self.rows_seen else (f" kept of {self.rows_seen} (a K segment wider than "
+                                                   f"{HESSIAN_MAX_K} sums no Hessian)")
+            return None, (f"the first call gave {n} rows{kept}, fewer than {need} "
                           f"({FIRST_CALL_ROWS_PER_K} per column of a K segment)")
         return rows, None
 
@@ -244,11 +267,11 @@ class QuantState:
                 warnings.warn(f"segquant: {self.name}: {self.nearest_note}: weights rounded to nearest", stacklevel=3)
             return
         weight = self.weight()
-        self._gptq_rows = (rows.to(weight.device), FIRST_CALL_DAMP)
+        self._gptq_hessians = (self._gptq_input(rows, weight.device), FIRST_CALL_DAMP)
         try:
             self.pack(weight)
         finally:
-            self._gptq_rows = None
+            self._gptq_hessians = self._hessians = None
         self.rows_source = "the first call"
 
     @property
@@ -318,6 +341,9 @@ class QuantState:
                 even = self._even_max
                 self._even_max = (pos, neg) if even is None else (torch.maximum(even[0], pos),
                                                                   torch.maximum(even[1], neg))
+            if self._sums_hessian:
+                sums = [h.cpu() for h in segment_hessians(x2, self.base.k_bounds)]
+                self._hessians = sums if self._hessians is None else [a + b for a, b in zip(self._hessians, sums)]
             self._keep_rows(x2, GPTQ_ROWS if self.awaiting_rows else SAMPLE_ROWS)
             self.observed_calls += 1
 
@@ -365,7 +391,7 @@ class QuantState:
         """Forget statistics and steps (recalibrate, or a calibration that raised)."""
         self.pos_max = self.neg_max = self.d_x = self.d_neg = self.zp = self.sqnr = self.act_clip = None
         self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
-        self._row_calls = self._even_max = None
+        self._row_calls = self._even_max = self._hessians = None
         # GPTQ rounds again, on the new rows
         self.awaiting_rows, self.rows_source, self.nearest_note = self.base.gptq, None, None
         if self.base.static:
@@ -379,7 +405,7 @@ class QuantState:
         """Drop what a calibration collected, keeping steps frozen before it."""
         self.pos_max = self.neg_max = None
         self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
-        self._row_calls = self._even_max = None
+        self._row_calls = self._even_max = self._hessians = None
 
     def weight(self) -> Tensor:
         """The float weight this state was packed from (held weakly: the state dies with it)."""
@@ -397,14 +423,14 @@ class QuantState:
         rows = torch.cat(self.sample)
         gptq = self.awaiting_rows
         if gptq:   # the packings below round by GPTQ (SmoothQuant's search excepted)
-            self._gptq_rows = (rows.to(weight.device), DAMP)
+            self._gptq_hessians = (self._gptq_input(rows, weight.device), DAMP)
         try:
             self._freeze_steps(weight, rows)
             self.awaiting_rows = self.smooth_pending = False
             if gptq:
                 self.rows_source = "calibration"
         finally:
-            self._gptq_rows = None
+            self._gptq_hessians = self._hessians = None   # K^2 per segment: not held past its use
 
     def _freeze_steps(self, weight: Tensor, rows: Tensor) -> None:
         pos, neg = self._segment_ranges(None)
@@ -439,8 +465,8 @@ class QuantState:
         elif smooth in ("search", "auto"):
             # alpha chosen on weights rounded to nearest; GPTQ (if asked) rounds once, for the choice
             held = self._held_out()
-            saved = self._gptq_rows, self.pos_max, self.neg_max
-            self._gptq_rows = None
+            saved = self._gptq_hessians, self.pos_max, self.neg_max
+            self._gptq_hessians = None
             best = None
             try:
                 if held is not None:   # factors and steps from the even calls, scored on the odd ones
@@ -451,7 +477,7 @@ class QuantState:
                     if best is None or score > best[0]:
                         best = (score, alpha)
             finally:
-                self._gptq_rows, self.pos_max, self.neg_max = saved
+                self._gptq_hessians, self.pos_max, self.neg_max = saved
             self._set_smooth(weight, best[1])
         else:
             self._set_smooth(weight, float(smooth))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import segquant_compile as sq
 from segquant_compile.compiled import find
 from segquant_compile.lowering import quantize as Q
-from segquant_compile.lowering.gptq import gptq_int4, gptq_int8
+from segquant_compile.lowering.gptq import gptq_int4, gptq_int8, segment_hessians
 
 
 
@@ -154,7 +154,7 @@ def test_gptq_beats_round_to_nearest_on_held_out_rows():
     g = Q.group_bounds(k_bounds, 64)
     mix = torch.eye(300) + 0.3 * torch.randn(300, 300)
     rows, held_out = torch.randn(2000, 300) @ mix, torch.randn(1000, 300) @ mix
-    q, steps = gptq_int4(w, rows, k_bounds, g)
+    q, steps = gptq_int4(w, segment_hessians(rows, k_bounds), k_bounds, g)
     assert q.abs().max() <= 7 and steps.shape == (len(g) - 1, 64)
     rtn_steps = Q.int4_steps(w, g)
     rtn = Q.round_int4(w, rtn_steps, g).float() * Q.expand_groups(rtn_steps, g)
@@ -171,7 +171,7 @@ def test_gptq_int8_keeps_the_channel_steps_and_beats_round_to_nearest():
     mix = torch.eye(300) + 0.3 * torch.randn(300, 300)
     rows, held_out = torch.randn(2000, 300) @ mix, torch.randn(1000, 300) @ mix
     steps = Q.weight_steps(w)
-    q = gptq_int8(w, rows, k_bounds, steps)
+    q = gptq_int8(w, segment_hessians(rows, k_bounds), k_bounds, steps)
     assert q.dtype == torch.int8 and q.shape == (300, 64) and q.abs().max() <= 127
     rtn = Q.quantize_weight(w, steps)
     assert not torch.equal(q, rtn) and (q.int() - rtn.int()).abs().max() <= 3   # nearby grid values
@@ -290,7 +290,8 @@ def test_first_call_damping_is_larger_than_calibrations():
     torch.manual_seed(0)
     w, rows = torch.randn(32, 64), correlated(2, 3).reshape(-1, 256)[:, :64]
     steps = w.abs().amax(dim=1) / 127
-    assert not torch.equal(gptq_int8(w, rows, (0, 64), steps), gptq_int8(w, rows, (0, 64), steps, gptq.FIRST_CALL_DAMP))
+    h = segment_hessians(rows, (0, 64))
+    assert not torch.equal(gptq_int8(w, h, (0, 64), steps), gptq_int8(w, h, (0, 64), steps, gptq.FIRST_CALL_DAMP))
 
 
 def test_dynamic_auto_takes_a_calibrations_rows_when_one_comes_first():
@@ -338,6 +339,61 @@ def test_first_call_with_too_few_rows_rounds_to_nearest_and_says_so():
     st_a = {st.name: st for st in find(c).quant_states}["a"]
     assert torch.equal(st_a.packed, Q.pack_weight(st_a._float_weight(st_a.weight()).float(), st_a.lowering)[0])
     assert rounded_by(c)["a"] == "rtn (the first call gave 32 rows, fewer than 1024 (4 per column of a K segment))"
+
+
+def test_first_call_gptq_fits_every_row_of_a_site_wider_than_the_kept_sample():
+    """A K=1024 site needs 4096 first-call rows, twice what the reservoir keeps (GPTQ_ROWS): its
+    Hessian is summed over all of them (HESSIAN_MAX_K), so it is rounded by GPTQ, not to nearest,
+    and the sum is freed once used."""
+    from segquant_compile.state import GPTQ_ROWS, HESSIAN_MAX_K
+    k, rows = 1024, 4160
+    assert GPTQ_ROWS < 4 * k <= rows and k <= HESSIAN_MAX_K
+    torch.manual_seed(0)
+    model = torch.nn.Linear(k, 32).eval().requires_grad_(False)
+    mix = torch.eye(k) + 0.05 * torch.randn(k, k)
+    x, held_out = torch.randn(rows, k) @ mix, torch.randn(512, k) @ mix
+    c = compiled(model, smooth=None)
+    c(x)
+    st, = find(c).quant_states
+    assert st.summary()["weight_rounding"] == "gptq (rows: the first call)" and st._hessians is None
+    rtn = Q.pack_weight(model.weight.float(), st.lowering)
+    ref = held_out @ model.weight.t()
+    gain = (Q.sqnr_db(ref, held_out @ (st.packed.float() * st.d_w))
+            - Q.sqnr_db(ref, held_out @ (rtn[0].float() * rtn[1])))
+    assert gain > 0.5, gain
+
+
+def test_a_site_too_wide_to_sum_a_hessian_fits_the_kept_rows_and_says_so(monkeypatch):
+    from segquant_compile import state
+    monkeypatch.setattr(state, "HESSIAN_MAX_K", 512)
+    model = torch.nn.Linear(1024, 8).eval().requires_grad_(False)
+    c = compiled(model, smooth=None)
+    c(torch.randn(4160, 1024))
+    st, = find(c).quant_states
+    assert st.summary()["weight_rounding"] == (
+        "rtn (the first call gave 2048 rows kept of 4160 (a K segment wider than 512 sums no Hessian), "
+        "fewer than 4096 (4 per column of a K segment))")
+
+
+def test_calibration_gptq_sums_the_hessian_of_every_row():
+    """Two calibration calls of 1536 rows (more than the GPTQ_ROWS kept): GPTQ rounds on X^T X of
+    all 3072, summed call by call, not on the kept sample."""
+    from segquant_compile.state import GPTQ_ROWS
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 16).eval().requires_grad_(False)
+    mix = torch.eye(64) + 0.3 * torch.randn(64, 64)
+    calls = [torch.randn(1536, 64) @ mix for _ in range(2)]
+    c = compiled(model, weight_rounding="gptq", smooth=None)
+    with sq.calibrate(c, progress=False):
+        for x in calls:
+            c(x)
+    st, = find(c).quant_states
+    assert st.rows_seen == 3072 > GPTQ_ROWS == len(st.sample[0])
+    steps = Q.weight_steps(model.weight.float(), None, "int8", st.lowering.weight_clip)
+    summed = [a + b for a, b in zip(segment_hessians(calls[0], (0, 64)), segment_hessians(calls[1], (0, 64)))]
+    assert torch.equal(st.packed, gptq_int8(model.weight.float(), summed, (0, 64), steps))
+    assert not torch.equal(st.packed, gptq_int8(model.weight.float(), segment_hessians(st.sample[0], (0, 64)),
+                                                (0, 64), steps))
 
 
 def test_gptq_site_whose_weight_changes_is_repacked_to_nearest_with_a_warning():
