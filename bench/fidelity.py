@@ -90,6 +90,9 @@ CONFIGS = {
     "torchao-sites": ("segquant dynamic default, torchao's sites", "segquant", {"skip": ["*.in_proj"]}),
     "static-torchao-sites": ("segquant static, torchao's sites", "segquant",
                              {"activations": "static", "skip": ["*.in_proj"]}),
+    # in_proj's weights int8, its activations float: what static activations cost there
+    "static-in-proj-weight-only": ("segquant static, in_proj int8 weight-only", "segquant",
+                                   {"activations": "static", "formats": {"*.in_proj": "int8-weight-only"}}),
     "torchao-sites-rtn": ("segquant dynamic rtn, torchao's sites", "segquant",
                           {"skip": ["*.in_proj"], "weight_rounding": "rtn"}),
     "torchao-sym": ("torchao int8 dynamic symmetric", "torchao", "symmetric"),

@@ -4,10 +4,9 @@ groups and 8-bit channels.
 Columns of W [N, K] are rounded one at a time in K order; each rounding error is spread over the
 columns not yet rounded, weighted by the inverse Hessian of the layer's output error on
 calibration rows, H = X^T X. The Hessian is taken per K segment (block diagonal): a segment's
-activations get their own steps at inference, so its error is compensated inside it. It is a sum
-over rows, so the caller accumulates it over every row observed (segment_hessians per call) and
-holds no rows. A group's
-step (absmax / 7) comes from its weights as updated when the group starts, as in GPTQ's grouped
+activations get their own steps at inference, so its error is compensated inside it. H is a sum
+over rows: the caller adds each call's (segment_hessians) and holds no rows. A group's step
+(absmax / 7) comes from its weights as updated when the group starts, as in GPTQ's grouped
 variant. 8-bit weights keep their per-channel steps (absmax of the float weight, taken before
 any column moves, as GPTQ does without groups) and clamp to [-127, 127]. Round to nearest is the
 fallback (no rows: `pack_weight` without a grid).
