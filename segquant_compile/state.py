@@ -21,10 +21,11 @@ from segquant_compile.lowering.site_lowering import GPTQ_FIRST_CALL, SiteLowerin
 from segquant_compile.passes import LinearSite
 
 SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothing search
-GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian where none is accumulated
-# GPTQ's Hessian X^T X is summed over every row observed (no rows held) where the widest K segment
-# has at most this many columns (K^2 fp32 per segment: 64 MB at 4096); wider sites fit GPTQ_ROWS
-# sampled rows (damped where fewer than K)
+GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian where none is summed
+# GPTQ's Hessian X^T X is summed over every row observed where the widest K segment has at most
+# this many columns (K^2 fp32 per segment: 64 MB at 4096; with SAMPLE_ROWS kept instead of
+# GPTQ_ROWS, no more memory than before up to K = 1536); wider sites fit GPTQ_ROWS sampled rows
+# (damped where fewer than K)
 HESSIAN_MAX_K = 4096
 # GPTQ on one call's rows only with at least this many rows per column of the widest K segment:
 # with fewer it fits that call (a 256-column layer on 256 rows: -2.4 dB on other rows against
@@ -344,7 +345,8 @@ class QuantState:
             if self._sums_hessian:
                 sums = [h.cpu() for h in segment_hessians(x2, self.base.k_bounds)]
                 self._hessians = sums if self._hessians is None else [a + b for a, b in zip(self._hessians, sums)]
-            self._keep_rows(x2, GPTQ_ROWS if self.awaiting_rows else SAMPLE_ROWS)
+            # GPTQ's rows only where no Hessian is summed; SQNR, schemes and smoothing need fewer
+            self._keep_rows(x2, GPTQ_ROWS if self.awaiting_rows and not self._sums_hessian else SAMPLE_ROWS)
             self.observed_calls += 1
 
     def _keep_rows(self, x2: Tensor, limit: int) -> None:

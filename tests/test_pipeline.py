@@ -63,7 +63,10 @@ def test_readme_diffusers_section_as_written(folder, tmp_path, monkeypatch, caps
     code = f"folder, prompts, settings = {folder!r}, {PROMPTS!r}, {SETTINGS!r}\n{load}\ntorch.save(image, 'reloaded.pt')\n"
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "reloaded.pt"), saved)           # bit-identical reload
+    reloaded = torch.load(tmp_path / "reloaded.pt")
+    assert torch.equal(reloaded, saved), (                                    # bit-identical reload
+        f"reload differs: max |diff| {(reloaded - saved).abs().max().item():.3g}, "
+        f"{(reloaded != saved).sum().item()} of {saved.numel()} values")
 
 
 @pytest.mark.slow
