@@ -398,7 +398,7 @@ def test_a_site_too_wide_to_sum_a_hessian_fits_the_kept_rows_and_says_so(monkeyp
 
 def test_calibration_gptq_sums_the_hessian_of_every_row():
     """Two calibration calls of 1536 rows (more than GPTQ_ROWS): GPTQ rounds on X^T X of all
-    3072, summed call by call, not on a kept sample, and only SAMPLE_ROWS rows are kept."""
+    3072, summed call by call, not on a kept sample; the rows kept make room for the sum."""
     from segquant_compile.state import GPTQ_ROWS, SAMPLE_ROWS
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 16).eval().requires_grad_(False)
@@ -409,7 +409,7 @@ def test_calibration_gptq_sums_the_hessian_of_every_row():
         for x in calls:
             c(x)
     st, = find(c).quant_states
-    assert st.rows_seen == 3072 > GPTQ_ROWS > SAMPLE_ROWS == len(st.sample[0])   # GPTQ holds no rows
+    assert st.rows_seen == 3072 > GPTQ_ROWS and len(st.sample[0]) == GPTQ_ROWS - 64 >= SAMPLE_ROWS   # room for H
     steps = Q.weight_steps(model.weight.float(), None, "int8", st.lowering.weight_clip)
     summed = [a + b for a, b in zip(segment_hessians(calls[0], (0, 64)), segment_hessians(calls[1], (0, 64)))]
     assert torch.equal(st.packed, gptq_int8(model.weight.float(), summed, (0, 64), steps))

@@ -363,7 +363,7 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     """SQNR, scheme choice and GPTQ see rows from every call (a sampler's late timesteps too),
     not the first calls' rows only."""
     from segquant_compile.passes.lowering import lower_site
-    from segquant_compile.state import SAMPLE_ROWS, QuantState
+    from segquant_compile.state import GPTQ_ROWS, QuantState
     model = Two()
     site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
     config = sq.QuantConfig.from_options({"activations": "static"})
@@ -374,7 +374,7 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
         state.observe(torch.full((per_call, site.in_features), float(call)))
     rows = torch.cat(state.sample)
     assert state.awaiting_rows     # static: weight_rounding "auto" rounds by GPTQ, on a summed Hessian
-    assert len(rows) == SAMPLE_ROWS < calls * per_call == state.rows_seen
+    assert len(rows) == state.rows_kept == GPTQ_ROWS - site.in_features < calls * per_call == state.rows_seen
     assert state._hessians[0][0, 0] == sum(c * c * per_call for c in range(calls))   # every row, none kept for it
     late = (rows[:, 0] >= calls // 2).float().mean().item()
     assert 0.4 < late < 0.6, late   # half the rows seen came from the second half of the calls
@@ -387,19 +387,19 @@ def test_calibration_rows_are_the_same_every_run():
     holds it, every run (an index_put with repeated indices kept any one; first-call GPTQ then
     rounded the same model differently from one compile to the next)."""
     from segquant_compile.passes.lowering import lower_site
-    from segquant_compile.state import SAMPLE_ROWS, QuantState
+    from segquant_compile.state import GPTQ_ROWS, QuantState
     model = Two()
     site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
     config = sq.QuantConfig.from_options({"activations": "static"})
     weight = dict(model.named_parameters())[site.weight]
-    x = torch.arange(3 * SAMPLE_ROWS, dtype=torch.float32)[:, None].expand(-1, site.in_features)
+    x = torch.arange(3 * GPTQ_ROWS, dtype=torch.float32)[:, None].expand(-1, site.in_features)
     samples = []
     for _ in range(3):
         state = QuantState(site, lower_site(site, config), weight)
         state.observe(x)
         samples.append(torch.cat(state.sample))
     assert all(torch.equal(samples[0], s) for s in samples[1:])
-    assert len(samples[0][:, 0].unique()) == SAMPLE_ROWS   # distinct rows: no slot written twice over
+    assert len(samples[0][:, 0].unique()) == state.rows_kept   # distinct rows: no slot written twice over
 
 
 def test_explains_do_not_use_up_the_recompile_limit_of_a_later_compile():
