@@ -140,6 +140,12 @@ class SiteLowering:
         return self.k_bounds[-1]
 
     @property
+    def widest_segment(self) -> int:
+        """Columns of the widest K segment (GPTQ's Hessian blocks are this wide at most)."""
+        kb = self.k_bounds
+        return max(b - a for a, b in zip(kb[:-1], kb[1:]))
+
+    @property
     def variant(self) -> str:
         if self.weight_only:
             return self.format

@@ -238,8 +238,7 @@ class QuantState:
     @property
     def _sums_hessian(self) -> bool:
         """GPTQ waits for rows and the Hessian is small enough to sum over all of them."""
-        kb = self.base.k_bounds
-        return self.awaiting_rows and max(b - a for a, b in zip(kb[:-1], kb[1:])) <= HESSIAN_MAX_K
+        return self.awaiting_rows and self.base.widest_segment <= HESSIAN_MAX_K
 
     def smooth_on_first_call(self) -> None:
         """SmoothQuant with dynamic activations: the factors (alpha searched, or given) from the
@@ -258,8 +257,8 @@ class QuantState:
         or fewer than FIRST_CALL_ROWS_PER_K per column of the widest K segment)."""
         if not self.sample:
             return None, "the first call's rows were all NaN/Inf"
-        rows, kb = torch.cat(self.sample), self.base.k_bounds
-        need = FIRST_CALL_ROWS_PER_K * max(b - a for a, b in zip(kb[:-1], kb[1:]))
+        rows = torch.cat(self.sample)
+        need = FIRST_CALL_ROWS_PER_K * self.base.widest_segment
         n = self.rows_seen if self._hessians is not None else len(rows)   # the rows GPTQ would fit
         if n < need:
             kept = "" if n == self.rows_seen else (f" kept of {self.rows_seen} (a K segment wider than "
@@ -356,7 +355,11 @@ class QuantState:
                                                                   torch.maximum(even[1], neg))
             if self._sums_hessian:
                 sums = [h.cpu() for h in segment_hessians(x2, self.base.k_bounds)]
-                self._hessians = sums if self._hessians is None else [a + b for a, b in zip(self._hessians, sums)]
+                if self._hessians is None:
+                    self._hessians = sums
+                else:   # in place: no second K^2 per segment while adding
+                    for total, h in zip(self._hessians, sums):
+                        total.add_(h)
             self._keep_rows(x2, self.rows_kept)
             self.observed_calls += 1
 
