@@ -163,7 +163,10 @@ def cmd_quantize(args) -> int:
     prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts} holds no prompts (one per line)")
-    pipe = DiffusionPipeline.from_pretrained(args.folder, local_files_only=True)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(args.folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:   # diffusers says what is missing: one line
+        raise ValueError(f"{args.folder} is not a loadable diffusers pipeline ({e})") from None
     kwargs = dict(args.pipe_kwargs or {})
     if args.steps:
         kwargs["num_inference_steps"] = args.steps
@@ -175,6 +178,19 @@ def cmd_quantize(args) -> int:
         print(r.calibration.describe())
     print(f"wrote {args.out}: load it with options={{'load': {str(args.out)!r}}}")
     return 0
+
+
+def pipeline_folder(text: str) -> str:
+    """A local diffusers pipeline folder (its model_index.json): nothing is downloaded, so a name
+    that is no folder here is an error, not a hub id."""
+    from pathlib import Path
+    folder = Path(text)
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a folder (a local diffusers pipeline folder; "
+                                         f"nothing is downloaded)")
+    if not (folder / "model_index.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} holds no model_index.json: not a diffusers pipeline folder")
+    return text
 
 
 def pipe_kwargs_json(text: str) -> dict:
@@ -262,7 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--summary", action="store_true", help="totals only")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("quantize", help="calibrate a local diffusers pipeline folder's denoiser on prompts; save")
-    p.add_argument("folder", help="a local pipeline folder (DiffusionPipeline.from_pretrained, offline)")
+    p.add_argument("folder", type=pipeline_folder,
+                   help="a local pipeline folder (DiffusionPipeline.from_pretrained, offline)")
     p.add_argument("--prompts", required=True, help="a text file, one calibration prompt per line")
     p.add_argument("--out", required=True, help="folder to save the quantized state to")
     p.add_argument("--options", type=options_json, default=None, help="segquant options as JSON (default static)")

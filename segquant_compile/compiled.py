@@ -58,6 +58,7 @@ class SiteRow:
     """One planned site of one weight of the model: quantized (state) or float (reason)."""
     site: object                       # the LinearSite, named by its full module path
     weight: torch.Tensor
+    bias: torch.Tensor | None          # the site's own bias (tied weights: each module its own)
     state: object | None
     reason: str | None
 
@@ -101,11 +102,11 @@ def find(compiled) -> Compiled:
     config = QuantConfig.from_options(options) if backend == "segquant" else None
     paths = module_paths(model)
     mine = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    runners, rows, names = [], [], set()
+    runners, rows, names, named = [], [], set(), set()
     for r in sorted((r for r in RUNNERS if config is None or r.config == config), key=id):
         entry_of = {id(e.site): e for e in r.entries}
         ran = False
-        for site, w in r.site_weights():
+        for site, w, b in r.site_weights():
             if mine.get(id(w)) is not w:
                 continue
             ran = True
@@ -116,9 +117,10 @@ def find(compiled) -> Compiled:
             names.add(full)
             e = entry_of.get(id(site))
             state = REGISTRY.get(w, r.state_key(e)) if e is not None else None
-            if state is not None:
+            if state is not None and id(state) not in named:   # a state shared by sites: the first one's name
+                named.add(id(state))
                 state.name = full
-            rows.append(SiteRow(dataclasses.replace(site, name=full, graph=len(runners)), w, state,
+            rows.append(SiteRow(dataclasses.replace(site, name=full, graph=len(runners)), w, b, state,
                                 None if e is not None else r.fallbacks.get(site.name)))
         if ran:
             runners.append(r)

@@ -186,7 +186,11 @@ def _allocated(config: QuantConfig) -> tuple[tuple[str, str], ...]:
     """format="auto": per site, the format the allocation picks from the measured sensitivity."""
     from segquant_compile.allocation import allocate
     from segquant_compile.sensitivity import Sensitivity
-    chosen = allocate(Sensitivity.load(config.sensitivity), **dict(config.budget))
+    try:
+        measured = Sensitivity.load(config.sensitivity)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"option 'sensitivity': {e}") from None
+    chosen = allocate(measured, **dict(config.budget))
     return tuple(chosen.formats.items())
 
 
@@ -212,12 +216,19 @@ def _adopt_saved(options: dict) -> dict:
 
 
 def _same(given, saved) -> bool:
-    """Compared as JSON holds them: tuples as lists, a lone string as a one-item list."""
+    """Compared as JSON holds them: mappings as [key, value] pairs (as from_options holds
+    `formats` and `budget`), tuples as lists, a lone string as a one-item list."""
     if isinstance(given, str) and isinstance(saved, list):
         given = [given]
-    if isinstance(given, (tuple, set, frozenset)):
-        given = list(given)
-    return given == saved
+    return _as_json(given) == saved
+
+
+def _as_json(value):
+    if isinstance(value, dict):
+        return [[str(k), _as_json(v)] for k, v in value.items()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_as_json(v) for v in value]
+    return value
 
 
 def _choice(key, value, valid):

@@ -14,18 +14,13 @@ import torch
 
 from segquant_compile.state import QuantState, fingerprint
 
-FORMAT_VERSION = 4   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ
+FORMAT_VERSION = 5   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
+                     # 5: the sites a state serves, each with its bias (tied weights)
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
 FIELDS = ("packed", "d_w", "colsum", "d_x", "d_neg", "zp", "smooth")
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
 LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth", "auto", "weight_clip",
                    "conv", "group_size", "rounding", "activation_clip")
-
-
-def _bias_name(weight_name: str) -> str:
-    head, _, leaf = weight_name.rpartition(".")
-    leaf = leaf[: -len("weight")] + "bias" if leaf.endswith("weight") else leaf + "_bias"
-    return f"{head}.{leaf}" if head else leaf
 
 
 def _lowering_dict(lowering) -> dict:
@@ -50,8 +45,13 @@ def save(compiled, path) -> Path:
     if unfrozen:
         raise RuntimeError(f"segquant_compile.save(): {len(unfrozen)} site(s) are not calibrated yet "
                            f"(e.g. {unfrozen[0]}); calibrate first")
-    params = dict(found.model.named_parameters())
     paths = module_paths(found.model)
+    # every site a state serves (tied weights: one linear called twice, or a weight shared by two
+    # modules), each with its own bias
+    served: dict[int, dict[str, str | None]] = {}
+    for row in found.rows:
+        if row.state is not None:
+            served.setdefault(id(row.state), {})[row.site.name] = fingerprint(row.bias)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors, sites = {}, {}
@@ -65,7 +65,7 @@ def save(compiled, path) -> Path:
                           "out_features": st.site.out_features, "lowering": _lowering_dict(st.base),
                           "dynamic_note": st.dynamic_note, "chosen": list(st.chosen) if st.chosen else None,
                           "candidates": st.candidates, "fingerprint": st.fingerprint,
-                          "bias_fingerprint": fingerprint(params.get(_bias_name(weight_name))),
+                          "sites": served[id(st)],
                           "smooth_alpha": st.alpha, "sqnr_db": st.sqnr, "activation_clip": st.act_clip,
                           "gptq_rows": st.rows_source, "nearest_note": st.nearest_note,
                           "smooth_note": st.smooth_note}
@@ -124,10 +124,23 @@ def read(path) -> tuple[Path, dict, dict]:
     return (path, *_read(path, stamp))
 
 
+ENTRY_KEYS = ("weight", "in_features", "out_features", "lowering", "fingerprint", "sites")
+STEPS = ("d_w", "d_x", "d_neg", "smooth")   # divisors: finite and positive
+
+
 def _entry_for(path, manifest: dict, state: QuantState, weight_fp: str) -> tuple[str, dict]:
     """The saved site of this state: its name, or a saved name ending in it (graph breaks),
     told apart by the weight's fingerprint."""
-    named = [(k, v) for k, v in manifest["sites"].items() if k == state.name or k.endswith("." + state.name)]
+    sites = manifest.get("sites")
+    if not isinstance(sites, dict):
+        raise ValueError(f"segquant load: {path / MANIFEST} has no 'sites' table: save it again")
+    for k, v in sites.items():
+        missing = [key for key in ENTRY_KEYS if not isinstance(v, dict) or key not in v]
+        if missing:
+            raise ValueError(f"segquant load: entry {k!r} of {path / MANIFEST} lacks {missing}: the manifest "
+                             f"was edited or damaged; save it again")
+    named = [(k, v) for k, v in sites.items()
+             if any(n == state.name or n.endswith("." + state.name) for n in v["sites"])]
     if not named:
         raise ValueError(f"segquant load: {state.name} is not in {path}: the model's architecture differs "
                          f"from the saved one")
@@ -135,6 +148,38 @@ def _entry_for(path, manifest: dict, state: QuantState, weight_fp: str) -> tuple
     if not same:
         raise ValueError(f"segquant load: the weights of {state.name} differ from the ones saved in {path}")
     return same[0]
+
+
+def _check_tensors(path, name: str, values: dict, state: QuantState) -> None:
+    """The saved tensors of one site against what this site runs with: present, of the shape and
+    dtype its packing and segments give, steps finite and positive (a damaged or hand-edited file
+    is refused here, not by a shape error in a GEMM or a NaN output)."""
+    lo = state.base
+    where = f"{path / TENSORS}, site {name!r}"
+    expected = {"packed": (tuple(state.packed.shape), state.packed.dtype),
+                "d_w": (tuple(state.d_w.shape), state.d_w.dtype),
+                "colsum": None if state.colsum is None else (tuple(state.colsum.shape), state.colsum.dtype),
+                "smooth": ((state.site.in_features,), torch.float32)}
+    for f in ("d_x", "d_neg", "zp"):
+        expected[f] = ((1, len(lo.schemes)), torch.float32)
+    required = ["packed", "d_w"] + (["colsum"] if state.colsum is not None else [])
+    if lo.static and state.dynamic_note is None:
+        required += ["d_x", "d_neg"]
+    for f in required:
+        if values[f] is None:
+            raise ValueError(f"segquant load: {where}: '{name}.{f}' is missing; save it again")
+    for f, v in values.items():
+        if v is None:
+            continue
+        shape, dtype = expected[f] if expected[f] is not None else (None, None)
+        if shape is None or tuple(v.shape) != shape or v.dtype != dtype:
+            raise ValueError(f"segquant load: {where}: '{name}.{f}' is {v.dtype} {tuple(v.shape)}, this site "
+                             f"needs {dtype} {shape}: the file was edited or damaged; save it again")
+        if f in STEPS and not bool((torch.isfinite(v) & (v > 0)).all()):
+            raise ValueError(f"segquant load: {where}: '{name}.{f}' holds steps that are not finite and "
+                             f"positive: the file was edited or damaged; save it again")
+        if f == "zp" and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"segquant load: {where}: '{name}.zp' is not finite; save it again")
 
 
 def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -146,15 +191,16 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
             entry["lowering"] != _lowering_dict(state.base):
         raise ValueError(f"segquant load: {name} in {path} was saved with another plan or options (saved "
                          f"{entry['lowering']}, now {_lowering_dict(state.base)})")
-    if entry["bias_fingerprint"] != fingerprint(bias):
+    saved_bias = next(fp for n, fp in entry["sites"].items() if n == state.name or n.endswith("." + state.name))
+    if saved_bias != fingerprint(bias):
         raise ValueError(f"segquant load: the bias of {name} differs from the one saved in {path} (a "
                          f"fine-tune since saving?): calibrate again and save")
     values = {f: tensors.get(f"{name}.{f}") for f in FIELDS}
-    if values["packed"] is None or values["d_w"] is None:
-        raise ValueError(f"segquant load: {path} lacks the packed weight of {name}: save it again")
+    state.dynamic_note = entry.get("dynamic_note")
+    _check_tensors(path, name, values, state)
     for f, v in values.items():
         setattr(state, f, v.to(weight.device) if v is not None else None)
-    state.name, state.dynamic_note = name, entry.get("dynamic_note")
+    state.name = name
     state.chosen = tuple(entry["chosen"]) if entry.get("chosen") else None
     state.candidates = entry.get("candidates")
     state.alpha, state.sqnr = entry.get("smooth_alpha"), entry.get("sqnr_db")

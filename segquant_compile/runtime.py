@@ -75,6 +75,10 @@ def release_float_weights(entries, args, states) -> int:
     return sum(st.release(args[e.weight]) for e, st in zip(entries, states) if not st.released)
 
 
+def _ref(args, i: int | None):
+    return weakref.ref(args[i]) if i is not None and isinstance(args[i], torch.Tensor) else None
+
+
 class Observer(torch.nn.Module):
     """Records a site's activation ranges into the state of the weight it is called with."""
 
@@ -135,7 +139,8 @@ class GraphRunner:
         self.entries, self.fallbacks = plan_entries(plan, gm, example_inputs, config)
         self.weight_positions = tuple(e.weight for e in self.entries)
         index = placeholder_index(gm)
-        self._plan_positions = tuple(index.get(s.weight_node) for s in plan)
+        self._plan_positions = tuple((index.get(s.weight_node), index.get(s.bias_node) if s.bias_node else None)
+                                     for s in plan)
         # every planned site's weight, per set of weights this graph ran with (weakly): how
         # report/save tell a model's graphs and sites apart, by identity
         self.weight_sets: list[tuple] = []
@@ -166,20 +171,20 @@ class GraphRunner:
                            for e, w in zip(self.entries, weights))
             hit = (tuple(map(weakref.ref, weights)), states)
             self._by_weights[key] = hit
-            self.weight_sets.append(tuple(weakref.ref(args[i]) if i is not None else None
-                                          for i in self._plan_positions))
+            self.weight_sets.append(tuple((_ref(args, w), _ref(args, b)) for w, b in self._plan_positions))
         for w, st in zip(weights, hit[1]):
             if not st.is_current(w):
                 st.refresh(w)
         return hit[1]
 
     def site_weights(self):
-        """(site, weight) for every planned site and every live set of weights this graph ran with."""
+        """(site, weight, bias or None) for every planned site and every live set of weights this
+        graph ran with (a site's own bias: a weight shared by two modules has two)."""
         for refs in list(self.weight_sets):
-            for site, ref in zip(self.plan, refs):
-                w = ref() if ref is not None else None
+            for site, (w_ref, b_ref) in zip(self.plan, refs):
+                w = w_ref() if w_ref is not None else None
                 if w is not None:
-                    yield site, w
+                    yield site, w, b_ref() if b_ref is not None else None
 
     # ------------------------------------------------------------------ graphs
     def converted(self, states) -> tuple:

@@ -141,7 +141,20 @@ class Sensitivity:
 
     @classmethod
     def load(cls, path) -> "Sensitivity":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A .json file written by save(); anything else (the .html page, a damaged file) is an
+        error naming the file and what to give instead."""
+        path = Path(path)
+        if path.suffix == ".html":
+            raise ValueError(f"sensitivity file {path}: the .html page is for reading; give the .json file "
+                             f"saved beside it (Sensitivity.save('....json'))")
+        if not path.is_file():
+            raise FileNotFoundError(f"sensitivity file {path} does not exist")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"sensitivity file {path} is not a sensitivity measurement saved as .json "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); measure and save it "
+                             f"again") from None
 
     def _html(self) -> str:
         fmts = self.formats

@@ -1,0 +1,171 @@
+"""What a demanding user tried and did not get (issue 27): each a wrong or unclear answer before."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import segquant_compile as sq
+from conftest import Two
+
+
+def _calibrated_two(options, calls=2):
+    g = torch.Generator().manual_seed(0)
+    model = Two()
+    compiled = torch.compile(model, backend="segquant", options={"activations": "static", "inductor": False,
+                                                                 **options})
+    with torch.no_grad(), sq.calibrate(compiled, progress=False):
+        for _ in range(calls):
+            compiled(torch.randn(64, 8, generator=g))
+    return model, compiled
+
+
+def test_saved_options_plus_load_do_not_conflict_with_themselves(tmp_path):
+    """The README's pattern: the options that were saved, plus `load` (a dict option included)."""
+    options = {"formats": {"a": "float"}, "skip": ["nothing.*"]}
+    model, compiled = _calibrated_two(options)
+    sq.save(compiled, tmp_path / "q")
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        here = compiled(x)
+        again = torch.compile(model, backend="segquant", options={"activations": "static", "inductor": False,
+                                                                 **options, "load": str(tmp_path / "q")})
+        assert torch.equal(again(x), here)
+    with pytest.raises(ValueError, match="conflicts"):   # a different mapping still conflicts
+        sq.QuantConfig.from_options({"formats": {"b": "float"}, "load": str(tmp_path / "q")})
+
+
+@pytest.fixture
+def saved_two(tmp_path):
+    model, compiled = _calibrated_two({})
+    sq.save(compiled, tmp_path / "q")
+    return model, tmp_path / "q"
+
+
+def _load_two(model, path):
+    compiled = torch.compile(model, backend="segquant", options={"activations": "static", "inductor": False,
+                                                                 "load": str(path)})
+    with torch.no_grad():
+        return compiled(torch.randn(4, 8))
+
+
+def _edit_tensor(path, key, fn):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path / "tensors.safetensors"))
+    tensors[key] = fn(tensors[key]).contiguous()
+    save_file(tensors, str(path / "tensors.safetensors"))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda t: t * float("nan"), "not finite and positive"),
+    (lambda t: t * 0, "not finite and positive"),
+    (lambda t: -t, "not finite and positive"),
+    (lambda t: t[:-1], "edited or damaged"),
+])
+@pytest.mark.parametrize("field", ["d_x", "d_w"])
+def test_load_refuses_damaged_steps_naming_file_and_entry(saved_two, edit, needle, field):
+    model, path = saved_two
+    _edit_tensor(path, f"b.{field}", edit)
+    with pytest.raises(Exception, match=needle) as e:
+        _load_two(model, path)
+    assert "tensors.safetensors" in str(e.value) and "'b'" in str(e.value)
+
+
+def test_load_refuses_a_cut_packed_weight_or_a_missing_key(saved_two):
+    model, path = saved_two
+    _edit_tensor(path, "a.packed", lambda t: t[:, :-1])
+    with pytest.raises(Exception, match=r"'a.packed' is torch.int8 \(8, 15\).*edited or damaged"):
+        _load_two(model, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["sites"]["a"]["fingerprint"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match=r"entry 'a' of .*manifest.json lacks \['fingerprint'\]"):
+        _load_two(model, path)
+
+
+@pytest.mark.parametrize("content,name,needle", [
+    ("{not json", "sens.json", "is not a sensitivity measurement saved as .json"),
+    ('{"format_version": 999}', "sens.json", "format_version 999"),
+    ("[1, 2]", "sens.json", "is not a sensitivity measurement"),
+    ("<html></html>", "sens.html", "the .html page is for reading"),
+    (None, "missing.json", "does not exist"),
+])
+def test_a_bad_sensitivity_file_names_the_file_and_the_option(tmp_path, content, name, needle):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=needle) as e:
+        sq.QuantConfig.from_options({"format": "auto", "budget": {"weight_bits": 5}, "sensitivity": str(path)})
+    assert str(path) in str(e.value) and "option 'sensitivity'" in str(e.value)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda d: d, "holds no model_index.json"),
+    (lambda d: (d / "x.txt").write_text("x") and d, "holds no model_index.json"),
+    (lambda d: d / "no" / "such" / "folder", "is not a folder"),
+    (lambda d: "no/such/folder", "is not a folder"),   # relative: never taken for a hub id
+    (lambda d: (d / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}') and d,
+     "not a loadable diffusers pipeline"),
+])
+def test_quantize_with_a_bad_folder_exits_2_with_one_line(tmp_path, capsys, make, needle):
+    from segquant_compile import cli
+    folder = make(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    try:
+        code = cli.main(["quantize", str(folder), "--prompts", str(tmp_path / "prompts.txt"),
+                         "--out", str(tmp_path / "out")])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if "segquant" in line and "error" in line]   # not diffusers' logging
+    assert code == 2 and len(ours) == 1 and needle in ours[0] and "Traceback" not in err, err
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+
+class _SharedWeight(nn.Module):
+    """One weight, two modules with their own biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.c.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.c(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("cls", [_CalledTwice, _SharedWeight])
+def test_tied_weights_save_and_reload_bit_identical(tmp_path, cls):
+    torch.manual_seed(0)
+    model = cls()
+    options = {"activations": "static", "inductor": False}
+    compiled = torch.compile(model, backend="segquant", options=options)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), sq.calibrate(compiled, progress=False):
+        for _ in range(2):
+            compiled(torch.randn(64, 8, generator=g))
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        here = compiled(x)
+    assert sorted(r["site"] for r in sq.report(compiled).rows()) == ["a", "a#2", "b"]
+    sq.save(compiled, tmp_path / "q")
+    torch._dynamo.reset()
+    again = torch.compile(model, backend="segquant", options={**options, "load": str(tmp_path / "q")})
+    with torch.no_grad():
+        assert torch.equal(again(x), here)
+    if cls is _SharedWeight:   # each site is saved with its own bias, and a changed one is refused
+        torch.manual_seed(0)
+        other = cls()
+        with torch.no_grad():
+            other.a.bias.add_(1.0)
+        again = torch.compile(other, backend="segquant", options={**options, "load": str(tmp_path / "q")})
+        with pytest.raises(Exception, match="the bias of a differs"):
+            again(x)
