@@ -2,7 +2,8 @@
 
 Dynamo keeps `F.multi_head_attention_forward` (nn.MultiheadAttention, nn.Transformer*) as one
 node (torch's trace rules list it as an in-graph function), so its in_proj and out_proj linears
-never appear in the graph. Replay such a call on its fake example values under a
+never appear in the graph; nn.TransformerEncoderLayer's fast path (eval, no_grad) is one fused
+op, `torch._transformer_encoder_layer_fwd`, hiding all four of its linears. Replay such a call on its fake example values under a
 TorchFunctionMode and put the torch-level ops it runs into the graph in its place.
 
 Under dynamic shapes (a recompile after the batch changed, CFG doubling it, for instance) the
@@ -35,7 +36,38 @@ def _unchecked(fn):
     return body
 
 
-INLINABLE = {F.multi_head_attention_forward: _unchecked(F.multi_head_attention_forward)}
+_ATTENTION = _unchecked(F.multi_head_attention_forward)
+
+
+def _encoder_layer(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first,
+                   eps, norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1,
+                   ffn_weight_2, ffn_bias_2, mask=None, mask_type=None):
+    """`torch._transformer_encoder_layer_fwd` (nn.TransformerEncoderLayer's fast path in eval
+    under no_grad, batch_first) written as the layer's own slow path: its four linears become
+    sites. Masked calls are left fused (the op merges its mask types its own way)."""
+    if mask is not None:
+        raise Unsupported("a masked fast-path call (src_mask / src_key_padding_mask) is left fused")
+
+    def attention(x):
+        x = x.transpose(0, 1)
+        out = _ATTENTION(x, x, x, embed_dim, num_heads, qkv_weight, qkv_bias, None, None, False, 0.0,
+                         proj_weight, proj_bias, training=False, need_weights=False)[0]
+        return out.transpose(0, 1)
+
+    def feed_forward(x):
+        h = F.linear(x, ffn_weight_1, ffn_bias_1)
+        return F.linear(F.gelu(h) if use_gelu else F.relu(h), ffn_weight_2, ffn_bias_2)
+
+    shape = (embed_dim,)
+    if norm_first:
+        x = src + attention(F.layer_norm(src, shape, norm_weight_1, norm_bias_1, eps))
+        return x + feed_forward(F.layer_norm(x, shape, norm_weight_2, norm_bias_2, eps))
+    x = F.layer_norm(src + attention(src), shape, norm_weight_1, norm_bias_1, eps)
+    return F.layer_norm(x + feed_forward(x), shape, norm_weight_2, norm_bias_2, eps)
+
+
+INLINABLE = {F.multi_head_attention_forward: _ATTENTION,
+             torch._transformer_encoder_layer_fwd: _encoder_layer}
 
 
 def inline_opaque(gm: torch.fx.GraphModule) -> dict[str, str]:
@@ -55,8 +87,9 @@ def inline_opaque(gm: torch.fx.GraphModule) -> dict[str, str]:
 
 
 def _inline(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    single = isinstance(example(node), torch.Tensor)   # one tensor out, else a tuple read by getitem
     for user in node.users:
-        if user.target is not operator.getitem:
+        if not single and user.target is not operator.getitem:
             raise Unsupported(f"{user.name} uses the whole result")
     values = [example(n) for n in node.all_input_nodes]
     if any(not isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat)) for v in values):
@@ -70,13 +103,17 @@ def _inline(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         try:
             with fake_mode, recorder:
                 result = INLINABLE[node.target](*args, **kwargs)
-            outputs = [recorder.node_of(result[u.args[1]]) for u in node.users]
+            outputs = None if single else [recorder.node_of(result[u.args[1]]) for u in node.users]
+            whole = recorder.node_of(result) if single else None
         except Exception as e:   # an op the replay cannot take: leave the call opaque, say why
             recorder.erase()
             raise e if isinstance(e, Unsupported) else Unsupported(f"replay failed: {e}") from e
-    for user, new in zip(list(node.users), outputs):
-        user.replace_all_uses_with(new)
-        graph.erase_node(user)
+    if single:
+        node.replace_all_uses_with(whole)
+    else:
+        for user, new in zip(list(node.users), outputs):
+            user.replace_all_uses_with(new)
+            graph.erase_node(user)
     graph.erase_node(node)
     recorder.prune()
 

@@ -1,6 +1,7 @@
 """Plan: for every linear site of a graph, its Segmentation and DualScale decision."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -17,7 +18,7 @@ from .names import param_names
 from .segment_graph import segment_graph
 from .seglinear import input_segments, output_segments
 from .shapes import as_int, prod, shape
-from .sites import FloatCall, find_sites, module_name, unusable_calls
+from .sites import OPAQUE_LINEAR_OPS, FloatCall, find_sites, module_name, unusable_calls
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,8 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
     names = param_names(gm) if names is None else names
     graph = segment_graph(gm)
     sites = []
-    floats = [FloatCall(node.name, name, kind, why, graph_index)
-              for node, name, kind, why in unusable_calls(gm, names, opaque)]
+    floats = [FloatCall(node.name, name, kind, why, graph_index, weight)
+              for node, name, kind, why, weight in unusable_calls(gm, names, opaque)]
     used: dict[str, int] = {}
 
     def site_name(weight: str) -> str:
@@ -121,7 +122,7 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
         why = "weight is not 2-D" if w_shape is None or len(w_shape) != 2 else \
             "input shape unknown" if not isinstance(x, torch.fx.Node) or shape(x) is None else None
         if why:
-            floats.append(FloatCall(node.name, module_name(names[w.name]), kind, why, graph_index))
+            floats.append(FloatCall(node.name, module_name(names[w.name]), kind, why, graph_index, w.name))
             continue
         n_out, k_in = (as_int(w_shape[0]), as_int(w_shape[1])) if nk else (as_int(w_shape[1]), as_int(w_shape[0]))
         sites.append(_site(graph, node, x, w, bias, kind, site_name(names[w.name]), names[w.name], n_out, k_in,
@@ -130,16 +131,32 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
         why = why_not(call, names)
         if why:
             w = call["weight"]
-            name = module_name(names[w.name]) if isinstance(w, torch.fx.Node) and w.name in names else node.name
-            floats.append(FloatCall(node.name, name, ops.name(node).lstrip("_"), why, graph_index))
+            known = isinstance(w, torch.fx.Node) and w.name in names
+            floats.append(FloatCall(node.name, module_name(names[w.name]) if known else node.name,
+                                    ops.name(node).lstrip("_"), why, graph_index, w.name if known else None))
             continue
         conv, w = geometry(call), call["weight"]
         out = shape(node)
         sites.append(_site(graph, node, call["input"], w, call["bias"], "conv2d", site_name(names[w.name]),
                            names[w.name], as_int(shape(w)[0]), conv.in_channels * conv.taps, activations,
                            seglinear, graph_index, conv=conv, rows=as_int(out[0] * out[2] * out[3])))
+    _warn_hidden(floats)
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     return Plan(tuple(sorted(sites, key=lambda s: order[s.node])), (graph,), tuple(floats))
+
+
+def _warn_hidden(floats) -> None:
+    """A fused op left in the graph keeps every linear inside it float: said at compile time,
+    once per op, not only in the report."""
+    hidden: dict[str, list[FloatCall]] = {}
+    for c in floats:
+        if c.kind in OPAQUE_LINEAR_OPS:
+            hidden.setdefault(c.node, []).append(c)
+    for calls in hidden.values():
+        names = sorted({c.name for c in calls})
+        warnings.warn(f"segquant: {len(names)} linear weight(s) of {', '.join(names)} stay float: "
+                      f"{calls[0].reason}. Run the model without the fused fast path (for example with "
+                      f"masks passed as None, or outside torch.no_grad) to quantize them", stacklevel=2)
 
 
 def _site(graph, node, x, w, bias, kind: str, name: str, weight: str, n_out: int, k_in: int, activations,

@@ -25,6 +25,7 @@ class FloatCall:
     kind: str                      # linear | matmul | mm | addmm | the opaque op's name
     reason: str
     graph: int = 0
+    weight: str | None = None      # FX placeholder of the parameter behind it: the report knows it by identity
 
 
 def module_name(weight: str) -> str:
@@ -80,7 +81,8 @@ def _weight_of(node: torch.fx.Node, names: dict[str, str]) -> tuple[torch.fx.Nod
 
 
 def unusable_calls(gm: torch.fx.GraphModule, names: dict[str, str], opaque: dict[str, str] | None = None):
-    """(node, readable name, kind, reason) for every linear call whose weight is no parameter,
+    """(node, readable name, kind, reason, the placeholder of a parameter behind it or None) for
+    every linear call whose weight is no parameter,
     matmul with a parameter operand that find_sites does not take, and opaque op running
     linears on parameters (`opaque`: node name -> why it was not inlined)."""
     for node in gm.graph.nodes:
@@ -90,19 +92,19 @@ def unusable_calls(gm: torch.fx.GraphModule, names: dict[str, str], opaque: dict
         if node.op == "call_function" and node.target in ops.LINEAR_TARGETS:
             params = _params_behind(ops.arg(node, 1, "weight"), names)
             why = "weight is not a parameter (" + ("computed in the graph)" if params else "a graph input)")
-            yield node, _readable(node, params, names), "linear", why
+            yield node, _readable(node, params, names), "linear", why, params[0].name if params else None
         elif n in ops.MATMUL_NAMES:
             left, right = node.args[1:3] if n == "addmm" else node.args[:2]
             right_params = _params_behind(right, names)
             params = right_params or _params_behind(left, names)
             if params:
                 why = "weight is computed in the graph" if right_params else "the parameter is the left operand"
-                yield node, _readable(node, params, names), n, why
+                yield node, _readable(node, params, names), n, why, params[0].name
         elif n in OPAQUE_LINEAR_OPS:
             why = f"inside the opaque op {n}" + (f" ({opaque[node.name]})" if node.name in (opaque or {}) else "")
             for w in node.all_input_nodes:
                 if w.name in names and _ndim(w) == 2:
-                    yield node, module_name(names[w.name]), n, why
+                    yield node, module_name(names[w.name]), n, why, w.name
 
 
 def _params_behind(node, names: dict[str, str], limit: int = 32) -> list[torch.fx.Node]:

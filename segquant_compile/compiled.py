@@ -69,6 +69,9 @@ class Compiled:
     config: QuantConfig | None         # None when torch's internals do not tell the options
     runners: list                      # GraphRunners that ran with this model's weights
     rows: list[SiteRow]
+    # calls the graphs keep float (passes.FloatCall), by full module path where their parameter is known
+    float_calls: list
+    float_weights: set                 # ids of those parameters: modules reached, kept float
 
     @property
     def states(self) -> list:
@@ -103,6 +106,7 @@ def find(compiled) -> Compiled:
     paths = module_paths(model)
     mine = {id(t): t for t in (*model.parameters(), *model.buffers())}
     runners, rows, names, named = [], [], set(), set()
+    floats, float_weights = {}, set()
     for r in sorted((r for r in RUNNERS if config is None or r.config == config), key=id):
         entry_of = {id(e.site): e for e in r.entries}
         ran = False
@@ -122,6 +126,15 @@ def find(compiled) -> Compiled:
                 state.name = full
             rows.append(SiteRow(dataclasses.replace(site, name=full, graph=len(runners)), w, b, state,
                                 None if e is not None else r.fallbacks.get(site.name)))
+        for call, w in r.float_call_weights():
+            if mine.get(id(w)) is w:
+                ran = True
+                float_weights.add(id(w))
+                floats.setdefault((site_path(paths[id(w)]), call.kind), dataclasses.replace(
+                    call, name=site_path(paths[id(w)]), graph=len(runners)))
         if ran:
+            for call in r.plan.float_calls:   # no parameter to name it by: as the graph knows it
+                if call.weight is None:
+                    floats.setdefault((call.name, call.kind), dataclasses.replace(call, graph=len(runners)))
             runners.append(r)
-    return Compiled(model, config, runners, rows)
+    return Compiled(model, config, runners, rows, list(floats.values()), float_weights)

@@ -45,10 +45,10 @@ def report(compiled) -> Report:
     from segquant_compile.passes import Plan
     found = find(compiled)
     config = found.config or (found.runners[0].config if found.runners else QuantConfig())
-    floats = tuple(dict.fromkeys(f for r in found.runners for f in r.plan.float_calls))
     plan = Plan(tuple(row.site for row in found.rows),
-                tuple(g for r in found.runners for g in r.plan.graphs), floats)
-    reached = {id(row.weight) for row in found.rows}
+                tuple(g for r in found.runners for g in r.plan.graphs), tuple(found.float_calls))
+    # one reason per module: a module a graph kept float is listed with that reason only
+    reached = {id(row.weight) for row in found.rows} | found.float_weights
     kinds = {name: "linear" if isinstance(m, torch.nn.Linear) else "conv2d" for name, m in found.model.named_modules()
              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and id(m.weight) not in reached}
     unreached = dict.fromkeys(kinds, UNREACHED)

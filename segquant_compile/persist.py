@@ -39,6 +39,11 @@ def save(compiled, path) -> Path:
     found = find(compiled)
     states = found.states
     if not states:
+        from segquant_compile.state import REGISTRY
+        if REGISTRY.states_for(found.model.parameters()):
+            raise RuntimeError("segquant_compile.save(): the compiled graphs of this model were reset "
+                               "(torch._dynamo.reset()) since it ran; its quantized state is kept: call the "
+                               "compiled model once more (no recalibration needed), then save")
         raise RuntimeError("segquant_compile.save(): no quantized state for this model; compile it with "
                            "backend='segquant' and call it once first")
     unfrozen = [st.name for _, st in states if not st.frozen]

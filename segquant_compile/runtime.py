@@ -144,6 +144,8 @@ class GraphRunner:
         # every planned site's weight, per set of weights this graph ran with (weakly): how
         # report/save tell a model's graphs and sites apart, by identity
         self.weight_sets: list[tuple] = []
+        self._float_positions = tuple(index.get(f.weight) if f.weight else None for f in plan.float_calls)
+        self.float_weight_sets: list[tuple] = []     # the same for the calls kept float (the report)
         self._by_weights: dict[tuple, tuple] = {}    # quantized weight ids -> (weakrefs, states): a cache
         self._converted: dict[tuple, tuple] = {}     # lowerings -> (compiled fn, extra inputs)
         self._observer = None
@@ -172,6 +174,7 @@ class GraphRunner:
             hit = (tuple(map(weakref.ref, weights)), states)
             self._by_weights[key] = hit
             self.weight_sets.append(tuple((_ref(args, w), _ref(args, b)) for w, b in self._plan_positions))
+            self.float_weight_sets.append(tuple(_ref(args, i) for i in self._float_positions))
         for w, st in zip(weights, hit[1]):
             if not st.is_current(w):
                 st.refresh(w)
@@ -185,6 +188,15 @@ class GraphRunner:
                 w = w_ref() if w_ref is not None else None
                 if w is not None:
                     yield site, w, b_ref() if b_ref is not None else None
+
+    def float_call_weights(self):
+        """(FloatCall, its parameter) for every call this graph keeps float and every live set of
+        weights it ran with."""
+        for refs in list(self.float_weight_sets):
+            for call, ref in zip(self.plan.float_calls, refs):
+                w = ref() if ref is not None else None
+                if w is not None:
+                    yield call, w
 
     # ------------------------------------------------------------------ graphs
     def converted(self, states) -> tuple:

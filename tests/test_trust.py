@@ -169,3 +169,73 @@ def test_tied_weights_save_and_reload_bit_identical(tmp_path, cls):
         again = torch.compile(other, backend="segquant", options={**options, "load": str(tmp_path / "q")})
         with pytest.raises(Exception, match="the bias of a differs"):
             again(x)
+
+
+def test_save_after_a_dynamo_reset_says_what_happened(tmp_path):
+    model, compiled = _calibrated_two({})
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"reset \(torch._dynamo.reset\(\)\).*call the compiled model once more"):
+        sq.save(compiled, tmp_path / "q")
+    with torch.no_grad():
+        compiled(torch.randn(4, 8))   # the kept calibration: no recalibration needed
+    sq.save(compiled, tmp_path / "q")
+
+
+class _Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.same = nn.Conv2d(8, 8, 3, padding="same")
+        self.plain = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.plain(self.same(self.dilated(self.grouped(x))))
+
+
+def test_report_gives_one_true_reason_per_module():
+    model = _Convs().eval()
+    compiled = torch.compile(model, backend="segquant", options={"inductor": False})
+    with torch.no_grad():
+        compiled(torch.randn(1, 8, 8, 8))
+    r = sq.report(compiled)
+    assert r.unreached == {}                               # every module was traced
+    reasons = {c.name: c.reason for c in r.float_calls}
+    assert set(reasons) == {"grouped", "dilated", "same"}
+    assert "groups=2" in reasons["grouped"] and "dilation=(2, 2)" in reasons["dilated"] and "'same'" in reasons["same"]
+    text = str(r)
+    for name in ("grouped", "dilated", "same"):
+        assert sum(line.startswith(f"float: {name} ") for line in text.splitlines()) == 1, text
+    assert "never reached" not in text
+
+
+def _encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, activation="gelu")
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+def test_transformer_encoder_fast_path_is_quantized():
+    """eval + no_grad: torch runs each layer as one fused op; its four linears are sites all the same."""
+    from segquant_compile.lowering.quantize import sqnr_db
+    model = _encoder()
+    x = torch.randn(2, 10, 32)
+    compiled = torch.compile(model, backend="segquant")
+    with torch.no_grad():
+        ref, out = model(x), compiled(x)
+    r = sq.report(compiled)
+    assert len(r.states) == 8 and not r.fallbacks and not r.float_calls and not r.unreached
+    assert sqnr_db(ref, out) > 30
+
+
+def test_fused_fast_path_left_fused_is_said_at_compile_time():
+    model = _encoder()
+    x = torch.randn(2, 10, 32)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[:, -2:] = True
+    compiled = torch.compile(model, backend="segquant")
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"stay float: inside the opaque op .*masked"):
+        compiled(x, src_key_padding_mask=mask)
+    r = sq.report(compiled)
+    assert {c.name for c in r.float_calls} >= {"layers.0.self_attn.in_proj", "layers.0.linear1"}
+    assert not r.unreached
