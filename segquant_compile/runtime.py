@@ -24,6 +24,9 @@ from segquant_compile.passes.rewrite import convert, prepare
 from segquant_compile.state import REGISTRY, QuantState, state_key
 
 RUNNERS: "weakref.WeakSet[GraphRunner]" = weakref.WeakSet()
+# first calls decide on their own rows (dynamic "auto" schemes, GPTQ, smoothing) one at a time:
+# two threads making the first call of the same weights at once would pool their rows
+FIRST_CALL = threading.RLock()
 
 
 class SiteEntry(NamedTuple):
@@ -294,7 +297,12 @@ class GraphRunner:
         (weight_rounding="auto"), then keep both: later calls never change the graph or the
         weights. Never inside a calibration of these weights: its freeze decides all of it, on
         every call's rows (deciding here would discard the rows it collected before)."""
-        pending = [st for st in states if st.first_call_pending]
+        with FIRST_CALL:   # one call's rows decide: a thread arriving meanwhile finds nothing pending
+            pending = [st for st in states if st.first_call_pending]
+            if pending:
+                self._decide_first_call(args, states, pending)
+
+    def _decide_first_call(self, args, states, pending) -> None:
         self._calibrate(args, states, None)
         for st in pending:   # smoothed, rounded, then the schemes measured with the weights that run
             if st.smooth_pending:

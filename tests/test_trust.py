@@ -239,3 +239,48 @@ def test_fused_fast_path_left_fused_is_said_at_compile_time():
     r = sq.report(compiled)
     assert {c.name for c in r.float_calls} >= {"layers.0.self_attn.in_proj", "layers.0.linear1"}
     assert not r.unreached
+
+
+def test_two_threads_making_the_first_call_decide_on_one_call(monkeypatch):
+    """A graph already compiled (dynamo's compile lock no longer serialises), new weights, two
+    threads at once: the first-call decision is taken once, on one call's rows."""
+    import copy
+    import threading
+    import time
+
+    from segquant_compile.state import QuantState
+
+    torch.manual_seed(0)
+    first, model = Two(), Two()
+    fn = torch.compile(lambda m, x: m(x), backend="segquant", options={"inductor": False})
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(64, 8, generator=g), torch.rand(64, 8, generator=g) * 3 - 1]
+    probe = torch.randn(16, 8, generator=g)
+    with torch.no_grad():
+        fn(first, xs[0])                          # the graph is compiled: later first calls only run it
+        copies = [copy.deepcopy(model) for _ in xs]
+        expected = []
+        for c, x in zip(copies, xs):              # each thread's call alone, first
+            fn(c, x)
+            expected.append(fn(c, probe))
+    observe = QuantState.observe
+
+    def slow_observe(self, x):                    # widen the window in which both calls observe
+        time.sleep(0.2)
+        observe(self, x)
+    monkeypatch.setattr(QuantState, "observe", slow_observe)
+    barrier = threading.Barrier(2)
+
+    def call(x):
+        barrier.wait()
+        with torch.no_grad():
+            fn(model, x)
+    threads = [threading.Thread(target=call, args=(x,)) for x in xs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with torch.no_grad():
+        got = fn(model, probe)
+    assert any(torch.equal(got, e) for e in expected)
+    assert not torch.equal(expected[0], expected[1])   # the two calls' rows decide differently
