@@ -23,10 +23,10 @@ def skip_pattern(name: str, patterns) -> str | None:
 
 def site_format(name: str, config) -> tuple[str, str | None]:
     """(format, the `formats` entry that chose it): the first entry whose glob matches the site's
-    name, or that is the full path of a site named relative to a block (a graph break); else
-    the options' `format`."""
+    full name (the runtime names a graph's sites from the compiled model's root); else the
+    options' `format`."""
     for pattern, fmt in config.formats:
-        if fnmatch.fnmatch(name, pattern) or pattern.endswith("." + name):
+        if fnmatch.fnmatch(name, pattern):
             return fmt, pattern
     return config.format, None
 

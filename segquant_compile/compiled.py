@@ -2,6 +2,7 @@
 calibrate(), save(), report() and explain() reach them."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,39 @@ def module_paths(model: torch.nn.Module) -> dict[int, str]:
     out: dict[int, str] = {}
     for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
         out.setdefault(id(t), name)
+    return out
+
+
+def compiled_root_on_stack() -> torch.nn.Module | None:
+    """The model whose compiled call is running on the Python stack (the innermost: a
+    torch.compile'd module's `_orig_mod`, or a module compiled in place by `.compile()`), or None.
+    A graph dynamo captures below it (a graph break inside a block) knows its parameters only
+    relative to that block: this root gives their full paths, as the report names them."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        m = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(m, torch.nn.Module):
+            inner = getattr(m, "_orig_mod", None)
+            if isinstance(inner, torch.nn.Module):
+                return inner
+            if getattr(m, "_compiled_call_impl", None) is not None:
+                return m
+        frame = frame.f_back
+    return None
+
+
+def full_site_names(sites, weights, root: torch.nn.Module | None) -> dict[str, str]:
+    """site name as its graph knows it -> full module path from `root`, by the identity of each
+    site's weight (`weights`: site name -> tensor); names stay as they are without a root."""
+    if root is None:
+        return {}
+    paths = module_paths(root)
+    out = {}
+    for site in sites:
+        w = weights.get(site.name)
+        if w is not None and id(w) in paths:
+            suffix = site.name[site.name.index("#"):] if "#" in site.name else ""
+            out[site.name] = site_path(paths[id(w)]) + suffix
     return out
 
 

@@ -158,6 +158,8 @@ class Report:
             text += f", SQNR {info['sqnr_db']:.1f} dB"
         if st.dynamic_note:
             text += f" ({st.dynamic_note})"
+        if st.stale_note:
+            text += f" (STALE STEPS: {st.stale_note})"
         if st.candidates:   # dualscale="auto": what each scheme measured, per segment
             short = {"symmetric": "sym", "asymmetric": "asym", "dualscale": "dual"}
             text += "; measured " + " | ".join(

@@ -8,6 +8,7 @@ weights are the functions below, one job each; the runner keeps no per-call stat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import warnings
 import weakref
@@ -16,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from segquant_compile import calibration
+from segquant_compile.compiled import compiled_root_on_stack, full_site_names
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
 from segquant_compile.passes import LinearSite, Plan
@@ -72,6 +74,25 @@ def create_state(entry: SiteEntry, weight: torch.Tensor, bias: torch.Tensor | No
         from segquant_compile.persist import load_state
         load_state(config.load, state, weight, bias)
     return REGISTRY.put(weight, state)
+
+
+def mark_stale_steps(edited, states) -> None:
+    """Static steps after a weight edit: the edited sites are re-packed, but the activation ranges
+    of the sites after them in the graph (their inputs computed from the edited weights) were
+    calibrated on the old weights and may now clip. Said once per edit, and in the report."""
+    first = min(states.index(st) for st in edited)
+    names = sorted({st.name for st in edited})
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    stale = [st for st in states[first + 1:] if st.lowering.static and st.d_x is not None]
+    if not stale:
+        return
+    note = f"calibrated before {shown} was edited: recalibrate"
+    for st in stale:
+        st.stale_note = note
+    warnings.warn(f"segquant: weight(s) {shown} edited after static calibration: the activation steps of "
+                  f"{len(stale)} site(s) computed from them were calibrated on the old weights and may clip; "
+                  f"run `with segquant_compile.calibrate(compiled, recalibrate=True): ...` on calibration "
+                  f"inputs (the report marks them)", stacklevel=4)
 
 
 def release_float_weights(entries, args, states) -> int:
@@ -138,18 +159,23 @@ def _mark_inference_only(out, anchor: torch.Tensor):
 class GraphRunner:
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, plan: Plan, config: QuantConfig):
         from torch._guards import TracingContext
-        self.gm, self.plan, self.config = gm, plan, config
-        self.entries, self.fallbacks = plan_entries(plan, gm, example_inputs, config)
-        self.weight_positions = tuple(e.weight for e in self.entries)
         index = placeholder_index(gm)
         self._plan_positions = tuple((index.get(s.weight_node), index.get(s.bias_node) if s.bias_node else None)
                                      for s in plan)
+        plan = self._named_from_root(plan, example_inputs)
+        self.gm, self.plan, self.config = gm, plan, config
+        self.entries, self.fallbacks = plan_entries(plan, gm, example_inputs, config)
+        self.weight_positions = tuple(e.weight for e in self.entries)
+        self._float_positions = tuple(index.get(f.weight) if f.weight else None for f in plan.float_calls)
+        # the parameters that tell one call's weights from another's: the quantized sites' first
+        self._weights_of_call = tuple(dict.fromkeys(i for i in (
+            *self.weight_positions, *(w for w, _ in self._plan_positions), *self._float_positions)
+            if i is not None))
         # every planned site's weight, per set of weights this graph ran with (weakly): how
         # report/save tell a model's graphs and sites apart, by identity
         self.weight_sets: list[tuple] = []
-        self._float_positions = tuple(index.get(f.weight) if f.weight else None for f in plan.float_calls)
         self.float_weight_sets: list[tuple] = []     # the same for the calls kept float (the report)
-        self._by_weights: dict[tuple, tuple] = {}    # quantized weight ids -> (weakrefs, states): a cache
+        self._by_weights: dict[tuple, tuple] = {}    # ids of a call's weights -> (weakrefs, states): a cache
         self._converted: dict[tuple, tuple] = {}     # lowerings -> (compiled fn, extra inputs)
         self._observer = None
         self._lock = threading.Lock()
@@ -165,22 +191,63 @@ class GraphRunner:
         self.converted(states)
         RUNNERS.add(self)
 
+    # ------------------------------------------------------------------ names
+    def _full_names(self, plan, args) -> dict[str, str]:
+        weights = {site.name: args[w] for site, (w, _) in zip(plan, self._plan_positions) if w is not None}
+        return full_site_names(plan, weights, compiled_root_on_stack())
+
+    def _named_from_root(self, plan: Plan, args) -> Plan:
+        """Sites named by full module paths from the compiled model (a graph below it, after a
+        graph break inside a block, names them relative to the block): `formats` and `skip`
+        entries apply to exactly the sites they name."""
+        names = self._full_names(plan, args)
+        if not names:
+            return plan
+        return dataclasses.replace(plan, sites=tuple(dataclasses.replace(s, name=names.get(s.name, s.name))
+                                                     for s in plan))
+
+    def _check_shared_graph(self, args) -> None:
+        """Dynamo reuses this graph for every instance of its block: new weights must take the
+        lowering the options give their own full names, or the call is refused (a `formats` or
+        `skip` entry naming one block's site would otherwise apply to every block)."""
+        if not (self.config.formats or self.config.skip):
+            return
+        names = self._full_names(self.plan, args)
+        decided = {e.site.name: e.lowering.format for e in self.entries}
+        for site, (w, _) in zip(self.plan, self._plan_positions):
+            full = names.get(site.name)
+            if full is None or full == site.name or w is None:
+                continue
+            own = lower_site(dataclasses.replace(site, name=full), self.config, args[w].device.type, args[w].dtype)
+            own = None if isinstance(own, KeptFloat) else own.format
+            if own != decided.get(site.name):
+                raise RuntimeError(
+                    f"segquant: options formats/skip give {full} {own or 'float'}, but it runs in the graph "
+                    f"compiled for {site.name} ({decided.get(site.name) or 'float'}): dynamo reuses one graph "
+                    f"for every instance of a block after a graph break. Give every block's site the same "
+                    f"entry (a glob such as '*.{full.rsplit('.', 1)[-1]}'), or remove the graph break")
+
     # ------------------------------------------------------------------ states
     def states_of_call(self, args) -> tuple[QuantState, ...]:
-        """This call's states, by the identity of its weights; edited weights are re-packed."""
-        weights = [args[i] for i in self.weight_positions]
+        """This call's states, by the identity of its weights (every parameter the graph plans,
+        float ones included: a new set is recorded for the report); edited weights are re-packed."""
+        weights = [args[i] for i in self._weights_of_call]
         key = tuple(map(id, weights))
         hit = self._by_weights.get(key)
         if hit is None or any(r() is not w for r, w in zip(hit[0], weights)):
-            states = tuple(create_state(e, w, args[e.bias] if e.bias is not None else None, self.config)
-                           for e, w in zip(self.entries, weights))
+            if self.weight_sets:   # a graph shared with other weights (another instance of a block)
+                self._check_shared_graph(args)
+            states = tuple(create_state(e, args[e.weight], args[e.bias] if e.bias is not None else None,
+                                        self.config) for e in self.entries)
             hit = (tuple(map(weakref.ref, weights)), states)
             self._by_weights[key] = hit
             self.weight_sets.append(tuple((_ref(args, w), _ref(args, b)) for w, b in self._plan_positions))
             self.float_weight_sets.append(tuple(_ref(args, i) for i in self._float_positions))
-        for w, st in zip(weights, hit[1]):
-            if not st.is_current(w):
-                st.refresh(w)
+        edited = [(e, st) for e, st in zip(self.entries, hit[1]) if not st.is_current(args[e.weight])]
+        for e, st in edited:
+            st.refresh(args[e.weight])
+        if edited:
+            mark_stale_steps([st for _, st in edited], hit[1])
         return hit[1]
 
     def site_weights(self):

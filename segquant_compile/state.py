@@ -85,6 +85,7 @@ class QuantState:
         self.base = lowering             # the lowering the options decided
         self.source = source             # the saved directory it was loaded from (None: made here)
         self.dynamic_note: str | None = None   # why a static site runs dynamic (unusable calibration)
+        self.stale_note: str | None = None     # static steps calibrated before an upstream weight edit
         self.chosen: tuple[str, ...] | None = None   # schemes measured for dualscale="auto"
         self.candidates: list[dict[str, float]] | None = None   # per segment: scheme -> SQNR (dB)
         self.zp: Tensor | None = None            # static zero points [1, S] (asymmetric segments)
@@ -405,6 +406,7 @@ class QuantState:
 
     def reset_calibration(self) -> None:
         """Forget statistics and steps (recalibrate, or a calibration that raised)."""
+        self.stale_note = None
         self.pos_max = self.neg_max = self.d_x = self.d_neg = self.zp = self.sqnr = self.act_clip = None
         self.sample, self.observed_calls, self.rows_seen, self._reservoir = [], 0, 0, None
         self._row_calls = self._even_max = self._hessians = None
@@ -443,6 +445,7 @@ class QuantState:
         try:
             self._freeze_steps(weight, rows)
             self.awaiting_rows = self.smooth_pending = False
+            self.stale_note = None
             if gptq:
                 self.rows_source = "calibration"
         finally:
@@ -601,6 +604,8 @@ class QuantState:
             out["cpu_gemm"] = lo.cpu_gemm
         if lo.note:
             out["note"] = lo.note
+        if self.stale_note:
+            out["stale_steps"] = self.stale_note
         if self.d_x is not None:
             out["act_step"] = [round(float(v), 6) for v in self.d_x.reshape(-1)]
             if any(lo.dual):

@@ -284,3 +284,76 @@ def test_two_threads_making_the_first_call_decide_on_one_call(monkeypatch):
         got = fn(model, probe)
     assert any(torch.equal(got, e) for e in expected)
     assert not torch.equal(expected[0], expected[1])   # the two calls' rows decide differently
+
+
+def test_a_weight_edit_under_static_steps_warns_once_and_marks_the_report():
+    """A LoRA-style merge through .data into a layer feeding a quantized site: its static steps
+    were calibrated on the old weights."""
+    model, compiled = _calibrated_two({})
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        model.a.weight.data += 3 * torch.randn_like(model.a.weight)   # a's outputs (b's input) grow
+        with pytest.warns(UserWarning, match=r"weight\(s\) a edited after static calibration.*recalibrate=True"):
+            compiled(x)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")        # once per edit
+            compiled(x)
+    r = sq.report(compiled)
+    assert "STALE STEPS" in str(r) and r.states["b"].summary()["stale_steps"].startswith("calibrated before a")
+    assert "stale_steps" not in r.states["a"].summary()   # a's own input is as calibrated
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), sq.calibrate(compiled, progress=False, recalibrate=True):
+        compiled(torch.randn(64, 8, generator=g))
+    assert "STALE STEPS" not in str(sq.report(compiled))
+
+
+class _Block(nn.Module):
+    def __init__(self, graph_break: bool):
+        super().__init__()
+        self.proj, self.graph_break = nn.Linear(16, 16), graph_break
+
+    def forward(self, x):
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return torch.relu(self.proj(x))
+
+
+class _Nested(nn.Module):
+    """A top-level `proj` beside blocks.N.proj."""
+
+    def __init__(self, graph_break: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(graph_break) for _ in range(2)])
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.proj(x)
+
+
+def _formats_run(graph_break, formats):
+    torch.manual_seed(0)
+    model = _Nested(graph_break)
+    compiled = torch.compile(model, backend="segquant", options={"formats": formats, "inductor": False})
+    with torch.no_grad():
+        compiled(torch.randn(4, 16))
+    r = sq.report(compiled)
+    return {name: "quantized" if name in r.states else r.fallbacks.get(name) or r.unreached[name]
+            for name in ("blocks.0.proj", "blocks.1.proj", "proj")}
+
+
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_a_formats_entry_applies_to_the_sites_it_names_only(graph_break):
+    if not graph_break:
+        got = _formats_run(False, {"blocks.0.proj": "float"})
+        assert got["proj"] == "quantized" and got["blocks.1.proj"] == "quantized"
+        assert got["blocks.0.proj"].startswith("format 'float'")
+        return
+    got = _formats_run(True, {"blocks.*.proj": "float"})   # every block alike: one graph serves them all
+    assert got["proj"].startswith("never reached")          # dynamo runs the loop around the break eagerly
+    assert all(got[f"blocks.{i}.proj"].startswith("format 'float'") for i in range(2))
+    with pytest.raises(Exception, match=r"give blocks.1.proj int8, but it runs in the graph compiled for "
+                                        r"blocks.0.proj \(float\)"):
+        _formats_run(True, {"blocks.0.proj": "float"})
