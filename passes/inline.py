@@ -3,8 +3,9 @@
 Dynamo keeps `F.multi_head_attention_forward` (nn.MultiheadAttention, nn.Transformer*) as one
 node (torch's trace rules list it as an in-graph function), so its in_proj and out_proj linears
 never appear in the graph; nn.TransformerEncoderLayer's fast path (eval, no_grad) is one fused
-op, `torch._transformer_encoder_layer_fwd`, hiding all four of its linears. Replay such a call on its fake example values under a
-TorchFunctionMode and put the torch-level ops it runs into the graph in its place.
+op, `torch._transformer_encoder_layer_fwd`, hiding all four of its linears. Replay such a call
+on its fake example values under a TorchFunctionMode and put the torch-level ops it runs into
+the graph in its place.
 
 Under dynamic shapes (a recompile after the batch changed, CFG doubling it, for instance) the
 replay's ops take symbolic sizes (`bsz * num_heads`): each is rebuilt in the graph from

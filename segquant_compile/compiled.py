@@ -68,13 +68,14 @@ def full_site_names(sites, weights, root: torch.nn.Module | None) -> dict[str, s
     if root is None:
         return {}
     paths = module_paths(root)
-    out = {}
-    for site in sites:
-        w = weights.get(site.name)
-        if w is not None and id(w) in paths:
-            suffix = site.name[site.name.index("#"):] if "#" in site.name else ""
-            out[site.name] = site_path(paths[id(w)]) + suffix
-    return out
+    return {site.name: full_site_name(site.name, paths[id(w)]) for site in sites
+            if (w := weights.get(site.name)) is not None and id(w) in paths}
+
+
+def full_site_name(name: str, weight_path: str) -> str:
+    """A site's full name from its weight's full path, keeping the graph's `#2` of a weight
+    called more than once."""
+    return site_path(weight_path) + (name[name.index("#"):] if "#" in name else "")
 
 
 def site_path(param_name: str) -> str:
@@ -148,8 +149,7 @@ def find(compiled) -> Compiled:
             if mine.get(id(w)) is not w:
                 continue
             ran = True
-            suffix = site.name[site.name.index("#"):] if "#" in site.name else ""
-            full = site_path(paths[id(w)]) + suffix
+            full = full_site_name(site.name, paths[id(w)])
             if full in names:
                 continue
             names.add(full)
