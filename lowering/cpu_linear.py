@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-from .ops import cpu_int8_gemm
+from .ops import cpu_int8_gemm, int_mm_onednn
 from .quantize import ASYMMETRIC, DUALSCALE, _round, _segments, dequantize_segment, dynamic_steps, nonfinite_rows
 
 CPU_GEMMS = ("int8", "fp32")
@@ -83,11 +83,11 @@ def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x, d_ne
     for s, ((q, d, dn, z), k0, k1) in enumerate(zip(a, k_bounds[:-1], k_bounds[1:])):
         ws = w[k0:k1]
         if isinstance(q, tuple):   # DualScale: two dots, one weight
-            part = torch._int_mm(q[0], ws) * d + torch._int_mm(q[1], ws) * dn
+            part = int_mm_onednn(q[0], ws) * d + int_mm_onednn(q[1], ws) * dn
         elif schemes[s] == ASYMMETRIC:
-            part = (torch._int_mm(q, ws) - z.to(torch.int32) * colsum[s]) * d
+            part = (int_mm_onednn(q, ws) - z.to(torch.int32) * colsum[s]) * d
         else:
-            part = torch._int_mm(q, ws) * d
+            part = int_mm_onednn(q, ws) * d
         y = part if y is None else y + part
     y = y * d_w
     if b is not None:

@@ -165,11 +165,20 @@ def _untraced() -> contextlib.ExitStack:
     return stack
 
 
+def int_mm_onednn(a: Tensor, b: Tensor) -> Tensor:
+    """torch._int_mm on the CPU, exact for every layout: with VNNI oneDNN misreads a [1, N]
+    right operand whose strides are (1, 1) (one K column of a transposed weight) and returns
+    garbage (torch 2.13), so a K of 1 is computed as the outer product it is."""
+    if a.shape[1] == 1:
+        return a.to(torch.int32) * b.to(torch.int32)
+    return torch._int_mm(a, b)
+
+
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
     if a.device.type == "cpu":
         if cpu_int8_gemm() == "fp32":
             return _int_mm_fp32(a, b)
-        return torch._int_mm(a.contiguous(), b.contiguous())
+        return int_mm_onednn(a.contiguous(), b.contiguous())
     if a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0:
         return torch._int_mm(a.contiguous(), b.contiguous())
     return (a.double() @ b.double()).to(torch.int32)  # small or unaligned shapes: exact in float64

@@ -141,6 +141,18 @@ def fresh_dynamo():
     yield
 
 
+def expected_site_gemms(report) -> int:
+    """GEMM launches the report's quantized sites make on this CPU: one per conv site and per
+    linear site in the fp32 form; in the int8 form (CPUs with VNNI/AMX) one `_int_mm` per K
+    segment, two for a DualScale segment (lowering/cpu_linear.py)."""
+    from segquant_compile.lowering.site_lowering import DUALSCALE
+    n = 0
+    for st in report.states.values():
+        lo = st.lowering
+        n += sum(2 if s == DUALSCALE else 1 for s in lo.schemes) if lo.cpu_gemm == "int8" else 1
+    return n
+
+
 def site_gemm_calls(code: list[str]) -> int:
     """GEMM launches of quantized sites in Inductor output code: segquant ops (CUDA, fp8, convs) and,
     on CPU, the extern GEMMs Inductor attributes to a `quantized_linear` source node."""

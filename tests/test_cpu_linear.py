@@ -162,3 +162,21 @@ def test_head_groups_merge_adjacent_heads(monkeypatch):
     assert sqnr_db(ref, got) > 30
     with pytest.raises(ValueError, match="head_groups"):
         sq.QuantConfig.from_options({"head_groups": 0})
+
+
+def test_int8_form_exact_for_a_one_column_segment():
+    """oneDNN's _int_mm (VNNI CPUs) misread a [1, N] weight slice with strides (1, 1) and returned
+    garbage: a K segment one column wide (here the whole K of a transposed [N, 1] weight)."""
+    from segquant_compile.lowering.ops import int_mm_onednn
+    q = torch.tensor([[127], [-3]], dtype=torch.int8)
+    w = torch.tensor([[-127], [127], [5]], dtype=torch.int8).t()   # [1, 3], strides (1, 1)
+    assert w.stride() == (1, 1)
+    assert torch.equal(int_mm_onednn(q, w), (q.long() @ w.long()).int())
+    x, wf = torch.tensor([[4.9304]]), torch.tensor([[-1.0], [2.0]])
+    d_w = weight_steps(wf)
+    packed = quantize_weight(wf, d_w)
+    qd, d, dn, zp = quantize_dynamic(x, [0, 1], [0])
+    ref = gemm_reference(qd, d, dn, packed, d_w, None, [0, 1], [0], torch.float32, zp, column_sums(packed, [0, 1]))
+    got = quantized_linear(x, packed, d_w, None, None, None, None, None, column_sums(packed, [0, 1]), (0, 1), (0,),
+                           cpu_gemm="int8")
+    assert torch.equal(got, ref)
