@@ -117,6 +117,30 @@ def test_attention_of_1x1_convs(batch):
     assert r.plan["proj_out"].input_segments.sizes == (8, 8) and r.plan["proj_out"].input_segments.pattern == "head_merge"
 
 
+class Resample(nn.Module):
+    """SiLU, then pooling or upsampling, then a conv (guided-diffusion's up/down ResBlocks)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.conv = op, nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.op(nn.functional.silu(x)))
+
+
+@pytest.mark.parametrize("op,expected", [
+    (lambda x: nn.functional.avg_pool2d(x, 2), "silu"),               # an average stays in the range
+    (lambda x: nn.functional.max_pool2d(x, 2), "silu"),
+    (lambda x: nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), "silu"),
+    (lambda x: nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear"), "silu"),
+    (lambda x: nn.functional.interpolate(x, scale_factor=2.0, mode="bicubic"), None),   # overshoots
+    (lambda x: nn.functional.pad(x, (1, 1, 1, 1), value=-3.0), None),                  # pads outside it
+])
+def test_dualscale_through_resampling(op, expected):
+    r = sq.explain(Resample(op), torch.randn(2, 8, 8, 8))
+    assert r.plan["conv"].dualscale.sources == (expected,)
+
+
 # ------------------------------------------------------------------ float reasons
 class Odd(nn.Module):
     """One conv of each kind segquant cannot lower, and one it can."""
