@@ -361,7 +361,10 @@ def _backward_index(node, src, axes, notes) -> list:
         if imap is None:
             return []
         back = {o: (d, sel) for d, o, sel in imap if o is not None}
-        if any(a not in back or back[a][1] != FULL for a in axes):
+        if any(a not in back for a in axes):     # x[:, None]: nothing was assembled along it
+            notes.append(f"{node.name}: the channel axis is a new dim (indexing with None)")
+            return []
+        if any(back[a][1] != FULL for a in axes):
             notes.append(f"{node.name}: slices the channel axis")
             return []
         return [(src, tuple(back[a][0] for a in axes))]

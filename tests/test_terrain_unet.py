@@ -167,6 +167,7 @@ def test_linears_and_dualscale(plan_report):
         half = s.out_features // 2
         assert s.output_segments.sizes == (half, half) and s.dualscale.sources == ("silu",)
     assert plan_report.plan["time_embed.0"].input_segments.sizes == (16, 16)         # cat(cos, sin)
+    assert any("new dim" in n for n in plan_report.plan["label_emb.0"].notes)     # d01[:, None]: K = 1
     for name in ("time_embed.2", "label_emb.2"):
         assert plan_report.plan[name].dualscale.sources == ("silu",)
     # the resampling ResBlocks pool or upsample between SiLU and conv: the range, and DualScale, survive
