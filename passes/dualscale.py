@@ -71,4 +71,6 @@ def _keeps_range(node: torch.fx.Node) -> bool:
         mode = ops.arg(node, 2, "mode", "constant") if n == "pad" else "constant"
         value = ops.arg(node, 3 if n == "pad" else 2, "value", 0)
         return mode in ("constant", "replicate", "reflect", "circular") and (mode != "constant" or not value)
+    if n in ("avg_pool2d", "avg_pool3d") and ops.arg(node, 6, "divisor_override") is not None:
+        return False      # a sum over the window divided by something else: no longer an average
     return n in _RANGE_KEEPING

@@ -343,7 +343,7 @@ def _folded_heads(dst_shape, src_shape, axis: int) -> tuple[int, int, int] | Non
         if end < 2:
             return None
         width, folded = as_int(src_shape[end - 1]), end - 2
-        if channels is None or not width or width == channels or channels % width:
+        if channels is None or width is None or width < 2 or width == channels or channels % width:
             return None
         heads = channels // width
         for start in range(axis + 1):                  # src[:folded] == dst[:start], the outer dims

@@ -135,6 +135,7 @@ class Resample(nn.Module):
     (lambda x: nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear"), "silu"),
     (lambda x: nn.functional.interpolate(x, scale_factor=2.0, mode="bicubic"), None),   # overshoots
     (lambda x: nn.functional.pad(x, (1, 1, 1, 1), value=-3.0), None),                  # pads outside it
+    (lambda x: nn.functional.avg_pool2d(x, 2, divisor_override=1), None),            # a sum, not an average
 ])
 def test_dualscale_through_resampling(op, expected):
     r = sq.explain(Resample(op), torch.randn(2, 8, 8, 8))
