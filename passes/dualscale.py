@@ -25,6 +25,8 @@ def activation_source(node: torch.fx.Node, activations: frozenset[str],
     if act is not None:
         base = act.split("(")[0]
         return act if base in activations else None
+    if _keeps_range(node):   # pooled or upsampled: still inside the activation's range
+        return activation_source(source(node), activations, anchor, _depth + 1)
     kind = classify(node)
     if kind is T.CAT:
         found = {activation_source(i, activations, anchor, _depth + 1) for i in ops.cat_inputs(node)}
@@ -45,3 +47,30 @@ def _positive_scaling(node: torch.fx.Node) -> bool:
     if n not in ("mul", "multiply", "div", "truediv", "divide") or len(tensors) != 1 or len(numbers_) != 1:
         return False
     return numbers_[0] > 0 and (n in ("mul", "multiply") or node.args[0] is tensors[0])
+
+
+# Spatial ops whose every output element is one input element of its channel (nearest upsampling,
+# max pooling) or an average of them (average pooling, (bi)linear upsampling, zero padding as an
+# average with 0, which lies in every activation's range): the output's range lies inside the
+# input's, so the narrow negative side DualScale is for survives. UNets resample after SiLU
+# (guided-diffusion's ResBlock up/down). Bicubic weights go negative: it can leave the range.
+_RANGE_KEEPING = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                  "adaptive_avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d",
+                  "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d",
+                  "upsample_nearest3d", "upsample_bilinear2d", "upsample_linear1d", "upsample_trilinear3d"}
+_INTERPOLATE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
+
+
+def _keeps_range(node: torch.fx.Node) -> bool:
+    n = ops.name(node)
+    if node.op not in ("call_function", "call_method") or source(node) is None:
+        return False
+    if n == "interpolate":
+        return ops.arg(node, 3, "mode", "nearest") in _INTERPOLATE_MODES
+    if n in ("pad", "constant_pad_nd"):
+        mode = ops.arg(node, 2, "mode", "constant") if n == "pad" else "constant"
+        value = ops.arg(node, 3 if n == "pad" else 2, "value", 0)
+        return mode in ("constant", "replicate", "reflect", "circular") and (mode != "constant" or not value)
+    if n in ("avg_pool2d", "avg_pool3d") and ops.arg(node, 6, "divisor_override") is not None:
+        return False      # a sum over the window divided by something else: no longer an average
+    return n in _RANGE_KEEPING

@@ -12,7 +12,7 @@ import torch.fx
 
 from . import ops
 from .indexing import FULL, bounds, index_map
-from .shapes import as_int, group_map, ints, norm_dim, prod, shape
+from .shapes import as_int, group_map, ints, norm_dim, prod, same, shape
 from .transparency import Transparency as T
 from .transparency import classify, source
 
@@ -300,6 +300,12 @@ def _backward_step(node, axes, notes, path, total: int) -> Evidence | list:
 def _backward_reshape(node, src, axes, notes, path, total: int) -> Evidence | list:
     src_shape = shape(src)
     mapped = _reshape_axes(shape(node), src_shape, axes)
+    if mapped is None and len(axes) == 1:
+        folded = _folded_heads(shape(node), src_shape, axes[0])
+        if folded is not None:
+            heads, width, dim = folded
+            notes.append(f"{node.name}: head merge of {heads} heads of {width} folded into dim {dim} of {src.name}")
+            return Evidence(sizes=(width,) * heads, pattern="head_merge", nodes=[node.name])
     if mapped is None:
         notes.append(f"{node.name}: reshape mixes the channel axis with other dims")
         return []
@@ -323,6 +329,31 @@ def _backward_reshape(node, src, axes, notes, path, total: int) -> Evidence | li
     return [(src, mapped)]
 
 
+def _folded_heads(dst_shape, src_shape, axis: int) -> tuple[int, int, int] | None:
+    """(heads, head width, src dim holding the heads) when the reshape src -> dst assembles the
+    channel axis `axis` of dst from heads folded into an earlier dim of src: (N*heads, d, T) ->
+    (N, heads*d, T), the channel-first head merge of 1x1-conv attention (ADM/guided-diffusion's
+    QKVAttention). Read row-major, channel c = h*d + j of dst row n is element j of src row
+    n*heads + h: the head index is the minor factor of the src dim just before the head width, so
+    each d-wide channel range comes from one head. None for any other regrouping."""
+    channels = as_int(dst_shape[axis])
+    for end in range(1, len(src_shape) + 1):          # src[:end] holds dst[:axis + 1]
+        if not same(prod(src_shape[:end]), prod(dst_shape[:axis + 1])):
+            continue
+        if end < 2:
+            return None
+        width, folded = as_int(src_shape[end - 1]), end - 2
+        if channels is None or width is None or width < 2 or width == channels or channels % width:
+            return None
+        heads = channels // width
+        for start in range(axis + 1):                  # src[:folded] == dst[:start], the outer dims
+            if same(prod(src_shape[:folded]), prod(dst_shape[:start])):
+                inner = prod(dst_shape[start:axis]) * heads
+                return (heads, width, folded) if heads > 1 and same(src_shape[folded], inner) else None
+        return None
+    return None
+
+
 def _backward_index(node, src, axes, notes) -> list:
     src_shape = shape(src)
     if ops.name(node) == "getitem":
@@ -330,7 +361,10 @@ def _backward_index(node, src, axes, notes) -> list:
         if imap is None:
             return []
         back = {o: (d, sel) for d, o, sel in imap if o is not None}
-        if any(a not in back or back[a][1] != FULL for a in axes):
+        if any(a not in back for a in axes):     # x[:, None]: nothing was assembled along it
+            notes.append(f"{node.name}: the channel axis is a new dim (indexing with None)")
+            return []
+        if any(back[a][1] != FULL for a in axes):
             notes.append(f"{node.name}: slices the channel axis")
             return []
         return [(src, tuple(back[a][0] for a in axes))]

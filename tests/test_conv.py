@@ -92,6 +92,56 @@ def test_channel_segments_dualscale_and_output_segments():
     assert set(skipped.fallbacks) == {"shortcut", "up"}
 
 
+class ConvAttention(nn.Module):
+    """Attention written with 1x1 convs (ADM / guided-diffusion): the qkv conv's output cut into
+    q | k | v after a reshape, heads folded into the batch, merged back channel-first for proj_out."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj_out = nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3 * c, h * w).chunk(3, dim=1)
+        d = c // self.heads
+        att = torch.einsum("bct,bcs->bts", q.reshape(b * self.heads, d, -1), k.reshape(b * self.heads, d, -1))
+        a = torch.einsum("bts,bcs->bct", att.softmax(-1), v.reshape(b * self.heads, d, -1))
+        return x + self.proj_out(a.reshape(b, c, h, w))
+
+
+@pytest.mark.parametrize("batch", [1, 2])   # at batch 1 the folded dim is the heads alone
+def test_attention_of_1x1_convs(batch):
+    r = sq.explain(ConvAttention(), torch.randn(batch, 16, 4, 4))
+    assert r.plan["qkv"].output_segments.sizes == (16, 16, 16)
+    assert r.plan["proj_out"].input_segments.sizes == (8, 8) and r.plan["proj_out"].input_segments.pattern == "head_merge"
+
+
+class Resample(nn.Module):
+    """SiLU, then pooling or upsampling, then a conv (guided-diffusion's up/down ResBlocks)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.conv = op, nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.op(nn.functional.silu(x)))
+
+
+@pytest.mark.parametrize("op,expected", [
+    (lambda x: nn.functional.avg_pool2d(x, 2), "silu"),               # an average stays in the range
+    (lambda x: nn.functional.max_pool2d(x, 2), "silu"),
+    (lambda x: nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), "silu"),
+    (lambda x: nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear"), "silu"),
+    (lambda x: nn.functional.interpolate(x, scale_factor=2.0, mode="bicubic"), None),   # overshoots
+    (lambda x: nn.functional.pad(x, (1, 1, 1, 1), value=-3.0), None),                  # pads outside it
+    (lambda x: nn.functional.avg_pool2d(x, 2, divisor_override=1), None),            # a sum, not an average
+])
+def test_dualscale_through_resampling(op, expected):
+    r = sq.explain(Resample(op), torch.randn(2, 8, 8, 8))
+    assert r.plan["conv"].dualscale.sources == (expected,)
+
+
 # ------------------------------------------------------------------ float reasons
 class Odd(nn.Module):
     """One conv of each kind segquant cannot lower, and one it can."""

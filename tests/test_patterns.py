@@ -70,6 +70,9 @@ def test_output_segments(fn, sizes, pattern):
     # channel-first head merge followed by a transpose: (B, H, D, S) -> (B, H*D, S) -> (B, S, H*D)
     (lambda m, x: m.lin(x.view(2, 5, 2, 4).permute(0, 2, 3, 1).reshape(2, 8, 5).transpose(1, 2)), X3, 8,
      (4, 4), "head_merge"),
+    # heads folded into the batch, merged channel-first: (B*H, D, S) -> (B, H*D, S) (ADM's QKVAttention)
+    (lambda m, x: m.lin(x.view(2, 5, 2, 4).permute(0, 2, 3, 1).reshape(4, 4, 5).exp().reshape(2, 8, 5)
+                        .transpose(1, 2)), X3, 8, (4, 4), "head_merge"),
     # the token split before the projection (FLUX) is transparent
     (lambda m, x: m.lin(torch.split(x.view(2, 5, 2, 4).flatten(2, 3), [2, 3], dim=1)[1]), X3, 8, (4, 4),
      "head_merge"),
@@ -132,6 +135,8 @@ def test_no_output_segments(fn):
     (lambda m, x: m.lin(F.layer_norm(torch.cat([x[..., :4], x[..., 4:]], -1), (8,))), X3),  # norm mixes
     (lambda m, x: m.lin(x.reshape(2, 5, 8)), torch.randn(2, 5, 8)),    # reshape keeping the last dim
     (lambda m, x: m.lin(x.permute(0, 2, 3, 1).reshape(2, 4, 8)), torch.randn(2, 8, 2, 2)),  # patchify keeps C
+    # (B*H, S, D) -> (B, S, H*D): the tokens sit between the folded heads and the width, no head merge
+    (lambda m, x: m.lin(x.view(2, 5, 2, 4).permute(0, 2, 1, 3).reshape(4, 5, 4).exp().reshape(2, 5, 8)), X3),
 ])
 def test_no_input_segments(fn, x):
     site, _ = plan_of(fn, x)
