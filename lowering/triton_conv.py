@@ -120,7 +120,7 @@ def launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeometr
         return c
     name = variant(geometry, schemes, prologue)
     if config is None:
-        config = autotune.choose(autotune.key(M, N, K, name, x.device), prune(M, N, K, name, x.device))
+        config = autotune.choose(autotune.key(M, N, K, name, x.device), prune(M, N, K, name, x.device, k_bounds))
     stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.padding
@@ -162,7 +162,7 @@ def tune(m: int, n: int, geometry: ConvGeometry, name: str, device, bench=None) 
     def run(cfg):
         launch(x, d, d, w, torch.full((n,), 0.01, device=device), None, bounds, codes, geometry, torch.bfloat16,
                zp=zp, colsum=colsum, config=cfg)
-    return autotune.tune(autotune.key(m, n, k, name, device), prune(m, n, k, name, device), run, bench)
+    return autotune.tune(autotune.key(m, n, k, name, device), prune(m, n, k, name, device, bounds), run, bench)
 
 
 def ensure(m: int, n: int, geometry: ConvGeometry, name: str, device) -> dict:

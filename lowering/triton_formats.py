@@ -130,8 +130,8 @@ def _groups(g_bounds, k: int) -> int:
     return len(g_bounds) - 1
 
 
-def _config(config, m, n, k, variant, device) -> dict:
-    return config or autotune.choose(autotune.key(m, n, k, variant, device), prune(m, n, k, variant, device))
+def _config(config, m, n, k, variant, device, g_bounds) -> dict:
+    return config or autotune.choose(autotune.key(m, n, k, variant, device), prune(m, n, k, variant, device, g_bounds))
 
 
 def launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None,
@@ -158,7 +158,7 @@ def launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dty
     if M == 0 or N == 0:
         return c
     dual = 1 in schemes
-    cfg = _config(config, M, N, K, variant_name("w4a8", dual, False, asym), q.device)
+    cfg = _config(config, M, N, K, variant_name("w4a8", dual, False, asym), q.device, g_bounds)
     stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     tk, tu, tiles, align, even = k_tiles(g_bounds, cfg["BLOCK_K"], q.device)
@@ -201,7 +201,7 @@ def launch_weight_only(x, w, d_w, bias, g_bounds, bits, out_dtype, config=None) 
     c = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if M == 0 or N == 0:
         return c
-    cfg = _config(config, M, N, K, f"int{bits}-weight-only", x.device)
+    cfg = _config(config, M, N, K, f"int{bits}-weight-only", x.device, g_bounds)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     tk, tu, tiles, align, even = k_tiles(g_bounds, cfg["BLOCK_K"], x.device)
     weight_only_kernel[grid](
