@@ -111,14 +111,17 @@ def source(fn, args, kwargs):
     return signature, constexprs, attrs, options
 
 
-def _ptxas(ptx: str, cap: int) -> dict:
+def _ptxas(ptx: str, cap: int, fp_fusion: bool = True) -> dict:
+    """Registers and spill bytes from the wheel's ptxas, run with the flags Triton's own cubin
+    build passes (triton 3.7 backends/nvidia/compiler.py make_cubin)."""
     import triton
     exe = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     arch = f"sm_{cap}" + ("a" if cap == 90 else "")      # wgmma needs the arch-specific sm_90a
+    flags = ["-lineinfo", "-v", "--regAllocOptLevel=2"] + ([] if fp_fusion else ["--fmad=false"])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.ptx"
         path.write_text(ptx)
-        out = subprocess.run([str(exe), f"-arch={arch}", "-v", str(path), "-o", os.devnull],
+        out = subprocess.run([str(exe), *flags, f"--gpu-name={arch}", str(path), "-o", os.devnull],
                              capture_output=True, text=True)
     log = out.stdout + out.stderr
     if out.returncode != 0:
@@ -167,7 +170,7 @@ def compile_row(case: Case, config: dict, arch: str) -> dict:
         k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", cap, 32),
                            options=options)
         ptx = k.asm["ptx"]
-        row.update(_ptxas(ptx, cap))
+        row.update(_ptxas(ptx, cap, options.get("enable_fp_fusion", True)))
     except Exception as e:    # the row says why; the check fails on it
         row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[-300:]}"
         return row
@@ -290,14 +293,16 @@ def config_index(config: dict) -> int:
     return next(i for i, c in enumerate(CONFIGS) if all(c[x] == config[x] for x in keys))
 
 
-def check(archs=ARCHS, every: bool = False, kernels=None, progress=None, jobs: int = 1) -> list[dict]:
-    """One row per (case, config, arch), in that order; `jobs` processes compile in parallel."""
+def check(archs=ARCHS, every: bool = False, kernels=None, progress=None, jobs: int = 1,
+          first: bool = False, names=None) -> list[dict]:
+    """One row per (case, config, arch), in that order; `jobs` processes compile in parallel;
+    `first`: only the first config the pruner offers per case (a quick check)."""
     from . import triton_gemm
     if not hasattr(triton_gemm.segquant_gemm_kernel, "params"):
         raise RuntimeError("segquant codegen-check compiles for a GPU: run it without TRITON_INTERPRET=1")
     tasks = [(arch, i, cfg) for arch in archs for i, case in enumerate(cases())
-             if (not kernels or case.kernel in kernels) and (arch in FP8_ARCHS or not case.variant.startswith("fp8"))
-             for cfg in configs(case, arch, every)]
+             if (not kernels or case.kernel in kernels) and (not names or any(n in case.name for n in names)) and (arch in FP8_ARCHS or not case.variant.startswith("fp8"))
+             for cfg in configs(case, arch, every)[: 1 if first else None]]
     if jobs > 1:
         import multiprocessing
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -362,7 +367,8 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(archs, json_path=None, every: bool = False, write_table: bool = False, jobs: int = 1) -> int:
+def run(archs, json_path=None, every: bool = False, write_table: bool = False, jobs: int = 1,
+        verbose: bool = False, first: bool = False) -> int:
     """`segquant codegen-check`: the summary on stdout, rows to JSON; exit status 1 where a row
     fails (every: the candidates before the table's verdict; write_table: the pruner's table)."""
     import json
@@ -371,7 +377,9 @@ def run(archs, json_path=None, every: bool = False, write_table: bool = False, j
         raise ValueError(f"codegen-check: unknown arch {sorted(unknown)}; known: {', '.join(ARCHS)}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("codegen-check compiles for a GPU: unset TRITON_INTERPRET")
-    rows = check(archs, every=every, jobs=jobs)
+    def progress(r):
+        print(f"{r['arch']} {r['case']} #{r['config_index']}: {'; '.join(r['problems']) or 'ok'}", flush=True)
+    rows = check(archs, every=every, jobs=jobs, progress=progress if verbose else None, first=first)
     print(summary(rows))
     bad = [r for r in rows if r["problems"]]
     for r in bad if not every else ():

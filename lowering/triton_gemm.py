@@ -116,6 +116,7 @@ def prune(m: int, n: int, k: int, variant: str, device, bounds=None, arch: str |
     limit = codegen_limit(arch) if arch else shared_memory(device)
     bounds = tuple(bounds) if bounds is not None else (0, k)
     segmented = len(bounds) > 2
+    min_m = 64 if arch == "sm_90" else 16     # wgmma's tile is 64 rows a warpgroup: smaller ones fall back to mma.sync
     out = []
     for i, c in enumerate(CONFIGS):
         if c["BLOCK_K"] < MIN_DOT_K:
@@ -123,7 +124,7 @@ def prune(m: int, n: int, k: int, variant: str, device, bounds=None, arch: str |
         smem = (c["BLOCK_M"] * c["BLOCK_K"] * elem + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"]
         if smem > limit:
             continue
-        if m and (c["BLOCK_M"] > max(16, autotune.m_bucket(m)) or c["BLOCK_N"] > max(32, n * 2)):
+        if m and (c["BLOCK_M"] > max(min_m, autotune.m_bucket(m)) or c["BLOCK_N"] > max(32, n * 2)):
             continue
         out.append((i, c))
     even = [(i, c) for i, c in out if all(b % c["BLOCK_K"] == 0 for b in bounds)]
@@ -267,17 +268,17 @@ def segquant_gemm_kernel(
             bad += tl.sum(x - x, axis=1)
             if HAS_SMOOTH:
                 x = x / tl.load(SMOOTH + kk, mask=k_ok, other=1.0)[None, :]
-            d_pos = tl.load(DXK + kk, mask=k_ok, other=1.0)[None, :]
+            step_pos = tl.load(DXK + kk, mask=k_ok, other=1.0)[None, :]
             if DUAL:
                 # a plain segment of a mixed site quantizes symmetrically: its lower clamp is -127
                 # each element on its own side, one quotient per element (not both sides' tiles)
                 low = tl.load(LOWK + kk, mask=k_ok, other=-127).to(tl.float32)[None, :]
-                d_neg = tl.load(DNK + kk, mask=k_ok, other=1.0)[None, :]
+                step_neg = tl.load(DNK + kk, mask=k_ok, other=1.0)[None, :]
                 positive = x >= 0
-                q = _rint(x / tl.where(positive, d_pos, d_neg))
+                q = _rint(x / tl.where(positive, step_pos, step_neg))
                 a = tl.minimum(tl.maximum(q, tl.where(positive, 0.0, low)), tl.where(positive, 127.0, 0.0)).to(tl.int8)
             else:
-                a = tl.minimum(tl.maximum(_rint(x / d_pos), -127.0), 127.0).to(tl.int8)
+                a = tl.minimum(tl.maximum(_rint(x / step_pos), -127.0), 127.0).to(tl.int8)
         elif FP8:
             a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
         else:

@@ -255,7 +255,8 @@ def cmd_demo(args) -> int:
 
 def cmd_codegen_check(args) -> int:
     from segquant_compile.lowering import codegen_check
-    return codegen_check.run(args.arch.split(","), args.json, args.every, args.write_table, args.jobs)
+    return codegen_check.run(args.arch.split(","), args.json, args.every, args.write_table, args.jobs,
+                             args.verbose, args.first)
 
 
 def main(argv=None) -> int:
@@ -306,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--every", action="store_true", help="every candidate config, not only those the pruner offers")
     p.add_argument("--write-table", action="store_true", help="with --every: write the pruner's table")
     p.add_argument("--jobs", type=positive_int, default=1, help="compile in this many processes")
+    p.add_argument("--verbose", action="store_true", help="a line per compiled row")
+    p.add_argument("--first", action="store_true", help="only the first config the pruner offers per kernel case")
     p.set_defaults(func=cmd_codegen_check)
     args = parser.parse_args(argv)
     try:
