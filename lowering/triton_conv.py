@@ -46,6 +46,7 @@ def segquant_conv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, 0, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
     # one loop over K tiles, segment after segment (the GEMM kernel's, for the pipeliner)
     for t in range(0, T):
         kk, k_ok, s, last = k_tile(TK, TU, t, rk, K_ALIGN, EVEN_K, BLOCK_K)
@@ -57,15 +58,20 @@ def segquant_conv_kernel(
         a_mask = m_ok[:, None] & k_ok[None, :]
         ptr = x_row[:, None] + c[None, :] * stride_xc + hh * stride_xh + ww * stride_xw
         if PROLOGUE:
-            d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
-                                                     BLOCK_M, ASYM)
+            if SEGMENTED:   # the tile's segment's steps (one segment: loaded once, before the loop)
+                d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
+                                                         BLOCK_M, ASYM)
             x = tl.load(ptr, mask=a_mask & inside, other=0.0).to(tl.float32)
-            sym = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]), -127.0), 127.0)
-            qp = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]), 0.0), 127.0)
-            qn = tl.minimum(tl.maximum(_rint(x / d_neg[:, None]), -128.0), 0.0)
-            dual = tl.where(x >= 0, qp, qn)
-            asym = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]) + zp[:, None], -128.0), 127.0)
-            q = tl.where(scheme == 1, dual, tl.where(scheme == 2, asym, sym))
+            # one quotient per element, with the step and clamps of its scheme (and DualScale side)
+            # (not x >= 0: a NaN takes DualScale's negative side, as a where(x >= 0, ...) does)
+            dual = scheme == 1
+            positive = x >= 0
+            negative = dual & ~positive
+            q = _rint(x / tl.where(negative, d_neg[:, None], d_pos[:, None]))
+            if ASYM:
+                q = tl.where(scheme == 2, q + zp[:, None], q)
+            low = tl.where(scheme == 0, -127.0, tl.where(dual & positive, 0.0, -128.0))
+            q = tl.minimum(tl.maximum(q, low), tl.where(negative, 0.0, 127.0))
             a = tl.where(a_mask, q, 0.0).to(tl.int8)
         else:
             a = tl.load(ptr, mask=a_mask & inside, other=0)
@@ -83,8 +89,6 @@ def segquant_conv_kernel(
                 acc_p = tl.zeros_like(acc_p)
                 acc_n = tl.zeros_like(acc_n)
     if not SEGMENTED:
-        d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, 0, rm, m_ok, stride_dm, stride_ds,
-                                                 BLOCK_M, ASYM)
         acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
