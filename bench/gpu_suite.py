@@ -295,11 +295,13 @@ def environment(dry: bool) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes: the suite runs")
-    p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds of wall time for all stages")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds of wall time for all stages (default {BUDGET_S}; a dry run: 1800)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_suite.json"))
     p.add_argument("--stages", nargs="+", default=["pytest", "gemm", "flux_blocks", "sd3_transformer", "profile"])
     a = p.parse_args(argv)
     dry = a.dry_run
+    a.budget = a.budget or (1800.0 if dry else BUDGET_S)
     installed = "dry run: nothing installed"
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"     # before triton is imported: kernels run on the CPU
