@@ -33,6 +33,9 @@ CONFIGS = [
         (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
         (64, 64, 128, 4, 4), (64, 64, 64, 5, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4),
         (16, 128, 64, 4, 4), (16, 32, 64, 3, 4),
+        # K tiles of 32 (a dot's minimum): the conv prologue's im2col gather and quantization hold
+        # fewer registers per thread (indices above are the codegen table's: append only)
+        (64, 64, 32, 4, 4), (128, 128, 32, 4, 8),
     ]
 ]
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_stages=1, num_warps=4)
