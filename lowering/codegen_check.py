@@ -343,6 +343,14 @@ def table(rows: list[dict]) -> dict:
     return {"archs": out}
 
 
+def table_json(t: dict) -> str:
+    """The table as JSON with a case a line."""
+    import json
+    archs = ",\n".join(f'  "{a}": {{\n' + ",\n".join(f'   "{c}": {json.dumps(v)}' for c, v in sorted(cases.items()))
+                        + "\n  }" for a, cases in sorted(t["archs"].items()))
+    return '{"archs": {\n' + archs + "\n}}\n"
+
+
 def _groups(rows, keys) -> dict:
     out: dict = {}
     for r in rows:
@@ -385,10 +393,10 @@ def run(archs, json_path=None, every: bool = False, write_table: bool = False, j
     for r in bad if not every else ():
         print(f"FAIL {r['arch']} {r['case']} {r['config']}: {'; '.join(r['problems'])}")
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1))
+        Path(json_path).write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")   # a row a line
         print(f"wrote {json_path}")
     if write_table:
         from .triton_gemm import CODEGEN_TABLE
-        CODEGEN_TABLE.write_text(json.dumps(table(rows), indent=1, sort_keys=True) + "\n")
+        CODEGEN_TABLE.write_text(table_json(table(rows)))
         print(f"wrote {CODEGEN_TABLE}")
     return 1 if bad and not every else 0
