@@ -214,9 +214,9 @@ def cases() -> list[Case]:
         variant = variant_name(fmt, 1 in codes, prologue, 2 in codes)
 
         def run(cfg, calls):
-            if fmt == "fp8":
+            if fmt == "fp8":    # packed like int8: [K, N] contiguous (quantize.quantize_weight)
                 a = torch.zeros(m, kk, dtype=torch.float8_e4m3fn)
-                w = torch.zeros(n, kk, dtype=torch.float8_e4m3fn).t()    # packed fp8 W is column-major
+                w = torch.zeros(kk, n, dtype=torch.float8_e4m3fn)
             else:
                 a = torch.zeros(m, kk, dtype=torch.float32 if prologue else torch.int8)
                 w = torch.zeros(kk, n, dtype=torch.int8)
