@@ -7,7 +7,10 @@
     FP8:       e4m3 x e4m3 with fp32 accumulation (sm89+), same epilogues
     PROLOGUE:  A is float; each tile is quantized in the kernel with static per-segment steps
     epilogue:  * d_w (per output channel) + bias, cast to the output dtype
-The math is exactly lowering/ops.py's reference; see tests/test_triton_gemm.py.
+    K loop:    one loop over K tiles that never straddle a segment (k_tiles), the integer sums
+               flushed under a condition at a segment's end: the form the pipeliner takes
+The math is exactly lowering/ops.py's reference; see tests/test_triton_gemm.py. Which configs
+the pruner offers on each arch is what `segquant codegen-check` found (codegen_table.json).
 """
 from __future__ import annotations
 
@@ -96,7 +99,10 @@ def checked_configs(variant: str, segmented: bool, even: bool, arch: str) -> tup
     num_stages 1 where none pipelines (a one-segment launch the check did not compile takes its
     segmented case's, whose K loop holds one more tile); None: the arch or the case is not in
     the table."""
-    table = _table().get("archs", {}).get(arch, {})
+    archs = _table().get("archs", {})
+    # an arch the check does not compile for takes its nearest checked one of the same major
+    # (sm_86/sm_87: sm_80's mma.sync code); others have no verdict
+    table = archs.get(arch) or archs.get({"sm_86": "sm_80", "sm_87": "sm_80"}.get(arch, ""), {})
     for seg in (segmented, True):
         name = codegen_case(variant, seg, even)
         if name in table:
@@ -116,7 +122,9 @@ def prune(m: int, n: int, k: int, variant: str, device, bounds=None, arch: str |
         return [dict(INTERPRETER_CONFIG)]
     arch = arch or device_arch(device)
     elem = 4 if variant.endswith("prologue") or variant.endswith("weight-only") else 1   # bytes of an A element
-    limit = codegen_limit(arch) if arch else shared_memory(device)
+    # a real device's own limit; the arch's when the check asks for one
+    limit = shared_memory(device) if torch.device(device).type == "cuda" else codegen_limit(arch) if arch else \
+        shared_memory(device)
     bounds = tuple(bounds) if bounds is not None else (0, k)
     segmented = len(bounds) > 2
     min_m = 64 if arch == "sm_90" else 16     # wgmma's tile is 64 rows a warpgroup: smaller ones fall back to mma.sync
