@@ -37,13 +37,16 @@ def gemm_shapes(model_name: str, batch: int, resolution: int) -> list[dict]:
     return list(shapes.values())
 
 
-def time_shape(row: dict) -> dict:
-    from triton.testing import do_bench
-
-    from segquant_compile.lowering import autotune
-    from segquant_compile.lowering.triton_gemm import launch
+def time_shape(row: dict, device: str = "cuda", bench=None) -> dict:
+    """ms and TFLOP/s of each kernel on this shape (`bench(fn)` -> ms: triton's do_bench by
+    default; bench/gpu_suite.py --dry-run passes a wall-clock timer and runs on the CPU under the
+    Triton interpreter). A kernel that fails records its error."""
+    from segquant_compile.lowering.triton_gemm import ensure, launch
+    if bench is None:
+        from triton.testing import do_bench
+        bench = lambda fn: do_bench(fn, warmup=25, rep=100)  # noqa: E731
     m, n, k = row["M"], row["N"], row["K"]
-    dev = "cuda"
+    dev = device
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
     w = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=dev)
     wt = w.t().contiguous().t()           # column-major B, the layout cuBLASLt int8 wants
@@ -54,26 +57,29 @@ def time_shape(row: dict) -> dict:
     seg = [i * k // 24 for i in range(25)] if k % 24 == 0 else [0, k]
     out = {}
 
-    def bench(name, fn, variant=None):
-        if variant:
-            autotune.ensure(m, n, k, variant, torch.device(dev))
-        ms = do_bench(fn, warmup=25, rep=100)
-        out[name] = {"ms": ms, "tflops": 2 * m * n * k / ms / 1e9}
+    def time(name, fn, variant=None):
+        try:
+            if variant:
+                ensure(m, n, k, variant, torch.device(dev))
+            ms = bench(fn)
+            out[name] = {"ms": ms, "tflops": 2 * m * n * k / ms / 1e9}
+        except Exception as e:    # e.g. _scaled_mm without an sm89+ GPU
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
 
-    bench("segquant_int8", lambda: launch(a, d, d, w, dw, bias, [0, k], [0], torch.bfloat16), "int8")
-    bench("segquant_int8_dual", lambda: launch(a, d, d, w, dw, bias, [0, k], [1], torch.bfloat16), "int8-dual")
+    time("segquant_int8", lambda: launch(a, d, d, w, dw, bias, [0, k], [0], torch.bfloat16), "int8")
+    time("segquant_int8_dual", lambda: launch(a, d, d, w, dw, bias, [0, k], [1], torch.bfloat16), "int8-dual")
     if len(seg) == 25:
         ds = d.expand(m, 24).contiguous()
-        bench("segquant_int8_24seg", lambda: launch(a, ds, ds, w, dw, bias, seg, [0] * 24, torch.bfloat16), "int8")
+        time("segquant_int8_24seg", lambda: launch(a, ds, ds, w, dw, bias, seg, [0] * 24, torch.bfloat16), "int8")
     if m > 16 and k % 8 == 0 and n % 8 == 0:
-        bench("cublaslt_int8_no_epilogue", lambda: torch._int_mm(a, wt))
-    bench("bf16_mm", lambda: torch.mm(ab, wb))
-    if torch.cuda.get_device_capability() >= (8, 9):
+        time("cublaslt_int8_no_epilogue", lambda: torch._int_mm(a, wt))
+    time("bf16_mm", lambda: torch.mm(ab, wb))
+    if dev != "cuda" or torch.cuda.get_device_capability() >= (8, 9):
         a8 = ab.to(torch.float8_e4m3fn)
         w8 = wb.t().contiguous().to(torch.float8_e4m3fn)
-        bench("segquant_fp8", lambda: launch(a8, d, d, w8.t(), dw, bias, [0, k], [0], torch.bfloat16), "fp8")
-        bench("scaled_mm_fp8_rowwise", lambda: torch._scaled_mm(a8, w8.t(), scale_a=d, scale_b=dw[None, :],
-                                                                   out_dtype=torch.bfloat16))
+        time("segquant_fp8", lambda: launch(a8, d, d, w8.t(), dw, bias, [0, k], [0], torch.bfloat16), "fp8")
+        time("scaled_mm_fp8_rowwise", lambda: torch._scaled_mm(a8, w8.t(), scale_a=d, scale_b=dw[None, :],
+                                                                  out_dtype=torch.bfloat16))
     return {**row, "timings": out}
 
 

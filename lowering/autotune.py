@@ -80,11 +80,13 @@ def cached(kk: str) -> dict | None:
 
 def choose(kk: str, candidates: list[dict]) -> dict:
     """The tuned config for this key: memory, then disk, then the first candidate (tune ahead of
-    time: `segquant autotune`, or the backend at compile time)."""
+    time: `segquant autotune`, or the backend at compile time). A tuned config that is not among
+    the candidates (tuned for other segment bounds, or before the codegen table dropped it) is not
+    used."""
     cfg = cached(kk)
     if cfg is None:
         cfg = _MEMORY[kk] = candidates[0]
-    return cfg
+    return cfg if cfg in candidates else candidates[0]
 
 
 def tune(kk: str, candidates: list[dict], run, bench=None) -> tuple[dict, list]:

@@ -19,17 +19,17 @@ import triton.language as tl
 
 from . import autotune
 from .site_lowering import ConvGeometry, variant_name
-from .triton_gemm import _rint, flush, int8_dots, int_tensor, prune, segment_steps, tile
+from .triton_gemm import _rint, flush, int8_dots, int_tensor, k_tile, k_tiles, prune, segment_steps, tile
 
 
 @triton.jit
 def segquant_conv_kernel(
-        X, W, C, DX, DN, DW, BIAS, KB, SCHEMES, ZP, COLSUM,
-        M, N, S, H, WD, HO, WO,
+        X, W, C, DX, DN, DW, BIAS, TK, TU, SCHEMES, ZP, COLSUM,
+        M, N, T, H, WD, HO, WO,
         stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wn,
         stride_cb, stride_cn, stride_ch, stride_cw, stride_dm, stride_ds,
         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-        PW: tl.constexpr, DUAL: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr,
+        PW: tl.constexpr, SEGMENTED: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr, DUAL: tl.constexpr, PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     rm, rn = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
@@ -44,38 +44,52 @@ def segquant_conv_kernel(
     left = wo * SW - PW
     x_row = X + b * stride_xb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, S):
-        k0, k1, d_pos, d_neg, scheme, zp = segment_steps(KB, SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm,
-                                                         stride_ds, BLOCK_M, ASYM)
-        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k in range(k0, k1, BLOCK_K):
-            kk = k + rk
-            k_ok = kk < k1
-            c = kk // (KH * KW)
-            tap = kk % (KH * KW)
-            hh = top[:, None] + (tap // KW)[None, :]
-            ww = left[:, None] + (tap % KW)[None, :]
-            inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < WD)
-            a_mask = m_ok[:, None] & k_ok[None, :]
-            ptr = x_row[:, None] + c[None, :] * stride_xc + hh * stride_xh + ww * stride_xw
-            if PROLOGUE:
-                x = tl.load(ptr, mask=a_mask & inside, other=0.0).to(tl.float32)
-                sym = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]), -127.0), 127.0)
-                qp = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]), 0.0), 127.0)
-                qn = tl.minimum(tl.maximum(_rint(x / d_neg[:, None]), -128.0), 0.0)
-                dual = tl.where(x >= 0, qp, qn)
-                asym = tl.minimum(tl.maximum(_rint(x / d_pos[:, None]) + zp[:, None], -128.0), 127.0)
-                q = tl.where(scheme == 1, dual, tl.where(scheme == 2, asym, sym))
-                a = tl.where(a_mask, q, 0.0).to(tl.int8)
-            else:
-                pad = tl.where(a_mask, zp[:, None], 0.0).to(tl.int8)   # the quantized 0 of the segment
-                a = tl.load(ptr, mask=a_mask & inside, other=0)
-                a = tl.where(inside, a, pad)
-            w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0)
-            acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
-        acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
+    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, 0, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
+    # one loop over K tiles, segment after segment (the GEMM kernel's, for the pipeliner)
+    for t in range(0, T):
+        kk, k_ok, s, last = k_tile(TK, TU, t, rk, K_ALIGN, EVEN_K, BLOCK_K)
+        c = kk // (KH * KW)
+        tap = kk % (KH * KW)
+        hh = top[:, None] + (tap // KW)[None, :]
+        ww = left[:, None] + (tap % KW)[None, :]
+        inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < WD)
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        ptr = x_row[:, None] + c[None, :] * stride_xc + hh * stride_xh + ww * stride_xw
+        if PROLOGUE:
+            if SEGMENTED:   # the tile's segment's steps (one segment: loaded once, before the loop)
+                d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
+                                                         BLOCK_M, ASYM)
+            x = tl.load(ptr, mask=a_mask & inside, other=0.0).to(tl.float32)
+            # one quotient per element, with the step and clamps of its scheme (and DualScale side)
+            # (not x >= 0: a NaN takes DualScale's negative side, as a where(x >= 0, ...) does)
+            dual = scheme == 1
+            positive = x >= 0
+            negative = dual & ~positive
+            q = _rint(x / tl.where(negative, d_neg[:, None], d_pos[:, None]))
+            if ASYM:
+                q = tl.where(scheme == 2, q + zp[:, None], q)
+            low = tl.where(scheme == 0, -127.0, tl.where(dual & positive, 0.0, -128.0))
+            q = tl.minimum(tl.maximum(q, low), tl.where(negative, 0.0, 127.0))
+            a = tl.where(a_mask, q, 0.0).to(tl.int8)
+        else:
+            a = tl.load(ptr, mask=a_mask & inside, other=0)
+            if ASYM:   # out-of-image taps read the segment's quantized 0
+                zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
+                a = tl.where(inside, a, tl.where(a_mask, zp[:, None], 0.0).to(tl.int8))
+        w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0)
+        acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
+        if SEGMENTED:
+            if last:
+                d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
+                                                         BLOCK_M, ASYM)
+                acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
+                acc_p = tl.zeros_like(acc_p)
+                acc_n = tl.zeros_like(acc_n)
+    if not SEGMENTED:
+        acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -110,17 +124,19 @@ def launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeometr
         return c
     name = variant(geometry, schemes, prologue)
     if config is None:
-        config = autotune.choose(autotune.key(M, N, K, name, x.device), prune(M, N, K, name, x.device))
+        config = autotune.choose(autotune.key(M, N, K, name, x.device), prune(M, N, K, name, x.device, k_bounds))
     stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.padding
-    kb, flags = int_tensor(k_bounds, x.device), int_tensor(schemes, x.device)
+    tk, tu, tiles, align, even = k_tiles(k_bounds, config["BLOCK_K"], x.device)
+    flags = int_tensor(schemes, x.device)
     segquant_conv_kernel[grid](
-        x, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, kb, flags,
-        zp if zp is not None else d_x, colsum if colsum is not None else kb,
-        M, N, len(k_bounds) - 1, H, Wd, Ho, Wo,
+        x, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, flags,
+        zp if zp is not None else d_x, colsum if colsum is not None else tk,
+        M, N, tiles, H, Wd, Ho, Wo,
         *x.stride(), w.stride(0), w.stride(1), *c.stride(), stride_dm, d_x.stride(1),
-        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DUAL=1 in schemes, PROLOGUE=prologue,
+        KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, SEGMENTED=len(k_bounds) > 2, K_ALIGN=align, EVEN_K=even,
+        DUAL=1 in schemes, PROLOGUE=prologue,
         HAS_BIAS=bias is not None, ASYM=asym,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         GROUP_M=config.get("GROUP_M", 8), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
@@ -150,7 +166,7 @@ def tune(m: int, n: int, geometry: ConvGeometry, name: str, device, bench=None) 
     def run(cfg):
         launch(x, d, d, w, torch.full((n,), 0.01, device=device), None, bounds, codes, geometry, torch.bfloat16,
                zp=zp, colsum=colsum, config=cfg)
-    return autotune.tune(autotune.key(m, n, k, name, device), prune(m, n, k, name, device), run, bench)
+    return autotune.tune(autotune.key(m, n, k, name, device), prune(m, n, k, name, device, bounds), run, bench)
 
 
 def ensure(m: int, n: int, geometry: ConvGeometry, name: str, device) -> dict:

@@ -18,7 +18,7 @@ import triton.language as tl
 from . import autotune
 from .ops import segment_groups
 from .site_lowering import variant_name
-from .triton_gemm import flush, int8_dots, int_tensor, prune, segment_steps, tile
+from .triton_gemm import flush, int8_dots, int_tensor, k_tile, k_tiles, prune, segment_steps, tile
 
 
 @triton.jit
@@ -32,10 +32,11 @@ def int4_rows(W, kk, rn, mask, stride_wk, stride_wn):
 
 @triton.jit
 def w4a8_kernel(
-        A, W, C, DX, DN, DW, BIAS, SG, GB, SCHEMES, ZP, COLSUM,
-        M, N, S,
+        A, W, C, DX, DN, DW, BIAS, TK, TU, GS, SCHEMES, ZP, COLSUM,
+        M, N, T,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dm, stride_ds,
         stride_dwg, stride_dwn,
+        SEGMENTED: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
         DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     rm, rn = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -43,25 +44,25 @@ def w4a8_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, S):
-        # the segment's bounds come from SG, in group indices: its groups are [g_first, g_end)
-        g_first, g_end, d_pos, d_neg, scheme, zp = segment_steps(SG, SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm,
-                                                                 stride_ds, BLOCK_M, ASYM)
-        for g in range(g_first, g_end):
-            k0 = tl.load(GB + g)
-            k1 = tl.load(GB + g + 1)
-            acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for k in range(k0, k1, BLOCK_K):
-                kk = k + rk
-                k_ok = kk < k1
-                a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak,
-                            mask=m_ok[:, None] & k_ok[None, :], other=0)
-                w = int4_rows(W, kk, rn, k_ok[:, None] & n_ok[None, :], stride_wk, stride_wn)
-                acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
-            d_w = tl.load(DW + g * stride_dwg + rn * stride_dwn, mask=n_ok, other=0.0)
-            part = flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + g * N + rn, n_ok, scheme, DUAL, ASYM)
-            acc = acc + part * d_w[None, :]
+    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # one loop over K tiles, weight group after group (the flush unit: groups never straddle a
+    # segment); each group flushes with its segment's steps (GS) and its own weight steps
+    for t in range(0, T):
+        kk, k_ok, g, last = k_tile(TK, TU, t, rk, K_ALIGN, EVEN_K, BLOCK_K)
+        a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0)
+        w = int4_rows(W, kk, rn, k_ok[:, None] & n_ok[None, :], stride_wk, stride_wn)
+        acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
+        if SEGMENTED:
+            if last:
+                acc = acc + group_part(acc_p, acc_n, DX, DN, DW, GS, SCHEMES, ZP, COLSUM, g, rm, rn, m_ok, n_ok,
+                                       N, stride_dm, stride_ds, stride_dwg, stride_dwn, BLOCK_M, DUAL, ASYM)
+                acc_p = tl.zeros_like(acc_p)
+                acc_n = tl.zeros_like(acc_n)
+    if not SEGMENTED:
+        acc = acc + group_part(acc_p, acc_n, DX, DN, DW, GS, SCHEMES, ZP, COLSUM, 0, rm, rn, m_ok, n_ok,
+                               N, stride_dm, stride_ds, stride_dwg, stride_dwn, BLOCK_M, DUAL, ASYM)
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty),
@@ -69,10 +70,21 @@ def w4a8_kernel(
 
 
 @triton.jit
+def group_part(acc_p, acc_n, DX, DN, DW, GS, SCHEMES, ZP, COLSUM, g, rm, rn, m_ok, n_ok, N, stride_dm, stride_ds,
+               stride_dwg, stride_dwn, BLOCK_M: tl.constexpr, DUAL: tl.constexpr, ASYM: tl.constexpr):
+    """Weight group g's fp32 part: its segment's flush, times the group's weight steps."""
+    s = tl.load(GS + g)
+    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
+    part = flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + g * N + rn, n_ok, scheme, DUAL, ASYM)
+    return part * tl.load(DW + g * stride_dwg + rn * stride_dwn, mask=n_ok, other=0.0)[None, :]
+
+
+@triton.jit
 def weight_only_kernel(
-        A, W, C, DW, BIAS, GB,
-        M, N, G,
+        A, W, C, DW, BIAS, TK, TU,
+        M, N, T,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dwg, stride_dwn,
+        SEGMENTED: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
         INT4: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     rm, rn = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -80,25 +92,26 @@ def weight_only_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, G):
-        k0 = tl.load(GB + g)
-        k1 = tl.load(GB + g + 1)
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(k0, k1, BLOCK_K):
-            kk = k + rk
-            k_ok = kk < k1
-            a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w_mask = k_ok[:, None] & n_ok[None, :]
-            if INT4:
-                w = int4_rows(W, kk, rn, w_mask, stride_wk, stride_wn)
-            else:
-                w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=w_mask, other=0)
-            # the grid values are exact in A's dtype (16-bit A: tensor-core dot; converted through
-            # fp32, so no int -> bf16 conversion is needed), the steps come once per group after
-            # the dot; fp32 A takes exact fp32 products, not tf32
-            part = tl.dot(a, w.to(tl.float32).to(a.dtype), part, input_precision="ieee", out_dtype=tl.float32)
-        acc = acc + part * tl.load(DW + g * stride_dwg + rn * stride_dwn, mask=n_ok, other=0.0)[None, :]
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, T):     # one loop over K tiles, weight group after group
+        kk, k_ok, g, last = k_tile(TK, TU, t, rk, K_ALIGN, EVEN_K, BLOCK_K)
+        a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & n_ok[None, :]
+        if INT4:
+            w = int4_rows(W, kk, rn, w_mask, stride_wk, stride_wn)
+        else:
+            w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=w_mask, other=0)
+        # the grid values are exact in A's dtype (16-bit A: tensor-core dot; converted through
+        # fp32, so no int -> bf16 conversion is needed), the steps come once per group after
+        # the dot; fp32 A takes exact fp32 products, not tf32
+        part = tl.dot(a, w.to(tl.float32).to(a.dtype), part, input_precision="ieee", out_dtype=tl.float32)
+        if SEGMENTED:
+            if last:
+                acc = acc + part * tl.load(DW + g * stride_dwg + rn * stride_dwn, mask=n_ok, other=0.0)[None, :]
+                part = tl.zeros_like(part)
+    if not SEGMENTED:
+        acc = acc + part * tl.load(DW + rn * stride_dwn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty),
@@ -117,8 +130,8 @@ def _groups(g_bounds, k: int) -> int:
     return len(g_bounds) - 1
 
 
-def _config(config, m, n, k, variant, device) -> dict:
-    return config or autotune.choose(autotune.key(m, n, k, variant, device), prune(m, n, k, variant, device))
+def _config(config, m, n, k, variant, device, g_bounds) -> dict:
+    return config or autotune.choose(autotune.key(m, n, k, variant, device), prune(m, n, k, variant, device, g_bounds))
 
 
 def launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None,
@@ -145,17 +158,20 @@ def launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dty
     if M == 0 or N == 0:
         return c
     dual = 1 in schemes
-    cfg = _config(config, M, N, K, variant_name("w4a8", dual, False, asym), q.device)
+    cfg = _config(config, M, N, K, variant_name("w4a8", dual, False, asym), q.device, g_bounds)
     stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    sg, gb, flags = int_tensor(groups, q.device), int_tensor(g_bounds, q.device), int_tensor(schemes, q.device)
+    tk, tu, tiles, align, even = k_tiles(g_bounds, cfg["BLOCK_K"], q.device)
+    # the segment of each weight group
+    gs = int_tensor([s for s in range(S) for _ in range(groups[s], groups[s + 1])], q.device)
+    flags = int_tensor(schemes, q.device)
     w4a8_kernel[grid](
-        q, w4, c, d_x, d_neg, d_w, bias if bias is not None else d_w, sg, gb, flags,
-        zp if zp is not None else d_x, colsum.contiguous() if colsum is not None else gb,
-        M, N, S,
+        q, w4, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, gs, flags,
+        zp if zp is not None else d_x, colsum.contiguous() if colsum is not None else tk,
+        M, N, tiles,
         q.stride(0), q.stride(1), w4.stride(0), w4.stride(1), c.stride(0), c.stride(1), stride_dm, d_x.stride(1),
         d_w.stride(0), d_w.stride(1),
-        DUAL=dual, HAS_BIAS=bias is not None, ASYM=asym,
+        SEGMENTED=G > 1, K_ALIGN=align, EVEN_K=even, DUAL=dual, HAS_BIAS=bias is not None, ASYM=asym,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         # no mul + add -> fma contraction: the flushes round like the reference's separate ops
@@ -185,14 +201,14 @@ def launch_weight_only(x, w, d_w, bias, g_bounds, bits, out_dtype, config=None) 
     c = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if M == 0 or N == 0:
         return c
-    cfg = _config(config, M, N, K, f"int{bits}-weight-only", x.device)
+    cfg = _config(config, M, N, K, f"int{bits}-weight-only", x.device, g_bounds)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    gb = int_tensor(g_bounds, x.device)
+    tk, tu, tiles, align, even = k_tiles(g_bounds, cfg["BLOCK_K"], x.device)
     weight_only_kernel[grid](
-        x, w, c, d_w, bias if bias is not None else d_w, gb,
-        M, N, len(g_bounds) - 1,
+        x, w, c, d_w, bias if bias is not None else d_w, tk, tu,
+        M, N, tiles,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1), stride_dwg, stride_dwn,
-        INT4=bits == 4, HAS_BIAS=bias is not None,
+        SEGMENTED=len(g_bounds) > 2, K_ALIGN=align, EVEN_K=even, INT4=bits == 4, HAS_BIAS=bias is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return c

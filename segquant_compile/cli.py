@@ -269,6 +269,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_codegen_check(args) -> int:
+    from segquant_compile.lowering import codegen_check
+    return codegen_check.run(args.arch.split(","), args.json, args.every, args.write_table, args.jobs,
+                             args.verbose, args.first)
+
+
 def main(argv=None) -> int:
     parser = _Parser(prog="segquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -311,6 +317,16 @@ def main(argv=None) -> int:
     p.add_argument("--activations", choices=["static", "dynamic"], default="static")
     p.add_argument("--save", action="append", metavar="PATH", help="write the report (.json, .dot, .html)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("codegen-check", help="compile every Triton kernel for NVIDIA archs on this machine: "
+                                             "tensor cores, pipelining, registers, spills, shared memory")
+    p.add_argument("--arch", default="sm_80,sm_89,sm_90", help="comma-separated: sm_80, sm_89, sm_90")
+    p.add_argument("--json", default=None, metavar="FILE", help="write one row per (kernel, variant, config, arch)")
+    p.add_argument("--every", action="store_true", help="every candidate config, not only those the pruner offers")
+    p.add_argument("--write-table", action="store_true", help="with --every: write the pruner's table")
+    p.add_argument("--jobs", type=positive_int, default=1, help="compile in this many processes")
+    p.add_argument("--verbose", action="store_true", help="a line per compiled row")
+    p.add_argument("--first", action="store_true", help="only the first config the pruner offers per kernel case")
+    p.set_defaults(func=cmd_codegen_check)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

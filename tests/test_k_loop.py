@@ -1,0 +1,93 @@
+"""The kernels' one K loop (lowering/triton_gemm.py k_tiles / k_tile): tiles on BLOCK_K multiples
+(EVEN_K, the loop the pipeliner takes) and tiles read from the table (any bounds) give the
+reference's bits in every kernel; the pruner keeps the table's verdict (TRITON_INTERPRET=1 on CPU)."""
+import pytest
+import torch
+
+from segquant_compile.lowering import triton_gemm
+from segquant_compile.lowering.ops import column_sums, gemm_reference
+from segquant_compile.lowering.quantize import quantize_static
+from test_conv_kernel import _launch as conv_launch
+from test_conv_kernel import problem as conv_problem
+from test_formats_kernels import launch_w4, launch_weight_only, w4_operands, weight_only_operands
+from test_triton_gemm import launch, on_device, operands
+
+CONFIG = dict(triton_gemm.INTERPRETER_CONFIG, BLOCK_K=32)
+EVEN, UNEVEN = [0, 64, 96, 160], [0, 40, 100, 161]     # every bound on 32 multiples / none after 0
+
+
+def test_k_tiles_never_straddle_a_segment():
+    tk, tu, tiles, align, even = triton_gemm.k_tiles((0, 40, 100, 1000), 64, "cpu")
+    assert tk.tolist() == [0, 40, 100, *range(164, 1000, 64), 1000]
+    assert tu.tolist() == [0, 1, *[2] * 15, 3] and tiles == 17 and align == 4 and not even
+    tk, tu, tiles, align, even = triton_gemm.k_tiles(tuple(range(0, 1537, 64)), 64, "cpu")
+    assert tiles == 24 and align == 16 and even and tu.tolist() == list(range(25))
+
+
+@pytest.mark.parametrize("bounds", [EVEN, UNEVEN], ids=["even", "table"])
+@pytest.mark.parametrize("codes", [[0, 0, 0], [1, 0, 1], [2, 1, 0]])
+def test_gemm_both_loops_bit_exact(bounds, codes):
+    q, d_x, d_neg, w, d_w, bias, _, _, _ = operands((17, 40, bounds, [0] * 3, True, True, torch.float32, 5))
+    zp = torch.randint(-128, 128, d_x.shape, generator=torch.Generator().manual_seed(1)).float()
+    colsum = column_sums(w, bounds)
+    ref = gemm_reference(q, d_x, d_neg, w, d_w, bias, bounds, codes, torch.float32, zp, colsum)
+    got = launch(*on_device(q, d_x, d_neg, w, d_w, bias), bounds, codes, torch.float32, zp=zp, colsum=colsum,
+                 config=CONFIG)
+    assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.parametrize("bounds", [EVEN, UNEVEN], ids=["even", "table"])
+@pytest.mark.parametrize("codes", [[0, 0, 0], [1, 0, 1]])
+def test_prologue_both_loops_bit_exact(bounds, codes):
+    """Static steps per column (the launcher's gather) quantize like the per-segment steps."""
+    _, d_x, d_neg, w, d_w, bias, _, _, _ = operands((9, 24, bounds, codes, False, True, torch.float32, 6))
+    d_neg = torch.where(torch.tensor(codes) == 1, d_neg, d_x)
+    x = torch.randn(9, bounds[-1], generator=torch.Generator().manual_seed(2)) * 3
+    x[0, 0], x[1, 70] = 2.5 * d_x[0, 0], -0.0
+    ref = gemm_reference(quantize_static(x, bounds, codes, d_x, d_neg), d_x, d_neg, w, d_w, bias, bounds, codes,
+                         torch.float32)
+    got = launch(*on_device(x, d_x, d_neg, w, d_w, bias), bounds, codes, torch.float32, prologue=True, config=CONFIG)
+    assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.parametrize("channels", [(32, 32), (3, 5)], ids=["even", "table"])
+def test_conv_both_loops_bit_exact(channels):
+    from segquant_compile.lowering import conv as C
+    x, geo, kb, w, d_w, bias = conv_problem(channels, ((1, 1), (1, 1), (0, 0)), (0, 2), seed=3)
+    d, dn, zp = C.pixel_steps(x, geo, kb, [0, 2])
+    colsum = column_sums(w, kb)
+    ref = C.conv2d_reference(x, d, dn, w, d_w, bias, kb, [0, 2], geo, torch.float32, zp, colsum)
+    got = conv_launch(x, d, dn, w, d_w, bias, kb, [0, 2], geo, torch.float32, zp, colsum)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("group", [32, 64], ids=["even", "table"])
+def test_formats_both_loops_bit_exact(group):
+    """w4a8 (groups of `group` within segments of 64 + 96 columns; bit exact) and int4 weight-only."""
+    args, kw, _ = w4_operands((5, 24, [0, 64, 160], [1, 2], group, True, True, torch.float32, 8))
+    if group == 64:     # groups of 64 inside a 96-wide segment: a group of 32 starting at 128
+        assert list(args[7]) == [0, 64, 128, 160]
+    ref = torch.ops.segquant.gemm_w4(*args, **kw)
+    got = launch_w4(*on_device(*args), zp=kw["zp"], colsum=kw["colsum"], config=CONFIG)
+    assert torch.equal(got.cpu(), ref)
+    wo = weight_only_operands((5, 24, [0, 64, 160], None, group, None, True, torch.float32, 9), 4, torch.float32)
+    ref = torch.ops.segquant.gemm_weight_only(*wo)   # steps after the dot: fp32 rounding apart
+    assert ((launch_weight_only(*wo, config=CONFIG).cpu() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_pruner_keeps_the_table_and_tiles_on_segment_multiples(monkeypatch):
+    heads = tuple(range(0, 1537, 64))
+    offered = triton_gemm.prune(4096, 1536, 1536, "int8", "cpu", heads, arch="sm_90")
+    assert offered and all(c["BLOCK_K"] <= 64 and all(b % c["BLOCK_K"] == 0 for b in heads) for c in offered)
+    table = {"archs": {"sm_90": {"gemm:int8:segmented": [6], "gemm:int8-dual:segmented": [],
+                                 "gemm:int8-dual:segmented:single_stage": [9]}}}
+    monkeypatch.setattr(triton_gemm, "_table", lambda: table)
+    assert triton_gemm.prune(4096, 1536, 1536, "int8", "cpu", heads, arch="sm_90") == [triton_gemm.CONFIGS[6]]
+    # a one-segment launch the table lacks takes its segmented case's verdict
+    assert triton_gemm.prune(4096, 1536, 1536, "int8", "cpu", None, arch="sm_90") == [triton_gemm.CONFIGS[6]]
+    # no config pipelines: those that pass all else, with num_stages 1
+    assert triton_gemm.prune(4096, 1536, 1536, "int8-dual", "cpu", heads, arch="sm_90") == \
+        [dict(triton_gemm.CONFIGS[9], num_stages=1)]
+    # bounds on no BLOCK_K multiple: the table-driven loop, which no pipeliner takes
+    assert all(c["num_stages"] == 1 for c in triton_gemm.prune(4096, 1536, 1000, "int8", "cpu", UNEVEN[:3] + [1000],
+                                                               arch="sm_89", checked=False))
