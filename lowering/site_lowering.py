@@ -1,4 +1,4 @@
-"""SiteLowering: how one linear site runs, decided once (passes.lowering.lower_site) and read by
+"""SiteLowering: how one linear site runs, decided once (passes.site_rules.lower_site) and read by
 the rewrite, the CPU op's arguments, the Triton launcher, `segquant autotune` and the report.
 
 Plain data with no graph in it, so `lowering/` can read it without knowing about FX."""

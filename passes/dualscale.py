@@ -6,7 +6,7 @@ import numbers
 
 import torch.fx
 
-from . import ops
+from . import graph_ops
 from .transparency import Transparency as T
 from .transparency import classify, source
 
@@ -21,7 +21,7 @@ def activation_source(node: torch.fx.Node, activations: frozenset[str],
         return None
     if node is anchor:
         return REACHED
-    act = ops.activation(node)
+    act = graph_ops.activation(node)
     if act is not None:
         base = act.split("(")[0]
         return act if base in activations else None
@@ -29,20 +29,20 @@ def activation_source(node: torch.fx.Node, activations: frozenset[str],
         return activation_source(source(node), activations, anchor, _depth + 1)
     kind = classify(node)
     if kind is T.CAT:
-        found = {activation_source(i, activations, anchor, _depth + 1) for i in ops.cat_inputs(node)}
+        found = {activation_source(i, activations, anchor, _depth + 1) for i in graph_ops.cat_inputs(node)}
         return found.pop() if len(found) == 1 else None
     src = source(node)
     if kind is T.PIECE:    # one piece of a split: look at what was split
         src = source(src)
     elif not kind.keeps_values:
-        src = ops.tensor_inputs(node)[0] if kind is T.POINTWISE and _positive_scaling(node) else None
+        src = graph_ops.tensor_inputs(node)[0] if kind is T.POINTWISE and _positive_scaling(node) else None
     return activation_source(src, activations, anchor, _depth + 1) if src is not None else None
 
 
 def _positive_scaling(node: torch.fx.Node) -> bool:
     """x * c or x / c with one tensor and a positive Python number: the sign pattern survives."""
-    n = ops.name(node)
-    tensors = ops.tensor_inputs(node)
+    n = graph_ops.name(node)
+    tensors = graph_ops.tensor_inputs(node)
     numbers_ = [a for a in node.args if isinstance(a, numbers.Number) and not isinstance(a, bool)]
     if n not in ("mul", "multiply", "div", "truediv", "divide") or len(tensors) != 1 or len(numbers_) != 1:
         return False
@@ -62,15 +62,15 @@ _INTERPOLATE_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "triline
 
 
 def _keeps_range(node: torch.fx.Node) -> bool:
-    n = ops.name(node)
+    n = graph_ops.name(node)
     if node.op not in ("call_function", "call_method") or source(node) is None:
         return False
     if n == "interpolate":
-        return ops.arg(node, 3, "mode", "nearest") in _INTERPOLATE_MODES
+        return graph_ops.arg(node, 3, "mode", "nearest") in _INTERPOLATE_MODES
     if n in ("pad", "constant_pad_nd"):
-        mode = ops.arg(node, 2, "mode", "constant") if n == "pad" else "constant"
-        value = ops.arg(node, 3 if n == "pad" else 2, "value", 0)
+        mode = graph_ops.arg(node, 2, "mode", "constant") if n == "pad" else "constant"
+        value = graph_ops.arg(node, 3 if n == "pad" else 2, "value", 0)
         return mode in ("constant", "replicate", "reflect", "circular") and (mode != "constant" or not value)
-    if n in ("avg_pool2d", "avg_pool3d") and ops.arg(node, 6, "divisor_override") is not None:
+    if n in ("avg_pool2d", "avg_pool3d") and graph_ops.arg(node, 6, "divisor_override") is not None:
         return False      # a sum over the window divided by something else: no longer an average
     return n in _RANGE_KEEPING

@@ -10,8 +10,8 @@ import torch.fx
 
 from segquant_compile.lowering.site_lowering import ConvGeometry
 
-from . import ops
-from .conv import conv_calls, geometry, why_not
+from . import graph_ops
+from .conv_calls import conv_calls, geometry, why_not
 from .dualscale import REACHED, activation_source
 from .inline import inline_opaque
 from .names import param_names
@@ -133,7 +133,7 @@ def build_plan(gm: torch.fx.GraphModule, activations=frozenset({"silu", "gelu"})
             w = call["weight"]
             known = isinstance(w, torch.fx.Node) and w.name in names
             floats.append(FloatCall(node.name, module_name(names[w.name]) if known else node.name,
-                                    ops.name(node).lstrip("_"), why, graph_index, w.name if known else None))
+                                    graph_ops.name(node).lstrip("_"), why, graph_index, w.name if known else None))
             continue
         conv, w = geometry(call), call["weight"]
         out = shape(node)
@@ -180,7 +180,7 @@ def _site(graph, node, x, w, bias, kind: str, name: str, weight: str, n_out: int
     source = activation_source(x, frozenset(activations), anchor)
     n_segments = len(in_seg.sizes) if in_seg is not None else 1
     if source == REACHED:
-        sources = tuple(activation_source(i, frozenset(activations)) for i in ops.cat_inputs(anchor))
+        sources = tuple(activation_source(i, frozenset(activations)) for i in graph_ops.cat_inputs(anchor))
         if len(sources) != n_segments:
             sources = (None,) * n_segments
     else:

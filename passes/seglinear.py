@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
-from . import ops
+from . import graph_ops
 from .indexing import FULL, bounds, index_map
 from .shapes import as_int, group_map, ints, norm_dim, prod, same, shape
 from .transparency import Transparency as T
@@ -99,7 +99,7 @@ def output_segments(linear: torch.fx.Node, out_features: int, axis: int = -1) ->
 
 def _forward_step(user, src, axes, src_shape, push, cut, ev: Evidence):
     kind = classify(user)
-    n = ops.name(user)
+    n = graph_ops.name(user)
     out_shape = shape(user)
     if kind is T.POINTWISE or (kind is T.VALUE and source(user) is src):
         push(user, axes)
@@ -110,7 +110,7 @@ def _forward_step(user, src, axes, src_shape, push, cut, ev: Evidence):
             push(user, [a + off for a in axes])
         return
     if kind is T.CAT:
-        dim = ops.cat_dim(user)
+        dim = graph_ops.cat_dim(user)
         if n == "stack":
             push(user, _shift_after(axes, dim, 1))
         elif dim not in axes:
@@ -125,7 +125,7 @@ def _forward_step(user, src, axes, src_shape, push, cut, ev: Evidence):
         else:
             push(user, new)
     elif kind is T.PERMUTE:
-        perm = ops.permutation(user, len(src_shape))
+        perm = graph_ops.permutation(user, len(src_shape))
         if perm is not None:
             push(user, [perm.index(a) for a in axes])
     elif kind is T.SPLIT:
@@ -137,7 +137,7 @@ def _forward_step(user, src, axes, src_shape, push, cut, ev: Evidence):
 
 
 def _forward_split(user, axes, src_shape, push, cut, ev: Evidence):
-    parts = ops.split_parts(user)
+    parts = graph_ops.split_parts(user)
     if parts is None:
         return
     dim, sizes = parts
@@ -150,11 +150,11 @@ def _forward_split(user, axes, src_shape, push, cut, ev: Evidence):
         for s in sizes:
             pieces.append((pos, pos + s))
             pos += s
-        cut(user, pieces, axes, src_shape, ops.name(user))
+        cut(user, pieces, axes, src_shape, graph_ops.name(user))
     elif dim in axes and len(sizes) > 1:
         ev.notes.append(f"{user.name}: split along a minor channel dim (interleaved segments)")
     else:   # along another dim, or a single piece: every piece keeps the channel axis
-        new = _shift_after(axes, dim + 1, -1) if ops.name(user) == "unbind" and dim not in axes else axes
+        new = _shift_after(axes, dim + 1, -1) if graph_ops.name(user) == "unbind" and dim not in axes else axes
         for item in user.users:
             if classify(item) is T.PIECE:
                 push(item, new)
@@ -182,16 +182,16 @@ def _forward_getitem(user, axes, src_shape, push, cut, ev: Evidence):
 
 
 def _forward_narrow(user, axes, src_shape, push, cut):
-    n = ops.name(user)
+    n = graph_ops.name(user)
     major = axes[0]
-    dim = norm_dim(int(ops.arg(user, 1, "dim")), len(src_shape))
+    dim = norm_dim(int(graph_ops.arg(user, 1, "dim")), len(src_shape))
     if dim == major:
         if n == "narrow":
-            s, length = as_int_or(ops.arg(user, 2, "start")), as_int_or(ops.arg(user, 3, "length"))
+            s, length = as_int_or(graph_ops.arg(user, 2, "start")), as_int_or(graph_ops.arg(user, 3, "length"))
             b = None if s is None or length is None else (s, s + length)
         else:
             size = as_int(src_shape[major])
-            i = as_int_or(ops.arg(user, 2, "index"))
+            i = as_int_or(graph_ops.arg(user, 2, "index"))
             b = None if i is None or size is None else bounds(i, size)
         if b is not None:
             cut(user, [b], axes, src_shape, n)
@@ -279,16 +279,16 @@ def _backward_step(node, axes, notes, path, total: int) -> Evidence | list:
         return [(src, axes)] if shape(src) is not None else []
     if kind in (T.POINTWISE, T.BROADCAST, T.EXPAND):
         # follow the full-size operands; broadcast ones (per-channel tables) only add to them
-        full = [(inp, axes) for inp in ops.tensor_inputs(node) if shape(inp) == out_shape]
+        full = [(inp, axes) for inp in graph_ops.tensor_inputs(node) if shape(inp) == out_shape]
         return full if len(full) < 2 else _all_operands_agree(node, full, notes, path, total)
     if kind is T.RESHAPE:
         return _backward_reshape(node, src, axes, notes, path, total)
     if kind is T.PERMUTE:
-        perm = ops.permutation(node, len(out_shape))
+        perm = graph_ops.permutation(node, len(out_shape))
         return [(src, tuple(perm[a] for a in axes))] if perm is not None else []
     if kind is T.PIECE:
-        dim, sizes = ops.split_parts(src) or (None, ())
-        src_axes = _shift_after(axes, dim, 1) if ops.name(src) == "unbind" else axes
+        dim, sizes = graph_ops.split_parts(src) or (None, ())
+        src_axes = _shift_after(axes, dim, 1) if graph_ops.name(src) == "unbind" else axes
         if dim is None or (dim in src_axes and len(sizes) > 1):
             return []
         return [(source(src), src_axes)]
@@ -356,7 +356,7 @@ def _folded_heads(dst_shape, src_shape, axis: int) -> tuple[int, int, int] | Non
 
 def _backward_index(node, src, axes, notes) -> list:
     src_shape = shape(src)
-    if ops.name(node) == "getitem":
+    if graph_ops.name(node) == "getitem":
         imap = index_map(node.args[1], len(src_shape))
         if imap is None:
             return []
@@ -369,16 +369,16 @@ def _backward_index(node, src, axes, notes) -> list:
             return []
         return [(src, tuple(back[a][0] for a in axes))]
     # narrow / select along another dim: the channel axis passes through
-    dim = norm_dim(int(ops.arg(node, 1, "dim")), len(src_shape))
-    src_axes = _shift_after(axes, dim, 1) if ops.name(node) == "select" else axes
+    dim = norm_dim(int(graph_ops.arg(node, 1, "dim")), len(src_shape))
+    src_axes = _shift_after(axes, dim, 1) if graph_ops.name(node) == "select" else axes
     return [] if dim in src_axes else [(src, src_axes)]
 
 
 def _backward_cat(node, axes, notes) -> Evidence | list:
-    n = ops.name(node)
+    n = graph_ops.name(node)
     out_shape = shape(node)
-    dim = ops.cat_dim(node)
-    inputs = [i for i in ops.cat_inputs(node) if isinstance(i, torch.fx.Node)]
+    dim = graph_ops.cat_dim(node)
+    inputs = [i for i in graph_ops.cat_inputs(node) if isinstance(i, torch.fx.Node)]
     if dim == axes[0]:
         minor = _minor(out_shape, axes)
         widths = [1] * len(inputs) if n == "stack" else [as_int(shape(i)[dim]) for i in inputs]
@@ -408,7 +408,7 @@ def channel_transparent(node, axes):
     src = source(node)
     if axes != (1,) or len(shape(node)) < 3 or shape(src) is None or shape(src)[:2] != shape(node)[:2]:
         return None
-    n = ops.name(node)
+    n = graph_ops.name(node)
     if n in SPATIAL_OPS:
         return lambda node, axes, notes, path, total: [(source(node), axes)]
     if n == "group_norm":
@@ -417,7 +417,7 @@ def channel_transparent(node, axes):
 
 
 def _through_group_norm(node, axes, notes, path, total: int) -> Evidence | list:
-    groups = ops.arg(node, 1, "num_groups")
+    groups = graph_ops.arg(node, 1, "num_groups")
     channels = as_int(shape(node)[1])
     found = _walk_back(source(node), axes, notes, path, total)
     if not isinstance(groups, int) or not channels or len({(e.sizes, e.pattern) for e in found}) != 1:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from . import ops
+from . import graph_ops
 from .names import source_to_name
 from .shapes import example
 from .transparency import Transparency as T
@@ -48,13 +48,13 @@ def find_sites(gm: torch.fx.GraphModule, names: dict[str, str]):
 
 
 def _site(node: torch.fx.Node, names: dict[str, str]):
-    if node.op == "call_function" and node.target in ops.LINEAR_TARGETS:
-        x, w = node.args[0], ops.arg(node, 1, "weight")
+    if node.op == "call_function" and node.target in graph_ops.LINEAR_TARGETS:
+        x, w = node.args[0], graph_ops.arg(node, 1, "weight")
         if isinstance(w, torch.fx.Node) and w.name in names:
-            return node, x, w, "linear", True, ops.arg(node, 2, "bias")
+            return node, x, w, "linear", True, graph_ops.arg(node, 2, "bias")
         return None
-    n = ops.name(node)
-    if n not in ops.MATMUL_NAMES or node.op not in ("call_function", "call_method"):
+    n = graph_ops.name(node)
+    if n not in graph_ops.MATMUL_NAMES or node.op not in ("call_function", "call_method"):
         return None
     x, other = (node.args[1], node.args[2]) if n == "addmm" else (node.args[0], node.args[1])
     found = _weight_of(other, names) if isinstance(other, torch.fx.Node) else None
@@ -88,12 +88,12 @@ def unusable_calls(gm: torch.fx.GraphModule, names: dict[str, str], opaque: dict
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method") or _site(node, names) is not None:
             continue
-        n = ops.name(node)
-        if node.op == "call_function" and node.target in ops.LINEAR_TARGETS:
-            params = _params_behind(ops.arg(node, 1, "weight"), names)
+        n = graph_ops.name(node)
+        if node.op == "call_function" and node.target in graph_ops.LINEAR_TARGETS:
+            params = _params_behind(graph_ops.arg(node, 1, "weight"), names)
             why = "weight is not a parameter (" + ("computed in the graph)" if params else "a graph input)")
             yield node, _readable(node, params, names), "linear", why, params[0].name if params else None
-        elif n in ops.MATMUL_NAMES:
+        elif n in graph_ops.MATMUL_NAMES:
             left, right = node.args[1:3] if n == "addmm" else node.args[:2]
             right_params = _params_behind(right, names)
             params = right_params or _params_behind(left, names)

@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.fx
 
-from . import ops
+from . import graph_ops
 from .shapes import example, shape
 
 
@@ -59,20 +59,20 @@ _UNTAGGED_POINTWISE = {"hardswish", "floor_divide", "floordiv"}
 def classify(node: torch.fx.Node) -> Transparency:
     if node.op not in ("call_function", "call_method"):
         return T.MIXING
-    n = ops.name(node)
+    n = graph_ops.name(node)
     if n == "getitem":
         src = source(node)
         if isinstance(example(src), torch.Tensor):
             return T.INDEX
-        return T.PIECE if src is not None and _BY_NAME.get(ops.name(src)) is T.SPLIT else T.MIXING
+        return T.PIECE if src is not None and _BY_NAME.get(graph_ops.name(src)) is T.SPLIT else T.MIXING
     kind = _BY_NAME.get(n)
-    if kind is T.CAT and len(ops.cat_inputs(node)) < 2:
+    if kind is T.CAT and len(graph_ops.cat_inputs(node)) < 2:
         # a one-piece cat is a copy, a one-piece stack an unsqueeze: no segments
         kind = T.VALUE if n != "stack" else T.RESHAPE
     if kind is not None:
         return kind if _shape_ok(node, kind) else T.MIXING
-    if ops.activation(node) or _pointwise(n):
-        tensors = ops.tensor_inputs(node)
+    if graph_ops.activation(node) or _pointwise(n):
+        tensors = graph_ops.tensor_inputs(node)
         if len(tensors) == 1:
             return T.POINTWISE if shape(tensors[0]) == shape(node) else T.MIXING
         return T.BROADCAST if tensors and shape(node) is not None else T.MIXING
@@ -81,8 +81,8 @@ def classify(node: torch.fx.Node) -> Transparency:
 
 def source(node: torch.fx.Node) -> torch.fx.Node | None:
     """The operand whose elements flow to the output (the input of a copy, view, split...)."""
-    if _BY_NAME.get(ops.name(node)) is T.CAT:
-        pieces = ops.cat_inputs(node)
+    if _BY_NAME.get(graph_ops.name(node)) is T.CAT:
+        pieces = graph_ops.cat_inputs(node)
         return pieces[0] if len(pieces) == 1 and isinstance(pieces[0], torch.fx.Node) else None
     first = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
     return first if isinstance(first, torch.fx.Node) else None

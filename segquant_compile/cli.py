@@ -119,7 +119,7 @@ def cmd_autotune(args) -> int:
     from segquant_compile.lowering import autotune
     from segquant_compile.lowering.site_lowering import SiteLowering
     from segquant_compile.lowering.triton_gemm import tune
-    from segquant_compile.passes.lowering import lower_site
+    from segquant_compile.passes.site_rules import lower_site
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not torch.cuda.is_available() and not interpret:
         raise ValueError("autotune times the Triton kernels on a CUDA GPU; none is visible "

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from segquant_compile.lowering.quantize import GROUP_SIZES
 from segquant_compile.lowering.site_lowering import FLOAT, LOWERED_FORMATS, ROUNDINGS
-from segquant_compile.passes.ops import ACTIVATIONS
+from segquant_compile.passes.graph_ops import ACTIVATIONS
 
 AUTO = "auto"   # a format per site, allocated from measured sensitivity under a budget
 FORMATS = LOWERED_FORMATS + (AUTO,)
@@ -27,7 +27,7 @@ class QuantConfig:
     sensitivity: str | None = None
     group_size: int = 128                 # 4-bit formats: K values per weight step (never across a segment)
     # integer weights: "rtn", "gptq" (error-compensated on calibration rows) or "auto" (gptq on the
-    # calibration's rows, or with dynamic activations on the first call's: passes/lowering.py)
+    # calibration's rows, or with dynamic activations on the first call's: passes/site_rules.py)
     weight_rounding: str = "auto"
     activations: str = "dynamic"
     weights: str = "per-channel"

@@ -10,7 +10,7 @@ from segquant_compile.compiled import unwrap
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.site_lowering import KeptFloat
 from segquant_compile.passes import build_plan, merge
-from segquant_compile.passes.lowering import lower_site, skip_pattern
+from segquant_compile.passes.site_rules import lower_site, skip_pattern
 from segquant_compile.report import Report
 
 UNREACHED = ("never reached a segquant graph: dynamo ran this module's frame eagerly (a graph break "

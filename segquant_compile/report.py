@@ -9,7 +9,7 @@ from pathlib import Path
 import networkx as nx
 
 from segquant_compile.passes import LinearSite, Plan
-from segquant_compile.passes.lowering import skip_pattern
+from segquant_compile.passes.site_rules import skip_pattern
 
 FORMAT_VERSION = 1
 

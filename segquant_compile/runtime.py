@@ -21,7 +21,7 @@ from segquant_compile.compiled import compiled_root_on_stack, full_site_names
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
 from segquant_compile.passes import LinearSite, Plan
-from segquant_compile.passes.lowering import lower_site
+from segquant_compile.passes.site_rules import lower_site
 from segquant_compile.passes.rewrite import convert, prepare
 from segquant_compile.state import REGISTRY, QuantState, state_key
 

@@ -21,7 +21,7 @@ from segquant_compile.lowering.site_lowering import LOWERED_FORMATS as FORMATS
 from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
 from segquant_compile.op_types import block_of, op_type
 from segquant_compile.passes import build_plan
-from segquant_compile.passes.lowering import lower_site
+from segquant_compile.passes.site_rules import lower_site
 from segquant_compile.passes.rewrite import convert, prepare
 from segquant_compile.runtime import placeholder_index
 from segquant_compile.sensitivity_report import Sensitivity, SiteSensitivity

@@ -190,7 +190,7 @@ def test_gptq_int8_keeps_the_channel_steps_and_beats_round_to_nearest():
     ({"weight_rounding": "gptq"}, "gptq"),
 ])
 def test_weight_rounding_auto(options, rounding):
-    from segquant_compile.passes.lowering import lower_site
+    from segquant_compile.passes.site_rules import lower_site
     from segquant_compile.passes import build_plan
     from segquant_compile.capture import capture_graphs
     (gm, _), = capture_graphs(torch.nn.Linear(64, 32), (torch.randn(2, 64),), {})

@@ -362,7 +362,7 @@ def test_explain_compiled_uses_its_options_and_report_without_linears():
 def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     """SQNR, scheme choice and GPTQ see rows from every call (a sampler's late timesteps too),
     not the first calls' rows only."""
-    from segquant_compile.passes.lowering import lower_site
+    from segquant_compile.passes.site_rules import lower_site
     from segquant_compile.state import GPTQ_ROWS, QuantState
     model = Two()
     site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
@@ -386,7 +386,7 @@ def test_calibration_rows_are_the_same_every_run():
     """One call of more rows than the reservoir draws several rows for one slot: the last one
     holds it, every run (an index_put with repeated indices kept any one; first-call GPTQ then
     rounded the same model differently from one compile to the next)."""
-    from segquant_compile.passes.lowering import lower_site
+    from segquant_compile.passes.site_rules import lower_site
     from segquant_compile.state import GPTQ_ROWS, QuantState
     model = Two()
     site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))

@@ -6,7 +6,7 @@ from torch import nn
 
 import segquant_compile as sq
 from segquant_compile.lowering.quantize import sqnr_db
-from segquant_compile.passes.lowering import split_segments
+from segquant_compile.passes.site_rules import split_segments
 
 
 class Embed(nn.Module):

@@ -13,7 +13,7 @@ import torch.fx
 
 from segquant_compile.lowering.site_lowering import ConvGeometry
 
-from . import ops
+from . import graph_ops
 from .shapes import as_int, shape
 
 def _pair(v) -> tuple[int, int] | None:
@@ -28,21 +28,22 @@ def conv_call(node: torch.fx.Node) -> dict | None:
     groups, transposed, dims), or None when the node is no convolution."""
     if node.op != "call_function":
         return None
-    n = ops.name(node)
+    n = graph_ops.name(node)
     if node.target is torch.convolution or n in ("convolution", "_convolution"):
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
-        call = {k: ops.arg(node, i, k) for i, k in enumerate(names)}
+        call = {k: graph_ops.arg(node, i, k) for i, k in enumerate(names)}
         w = shape(call["weight"])
         return {**call, "dims": len(w) - 2 if w is not None else None}
     if n in ("conv1d", "conv2d", "conv3d"):
-        names, defaults = ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, None, None, 1, 0, 1, 1)
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = (None, None, None, 1, 0, 1, 1)
         transposed = False
     elif n in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
         names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
         defaults, transposed = (None, None, None, 1, 0, 0, 1, 1), True
     else:
         return None
-    call = {k: ops.arg(node, i, k, d) for i, (k, d) in enumerate(zip(names, defaults))}
+    call = {k: graph_ops.arg(node, i, k, d) for i, (k, d) in enumerate(zip(names, defaults))}
     return {**call, "transposed": transposed, "dims": int(n[-2])}
 
 
