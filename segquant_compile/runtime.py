@@ -63,13 +63,15 @@ def plan_entries(plan: Plan, gm: torch.fx.GraphModule, example_inputs, config: Q
 
 
 def create_state(entry: SiteEntry, weight: torch.Tensor, bias: torch.Tensor | None,
-                 config: QuantConfig) -> QuantState:
+                 config: QuantConfig, name: str) -> QuantState:
     """The weight's state under this lowering: found, or built (and loaded) in full before it is
-    registered, so a failed load leaves nothing behind."""
+    registered, so a failed load leaves nothing behind. `name`: the site's full name for this
+    weight (a graph shared by several blocks names its sites after the first block's)."""
     state = REGISTRY.get(weight, state_key(entry.lowering, config.load))
     if state is not None:
         return state
-    state = QuantState(entry.site, entry.lowering, weight, source=config.load)
+    site = entry.site if name == entry.site.name else dataclasses.replace(entry.site, name=name)
+    state = QuantState(site, entry.lowering, weight, source=config.load)
     if config.load:
         from segquant_compile.persist import load_state
         load_state(config.load, state, weight, bias)
@@ -206,13 +208,12 @@ class GraphRunner:
         return dataclasses.replace(plan, sites=tuple(dataclasses.replace(s, name=names.get(s.name, s.name))
                                                      for s in plan))
 
-    def _check_shared_graph(self, args) -> None:
+    def _check_shared_graph(self, args, names: dict[str, str]) -> None:
         """Dynamo reuses this graph for every instance of its block: new weights must take the
-        lowering the options give their own full names, or the call is refused (a `formats` or
-        `skip` entry naming one block's site would otherwise apply to every block)."""
+        lowering the options give their own full names (`names`), or the call is refused (a
+        `formats` or `skip` entry naming one block's site would otherwise apply to every block)."""
         if not (self.config.formats or self.config.skip):
             return
-        names = self._full_names(self.plan, args)
         decided = {e.site.name: e.lowering.format for e in self.entries}
         for site, (w, _) in zip(self.plan, self._plan_positions):
             full = names.get(site.name)
@@ -235,10 +236,12 @@ class GraphRunner:
         key = tuple(map(id, weights))
         hit = self._by_weights.get(key)
         if hit is None or any(r() is not w for r, w in zip(hit[0], weights)):
+            names = {}
             if self.weight_sets:   # a graph shared with other weights (another instance of a block)
-                self._check_shared_graph(args)
+                names = self._full_names(self.plan, args)
+                self._check_shared_graph(args, names)
             states = tuple(create_state(e, args[e.weight], args[e.bias] if e.bias is not None else None,
-                                        self.config) for e in self.entries)
+                                        self.config, names.get(e.site.name, e.site.name)) for e in self.entries)
             hit = (tuple(map(weakref.ref, weights)), states)
             self._by_weights[key] = hit
             self.weight_sets.append(tuple((_ref(args, w), _ref(args, b)) for w, b in self._plan_positions))
