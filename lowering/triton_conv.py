@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import autotune
 from .site_lowering import ConvGeometry, variant_name
-from .triton_gemm import _rint, flush, int8_dots, int_tensor, k_tile, k_tiles, prune, segment_steps, tile
+from .triton_gemm import _rint, flush, int8_dots, int_tensor, k_tile, k_tiles, prune, segment_end, segment_steps, tile
 
 
 @triton.jit
@@ -83,11 +83,8 @@ def segquant_conv_kernel(
         acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
         if SEGMENTED:
             if last:
-                d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
-                                                         BLOCK_M, ASYM)
-                acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
-                acc_p = tl.zeros_like(acc_p)
-                acc_n = tl.zeros_like(acc_n)
+                acc, acc_p, acc_n = segment_end(acc, acc_p, acc_n, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, rm,
+                                                m_ok, n_ok, stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
     if not SEGMENTED:
         acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]

@@ -245,6 +245,16 @@ def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.con
 
 
 @triton.jit
+def segment_end(acc, acc_p, acc_n, SCHEMES, DX, DN, ZP, colsum_ptr, s, rm, m_ok, n_ok, stride_dm, stride_ds,
+                BLOCK_M: tl.constexpr, DUAL: tl.constexpr, ASYM: tl.constexpr):
+    """The end of K segment s in the one K loop: its integer sums flushed into `acc` with its own
+    steps, the sums restarted. Shared with triton_conv.py."""
+    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
+    acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL, ASYM)
+    return acc, tl.zeros_like(acc_p), tl.zeros_like(acc_n)
+
+
+@triton.jit
 def segquant_gemm_kernel(
         A, W, C, DX, DN, DW, BIAS, TK, TU, SCHEMES, SMOOTH, ZP, COLSUM, DXK, DNK, LOWK,
         M, N, T,
@@ -308,15 +318,11 @@ def segquant_gemm_kernel(
             acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
         if SEGMENTED:
             if last:
-                d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
-                                                         BLOCK_M, ASYM)
-                acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + s * N + rn, n_ok, scheme, DUAL, ASYM)
-                acc_p = tl.zeros_like(acc_p)
-                acc_n = tl.zeros_like(acc_n)
+                acc, acc_p, acc_n = segment_end(acc, acc_p, acc_n, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, rm,
+                                                m_ok, n_ok, stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
     if not SEGMENTED:   # one segment: its flush after the loop, no fp32 sum alive inside it
-        d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, 0, rm, m_ok, stride_dm, stride_ds,
-                                                 BLOCK_M, ASYM)
-        acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, DUAL, ASYM)
+        acc, acc_p, acc_n = segment_end(acc, acc_p, acc_n, SCHEMES, DX, DN, ZP, COLSUM + rn, 0, rm, m_ok, n_ok,
+                                        stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
