@@ -133,9 +133,9 @@ ENTRY_KEYS = ("weight", "in_features", "out_features", "lowering", "fingerprint"
 STEPS = ("d_w", "d_x", "d_neg", "smooth")   # divisors: finite and positive
 
 
-def _entry_for(path, manifest: dict, state: QuantState, weight_fp: str) -> tuple[str, dict]:
-    """The saved site of this state: its name, or a saved name ending in it (graph breaks),
-    told apart by the weight's fingerprint."""
+def _entry_for(path, manifest: dict, state: QuantState, weight_fp: str) -> tuple[str, dict, str]:
+    """The saved entry of this state and which of the sites it serves this state is: its name,
+    or a saved name ending in it (graph breaks), told apart by the weight's fingerprint."""
     sites = manifest.get("sites")
     if not isinstance(sites, dict):
         raise ValueError(f"segquant load: {path / MANIFEST} has no 'sites' table: save it again")
@@ -144,12 +144,12 @@ def _entry_for(path, manifest: dict, state: QuantState, weight_fp: str) -> tuple
         if missing:
             raise ValueError(f"segquant load: entry {k!r} of {path / MANIFEST} lacks {missing}: the manifest "
                              f"was edited or damaged; save it again")
-    named = [(k, v) for k, v in sites.items()
-             if any(n == state.name or n.endswith("." + state.name) for n in v["sites"])]
+    named = [(k, v, n) for k, v in sites.items() for n in v["sites"]
+             if n == state.name or n.endswith("." + state.name)]
     if not named:
         raise ValueError(f"segquant load: {state.name} is not in {path}: the model's architecture differs "
                          f"from the saved one")
-    same = [(k, v) for k, v in named if v["fingerprint"] == weight_fp]
+    same = [(k, v, n) for k, v, n in named if v["fingerprint"] == weight_fp]
     if not same:
         raise ValueError(f"segquant load: the weights of {state.name} differ from the ones saved in {path}")
     return same[0]
@@ -191,13 +191,12 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
     """Fill a new state from a saved directory, refusing any mismatch. The state is not yet
     registered: on an error it is dropped whole."""
     path, manifest, tensors = read(path)
-    name, entry = _entry_for(path, manifest, state, state.fingerprint)
+    name, entry, site = _entry_for(path, manifest, state, state.fingerprint)
     if (entry["in_features"], entry["out_features"]) != (state.site.in_features, state.site.out_features) or \
             entry["lowering"] != _lowering_dict(state.base):
         raise ValueError(f"segquant load: {name} in {path} was saved with another plan or options (saved "
                          f"{entry['lowering']}, now {_lowering_dict(state.base)})")
-    saved_bias = next(fp for n, fp in entry["sites"].items() if n == state.name or n.endswith("." + state.name))
-    if saved_bias != fingerprint(bias):
+    if entry["sites"][site] != fingerprint(bias):
         raise ValueError(f"segquant load: the bias of {name} differs from the one saved in {path} (a "
                          f"fine-tune since saving?): calibrate again and save")
     values = {f: tensors.get(f"{name}.{f}") for f in FIELDS}
