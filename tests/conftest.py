@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -139,6 +140,18 @@ def fresh_dynamo():
     (dynamo runs a model eagerly past its recompile limit)."""
     torch._dynamo.reset()
     yield
+
+
+@contextlib.contextmanager
+def mha_fastpath(enabled: bool):
+    """torch's fused MultiheadAttention / TransformerEncoderLayer fast path on or off within the
+    block (a process-wide switch: tests and mnist_vit set it)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def expected_site_gemms(report) -> int:

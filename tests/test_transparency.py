@@ -7,6 +7,7 @@ from torch import nn
 from segquant_compile.capture import capture_graphs
 from segquant_compile.passes import FloatCall, Plan, Transparency, build_plan, classify, graph_ops, merge
 
+from conftest import mha_fastpath
 from test_plan_chains import plan_of
 
 T = Transparency
@@ -97,10 +98,8 @@ E, HEADS, LAYERS = 16, 4, 2
 
 @pytest.fixture
 def no_fastpath():
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    yield
-    torch.backends.mha.set_fastpath_enabled(before)
+    with mha_fastpath(False):
+        yield
 
 
 def encoder(batch_first: bool):
@@ -186,9 +185,9 @@ def test_symbolic_size_from_outside_the_call_stays_opaque():
 def test_fastpath_encoder_layer_is_planned_through():
     """The fused fast path (explain-style capture runs under no_grad) is inlined as the layer's
     slow path: its four linears are sites, none is left inside the fused op (issue 27)."""
-    torch.backends.mha.set_fastpath_enabled(True)
     model, x = encoder(batch_first=True)
-    plan = plan_of(model, x)
+    with mha_fastpath(True):
+        plan = plan_of(model, x)
     assert not [f for f in plan.float_calls if f.kind == "transformer_encoder_layer_fwd"]
     assert {s.name for s in plan} >= {f"0.layers.{i}.{m}" for i in range(LAYERS)
                                       for m in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import segquant_compile as sq
-from conftest import Two
+from conftest import Two, mha_fastpath
 
 
 def _calibrated_two(options, calls=2):
@@ -212,10 +212,8 @@ def test_report_gives_one_true_reason_per_module():
 @pytest.fixture
 def fast_path():
     """torch's fused encoder fast path on (other tests and mnist_vit turn it off process-wide)."""
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(True)
-    yield
-    torch.backends.mha.set_fastpath_enabled(before)
+    with mha_fastpath(True):
+        yield
 
 
 def _encoder():
