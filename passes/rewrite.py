@@ -15,13 +15,13 @@ from .plan import LinearSite
 
 
 def extra_fields(lowering: SiteLowering) -> tuple[str, ...]:
-    """The per-site tensors `convert`'s graph takes as extra inputs, in order (QuantState fields)."""
+    """The per-site tensors `convert`'s graph takes as extra inputs, in order (SiteParams fields)."""
     if lowering.cpu_gemm == "fp32":   # one fp32 GEMM on the dequantized weight (cpu_linear.py)
         weight = ("dequantized",)
     else:
         weight = ("packed", "d_w") + (("colsum",) if lowering.asymmetric and not lowering.weight_only else ())
     return weight + \
-        (("d_x", "d_neg") if lowering.static else ()) + (("zp",) if lowering.static and lowering.asymmetric else ()) + \
+        (("d_pos", "d_neg") if lowering.static else ()) + (("zp",) if lowering.static and lowering.asymmetric else ()) + \
         (("smooth",) if lowering.smooth is not None else ())
 
 
@@ -71,13 +71,13 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
                 w = inputs.get("packed", inputs.get("dequantized"))
                 new = graph.call_function(quantized_linear, (
                     nodes[site.input_node], w, inputs.get("d_w"), bias,
-                    inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
+                    inputs.get("d_pos"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
                     lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format, lowering.cpu_gemm,
                     shared.get(key), lowering.g_bounds))
             else:
                 new = graph.call_function(quantized_conv2d, (
                     nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
-                    inputs.get("d_x"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
+                    inputs.get("d_pos"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
                     lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format),
                     {"conv": tuple(lowering.conv.as_list())})
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace")})

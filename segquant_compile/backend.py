@@ -14,7 +14,7 @@ def segquant_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | N
     from segquant_compile.runtime import GraphRunner
     config = QuantConfig.from_options(options, mode)
     if config.release_float_weights:
-        from segquant_compile.state import guard_released_weights
+        from segquant_compile.weight_watch import guard_released_weights
         guard_released_weights()
     plan = build_plan(gm, config.activation_set, config.seglinear)
     return GraphRunner(gm, list(example_inputs), plan, config)

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
-_ACTIVE: list["Session"] = []
-# model -> its last calibration's summary, for report(); a global store because a graph (and its
-# runner) is shared by every instance of a class, while a summary belongs to one model; weak keys
-SUMMARIES: "weakref.WeakKeyDictionary[torch.nn.Module, CalibrationSummary]" = weakref.WeakKeyDictionary()
+from segquant_compile import registry
+from segquant_compile.compiled import find
+from segquant_compile.lowering.quantize import sqnr_db
+from segquant_compile.weight_watch import FloatWeightsReleased
 
 
 @dataclass
@@ -43,10 +42,6 @@ ONLY_NEW_SITES = ("segquant: calibrating only the sites without steps (new or re
                   "recalibrates every site")
 
 
-def active() -> "Session | None":
-    return _ACTIVE[-1] if _ACTIVE and _ACTIVE[-1].open else None
-
-
 class Session:
     def __init__(self, model: torch.nn.Module, steps: int | None, progress: bool, recalibrate: bool = False,
                  known=()):
@@ -73,10 +68,10 @@ class Session:
         for st, b in zip(states, biases):
             if id(st) in self.touched or not st.calibrated_by_rows:
                 continue
-            if st.frozen and self.recalibrate and id(st) not in self.known:
+            if st.settled and self.recalibrate and id(st) not in self.known:
                 st.reset_calibration()
                 self.known.add(id(st))
-            if st.frozen:
+            if st.settled:
                 self.kept[id(st)] = st
             else:
                 self.touched[id(st)] = (st, b)
@@ -97,8 +92,8 @@ class Session:
     def finish(self):
         self.open = False
         if self.calls and self.touched:
-            states, biases = zip(*self.touched.values())
-            freeze(states, biases)
+            for st, bias in self.touched.values():
+                st.freeze(bias)
 
 
 def _first_tensor(out):
@@ -112,8 +107,6 @@ def _first_tensor(out):
 
 def summarize(compiled, session: Session) -> CalibrationSummary:
     """The summary of a finished session; runs the last call again, quantized (one extra call)."""
-    from segquant_compile.compiled import find
-    from segquant_compile.lowering.quantize import sqnr_db
     found = find(compiled)
     rows = [st.site.rows for st in found.quant_states if st.site.rows]
     summary = CalibrationSummary(session.calls, dict(session.batch_sizes),
@@ -125,15 +118,9 @@ def summarize(compiled, session: Session) -> CalibrationSummary:
         if out is not None and out.shape == ref.shape:
             summary.output_sqnr_db = sqnr_db(ref.float(), out.float())
     session.last = None
-    SUMMARIES[found.model] = summary
+    # by model, weakly: a graph (and its runner) serves every instance of a class, a summary one model
+    registry.SUMMARIES[found.model] = summary
     return summary
-
-
-def freeze(states, biases) -> None:
-    for st, bias in zip(states, biases):
-        st.bias = bias
-        st.freeze()
-        st.bias = None   # held only for the SQNR at freeze
 
 
 @contextlib.contextmanager
@@ -141,8 +128,6 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
     """Inside the block, calls of `compiled` run in float and record activation ranges; on exit
     (or after options['calibration_steps'] calls) the static steps freeze and the next call
     runs quantized. An exception inside the block discards what it collected."""
-    from segquant_compile.compiled import find
-    from segquant_compile.state import FloatWeightsReleased
     try:
         found = find(compiled)
     except TypeError as e:
@@ -155,7 +140,7 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
                          "SmoothQuant's ranges; compile with options={'activations': 'static'}, weight_rounding "
                          "'gptq' or 'auto' with integer weights, or 'smooth' (dynamic activations with weights "
                          "rounded to nearest or fp8 and no smoothing need no calibration)")
-    if _ACTIVE:
+    if registry.session_running():
         raise RuntimeError("segquant_compile.calibrate() is already running (calibrating twice)")
     mine = found.quant_states
     released = [st.name for st in mine if st.released]
@@ -165,16 +150,16 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
             f"(options release_float_weights=True), e.g. {released[0]}: calibration needs them; compile the "
             f"float model again")
     mine = [st for st in mine if st.calibrated_by_rows]
-    if mine and all(st.frozen for st in mine) and not recalibrate:
+    if mine and all(st.settled for st in mine) and not recalibrate:
         raise RuntimeError(ALREADY_CALIBRATED)
     if recalibrate:
         for st in mine:
             st.reset_calibration()
-    elif any(st.frozen for st in mine):
+    elif any(st.settled for st in mine):
         warnings.warn(ONLY_NEW_SITES, stacklevel=3)
     session = Session(found.model, config.calibration_steps if config else None, progress, recalibrate, mine)
+    registry.open_session(session)
     hook = compiled.register_forward_hook(session.after_call, with_kwargs=True)
-    _ACTIVE.append(session)
     try:
         yield session
     except BaseException:
@@ -184,7 +169,7 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
         raise
     finally:
         hook.remove()
-        _ACTIVE.remove(session)
+        registry.close_session(session)
         if session.bar is not None:
             session.bar.close()
     if session.calls == 0:
@@ -193,9 +178,9 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
     late = [st for k, st in session.kept.items() if k not in session.known]
     if late and not session.touched:
         raise RuntimeError(ALREADY_CALIBRATED + " (by an earlier compile of the same weights)")
-    if late and not any(st.frozen for st in mine):
+    if late and not any(st.settled for st in mine):
         warnings.warn(ONLY_NEW_SITES, stacklevel=3)
-    if not session.touched and not any(st.frozen for st in find(compiled).quant_states):
+    if not session.touched and not any(st.settled for st in find(compiled).quant_states):
         raise RuntimeError("segquant_compile.calibrate(): no segquant graph ran inside the block; is the "
                            "model compiled with backend='segquant', does it have linear layers, and has dynamo "
                            "not fallen back to eager (torch._dynamo.config.recompile_limit reached)?")

@@ -2,11 +2,13 @@
 calibrate(), save(), report() and explain() reach them."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from segquant_compile import registry
 from segquant_compile.config import QuantConfig
 
 
@@ -107,6 +109,11 @@ class Compiled:
     # calls the graphs keep float (passes.FloatCall), by full module path where their parameter is known
     float_calls: list
     float_weights: set                 # ids of those parameters: modules reached, kept float
+    names: dict                        # id(state) -> the full name of the first site it serves
+
+    def name_of(self, state) -> str:
+        """A state's name in this model: its first site's full module path."""
+        return self.names.get(id(state), state.name)
 
     @property
     def states(self) -> list:
@@ -125,11 +132,8 @@ class Compiled:
 
 def find(compiled) -> Compiled:
     """The model behind `compiled`, its options and everything segquant holds for it. Sites are
-    named by full module paths from the root (unique also across graph breaks), states too."""
-    import dataclasses
-
-    from segquant_compile.runtime import RUNNERS
-    from segquant_compile.state import REGISTRY
+    named by full module paths from the root (unique also across graph breaks), states by their
+    first site's (`Compiled.name_of`). Reads only: nothing it finds is changed."""
     model = getattr(compiled, "_orig_mod", None)
     if not isinstance(compiled, torch.nn.Module) or model is None:
         raise TypeError("expected a model compiled with torch.compile(model, backend='segquant'), got "
@@ -140,9 +144,9 @@ def find(compiled) -> Compiled:
     config = QuantConfig.from_options(options) if backend == "segquant" else None
     paths = module_paths(model)
     mine = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    runners, rows, names, named = [], [], set(), set()
+    runners, rows, names, named = [], [], set(), {}
     floats, float_weights = {}, set()
-    for r in sorted((r for r in RUNNERS if config is None or r.config == config), key=id):
+    for r in sorted((r for r in registry.RUNNERS if config is None or r.config == config), key=id):
         entry_of = {id(e.site): e for e in r.entries}
         ran = False
         for site, w, b in r.site_weights():
@@ -154,10 +158,9 @@ def find(compiled) -> Compiled:
                 continue
             names.add(full)
             e = entry_of.get(id(site))
-            state = REGISTRY.get(w, r.state_key(e)) if e is not None else None
-            if state is not None and id(state) not in named:   # a state shared by sites: the first one's name
-                named.add(id(state))
-                state.name = full
+            state = registry.STATES.get(w, r.state_key(e)) if e is not None else None
+            if state is not None:   # a state shared by sites: the first one's name
+                named.setdefault(id(state), full)
             rows.append(SiteRow(dataclasses.replace(site, name=full, graph=len(runners)), w, b, state,
                                 None if e is not None else r.fallbacks.get(site.name)))
         for call, w in r.float_call_weights():
@@ -171,4 +174,4 @@ def find(compiled) -> Compiled:
                 if call.weight is None:
                     floats.setdefault((call.name, call.kind), dataclasses.replace(call, graph=len(runners)))
             runners.append(r)
-    return Compiled(model, config, runners, rows, list(floats.values()), float_weights)
+    return Compiled(model, config, runners, rows, list(floats.values()), float_weights, named)

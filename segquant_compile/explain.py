@@ -5,6 +5,7 @@ import warnings
 
 import torch
 
+from segquant_compile import registry
 from segquant_compile.capture import capture_graphs
 from segquant_compile.compiled import unwrap
 from segquant_compile.config import QuantConfig
@@ -40,7 +41,6 @@ def report(compiled) -> Report:
     """The plan of a segquant-compiled model as it runs: every site of every graph compiled so
     far under its full module path, which are quantized (format, steps, SQNR on calibration data)
     and why the others stay float, including linear modules that never reached a segquant graph."""
-    from segquant_compile.calibration import SUMMARIES
     from segquant_compile.compiled import find
     from segquant_compile.passes import Plan
     found = find(compiled)
@@ -57,7 +57,7 @@ def report(compiled) -> Report:
     return Report(plan, config, n_graphs=len(found.runners), model=type(found.model).__name__,
                   fallbacks={row.site.name: row.reason for row in found.rows if row.reason is not None},
                   states={row.site.name: row.state for row in found.rows if row.state is not None},
-                  unreached=unreached, unreached_kinds=kinds, calibration=SUMMARIES.get(found.model))
+                  unreached=unreached, unreached_kinds=kinds, calibration=registry.SUMMARIES.get(found.model))
 
 
 def _warn_unused_skips(config: QuantConfig, names) -> None:

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import torch
 
-from segquant_compile.state import QuantState, fingerprint
+from segquant_compile import registry
+from segquant_compile.compiled import find, module_paths
+from segquant_compile.site_params import PACKED_FIELDS, STEP_FIELDS, SiteParams
+from segquant_compile.state import QuantState
+from segquant_compile.weight_watch import fingerprint
 
-FORMAT_VERSION = 5   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
-                     # 5: the sites a state serves, each with its bias (tied weights)
+FORMAT_VERSION = 6   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
+                     # 5: the sites a state serves, each with its bias (tied weights); 6: d_x named d_pos
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
-FIELDS = ("packed", "d_w", "colsum", "d_x", "d_neg", "zp", "smooth")
+FIELDS = PACKED_FIELDS + STEP_FIELDS
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
 LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth", "auto", "weight_clip",
                    "conv", "group_size", "rounding", "activation_clip")
@@ -35,18 +39,16 @@ def save(compiled, path) -> Path:
     """Write the quantized state of a segquant-compiled (and, if static, calibrated) model."""
     from safetensors.torch import save_file
 
-    from segquant_compile.compiled import find, module_paths
     found = find(compiled)
     states = found.states
     if not states:
-        from segquant_compile.state import REGISTRY
-        if REGISTRY.states_for(found.model.parameters()):
+        if registry.STATES.states_for(found.model.parameters()):
             raise RuntimeError("segquant_compile.save(): the compiled graphs of this model were reset "
                                "(torch._dynamo.reset()) since it ran; its quantized state is kept: call the "
                                "compiled model once more (no recalibration needed), then save")
         raise RuntimeError("segquant_compile.save(): no quantized state for this model; compile it with "
                            "backend='segquant' and call it once first")
-    unfrozen = [st.name for _, st in states if not st.frozen]
+    unfrozen = [found.name_of(st) for _, st in states if not st.settled]
     if unfrozen:
         raise RuntimeError(f"segquant_compile.save(): {len(unfrozen)} site(s) are not calibrated yet "
                            f"(e.g. {unfrozen[0]}); calibrate first")
@@ -60,20 +62,20 @@ def save(compiled, path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors, sites = {}, {}
-    for weight, st in sorted(states, key=lambda ws: ws[1].name):
+    for weight, st in sorted(states, key=lambda ws: found.name_of(ws[1])):
+        name, p = found.name_of(st), st.params
         for f in FIELDS:
-            value = getattr(st, f)
+            value = getattr(p, f)
             if value is not None:
-                tensors[f"{st.name}.{f}"] = value.detach().contiguous().cpu()
-        weight_name = paths[id(weight)]
-        sites[st.name] = {"weight": weight_name, "in_features": st.site.in_features,
-                          "out_features": st.site.out_features, "lowering": _lowering_dict(st.base),
-                          "dynamic_note": st.dynamic_note, "chosen": list(st.chosen) if st.chosen else None,
-                          "candidates": st.candidates, "fingerprint": st.fingerprint,
-                          "sites": served[id(st)],
-                          "smooth_alpha": st.alpha, "sqnr_db": st.sqnr, "activation_clip": st.act_clip,
-                          "gptq_rows": st.rows_source, "nearest_note": st.nearest_note,
-                          "smooth_note": st.smooth_note}
+                tensors[f"{name}.{f}"] = value.detach().contiguous().cpu()
+        sites[name] = {"weight": paths[id(weight)], "in_features": st.site.in_features,
+                       "out_features": st.site.out_features, "lowering": _lowering_dict(st.base),
+                       "dynamic_note": p.dynamic_note, "chosen": list(p.chosen) if p.chosen else None,
+                       "candidates": list(p.candidates) if p.candidates else None, "fingerprint": st.fingerprint,
+                       "sites": served[id(st)],
+                       "smooth_alpha": p.alpha, "sqnr_db": p.sqnr, "activation_clip": p.act_clip,
+                       "gptq_rows": p.rows_source, "nearest_note": p.nearest_note,
+                       "smooth_note": p.smooth_note}
     options = dataclasses.asdict(found.config) if found.config is not None else {}
     manifest = {"format_version": FORMAT_VERSION, "torch": torch.__version__,
                 "options": {k: v for k, v in options.items() if k not in ("load",)}, "sites": sites}
@@ -130,7 +132,7 @@ def read(path) -> tuple[Path, dict, dict]:
 
 
 ENTRY_KEYS = ("weight", "in_features", "out_features", "lowering", "fingerprint", "sites")
-STEPS = ("d_w", "d_x", "d_neg", "smooth")   # divisors: finite and positive
+STEPS = ("d_w", "d_pos", "d_neg", "smooth")   # divisors: finite and positive
 
 
 def _entry_for(path, manifest: dict, state: QuantState, weight_fp: str) -> tuple[str, dict, str]:
@@ -155,21 +157,21 @@ def _entry_for(path, manifest: dict, state: QuantState, weight_fp: str) -> tuple
     return same[0]
 
 
-def _check_tensors(path, name: str, values: dict, state: QuantState) -> None:
+def _check_tensors(path, name: str, values: dict, state: QuantState, dynamic_note: str | None) -> None:
     """The saved tensors of one site against what this site runs with: present, of the shape and
     dtype its packing and segments give, steps finite and positive (a damaged or hand-edited file
     is refused here, not by a shape error in a GEMM or a NaN output)."""
-    lo = state.base
+    lo, p = state.base, state.params
     where = f"{path / TENSORS}, site {name!r}"
-    expected = {"packed": (tuple(state.packed.shape), state.packed.dtype),
-                "d_w": (tuple(state.d_w.shape), state.d_w.dtype),
-                "colsum": None if state.colsum is None else (tuple(state.colsum.shape), state.colsum.dtype),
+    expected = {"packed": (tuple(p.packed.shape), p.packed.dtype),
+                "d_w": (tuple(p.d_w.shape), p.d_w.dtype),
+                "colsum": None if p.colsum is None else (tuple(p.colsum.shape), p.colsum.dtype),
                 "smooth": ((state.site.in_features,), torch.float32)}
-    for f in ("d_x", "d_neg", "zp"):
+    for f in ("d_pos", "d_neg", "zp"):
         expected[f] = ((1, len(lo.schemes)), torch.float32)
-    required = ["packed", "d_w"] + (["colsum"] if state.colsum is not None else [])
-    if lo.static and state.dynamic_note is None:
-        required += ["d_x", "d_neg"]
+    required = ["packed", "d_w"] + (["colsum"] if p.colsum is not None else [])
+    if lo.static and dynamic_note is None:
+        required += ["d_pos", "d_neg"]
     for f in required:
         if values[f] is None:
             raise ValueError(f"segquant load: {where}: '{name}.{f}' is missing; save it again")
@@ -200,16 +202,12 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"segquant load: the bias of {name} differs from the one saved in {path} (a "
                          f"fine-tune since saving?): calibrate again and save")
     values = {f: tensors.get(f"{name}.{f}") for f in FIELDS}
-    state.dynamic_note = entry.get("dynamic_note")
-    _check_tensors(path, name, values, state)
-    for f, v in values.items():
-        setattr(state, f, v.to(weight.device) if v is not None else None)
-    state.name = name
-    state.chosen = tuple(entry["chosen"]) if entry.get("chosen") else None
-    state.candidates = entry.get("candidates")
-    state.alpha, state.sqnr = entry.get("smooth_alpha"), entry.get("sqnr_db")
-    state.act_clip = entry.get("activation_clip")
-    state.rows_source, state.nearest_note = entry.get("gptq_rows"), entry.get("nearest_note")
-    state.smooth_note = entry.get("smooth_note")
-    state.awaiting_rows = False   # the saved packing is the calibrated one (GPTQ included)
-    state.smooth_pending = False  # and its smoothing factors (saved, or none)
+    _check_tensors(path, name, values, state, entry.get("dynamic_note"))
+    tensors = {f: v.to(weight.device) if v is not None else None for f, v in values.items()}
+    # the saved packing is the calibrated one (GPTQ included), with its smoothing factors (or none)
+    state.load(SiteParams(**tensors, dynamic_note=entry.get("dynamic_note"),
+                          chosen=tuple(entry["chosen"]) if entry.get("chosen") else None,
+                          candidates=tuple(entry["candidates"]) if entry.get("candidates") else None,
+                          alpha=entry.get("smooth_alpha"), sqnr=entry.get("sqnr_db"),
+                          act_clip=entry.get("activation_clip"), rows_source=entry.get("gptq_rows"),
+                          nearest_note=entry.get("nearest_note"), smooth_note=entry.get("smooth_note")), name)

@@ -16,16 +16,17 @@ from typing import NamedTuple
 
 import torch
 
-from segquant_compile import calibration
+from segquant_compile import registry
 from segquant_compile.compiled import compiled_root_on_stack, full_site_names
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
 from segquant_compile.passes import LinearSite, Plan
 from segquant_compile.passes.site_rules import lower_site
 from segquant_compile.passes.rewrite import convert, prepare
-from segquant_compile.state import REGISTRY, QuantState, state_key
+from segquant_compile.persist import load_state
+from segquant_compile.registry import state_key
+from segquant_compile.state import Phase, QuantState
 
-RUNNERS: "weakref.WeakSet[GraphRunner]" = weakref.WeakSet()
 # first calls decide on their own rows (dynamic "auto" schemes, GPTQ, smoothing) one at a time:
 # two threads making the first call of the same weights at once would pool their rows
 FIRST_CALL = threading.RLock()
@@ -67,15 +68,15 @@ def create_state(entry: SiteEntry, weight: torch.Tensor, bias: torch.Tensor | No
     """The weight's state under this lowering: found, or built (and loaded) in full before it is
     registered, so a failed load leaves nothing behind. `name`: the site's full name for this
     weight (a graph shared by several blocks names its sites after the first block's)."""
-    state = REGISTRY.get(weight, state_key(entry.lowering, config.load))
+    key = state_key(entry.lowering, config.load)
+    state = registry.STATES.get(weight, key)
     if state is not None:
         return state
     site = entry.site if name == entry.site.name else dataclasses.replace(entry.site, name=name)
     state = QuantState(site, entry.lowering, weight, source=config.load)
     if config.load:
-        from segquant_compile.persist import load_state
         load_state(config.load, state, weight, bias)
-    return REGISTRY.put(weight, state)
+    return registry.STATES.put(weight, key, state)
 
 
 def mark_stale_steps(edited, states) -> None:
@@ -85,12 +86,12 @@ def mark_stale_steps(edited, states) -> None:
     first = min(states.index(st) for st in edited)
     names = sorted({st.name for st in edited})
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    stale = [st for st in states[first + 1:] if st.lowering.static and st.d_x is not None]
+    stale = [st for st in states[first + 1:] if st.lowering.static and st.params.d_pos is not None]
     if not stale:
         return
     note = f"calibrated before {shown} was edited: recalibrate"
     for st in stale:
-        st.stale_note = note
+        st.mark_stale(note)
     warnings.warn(f"segquant: weight(s) {shown} edited after static calibration: the activation steps of "
                   f"{len(stale)} site(s) computed from them were calibrated on the old weights and may clip; "
                   f"run `with segquant_compile.calibrate(compiled, recalibrate=True): ...` on calibration "
@@ -113,9 +114,9 @@ class Observer(torch.nn.Module):
         self.key = key
 
     def forward(self, x, weight):
-        state = REGISTRY.get(weight, self.key)
-        # calibrated sites keep their steps; a dynamic "auto" site observes until it has chosen
-        if state is not None and (not state.frozen or state.needs_choice):
+        state = registry.STATES.get(weight, self.key)
+        # a site observes while its rows still have something to decide
+        if state is not None and state.pending:
             state.observe(x)
 
 
@@ -187,11 +188,11 @@ class GraphRunner:
             from segquant_compile.lowering import autotune
             autotune.set_cache_dir(config.autotune_cache)
         states = self.states_of_call(example_inputs)
-        if any(st.first_call_pending for st in states) and _concrete(example_inputs) and \
+        if any(st.phase is Phase.AWAITING_FIRST_CALL for st in states) and _concrete(example_inputs) and \
                 self._session(example_inputs) is None:
             self.choose_schemes(example_inputs, states)   # now, so the graph compiles once
         self.converted(states)
-        RUNNERS.add(self)
+        registry.RUNNERS.add(self)
 
     # ------------------------------------------------------------------ names
     def _full_names(self, plan, args) -> dict[str, str]:
@@ -329,15 +330,18 @@ class GraphRunner:
         session = self._session(args)
         if session is not None:   # its freeze decides what a first call would, on every call's rows
             return self._calibrate(args, states, session)
-        if any(st.first_call_pending for st in states):
+        if any(st.phase is Phase.AWAITING_FIRST_CALL for st in states):
             self.choose_schemes(args, states)
-        if not all(st.frozen for st in states):
+        waiting = [st for st in states if st.phase is Phase.AWAITING_CALIBRATION]
+        if waiting:
             if self.config.calibration_steps:
                 out = self._calibrate(args, states, None)
-                if min(st.observed_calls for st in states) >= self.config.calibration_steps:
-                    calibration.freeze(states, self._biases(args))
+                if min(st.observed_calls for st in waiting) >= self.config.calibration_steps:
+                    for st, bias in zip(states, self._biases(args)):
+                        if st.phase is Phase.AWAITING_CALIBRATION:
+                            st.freeze(bias)
                 return out
-            missing = next(st.name for st in states if not st.frozen)
+            missing = waiting[0].name
             raise RuntimeError(
                 f"segquant: static activations and GPTQ rounding need calibration before use ({missing} has "
                 f"none: a model "
@@ -355,7 +359,7 @@ class GraphRunner:
 
     def _session(self, args):
         """The calibration session running over this call's weights, or None."""
-        session = calibration.active()
+        session = registry.active_session()
         return session if session is not None and session.owns(args[i] for i in self.weight_positions) else None
 
     def state_key(self, entry: SiteEntry) -> tuple:
@@ -368,20 +372,12 @@ class GraphRunner:
         weights. Never inside a calibration of these weights: its freeze decides all of it, on
         every call's rows (deciding here would discard the rows it collected before)."""
         with FIRST_CALL:   # one call's rows decide: a thread arriving meanwhile finds nothing pending
-            pending = [st for st in states if st.first_call_pending]
+            pending = [i for i, st in enumerate(states) if st.phase is Phase.AWAITING_FIRST_CALL]
             if pending:
-                self._decide_first_call(args, states, pending)
-
-    def _decide_first_call(self, args, states, pending) -> None:
-        self._calibrate(args, states, None)
-        for st in pending:   # smoothed, rounded, then the schemes measured with the weights that run
-            if st.smooth_pending:
-                st.smooth_on_first_call()
-            if st.awaiting_first_call:
-                st.round_on_first_call()
-            if st.needs_choice and st.sample:   # none when every row was non-finite: choose on a later call
-                st.choose_schemes(torch.cat(st.sample), st.weight())
-            st.discard_statistics()
+                self._calibrate(args, states, None)
+                biases = self._biases(args)
+                for i in pending:
+                    states[i].decide_first_call(biases[i])
 
     def _biases(self, args):
         return [args[e.bias] if e.bias is not None else None for e in self.entries]

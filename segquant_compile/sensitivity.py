@@ -25,6 +25,7 @@ from segquant_compile.passes.site_rules import lower_site
 from segquant_compile.passes.rewrite import convert, prepare
 from segquant_compile.runtime import placeholder_index
 from segquant_compile.sensitivity_report import Sensitivity, SiteSensitivity
+from segquant_compile.site_params import float_weight
 from segquant_compile.state import QuantState
 
 __all__ = ["DEFAULT_FORMATS", "Probe", "Sensitivity", "sensitivity"]
@@ -177,6 +178,7 @@ class Probe:
         # (name, format) -> {lowering: state}: one lowering unless a weight's sites in two graphs differ
         self.states: dict[tuple[str, str], dict[SiteLowering, QuantState]] = {}
         self.reasons: dict[tuple[str, str], str] = {}
+        self.biases: dict[int, torch.Tensor | None] = {}   # id(state) -> its site's bias (the SQNR's reference)
         self.timings: dict[tuple[str, str], float] = {}    # (name, format or "float") -> GEMM seconds
         self.graphs: list[_Graph] = []
         self.compiled = private_compile(model, self._backend, dynamic=False)
@@ -206,15 +208,11 @@ class Probe:
             self.recording = False
         for (name, fmt), states in self.states.items():
             for state in states.values():
-                if not state.sample:
-                    raise FloatingPointError(f"segquant.sensitivity: {state.name} saw no finite input rows")
-                rows, weight = torch.cat(state.sample), state.weight()
-                if state.needs_choice:
-                    state.choose_schemes(rows, weight)
-                state.sqnr = state._sqnr(weight, rows)
-                self.timings[name, fmt] = min_seconds(lambda: state.run_rows(rows))
+                bias = self.biases.get(id(state))
+                rows = state.measure(bias)
+                self.timings[name, fmt] = min_seconds(lambda: state.run_rows(rows, bias))
                 if (name, "float") not in self.timings:
-                    w = state._float_weight(weight)
+                    w = float_weight(state.weight(), state.site)
                     self.timings[name, "float"] = min_seconds(lambda: rows @ w.t())
                 state.discard_statistics()
         return reference
@@ -236,7 +234,7 @@ class Probe:
                 if lowering not in states:
                     states[lowering] = QuantState(dataclasses.replace(site, name=name), lowering, args[w])
                     b = graph.biases[i]
-                    states[lowering].bias = args[b] if b is not None else None
+                    self.biases[id(states[lowering])] = args[b] if b is not None else None
 
     def measurable(self, name: str, fmt: str) -> bool:
         return (name, fmt) in self.states
@@ -265,6 +263,7 @@ class Probe:
     def close(self) -> None:
         """Drop packed weights and converted graphs: dynamo's cache keeps the graphs alive."""
         self.states.clear()
+        self.biases.clear()
         for graph in self.graphs:
             graph.converted.clear()
 

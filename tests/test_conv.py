@@ -239,7 +239,7 @@ def test_tiny_unets_quantized_with_convs(runs, name, activations, floor):
         joined = "\n".join(code)          # no float convolution left in the compiled graph
         assert "extern_kernels.convolution" not in joined and "_convolution_pointwise" not in joined
     else:
-        assert all(st.frozen and st.sqnr is not None for st in report.states.values())
+        assert all(st.settled and st.sqnr is not None for st in report.states.values())
 
 
 def test_report_names_conv_kind_segments_and_steps(runs):

@@ -12,6 +12,7 @@ import segquant_compile as sq
 from segquant_compile.compiled import find
 from segquant_compile.lowering import quantize as Q
 from segquant_compile.lowering.gptq import gptq_int4, gptq_int8, segment_hessians
+from segquant_compile.site_params import Decision, float_weight
 
 
 
@@ -208,9 +209,9 @@ def test_recalibration_rounds_by_gptq_again(net):
         with sq.calibrate(c, progress=False, recalibrate=True):
             c(correlated(32, 12) * 3)
     for st in find(c).quant_states:
-        assert not st.awaiting_rows and st.lowering.rounding == "gptq"
+        assert Decision.ROUNDING not in st.pending and st.lowering.rounding == "gptq"
         assert not torch.equal(st.packed, first[st.name])                       # rounded on the new rows
-        assert not torch.equal(st.packed, Q.pack_weight(st._float_weight(st.weight()).float(), st.lowering)[0])
+        assert not torch.equal(st.packed, Q.pack_weight(float_weight(st.weight(), st.site).float(), st.lowering)[0])
 
 
 @pytest.mark.parametrize("fmt, batch", [("int8", 64), ("w4a8", 8)])
@@ -225,7 +226,7 @@ def test_gptq_needs_calibration_then_runs_dynamic(net, fmt, batch):
     got = c(x)
     states = find(c).quant_states
     assert {st.lowering.format for st in states} == {fmt}
-    assert all(st.lowering.rounding == "gptq" and not st.awaiting_rows and st.lowering.activations == "dynamic"
+    assert all(st.lowering.rounding == "gptq" and Decision.ROUNDING not in st.pending and st.lowering.activations == "dynamic"
                for st in states)
     assert "gptq" in str(sq.report(c))
     rtn = compiled(net, format=fmt, weight_rounding="rtn")(x)
@@ -257,8 +258,8 @@ def test_dynamic_auto_rounds_by_gptq_on_the_first_call_then_keeps_it(fmt):
     packed = {st.name: st.packed.clone() for st in find(c).quant_states}
     assert set(rounded_by(c).values()) == {"gptq (rows: the first call)"}
     for st in find(c).quant_states:
-        assert st.lowering.rounding == "gptq-first-call" and not st.awaiting_rows and st.frozen
-        assert not torch.equal(st.packed, Q.pack_weight(st._float_weight(st.weight()).float(), st.lowering)[0])
+        assert st.lowering.rounding == "gptq-first-call" and Decision.ROUNDING not in st.pending and st.settled
+        assert not torch.equal(st.packed, Q.pack_weight(float_weight(st.weight(), st.site).float(), st.lowering)[0])
     c(correlated(3, 12))                              # another batch: a recompile, no re-rounding
     assert all(torch.equal(st.packed, packed[st.name]) for st in find(c).quant_states)
     assert torch.equal(c(first), out_first)           # the first call ran with the weights that stay
@@ -315,8 +316,8 @@ def test_first_call_gptq_rounds_again_after_a_weight_edit():
         warnings.filterwarnings("error", message=".*re-packed with round-to-nearest")
         c(correlated(64, 2))
     st_b = {st.name: st for st in find(c).quant_states}["b"]
-    assert st_b.rows_source == "the first call" and not st_b.awaiting_rows
-    assert not torch.equal(st_b.packed, Q.pack_weight(st_b._float_weight(st_b.weight()).float(), st_b.lowering)[0])
+    assert st_b.rows_source == "the first call" and Decision.ROUNDING not in st_b.pending
+    assert not torch.equal(st_b.packed, Q.pack_weight(float_weight(st_b.weight(), st_b.site).float(), st_b.lowering)[0])
 
 
 def test_first_call_without_finite_rows_rounds_to_nearest_and_says_so():
@@ -337,7 +338,7 @@ def test_first_call_with_too_few_rows_rounds_to_nearest_and_says_so():
     c = compiled(fresh())
     c(correlated(2, 1))
     st_a = {st.name: st for st in find(c).quant_states}["a"]
-    assert torch.equal(st_a.packed, Q.pack_weight(st_a._float_weight(st_a.weight()).float(), st_a.lowering)[0])
+    assert torch.equal(st_a.packed, Q.pack_weight(float_weight(st_a.weight(), st_a.site).float(), st_a.lowering)[0])
     assert rounded_by(c)["a"] == "rtn (the first call gave 32 rows, fewer than 1024 (4 per column of a K segment))"
 
 
@@ -345,7 +346,7 @@ def test_first_call_gptq_fits_every_row_of_a_site_wider_than_the_kept_sample():
     """A K=1024 site needs 4096 first-call rows, twice what the reservoir keeps (GPTQ_ROWS): its
     Hessian is summed over all of them (HESSIAN_MAX_K), so it is rounded by GPTQ, not to nearest,
     and the sum is freed once used."""
-    from segquant_compile.state import GPTQ_ROWS, HESSIAN_MAX_K
+    from segquant_compile.statistics import GPTQ_ROWS, HESSIAN_MAX_K
     k, rows = 1024, 4160
     assert GPTQ_ROWS < 4 * k <= rows and k <= HESSIAN_MAX_K
     torch.manual_seed(0)
@@ -355,7 +356,7 @@ def test_first_call_gptq_fits_every_row_of_a_site_wider_than_the_kept_sample():
     c = compiled(model, smooth=None)
     c(x)
     st, = find(c).quant_states
-    assert st.summary()["weight_rounding"] == "gptq (rows: the first call)" and st._hessians is None
+    assert st.summary()["weight_rounding"] == "gptq (rows: the first call)" and st.stats.hessians is None
     rtn = Q.pack_weight(model.weight.float(), st.lowering)
     ref = held_out @ model.weight.t()
     gain = (Q.sqnr_db(ref, held_out @ (st.packed.float() * st.d_w))
@@ -368,7 +369,7 @@ def test_gptq_on_the_summed_hessian_beats_gptq_on_the_kept_rows_where_k_is_wide(
     """A wide site calibrated on many rows: GPTQ on X^T X of all of them against GPTQ on 2048 of
     them sampled (GPTQ_ROWS, what was kept before), output SQNR on held-out rows. Measured (-s
     prints it): K=768 44.30 kept / 44.85 summed dB; K=1536 43.24 / 44.64."""
-    from segquant_compile.state import GPTQ_ROWS
+    from segquant_compile.statistics import GPTQ_ROWS
     torch.manual_seed(0)
     w = torch.randn(128, k)
     mix = torch.eye(k) + 0.05 * torch.randn(k, k)
@@ -385,8 +386,8 @@ def test_gptq_on_the_summed_hessian_beats_gptq_on_the_kept_rows_where_k_is_wide(
 
 
 def test_a_site_too_wide_to_sum_a_hessian_fits_the_kept_rows_and_says_so(monkeypatch):
-    from segquant_compile import state
-    monkeypatch.setattr(state, "HESSIAN_MAX_K", 512)
+    from segquant_compile import statistics
+    monkeypatch.setattr(statistics, "HESSIAN_MAX_K", 512)
     model = torch.nn.Linear(1024, 8).eval().requires_grad_(False)
     c = compiled(model, smooth=None)
     c(torch.randn(4160, 1024))
@@ -399,7 +400,7 @@ def test_a_site_too_wide_to_sum_a_hessian_fits_the_kept_rows_and_says_so(monkeyp
 def test_calibration_gptq_sums_the_hessian_of_every_row():
     """Two calibration calls of 1536 rows (more than GPTQ_ROWS): GPTQ rounds on X^T X of all
     3072, summed call by call, not on a kept sample; the rows kept make room for the sum."""
-    from segquant_compile.state import GPTQ_ROWS, SAMPLE_ROWS
+    from segquant_compile.statistics import GPTQ_ROWS, SAMPLE_ROWS
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 16).eval().requires_grad_(False)
     mix = torch.eye(64) + 0.3 * torch.randn(64, 64)
@@ -409,11 +410,11 @@ def test_calibration_gptq_sums_the_hessian_of_every_row():
         for x in calls:
             c(x)
     st, = find(c).quant_states
-    assert st.rows_seen == 3072 > GPTQ_ROWS and len(st.sample[0]) == GPTQ_ROWS - 64 >= SAMPLE_ROWS   # room for H
+    assert st.rows_seen == 3072 > GPTQ_ROWS and len(st.stats.rows) == GPTQ_ROWS - 64 >= SAMPLE_ROWS   # room for H
     steps = Q.weight_steps(model.weight.float(), None, "int8", st.lowering.weight_clip)
     summed = [a + b for a, b in zip(segment_hessians(calls[0], (0, 64)), segment_hessians(calls[1], (0, 64)))]
     assert torch.equal(st.packed, gptq_int8(model.weight.float(), summed, (0, 64), steps))
-    assert not torch.equal(st.packed, gptq_int8(model.weight.float(), segment_hessians(st.sample[0], (0, 64)),
+    assert not torch.equal(st.packed, gptq_int8(model.weight.float(), segment_hessians(st.stats.rows, (0, 64)),
                                                 (0, 64), steps))
 
 
@@ -496,7 +497,7 @@ def test_cpu_lowering_matches_the_gemm_op_the_gpu_runs(net, fmt):
     lo = st_c.lowering
     assert lo.cpu_gemm == "fp32"
     x = F.gelu(correlated(3, 51)[..., :256])
-    args = (st_c.d_x, st_c.d_neg, st_c.zp, st_c.smooth, st_c.colsum, lo.k_bounds, lo.codes)
+    args = (st_c.d_pos, st_c.d_neg, st_c.zp, st_c.smooth, st_c.colsum, lo.k_bounds, lo.codes)
     by_op = quantized_linear(x, st_c.packed, st_c.d_w, net.c.bias, *args, fmt=fmt, g_bounds=lo.g_bounds)
     by_cpu = quantized_linear(x, st_c.dequantized, None, net.c.bias, *args, fmt=fmt, cpu_gemm="fp32",
                               g_bounds=lo.g_bounds)

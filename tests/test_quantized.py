@@ -11,7 +11,8 @@ import segquant_compile as sq
 import segquant_compile.models  # noqa: F401  (sq.models)
 from conftest import TINY, Two, expected_site_gemms, output, site_gemm_calls, tiny_inputs
 from segquant_compile.lowering.quantize import sqnr_db
-from segquant_compile.runtime import RUNNERS
+from segquant_compile.registry import RUNNERS
+from segquant_compile.state import Phase
 
 
 def calibrated(model, options=None, calls=4, batch=2):
@@ -43,14 +44,14 @@ def test_tiny_models_sqnr_and_one_gemm_per_site(name, activations):
     if activations == "dynamic":   # static: the graph compiled during calibration, not in this call
         assert site_gemm_calls(code) == expected_site_gemms(report)   # the CPU form's GEMMs (cpu_linear.py)
     else:
-        assert all(s.frozen and s.sqnr is not None for s in report.states.values())
+        assert all(s.settled and s.sqnr is not None for s in report.states.values())
 
 
 def test_new_resolution_recompiles_with_the_same_scales():
     model = TINY["sd3"]()
     compiled = calibrated(model)
     states = dict(sq.report(compiled).states)
-    steps = {n: s.d_x.clone() for n, s in states.items()}
+    steps = {n: s.d_pos.clone() for n, s in states.items()}
     packed = {n: s.packed for n, s in states.items()}
     x = sq.models.example_inputs(model, batch=2, resolution=32, text_tokens=5,
                                  generator=torch.Generator().manual_seed(3))
@@ -61,7 +62,7 @@ def test_new_resolution_recompiles_with_the_same_scales():
     assert after.n_graphs >= 2                              # it did recompile
     for n, s in after.states.items():
         assert s is states[n]                               # same QuantState, not recalibrated
-        assert torch.equal(s.d_x, steps[n]) and s.packed is packed[n]
+        assert torch.equal(s.d_pos, steps[n]) and s.packed is packed[n]
 
 
 @pytest.mark.parametrize("rounding", ["rtn", "auto"])
@@ -69,10 +70,10 @@ def test_packing_happens_once_per_weight(monkeypatch, rounding):
     """Round to nearest: one packing per weight, never again on a recompile. "auto" with
     dynamic activations: to nearest when the state is made, then by GPTQ on the first call
     where it had rows enough (4 per column of K)."""
-    from segquant_compile.state import QuantState
-    calls = []
-    original = QuantState.pack
-    monkeypatch.setattr(QuantState, "pack", lambda self, w: (calls.append(self.name), original(self, w))[1])
+    from segquant_compile import site_params
+    calls = []   # the storage of each weight packed
+    original = site_params.packed
+    monkeypatch.setattr(site_params, "packed", lambda w, *a, **k: (calls.append(w.data_ptr()), original(w, *a, **k))[1])
     model = TINY["pixart"]()
     compiled = torch.compile(model, backend="segquant", options={"weight_rounding": rounding})
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_packing_happens_once_per_weight(monkeypatch, rounding):
         compiled(**tiny_inputs(model, batch=5))
     states = list(sq.report(compiled).states.values())
     assert len(set(calls)) == len(states)
-    assert all(calls.count(st.name) == 1 + (st.rows_source == "the first call") for st in states)
+    assert all(calls.count(st.weight().data_ptr()) == 1 + (st.rows_source == "the first call") for st in states)
     assert any(st.rows_source == "the first call" for st in states) == (rounding == "auto")
 
 
@@ -108,7 +109,7 @@ def test_static_steps_clip_searched_on_calibration_rows(tmp_path):
         if clip == "search":
             sq.save(c, tmp_path / "q")
     assert states["search"].act_clip < 1 and states["absmax"].act_clip is None
-    assert float(states["search"].d_x.max()) < float(states["absmax"].d_x.max())
+    assert float(states["search"].d_pos.max()) < float(states["absmax"].d_pos.max())
     assert sqnr["search"] > sqnr["absmax"] + 0.5, sqnr
     assert states["search"].summary()["activation_clip"] == states["search"].act_clip
     with pytest.raises(ValueError, match="activation_clip"):
@@ -166,7 +167,7 @@ def test_smoothquant_searched_on_the_rows_beats_no_smoothing(tmp_path, activatio
     loaded = torch.compile(fresh, backend="segquant", options={**base, "smooth": "search", "load": str(tmp_path / "q")})
     assert torch.equal(loaded(held_out), outs["search"])
     (state,) = sq.report(loaded).states.values()
-    assert state.alpha == alpha and not state.first_call_pending
+    assert state.alpha == alpha and state.phase is Phase.READY
 
 
 def test_a_call_refused_before_calibration_does_not_settle_the_smoothing():
@@ -188,26 +189,28 @@ def test_smoothquant_alpha_is_scored_on_calls_that_did_not_set_the_ranges(monkey
     """With two or more calibration calls, alpha is scored on the odd calls' rows with factors and
     steps from the even calls' ranges (on the same rows it fit `make demo`'s 4 inputs: -3.7 dB);
     the final factors use every call's ranges. One call: scored on its own rows."""
-    from segquant_compile.state import QuantState
+    from segquant_compile import site_params
     torch.manual_seed(0)
     lin = nn.Linear(64, 32).eval().requires_grad_(False)
     c = torch.compile(lin, backend="segquant", options={"activations": "static", "smooth": "search",
                                                         "weight_rounding": "rtn", "inductor": False})
-    scored = []
-    original = QuantState._sqnr
-    monkeypatch.setattr(QuantState, "_sqnr", lambda self, w, rows: (
-        scored.append((rows.clone(), self.pos_max.clone())), original(self, w, rows))[1])
+    scored, ranges = [], []
+    sqnr, smoothing = site_params.site_sqnr, site_params.with_smoothing
+    monkeypatch.setattr(site_params, "site_sqnr", lambda params, lowering, w, rows, bias: (
+        scored.append(rows.clone()), sqnr(params, lowering, w, rows, bias))[1])
+    monkeypatch.setattr(site_params, "with_smoothing", lambda params, lowering, w, r, alpha, hessians=None: (
+        ranges.append(r[0].clone()), smoothing(params, lowering, w, r, alpha, hessians))[1])
     calls = [outlier_rows(64, seed) * (1 + seed) for seed in range(4)]   # call i: values up to (1 + i) x
     with sq.calibrate(c, progress=False):
         for x in calls:
             c(x)
     (state,) = sq.report(c).states.values()
-    search = scored[:1 + 4]   # no smoothing, then the alpha grid; then the activation clip search
     odd = torch.cat([calls[1], calls[3]])
-    for rows, pos in search:
+    assert len(scored) >= 5 and len(ranges) == 5 + 1   # no smoothing, then the alpha grid; the choice
+    for rows, pos in zip(scored[:5], ranges[:5]):
         assert len(rows) == 128 and all(any(torch.equal(r, o) for o in odd) for r in rows[:8])
         assert torch.equal(pos, torch.maximum(calls[0], calls[2]).amax(dim=0).clamp(min=0))
-    assert torch.equal(state.pos_max, torch.cat(calls).amax(dim=0).clamp(min=0))
+    assert torch.equal(ranges[-1], torch.cat(calls).amax(dim=0).clamp(min=0))
 
 
 def test_smoothing_never_amplifies_a_channel_the_rows_left_silent():
@@ -236,7 +239,7 @@ def test_first_call_with_too_few_rows_is_not_smoothed_and_says_so():
     c = torch.compile(lin, backend="segquant", options={"smooth": "search", "inductor": False})
     c(outlier_rows(100, 1))
     (state,) = sq.report(c).states.values()
-    assert state.smooth is None and not state.first_call_pending
+    assert state.smooth is None and state.phase is Phase.READY
     assert state.summary()["smooth_alpha"] == ("none (the first call gave 100 rows, fewer than 256 "
                                                "(4 per column of a K segment))")
 
@@ -251,7 +254,7 @@ def test_dynamic_smoothing_from_a_calibration_when_one_comes_first():
         for seed in range(3):
             c(outlier_rows(64, seed))
     (state,) = sq.report(c).states.values()
-    assert state.observed_calls == 3 and state.alpha is not None and state.frozen
+    assert state.observed_calls == 3 and state.alpha is not None and state.settled
     assert state.lowering.activations == "dynamic"
     torch._dynamo.reset()
     plain = torch.compile(nn.Linear(64, 32), backend="segquant", options={"weight_rounding": "rtn", "smooth": None})
@@ -275,11 +278,11 @@ def test_a_second_compile_of_calibrated_weights_never_ignores_its_calibration():
         with sq.calibrate(second, progress=False):
             second(torch.randn(64, 64) * 10)
     (before,) = sq.report(second).states.values()
-    step = before.d_x.clone()
+    step = before.d_pos.clone()
     with sq.calibrate(second, progress=False, recalibrate=True):
         second(torch.randn(64, 64) * 10)
     (after,) = sq.report(second).states.values()
-    assert float(after.d_x.max()) > 5 * float(step.max())
+    assert float(after.d_pos.max()) > 5 * float(step.max())
 
 
 def test_calibration_steps_freeze_automatically():
@@ -288,7 +291,7 @@ def test_calibration_steps_freeze_automatically():
     with torch.no_grad():
         for s in range(2):
             compiled(**tiny_inputs(model, seed=20 + s))
-        assert all(st.frozen for st in sq.report(compiled).states.values())
+        assert all(st.settled for st in sq.report(compiled).states.values())
         x = tiny_inputs(model)
         assert sqnr_db(output(model(**x)), output(compiled(**x))) >= 25
 

@@ -12,7 +12,7 @@ import segquant_compile as sq
 from segquant_compile.lowering.quantize import sqnr_db
 from conftest import Two
 from segquant_compile.compiled import find
-from segquant_compile.state import FloatWeightsReleased
+from segquant_compile.weight_watch import FloatWeightsReleased
 
 EAGER = {"inductor": False}   # the quantized graph run as traced: fast to build, same numbers
 
@@ -151,10 +151,10 @@ def test_exception_inside_calibrate_leaves_no_statistics():
             c(torch.randn(3, 8) * 1000)      # a huge range that must not survive
             raise KeyError("user code failed")
     states = [st for _, st in find(c).states]
-    assert states and all(st.pos_max is None and st.observed_calls == 0 for st in states)
+    assert states and all(st.stats.empty and st.observed_calls == 0 for st in states)
     with torch.no_grad(), sq.calibrate(c, progress=False):
         c(torch.randn(3, 8))
-    assert all(float(st.d_x.max()) < 1.0 for st in states)   # steps from the clean run only
+    assert all(float(st.d_pos.max()) < 1.0 for st in states)   # steps from the clean run only
 
 
 def test_zero_range_site_stays_dynamic_with_a_warning():
@@ -167,7 +167,7 @@ def test_zero_range_site_stays_dynamic_with_a_warning():
                 c(torch.zeros(3, 8))          # blank inputs: site a sees only zeros
         report = sq.report(c)
         st = report.states["a"]
-        assert st.lowering.activations == "dynamic" and st.d_x is None
+        assert st.lowering.activations == "dynamic" and st.d_pos is None
         assert "kept dynamic" in str(report)
         x = torch.randn(4, 8)
         assert sqnr_db(m(x), c(x)) > 30                     # not crushed by a vanishing step
@@ -286,8 +286,8 @@ def test_corrupt_file_raises_the_same_error_every_time_and_leaves_nothing(tmp_pa
     blob = (path / "tensors.safetensors").read_bytes()
     (path / "tensors.safetensors").write_bytes(blob[: len(blob) // 2])      # truncated
     torch._dynamo.reset()
-    from segquant_compile.state import REGISTRY
-    before = len(REGISTRY.states_for(list(m.parameters())))
+    from segquant_compile import registry
+    before = len(registry.STATES.states_for(list(m.parameters())))
     messages = []
     for _ in range(2):
         torch._dynamo.reset()
@@ -296,7 +296,7 @@ def test_corrupt_file_raises_the_same_error_every_time_and_leaves_nothing(tmp_pa
             c2(torch.randn(2, 8))
         messages.append(str(getattr(info.value, "inner_exception", info.value)))
     assert str(path) in messages[0] and "corrupt" in messages[0] and messages[0] == messages[1]
-    assert len(REGISTRY.states_for(list(m.parameters()))) == before
+    assert len(registry.STATES.states_for(list(m.parameters()))) == before
 
 
 # ------------------------------------------------------------------ autograd, released weights
@@ -363,7 +363,9 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     """SQNR, scheme choice and GPTQ see rows from every call (a sampler's late timesteps too),
     not the first calls' rows only."""
     from segquant_compile.passes.site_rules import lower_site
-    from segquant_compile.state import GPTQ_ROWS, QuantState
+    from segquant_compile.site_params import Decision
+    from segquant_compile.state import QuantState
+    from segquant_compile.statistics import GPTQ_ROWS
     model = Two()
     site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
     config = sq.QuantConfig.from_options({"activations": "static"})
@@ -372,14 +374,14 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     calls, per_call = 40, 64
     for call in range(calls):
         state.observe(torch.full((per_call, site.in_features), float(call)))
-    rows = torch.cat(state.sample)
-    assert state.awaiting_rows     # static: weight_rounding "auto" rounds by GPTQ, on a summed Hessian
-    assert len(rows) == state.rows_kept == GPTQ_ROWS - site.in_features < calls * per_call == state.rows_seen
-    assert state._hessians[0][0, 0] == sum(c * c * per_call for c in range(calls))   # every row, none kept for it
+    rows = state.stats.rows
+    assert Decision.ROUNDING in state.pending     # static: weight_rounding "auto" rounds by GPTQ, on a summed Hessian
+    assert len(rows) == state.stats.spec.rows_kept == GPTQ_ROWS - site.in_features < calls * per_call == state.rows_seen
+    assert state.stats.hessians[0][0, 0] == sum(c * c * per_call for c in range(calls))   # every row, none kept for it
     late = (rows[:, 0] >= calls // 2).float().mean().item()
     assert 0.4 < late < 0.6, late   # half the rows seen came from the second half of the calls
     state.discard_statistics()
-    assert not state.sample and state.rows_seen == 0
+    assert state.stats.rows is None and state.rows_seen == 0
 
 
 def test_calibration_rows_are_the_same_every_run():
@@ -387,7 +389,8 @@ def test_calibration_rows_are_the_same_every_run():
     holds it, every run (an index_put with repeated indices kept any one; first-call GPTQ then
     rounded the same model differently from one compile to the next)."""
     from segquant_compile.passes.site_rules import lower_site
-    from segquant_compile.state import GPTQ_ROWS, QuantState
+    from segquant_compile.state import QuantState
+    from segquant_compile.statistics import GPTQ_ROWS
     model = Two()
     site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
     config = sq.QuantConfig.from_options({"activations": "static"})
@@ -397,9 +400,9 @@ def test_calibration_rows_are_the_same_every_run():
     for _ in range(3):
         state = QuantState(site, lower_site(site, config), weight)
         state.observe(x)
-        samples.append(torch.cat(state.sample))
+        samples.append(state.stats.rows)
     assert all(torch.equal(samples[0], s) for s in samples[1:])
-    assert len(samples[0][:, 0].unique()) == state.rows_kept   # distinct rows: no slot written twice over
+    assert len(samples[0][:, 0].unique()) == state.stats.spec.rows_kept   # distinct rows: no slot written twice over
 
 
 def test_explains_do_not_use_up_the_recompile_limit_of_a_later_compile():

@@ -91,7 +91,7 @@ def test_degenerate_calibration_chooses_a_valid_scheme():
         with sq.calibrate(c, progress=False):
             c(torch.rand(8, 16))                          # only positive rows
         st = sq.report(c).states["1"]
-        assert st.chosen is not None and bool((st.d_x > 1e-6).all() and (st.d_neg > 1e-6).all())
+        assert st.chosen is not None and bool((st.d_pos > 1e-6).all() and (st.d_neg > 1e-6).all())
         x = torch.rand(4, 16)
         assert sqnr_db(m(x), c(x)) > 30
 

@@ -62,7 +62,7 @@ def _edit_tensor(path, key, fn):
     (lambda t: -t, "not finite and positive"),
     (lambda t: t[:-1], "edited or damaged"),
 ])
-@pytest.mark.parametrize("field", ["d_x", "d_w"])
+@pytest.mark.parametrize("field", ["d_pos", "d_w"])
 def test_load_refuses_damaged_steps_naming_file_and_entry(saved_two, edit, needle, field):
     model, path = saved_two
     _edit_tensor(path, f"b.{field}", edit)

@@ -1,0 +1,180 @@
+"""SiteStatistics: what calibration (or a dynamic site's first call) observes at one site. It only
+accumulates, and two of the same site merge into what one observer of both call sets would hold:
+nothing here decides a step (site_params.py does that, from a finished record).
+
+Every quantity is a function of (call number, rows) that merges exactly or up to summation order:
+- ranges: per-column positive and negative maxima, kept per call parity (even calls set
+  SmoothQuant's held-out factors, odd calls score them: site_params.held_out);
+- rows: a uniform sample of every row observed, by bottom-k sampling: each row gets a priority
+  drawn from its call's number, and the `rows_kept` rows of smallest priority are kept. The sample
+  does not depend on the order of calls, so two halves merge into the sample of the whole;
+- Hessians X^T X per K segment (GPTQ), summed where `sum_hessian` (else GPTQ fits the kept rows);
+- counts of rows and calls."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from segquant_compile.lowering.conv import channel_ranges, im2col_rows
+from segquant_compile.lowering.gptq import segment_hessians
+from segquant_compile.lowering.site_lowering import ConvGeometry
+
+SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothing search
+GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian where none is summed
+# GPTQ's Hessian X^T X is summed over every row where the widest K segment has at most this many
+# columns (K^2 fp32 per segment: 64 MB at 4096); wider sites fit GPTQ_ROWS sampled rows
+HESSIAN_MAX_K = 4096
+
+
+@dataclass(frozen=True)
+class StatisticsSpec:
+    """What a site's statistics collect: its K segments, how many rows to keep, whether to sum
+    GPTQ's Hessian, and a conv's geometry (its rows are im2col rows)."""
+    k_bounds: tuple[int, ...]
+    rows_kept: int
+    sum_hessian: bool
+    conv: ConvGeometry | None = None
+
+    @classmethod
+    def for_site(cls, k_bounds, gptq_waits: bool, conv: ConvGeometry | None) -> "StatisticsSpec":
+        """SAMPLE_ROWS for the SQNR, scheme and smoothing searches; where GPTQ waits for rows,
+        GPTQ_ROWS when no Hessian is summed, else as many as fit in the memory GPTQ_ROWS took
+        beside its K^2 (at least SAMPLE_ROWS)."""
+        widest = max(b - a for a, b in zip(k_bounds[:-1], k_bounds[1:]))
+        sums = gptq_waits and widest <= HESSIAN_MAX_K
+        if not gptq_waits:
+            kept = SAMPLE_ROWS
+        elif not sums:
+            kept = GPTQ_ROWS
+        else:
+            kept = max(SAMPLE_ROWS, GPTQ_ROWS - k_bounds[-1])
+        return cls(tuple(k_bounds), kept, sums, conv)
+
+
+def _generator(call: int) -> torch.Generator:
+    return torch.Generator().manual_seed(call)
+
+
+class SiteStatistics:
+    def __init__(self, spec: StatisticsSpec):
+        self.spec = spec
+        self.parity_max: list[tuple[Tensor, Tensor] | None] = [None, None]   # (pos, neg) of even, odd calls
+        self.rows: Tensor | None = None           # kept rows [<= rows_kept, K], fp32 on the CPU
+        self.row_calls: Tensor | None = None      # the call each kept row came from
+        self._priority: Tensor | None = None      # each kept row's priority (bottom-k)
+        self.hessians: list[Tensor] | None = None
+        self.rows_seen = 0
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ observing
+    def observe(self, x: Tensor, call: int | None = None, finite_only: bool = False) -> bool:
+        """Add one call's activation (numbered `call`; by default the next local number). With
+        `finite_only`, rows holding NaN/Inf are dropped (a first call deciding on its rows);
+        else a non-finite range raises. False when no row was kept."""
+        with self._lock:
+            call = self.calls if call is None else call
+            x2, pos, neg = self._gemm_rows(x.detach(), call)
+            if finite_only:
+                x2 = x2[torch.isfinite(x2).all(dim=1)]
+                if not len(x2):
+                    return False
+                pos, neg = x2.amax(dim=0).clamp(min=0), (-x2).amax(dim=0).clamp(min=0)
+            if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+                raise FloatingPointError("NaN or Inf reached the calibration observer")
+            self._add_ranges(call % 2, pos, neg)
+            if self.spec.sum_hessian:
+                self._add_hessians([h.cpu() for h in segment_hessians(x2, self.spec.k_bounds)])
+            priority = torch.rand(len(x2), generator=_generator(call), dtype=torch.float64)
+            self._keep(x2, priority, torch.full((len(x2),), call, dtype=torch.long))
+            self.rows_seen += len(x2)
+            self.calls += 1
+            return True
+
+    def _gemm_rows(self, x: Tensor, call: int) -> tuple[Tensor, Tensor, Tensor]:
+        """GEMM rows of an activation, with per-K-column positive and negative maxima. A conv's
+        rows are im2col rows of SAMPLE_ROWS random output pixels (never the whole matrix)."""
+        conv = self.spec.conv
+        if conv is None:
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            return x2, x2.amax(dim=0).clamp(min=0), (-x2).amax(dim=0).clamp(min=0)
+        ho, wo = conv.output_size(x.shape[2], x.shape[3])
+        pixels = torch.randperm(x.shape[0] * ho * wo, generator=_generator(call))[:SAMPLE_ROWS].to(x.device)
+        return (im2col_rows(x.float(), conv, pixels), *channel_ranges(x, conv))
+
+    def _add_ranges(self, parity: int, pos: Tensor, neg: Tensor) -> None:
+        held = self.parity_max[parity]
+        self.parity_max[parity] = (pos, neg) if held is None else (torch.maximum(held[0], pos),
+                                                                   torch.maximum(held[1], neg))
+
+    def _add_hessians(self, sums: list[Tensor]) -> None:
+        if self.hessians is None:
+            self.hessians = sums
+        else:   # in place: no second K^2 per segment while adding
+            for total, h in zip(self.hessians, sums):
+                total.add_(h)
+
+    def _keep(self, x2: Tensor, priority: Tensor, calls: Tensor) -> None:
+        """The rows_kept rows of smallest priority among those kept and these."""
+        limit = self.spec.rows_kept
+        if len(priority) > limit:   # only the smallest new ones can enter
+            keep = torch.topk(priority, limit, largest=False).indices
+            x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
+        x2 = x2.float().cpu()
+        if self.rows is not None:
+            x2, priority = torch.cat([self.rows, x2]), torch.cat([self._priority, priority])
+            calls = torch.cat([self.row_calls, calls])
+        if len(priority) > limit:
+            keep = torch.topk(priority, limit, largest=False).indices
+            x2, priority, calls = x2[keep], priority[keep], calls[keep]
+        self.rows, self._priority, self.row_calls = x2, priority, calls
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, other: "SiteStatistics") -> None:
+        """Add another observer's statistics of the same site (other calls, numbered globally):
+        ranges by maximum, Hessians and counts by sum, rows by their priorities."""
+        if other.spec != self.spec:
+            raise ValueError("SiteStatistics.merge: statistics of different sites or segmentations")
+        with self._lock:
+            for parity, held in enumerate(other.parity_max):
+                if held is not None:
+                    self._add_ranges(parity, *held)
+            if other.hessians is not None:
+                self._add_hessians([h.clone() for h in other.hessians])
+            if other.rows is not None:
+                self._keep(other.rows, other._priority, other.row_calls)
+            self.rows_seen += other.rows_seen
+            self.calls += other.calls
+
+    def drop_hessians(self) -> None:
+        with self._lock:
+            self.hessians = None
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def empty(self) -> bool:
+        return self.parity_max == [None, None]
+
+    def ranges(self) -> tuple[Tensor, Tensor]:
+        """Per K column: the positive and negative maxima over every call."""
+        held = [p for p in self.parity_max if p is not None]
+        if len(held) == 1:
+            return held[0]
+        return torch.maximum(held[0][0], held[1][0]), torch.maximum(held[0][1], held[1][1])
+
+    def held_out(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(positive and negative maxima of the even calls, the kept rows of the odd ones), or
+        None with no odd call's row kept."""
+        if self.parity_max[0] is None or self.rows is None:
+            return None
+        odd = self.row_calls % 2 == 1
+        return (*self.parity_max[0], self.rows[odd]) if odd.any() else None
+
+    def gptq_hessians(self, device) -> list[Tensor]:
+        """GPTQ's Hessians per K segment: summed over every row observed where accumulated,
+        else those of the kept rows."""
+        hessians = self.hessians if self.hessians is not None else segment_hessians(self.rows, self.spec.k_bounds)
+        return [h.to(device) for h in hessians]
