@@ -1,0 +1,126 @@
+"""The calibration state split by job (issue 26): SiteStatistics accumulate and merge into what one
+observer of every call holds; SiteParams is a frozen record; a site's life is one Phase."""
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import segquant_compile as sq
+from conftest import Two
+from segquant_compile.compiled import find
+from segquant_compile.lowering.site_lowering import ConvGeometry
+from segquant_compile.site_params import Decision
+from segquant_compile.state import Phase
+from segquant_compile.statistics import SiteStatistics, StatisticsSpec
+
+
+def _calls(n, rows, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, k, generator=g) * (1 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("spec", [StatisticsSpec((0, 16, 48), 64, True), StatisticsSpec((0, 48), 512, False)],
+                         ids=["few-rows-kept-hessian", "all-rows-kept"])
+def test_two_halves_merge_into_the_statistics_of_all_calls(spec):
+    """Calls 0..5 observed by one object, and calls 0, 2, 4 / 1, 3, 5 by two (numbered globally),
+    merged: the same ranges per call parity, the same kept rows and their calls (bottom-k sampling
+    depends on no order), the same counts; Hessians equal up to summation order."""
+    calls = _calls(6, 40, 48)
+    whole, even, odd = SiteStatistics(spec), SiteStatistics(spec), SiteStatistics(spec)
+    for i, x in enumerate(calls):
+        whole.observe(x, call=i)
+        (even if i % 2 == 0 else odd).observe(x, call=i)
+    odd.merge(even)   # merged in the other order than observed
+    for parity in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(whole.parity_max[parity], odd.parity_max[parity]))
+    key = lambda s: sorted(zip(s.row_calls.tolist(), map(tuple, s.rows.tolist())))   # noqa: E731
+    assert key(whole) == key(odd) and len(whole.rows) == min(spec.rows_kept, 6 * 40)
+    assert (whole.rows_seen, whole.calls) == (odd.rows_seen, odd.calls) == (240, 6)
+    if spec.sum_hessian:
+        for a, b in zip(whole.hessians, odd.hessians):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)
+    else:
+        assert whole.hessians is None and odd.hessians is None
+    held_w, held_m = whole.held_out(), odd.held_out()
+    assert all(torch.equal(a, b) for a, b in zip(held_w[:2], held_m[:2]))
+    assert sorted(map(tuple, held_w[2].tolist())) == sorted(map(tuple, held_m[2].tolist()))
+
+
+def test_merge_refuses_another_sites_statistics():
+    a, b = SiteStatistics(StatisticsSpec((0, 8), 16, False)), SiteStatistics(StatisticsSpec((0, 4, 8), 16, False))
+    b.observe(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="different sites"):
+        a.merge(b)
+
+
+def test_kept_rows_are_a_sample_of_every_call_and_do_not_depend_on_call_order():
+    spec = StatisticsSpec((0, 4), 32, False)
+    calls = [torch.full((16, 4), float(i)) for i in range(20)]
+    forward, backward = SiteStatistics(spec), SiteStatistics(spec)
+    for i, x in enumerate(calls):
+        forward.observe(x, call=i)
+    for i in reversed(range(20)):
+        backward.observe(calls[i], call=i)
+    assert sorted(forward.rows[:, 0].tolist()) == sorted(backward.rows[:, 0].tolist())
+    assert torch.equal(forward.rows[:, 0], forward.row_calls.float())
+    assert len(set(forward.row_calls.tolist())) > 10   # rows of many calls, not the first ones only
+
+
+def test_a_conv_sites_rows_are_im2col_rows_of_sampled_pixels():
+    geometry = ConvGeometry(3, (3, 3), (1, 1), (1, 1))
+    stats = SiteStatistics(StatisticsSpec((0, 27), 512, False, geometry))
+    x = torch.randn(2, 3, 5, 5)
+    stats.observe(x, call=0)
+    full = torch.nn.functional.unfold(x, (3, 3), padding=1).transpose(1, 2).reshape(-1, 27)
+    assert stats.rows.shape == (50, 27) and sorted(map(tuple, stats.rows.tolist())) == sorted(map(tuple, full.tolist()))
+    assert torch.equal(stats.ranges()[0], x.amax(dim=(0, 2, 3)).clamp(min=0).repeat_interleave(9))
+
+
+def test_non_finite_rows_are_refused_or_skipped():
+    stats = SiteStatistics(StatisticsSpec((0, 4), 16, False))
+    x = torch.randn(6, 4)
+    x[2, 1] = float("nan")
+    with pytest.raises(FloatingPointError):
+        stats.observe(x)
+    assert stats.empty
+    assert stats.observe(x, finite_only=True) and stats.rows_seen == 5
+    assert not stats.observe(torch.full((3, 4), float("inf")), finite_only=True) and stats.calls == 1
+
+
+def test_a_static_site_waits_for_calibration_then_is_ready():
+    model = Two().eval()
+    c = torch.compile(model, backend="segquant", options={"activations": "static", "inductor": False})
+    with pytest.raises(RuntimeError, match="need calibration"):
+        c(torch.randn(4, 8))
+    states = find(c).quant_states
+    assert states and all(st.phase is Phase.AWAITING_CALIBRATION for st in states)
+    assert all({Decision.STEPS, Decision.ROUNDING} <= st.pending for st in states)
+    with sq.calibrate(c, progress=False):
+        c(torch.randn(16, 8))
+    assert all(st.phase is Phase.READY and not st.pending and st.params.d_pos is not None for st in states)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        states[0].params.d_pos = None   # the record is never edited: a new one replaces it
+    for st in states:
+        st.reset_calibration()
+    assert all(st.phase is Phase.AWAITING_CALIBRATION and st.params.d_pos is None for st in states)
+
+
+def test_a_dynamic_sites_first_call_decides_then_it_is_ready():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32).eval().requires_grad_(False)
+    c = torch.compile(model, backend="segquant", options={"inductor": False})
+    c(torch.randn(512, 64))
+    st, = find(c).quant_states
+    assert st.phase is Phase.READY and st.params.chosen is not None and st.rows_source == "the first call"
+
+
+def test_find_changes_nothing():
+    """find() reads: a state keeps its name, phase and record whoever looks."""
+    model = Two().eval()
+    c = torch.compile(model, backend="segquant", options={"inductor": False})
+    c(torch.randn(4, 8))
+    before = [(st.name, st.params, st.pending) for st in find(c).quant_states]
+    found = find(c)
+    assert [(st.name, st.params, st.pending) for st in found.quant_states] == before
+    assert [found.name_of(st) for st in found.quant_states] == [n for n, _, _ in before]
