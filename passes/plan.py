@@ -16,7 +16,8 @@ from .dualscale import REACHED, activation_source
 from .inline import inline_opaque
 from .names import param_names
 from .segment_graph import segment_graph
-from .seglinear import input_segments, output_segments
+from .input_segments import input_segments
+from .output_segments import output_segments
 from .shapes import as_int, prod, shape
 from .sites import OPAQUE_LINEAR_OPS, FloatCall, find_sites, module_name, unusable_calls
 
