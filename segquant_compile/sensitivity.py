@@ -23,9 +23,9 @@ from segquant_compile.op_types import block_of, op_type
 from segquant_compile.passes import build_plan
 from segquant_compile.passes.site_rules import lower_site
 from segquant_compile.passes.rewrite import convert, prepare
-from segquant_compile.runtime import placeholder_index
 from segquant_compile.sensitivity_report import Sensitivity, SiteSensitivity
 from segquant_compile.site_params import float_weight
+from segquant_compile.site_states import placeholder_index
 from segquant_compile.state import QuantState
 
 __all__ = ["DEFAULT_FORMATS", "Probe", "Sensitivity", "sensitivity"]
