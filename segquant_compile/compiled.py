@@ -13,9 +13,14 @@ from segquant_compile.config import QuantConfig
 
 
 def compiled_options(compiled) -> tuple[str | None, dict | None]:
-    """(backend name, options) of a torch.compile'd module; (None, None) when torch's internals
-    do not say (their layout is not public: walk it defensively)."""
-    obj = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
+    """(backend name, options) of a torch.compile'd module, or of the function torch.compile made
+    of a module compiled in place (`module.compile(...)`: its `_compiled_call_impl`); (None, None)
+    when torch's internals do not say (their layout is not public: walk it defensively)."""
+    ctx = getattr(compiled, "dynamo_ctx", None)
+    if ctx is None and callable(compiled):   # a compiled function holds its context in a closure cell
+        ctx = next((c.cell_contents for c in getattr(compiled, "__closure__", None) or ()
+                    if hasattr(_cell(c), "callback")), None)
+    obj = getattr(ctx, "callback", None)
     for _ in range(8):
         if obj is None:
             break
@@ -25,6 +30,31 @@ def compiled_options(compiled) -> tuple[str | None, dict | None]:
         obj = next((getattr(obj, a) for a in ("_torchdynamo_orig_backend", "_inner_convert", "compiler_fn")
                     if getattr(obj, a, None) not in (None, obj)), None)
     return None, None
+
+
+def _cell(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:   # an empty cell
+        return None
+
+
+def regional_options(model: torch.nn.Module) -> tuple[str | None, dict | None]:
+    """(backend, options) of the submodules compiled in place (regional compilation: diffusers'
+    `compile_repeated_blocks`); (None, None) where none is; an error where they disagree."""
+    found = {}
+    for name, m in model.named_modules():
+        fn = getattr(m, "_compiled_call_impl", None)
+        if fn is not None:
+            backend, options = compiled_options(fn)
+            found.setdefault(repr((backend, sorted((options or {}).items(), key=str))), (name, backend, options))
+    if len(found) > 1:
+        shown = "; ".join(f"{n or '<root>'}: {b} {o}" for n, b, o in found.values())
+        raise TypeError(f"the model's blocks are compiled with different backends or options ({shown})")
+    if not found:
+        return None, None
+    _, backend, options = next(iter(found.values()))
+    return backend, options
 
 
 def unwrap(model, options: dict | None) -> tuple:
@@ -47,21 +77,24 @@ def module_paths(model: torch.nn.Module) -> dict[int, str]:
 
 
 def compiled_root_on_stack() -> torch.nn.Module | None:
-    """The model whose compiled call is running on the Python stack (the innermost: a
-    torch.compile'd module's `_orig_mod`, or a module compiled in place by `.compile()`), or None.
+    """The model whose compiled call is running on the Python stack: the innermost torch.compile'd
+    module's `_orig_mod`, or where modules are compiled in place by `.compile()` (regional
+    compilation), the outermost module on the stack; None outside any.
     A graph dynamo captures below it (a graph break inside a block) knows its parameters only
     relative to that block: this root gives their full paths, as the report names them."""
-    frame = sys._getframe(1)
+    frame, found = sys._getframe(1), None
     while frame is not None:
         m = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
         if isinstance(m, torch.nn.Module):
             inner = getattr(m, "_orig_mod", None)
             if isinstance(inner, torch.nn.Module):
                 return inner
-            if getattr(m, "_compiled_call_impl", None) is not None:
-                return m
+            # a module compiled in place (regional compilation compiles each block so): names run
+            # from the outermost module calling it, the model whose report names them
+            if found is not None or getattr(m, "_compiled_call_impl", None) is not None:
+                found = m
         frame = frame.f_back
-    return None
+    return found
 
 
 def full_site_names(sites, weights, root: torch.nn.Module | None) -> dict[str, str]:
@@ -110,6 +143,7 @@ class Compiled:
     float_calls: list
     float_weights: set                 # ids of those parameters: modules reached, kept float
     names: dict                        # id(state) -> the full name of the first site it serves
+    regional: bool = False             # blocks compiled in place, not the model (regional compilation)
 
     def name_of(self, state) -> str:
         """A state's name in this model: its first site's full module path."""
@@ -134,11 +168,19 @@ def find(compiled) -> Compiled:
     """The model behind `compiled`, its options and everything segquant holds for it. Sites are
     named by full module paths from the root (unique also across graph breaks), states by their
     first site's (`Compiled.name_of`). Reads only: nothing it finds is changed."""
-    model = getattr(compiled, "_orig_mod", None)
-    if not isinstance(compiled, torch.nn.Module) or model is None:
-        raise TypeError("expected a model compiled with torch.compile(model, backend='segquant'), got "
+    if not isinstance(compiled, torch.nn.Module):
+        raise TypeError(f"expected a model compiled with torch.compile(model, backend='segquant'), got "
                         f"{type(compiled).__name__}")
-    backend, options = compiled_options(compiled)
+    model = getattr(compiled, "_orig_mod", None)
+    if model is not None:
+        backend, options = compiled_options(compiled)
+    else:   # regional compilation: blocks compiled in place
+        model = compiled
+        backend, options = regional_options(model)
+        if backend is None:
+            raise TypeError(f"expected a model compiled with torch.compile(model, backend='segquant') or whose "
+                            f"blocks are (model.compile_repeated_blocks(backend='segquant')), got "
+                            f"{type(compiled).__name__} with no compiled block")
     if backend is not None and backend != "segquant":
         raise TypeError(f"the model is compiled with backend {backend!r}, not 'segquant'")
     config = QuantConfig.from_options(options) if backend == "segquant" else None
@@ -174,4 +216,5 @@ def find(compiled) -> Compiled:
                 if call.weight is None:
                     floats.setdefault((call.name, call.kind), dataclasses.replace(call, graph=len(runners)))
             runners.append(r)
-    return Compiled(model, config, runners, rows, list(floats.values()), float_weights, named)
+    return Compiled(model, config, runners, rows, list(floats.values()), float_weights, named,
+                    regional=getattr(compiled, "_orig_mod", None) is None)

@@ -14,6 +14,8 @@ from segquant_compile.passes import build_plan, merge
 from segquant_compile.passes.site_rules import lower_site, skip_pattern
 from segquant_compile.report import Report
 
+OUTSIDE_BLOCKS = ("outside the blocks compiled in place (regional compilation compiles the repeated blocks "
+                  "only): runs in float")
 UNREACHED = ("never reached a segquant graph: dynamo ran this module's frame eagerly (a graph break "
              "it could not resume from, a skipped frame, or the recompile limit)")
 
@@ -51,7 +53,7 @@ def report(compiled) -> Report:
     reached = {id(row.weight) for row in found.rows} | found.float_weights
     kinds = {name: "linear" if isinstance(m, torch.nn.Linear) else "conv2d" for name, m in found.model.named_modules()
              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and id(m.weight) not in reached}
-    unreached = dict.fromkeys(kinds, UNREACHED)
+    unreached = dict.fromkeys(kinds, OUTSIDE_BLOCKS if found.regional else UNREACHED)
     names = [row.site.name for row in found.rows] + list(unreached)
     _warn_unused_skips(config, names)
     return Report(plan, config, n_graphs=len(found.runners), model=type(found.model).__name__,
