@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from segquant_compile import registry
+from segquant_compile import distributed, registry
 from segquant_compile.compiled import find
 from segquant_compile.lowering.quantize import sqnr_db
 from segquant_compile.weight_watch import FloatWeightsReleased
@@ -44,7 +44,9 @@ ONLY_NEW_SITES = ("segquant: calibrating only the sites without steps (new or re
 
 class Session:
     def __init__(self, model: torch.nn.Module, steps: int | None, progress: bool, recalibrate: bool = False,
-                 known=()):
+                 known=(), group=None, sites=None):
+        self.group, self.shard = group, distributed.shard_of(group)
+        self.sites = sites   # () -> {name: (state, bias)} of the model: states other ranks calibrated
         self.tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
         self.steps = steps
         self.calls = 0
@@ -74,6 +76,7 @@ class Session:
             if st.settled:
                 self.kept[id(st)] = st
             else:
+                st.number_calls(self.shard)
                 self.touched[id(st)] = (st, b)
 
     def after_call(self, _module, args, kwargs, output):
@@ -91,9 +94,48 @@ class Session:
 
     def finish(self):
         self.open = False
-        if self.calls and self.touched:
+        if self.group is not None:
+            self._merge_over_group()
+        if (self.calls or self.group is not None) and self.touched:
             for st, bias in self.touched.values():
                 st.freeze(bias)
+
+    def fail(self, error: BaseException) -> None:
+        """The block raised: no statistics stay, and the other ranks of the group learn of it."""
+        for st, _ in self.touched.values():
+            st.discard_statistics()
+        if self.open and self.group is not None:
+            self.open = False
+            try:
+                distributed.exchange(distributed.RankFailed(self.shard.rank, f"{type(error).__name__}: {error}"),
+                                     self.group)
+            except RuntimeError:
+                pass   # the error raised here is the block's own
+        self.open = False
+
+    def _merge_over_group(self) -> None:
+        """Every rank's statistics of every site, merged in rank order into each state here."""
+        states = [st for st, _ in self.touched.values()]
+        distributed.check_names(states)
+        try:
+            merged = distributed.merged_payload(distributed.exchange(distributed.statistics_payload(states),
+                                                                     self.group))
+        except RuntimeError:
+            for st in states:
+                st.discard_statistics()
+            raise
+        known = {st.name for st in states}
+        if set(merged) - known:   # sites only other ranks' calls reached
+            here = self.sites()
+            for name in sorted(set(merged) - known):
+                if name not in here:
+                    raise RuntimeError(f"segquant_compile.calibrate(): other ranks calibrated {name}, which "
+                                       f"this rank's model does not have: the ranks' models differ")
+                st, bias = here[name]
+                st.number_calls(self.shard)
+                self.touched[id(st)] = (st, bias)
+        for st, _ in self.touched.values():
+            st.adopt_statistics(merged.get(st.name, []))
 
 
 def _first_tensor(out):
@@ -124,10 +166,14 @@ def summarize(compiled, session: Session) -> CalibrationSummary:
 
 
 @contextlib.contextmanager
-def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
+def calibrate(compiled, progress: bool = True, recalibrate: bool = False, group=None):
     """Inside the block, calls of `compiled` run in float and record activation ranges; on exit
     (or after options['calibration_steps'] calls) the static steps freeze and the next call
-    runs quantized. An exception inside the block discards what it collected."""
+    runs quantized. An exception inside the block discards what it collected.
+
+    Under torch.distributed (a `group`, or the default group when initialised with several
+    processes) each rank calls its share of the inputs (`inputs[rank::world]`) and on exit the
+    statistics are merged over the group: every rank freezes the same parameters (distributed.py)."""
     try:
         found = find(compiled)
     except TypeError as e:
@@ -157,15 +203,22 @@ def calibrate(compiled, progress: bool = True, recalibrate: bool = False):
             st.reset_calibration()
     elif any(st.settled for st in mine):
         warnings.warn(ONLY_NEW_SITES, stacklevel=3)
-    session = Session(found.model, config.calibration_steps if config else None, progress, recalibrate, mine)
+    group = distributed.calibration_group(group)
+
+    def sites():
+        seen = find(compiled)
+        return {row.state.name: (row.state, row.bias) for row in seen.rows if row.state is not None}
+    session = Session(found.model, config.calibration_steps if config else None, progress, recalibrate, mine,
+                      group, sites)
     registry.open_session(session)
     hook = compiled.register_forward_hook(session.after_call, with_kwargs=True)
     try:
         yield session
-    except BaseException:
-        for st, _ in session.touched.values():   # leave no statistics behind
-            st.discard_statistics()
-        session.open = False
+        if session.calls == 0 and group is not None:
+            raise RuntimeError("segquant_compile.calibrate(): the block made no call of the compiled model on "
+                               f"rank {session.shard.rank}")
+    except BaseException as e:
+        session.fail(e)   # leaves no statistics behind, and tells the other ranks
         raise
     finally:
         hook.remove()

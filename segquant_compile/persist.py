@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from segquant_compile import registry
+from segquant_compile import distributed, registry
 from segquant_compile.compiled import find, module_paths
 from segquant_compile.site_params import PACKED_FIELDS, STEP_FIELDS, SiteParams
 from segquant_compile.state import QuantState
@@ -36,7 +36,18 @@ def _lowering_dict(lowering) -> dict:
 
 
 def save(compiled, path) -> Path:
-    """Write the quantized state of a segquant-compiled (and, if static, calibrated) model."""
+    """Write the quantized state of a segquant-compiled (and, if static, calibrated) model. In a
+    calibration group (torch.distributed) rank 0 writes, and every rank returns once it has."""
+    group = distributed.calibration_group()
+    if group is None:
+        return _write(compiled, path)
+    import torch.distributed as dist
+    written = _write(compiled, path) if dist.get_rank(group) == 0 else Path(path)
+    dist.barrier(group)
+    return written
+
+
+def _write(compiled, path) -> Path:
     from safetensors.torch import save_file
 
     found = find(compiled)

@@ -19,10 +19,13 @@ def quantize_pipeline(pipe, prompts, options: dict | None = None, save=None, pro
     """Compile `pipe`'s denoiser with backend="segquant" (static activations unless `options` say
     otherwise), calibrate it by calling `pipe(prompt, **pipe_kwargs)` for each prompt, write it to
     `save` if given, and return the pipeline. With options={"load": path} nothing is calibrated:
-    the saved steps and options are used."""
+    the saved steps and options are used. Under torch.distributed (`torchrun --nproc-per-node N`)
+    each rank calibrates its share of the prompts (`prompts[rank::N]`), the statistics are merged
+    and rank 0 saves."""
     from tqdm.auto import tqdm
 
     from segquant_compile.backend import compile
+    from segquant_compile import distributed
     from segquant_compile.calibration import calibrate
     from segquant_compile.config import QuantConfig
     from segquant_compile.persist import save as save_to
@@ -36,14 +39,16 @@ def quantize_pipeline(pipe, prompts, options: dict | None = None, save=None, pro
         options.setdefault("activations", "static")
     config = QuantConfig.from_options(options)       # errors now, before any pipeline call
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    distributed.init_from_env()
+    mine = distributed.shard_items(prompts, distributed.shard_of(distributed.calibration_group()))
     compiled = compile(denoiser, **options)
     setattr(pipe, name, compiled)
-    bar = lambda: tqdm(prompts, desc="segquant calibration", unit="prompt", disable=not progress)
+    bar = lambda items: tqdm(items, desc="segquant calibration", unit="prompt", disable=not progress)
     if config.activations == "static" and not config.load:
         if not prompts:
             raise ValueError("segquant_compile.quantize_pipeline: static activations need calibration prompts")
         with calibrate(compiled, progress=False):
-            for prompt in bar():
+            for prompt in bar(mine):
                 pipe(prompt, **pipe_kwargs)
     elif save is not None and prompts:
         pipe(prompts[0], **pipe_kwargs)               # dynamic or loaded: one call makes the states to save

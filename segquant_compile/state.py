@@ -19,6 +19,7 @@ from torch import Tensor
 from segquant_compile import site_params as P
 from segquant_compile.lowering.site_lowering import GPTQ_FIRST_CALL, SiteLowering
 from segquant_compile.passes import LinearSite
+from segquant_compile.distributed import Shard
 from segquant_compile.site_params import Decision, SiteParams
 from segquant_compile.statistics import SiteStatistics, StatisticsSpec
 from segquant_compile.weight_watch import FloatWeightsReleased, WeightWatcher
@@ -179,7 +180,7 @@ class QuantState:
         self.pending = frozenset(pending)
         spec = self._spec()
         if spec != self.stats.spec and self.stats.empty:
-            self.stats = SiteStatistics(spec)
+            self.stats = SiteStatistics(spec, self.stats.shard)
 
     def _set(self, params: SiteParams, weight: Tensor | None = None) -> None:
         self.params = params
@@ -207,7 +208,21 @@ class QuantState:
 
     def discard_statistics(self) -> None:
         """Drop what was observed, keeping the record."""
-        self.stats = SiteStatistics(self._spec())
+        self.stats = SiteStatistics(self._spec(), self.stats.shard)
+
+    def number_calls(self, shard: Shard) -> None:
+        """Number this site's calls as the `shard` of a calibration group (distributed.py)."""
+        if self.stats.shard != shard:
+            if not self.stats.empty:
+                raise RuntimeError(f"segquant: {self.name} holds statistics of another calibration group")
+            self.stats = SiteStatistics(self._spec(), shard)
+
+    def adopt_statistics(self, parts: list[SiteStatistics]) -> None:
+        """The statistics of every rank of a calibration group, merged in rank order."""
+        merged = SiteStatistics(self._spec(), self.stats.shard)
+        for part in parts:
+            merged.merge(part)
+        self.stats = merged.to(self.params.packed.device)
 
     def freeze(self, bias: Tensor | None) -> None:
         """A calibration's decisions from the statistics (`bias`: for the site's output SQNR)."""

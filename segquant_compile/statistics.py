@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from segquant_compile.distributed import SINGLE, Shard
 from segquant_compile.lowering.conv import channel_ranges, im2col_rows
 from segquant_compile.lowering.gptq import segment_hessians
 from segquant_compile.lowering.site_lowering import ConvGeometry
@@ -59,8 +60,9 @@ def _generator(call: int) -> torch.Generator:
 
 
 class SiteStatistics:
-    def __init__(self, spec: StatisticsSpec):
+    def __init__(self, spec: StatisticsSpec, shard: Shard = SINGLE):
         self.spec = spec
+        self.shard = shard   # numbers this observer's calls within a calibration group
         self.parity_max: list[tuple[Tensor, Tensor] | None] = [None, None]   # (pos, neg) of even, odd calls
         self.rows: Tensor | None = None           # kept rows [<= rows_kept, K], fp32 on the CPU
         self.row_calls: Tensor | None = None      # the call each kept row came from
@@ -76,7 +78,7 @@ class SiteStatistics:
         `finite_only`, rows holding NaN/Inf are dropped (a first call deciding on its rows);
         else a non-finite range raises. False when no row was kept."""
         with self._lock:
-            call = self.calls if call is None else call
+            call = self.shard.call_number(self.calls) if call is None else call
             x2, pos, neg = self._gemm_rows(x.detach(), call)
             if finite_only:
                 x2 = x2[torch.isfinite(x2).all(dim=1)]
@@ -141,6 +143,8 @@ class SiteStatistics:
         with self._lock:
             for parity, held in enumerate(other.parity_max):
                 if held is not None:
+                    if not self.empty:
+                        held = tuple(t.to(self._device()) for t in held)
                     self._add_ranges(parity, *held)
             if other.hessians is not None:
                 self._add_hessians([h.clone() for h in other.hessians])
@@ -148,6 +152,22 @@ class SiteStatistics:
                 self._keep(other.rows, other._priority, other.row_calls)
             self.rows_seen += other.rows_seen
             self.calls += other.calls
+
+    def __getstate__(self) -> dict:   # sent between ranks: no lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def to(self, device) -> "SiteStatistics":
+        """A copy with the ranges on `device` (rows and Hessians stay on the CPU, where they are kept)."""
+        out = SiteStatistics(self.spec, self.shard)
+        with self._lock:
+            out.parity_max = [None if p is None else (p[0].to(device), p[1].to(device)) for p in self.parity_max]
+            out.rows, out.row_calls, out._priority = self.rows, self.row_calls, self._priority
+            out.hessians, out.rows_seen, out.calls = self.hessians, self.rows_seen, self.calls
+        return out
 
     def drop_hessians(self) -> None:
         with self._lock:
@@ -157,6 +177,9 @@ class SiteStatistics:
     @property
     def empty(self) -> bool:
         return self.parity_max == [None, None]
+
+    def _device(self) -> torch.device:
+        return next(p[0].device for p in self.parity_max if p is not None)
 
     def ranges(self) -> tuple[Tensor, Tensor]:
         """Per K column: the positive and negative maxima over every call."""

@@ -1,0 +1,68 @@
+"""Data-parallel calibration (issue 30): two gloo processes, each calibrating half of the inputs
+(interleaved), freeze the same parameters on both ranks as one process calibrating all of them."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out: Path, world: int, fail_rank: int = -1) -> list[dict]:
+    out.mkdir()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), str(fail_rank)], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return [{**torch.load(out / f"rank{r}.pt", weights_only=False), "dir": out} for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dist")
+    return _run(base / "one", 1), _run(base / "two", 2)
+
+
+def test_both_ranks_freeze_the_parameters_of_one_process_calibrating_everything(runs):
+    (one,), two = runs
+    assert all("error" not in r for r in (one, *two))
+    for rank in two:
+        assert rank["params"].keys() == one["params"].keys() and len(one["params"]) == 2
+        for name, params in one["params"].items():
+            for field, value in params.items():
+                got = rank["params"][name][field]
+                same = torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
+                assert same, (name, field)
+        torch.testing.assert_close(rank["output"], one["output"], rtol=1e-6, atol=0)
+
+
+def test_rank_0_saves_once_and_the_save_loads_anywhere(runs):
+    """Both ranks called save(); rank 0 wrote it. Loaded here, it runs as the ranks did."""
+    from distributed_worker import Mlp
+    _, two = runs
+    saved = two[0]["dir"] / "saved"
+    assert (saved / "manifest.json").is_file()
+    torch.manual_seed(0)
+    loaded = torch.compile(Mlp().eval(), backend="segquant", options={"load": str(saved), "inductor": False})
+    with torch.no_grad():
+        out = loaded(torch.randn(16, 64, generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(out, two[0]["output"]) and torch.equal(out, two[1]["output"])
+
+
+def test_a_rank_that_raises_makes_every_rank_raise_and_keep_nothing(tmp_path):
+    results = _run(tmp_path / "fail", 2, fail_rank=1)
+    assert results[1]["error"] == "ValueError: a bad calibration input"
+    assert "rank 1 raised inside the block (ValueError: a bad calibration input)" in results[0]["error"]
+    assert not any(results[0]["statistics_left"]) and not any(results[1]["statistics_left"])
