@@ -97,8 +97,7 @@ class Session:
         if self.group is not None:
             self._merge_over_group()
         if (self.calls or self.group is not None) and self.touched:
-            for st, bias in self.touched.values():
-                st.freeze(bias)
+            freeze(self.touched.values())
 
     def fail(self, error: BaseException) -> None:
         """The block raised: no statistics stay, and the other ranks of the group learn of it."""
@@ -134,8 +133,24 @@ class Session:
                 st, bias = here[name]
                 st.number_calls(self.shard)
                 self.touched[id(st)] = (st, bias)
+        adopted: dict[int, object] = {}   # sites that shared statistics here share the merged ones
         for st, _ in self.touched.values():
+            shared = adopted.get(id(st.stats))
+            if shared is not None:
+                st.use_statistics(shared)
+                continue
+            local = id(st.stats)
             st.adopt_statistics(merged.get(st.name, []))
+            adopted[local] = st.stats
+
+
+def freeze(states_and_biases) -> None:
+    """Freeze every site, then free the Hessians (sites reading one activation share them)."""
+    pairs = list(states_and_biases)
+    for st, bias in pairs:
+        st.freeze(bias)
+    for st, _ in pairs:
+        st.drop_hessians()
 
 
 def _first_tensor(out):

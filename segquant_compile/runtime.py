@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from segquant_compile import registry
+from segquant_compile import calibration, registry
 from segquant_compile.compiled import compiled_root_on_stack, full_site_names
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.site_lowering import KeptFloat
@@ -36,18 +36,32 @@ def _ref(args, i: int | None):
     return weakref.ref(args[i]) if i is not None and isinstance(args[i], torch.Tensor) else None
 
 
-class Observer(torch.nn.Module):
-    """Records a site's activation ranges into the state of the weight it is called with."""
+class ObservedInputs(threading.local):
+    """The activations observed in the current call of a graph (per thread), by graph node: sites
+    that read the same node (q, k and v of one input) collect one set of statistics, one Hessian."""
 
-    def __init__(self, key: tuple):
+    def __init__(self):
+        self.by_input: dict[tuple, QuantState] = {}
+
+
+class Observer(torch.nn.Module):
+    """Records a site's activation statistics into the state of the weight it is called with."""
+
+    def __init__(self, key: tuple, input_node: str, seen: ObservedInputs):
         super().__init__()
-        self.key = key
+        self.key, self.input_node, self.seen = key, input_node, seen
 
     def forward(self, x, weight):
         state = registry.STATES.get(weight, self.key)
         # a site observes while its rows still have something to decide
-        if state is not None and state.pending:
-            state.observe(x)
+        if state is None or not state.pending:
+            return
+        key = (self.input_node, state.stats.spec, state.phase)   # the same activation, collected alike
+        first = self.seen.by_input.get(key)
+        if first is not None and first is not state and state.share_statistics(first):
+            return
+        self.seen.by_input[key] = state
+        state.observe(x)
 
 
 def _fake(t, static: bool = False):
@@ -111,6 +125,7 @@ class GraphRunner:
         self._by_weights: dict[tuple, tuple] = {}    # ids of a call's weights -> (weakrefs, states): a cache
         self._converted: dict[tuple, tuple] = {}     # lowerings -> (compiled fn, extra inputs)
         self._observer = None
+        self._seen = ObservedInputs()
         self._lock = threading.Lock()
         self._tracing = TracingContext.try_get()     # for a later convert (a site turned dynamic)
         self._fake_inputs = [_fake(t) for t in example_inputs]
@@ -267,9 +282,8 @@ class GraphRunner:
             if self.config.calibration_steps:
                 out = self._calibrate(args, states, None)
                 if min(st.observed_calls for st in waiting) >= self.config.calibration_steps:
-                    for st, bias in zip(states, self._biases(args)):
-                        if st.phase is Phase.AWAITING_CALIBRATION:
-                            st.freeze(bias)
+                    calibration.freeze((st, b) for st, b in zip(states, self._biases(args))
+                                       if st.phase is Phase.AWAITING_CALIBRATION)
                 return out
             missing = waiting[0].name
             raise RuntimeError(
@@ -317,8 +331,10 @@ class GraphRunner:
             with self._lock:
                 if self._observer is None:
                     self._observer = prepare(self.gm, [e.site for e in self.entries],
-                                             [Observer(self.state_key(e)) for e in self.entries])
+                                             [Observer(self.state_key(e), e.site.input_node, self._seen)
+                                              for e in self.entries])
         if session is not None:
             session.touch(states, self._biases(args))
+        self._seen.by_input = {}   # sharing is decided anew in each call
         with torch.no_grad():
             return self._observer(*args)

@@ -217,6 +217,24 @@ class QuantState:
                 raise RuntimeError(f"segquant: {self.name} holds statistics of another calibration group")
             self.stats = SiteStatistics(self._spec(), shard)
 
+    def share_statistics(self, other: "QuantState") -> bool:
+        """Collect into `other`'s statistics from now on (a site reading the same activation): True
+        if they are shared, False where this site holds statistics of its own already."""
+        if self.stats is other.stats:
+            return True
+        if not self.stats.empty or self.stats.spec != other.stats.spec or self.stats.shard != other.stats.shard:
+            return False
+        self.stats = other.stats
+        return True
+
+    def use_statistics(self, stats: SiteStatistics) -> None:
+        """Statistics merged for another site that shared this one's (distributed.py)."""
+        self.stats = stats
+
+    def drop_hessians(self) -> None:
+        """After every site sharing them has frozen: K^2 per segment is not held past its use."""
+        self.stats.drop_hessians()
+
     def adopt_statistics(self, parts: list[SiteStatistics]) -> None:
         """The statistics of every rank of a calibration group, merged in rank order."""
         merged = SiteStatistics(self._spec(), self.stats.shard)
@@ -234,7 +252,6 @@ class QuantState:
         self._set(params)
         self.stale_note = None
         self._set_pending(frozenset())
-        self.stats.drop_hessians()   # K^2 per segment: not held past its use; the rest stays for the report
 
     def decide_first_call(self, bias: Tensor | None) -> None:
         """Dynamic activations: what the first call's rows decide (SmoothQuant's factors, GPTQ's

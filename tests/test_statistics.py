@@ -124,3 +124,46 @@ def test_find_changes_nothing():
     found = find(c)
     assert [(st.name, st.params, st.pending) for st in found.quant_states] == before
     assert [found.name_of(st) for st in found.quant_states] == [n for n, _, _ in before]
+
+
+class _Qkv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(64, 64) for _ in range(3))
+        self.out = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.out(self.q(x) * torch.sigmoid(self.k(x)) + self.v(x))
+
+
+def _calibrated_qkv(monkeypatch, share: bool):
+    from segquant_compile.state import QuantState
+    if not share:
+        monkeypatch.setattr(QuantState, "share_statistics", lambda self, other: False)
+    torch.manual_seed(0)
+    model = _Qkv().eval()
+    c = torch.compile(model, backend="segquant", options={"activations": "static", "inductor": False})
+    g = torch.Generator().manual_seed(1)
+    seen = {}
+    with sq.calibrate(c, progress=False):
+        for _ in range(3):
+            c(torch.randn(32, 64, generator=g))
+        states = {st.name: st for st in find(c).quant_states}
+        seen = {n: (id(st.stats), st.stats.hessians) for n, st in states.items()}
+    monkeypatch.undo()
+    return states, seen
+
+
+def test_sites_reading_one_activation_share_one_set_of_statistics(monkeypatch):
+    """q, k and v read the same tensor: one row sample and one Hessian sum for the three (the
+    statistics of each would be identical), and the same parameters as with a set each."""
+    states, seen = _calibrated_qkv(monkeypatch, share=True)
+    assert seen["q"][0] == seen["k"][0] == seen["v"][0] != seen["out"][0]
+    assert seen["q"][1] is not None   # GPTQ's Hessian, summed once for the three
+    alone, seen_alone = _calibrated_qkv(monkeypatch, share=False)
+    assert len({i for i, _ in seen_alone.values()}) == 4
+    for name, st in states.items():
+        for field in ("packed", "d_w", "d_pos", "d_neg", "smooth"):
+            a, b = getattr(st.params, field), getattr(alone[name].params, field)
+            assert (a is None and b is None) or torch.equal(a, b), (name, field)
+        assert st.stats.hessians is None   # freed once every sharing site froze
