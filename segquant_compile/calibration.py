@@ -96,7 +96,8 @@ class Session:
         self.open = False
         if self.group is not None:
             self._merge_over_group()
-        if (self.calls or self.group is not None) and self.touched:
+            self._freeze_over_group()
+        elif self.calls and self.touched:
             freeze(self.touched.values())
 
     def fail(self, error: BaseException) -> None:
@@ -111,6 +112,37 @@ class Session:
             except RuntimeError:
                 pass   # the error raised here is the block's own
         self.open = False
+
+    def _freeze_over_group(self) -> None:
+        """Each rank freezes its share of the sites (the freeze is a function of the merged
+        statistics and the weights, the same on every rank), then every rank takes the others'
+        records. Shares are balanced by K^2 N (GPTQ's work), largest first, the same on every rank."""
+        pairs = sorted(self.touched.values(), key=lambda sb: sb[0].name)
+        load = [0] * self.shard.world
+        mine = []
+        cost = lambda st: st.site.in_features ** 2 * st.site.out_features   # noqa: E731
+        for st, bias in sorted(pairs, key=lambda sb: -cost(sb[0])):
+            rank = load.index(min(load))
+            load[rank] += cost(st)
+            if rank == self.shard.rank:
+                mine.append((st, bias))
+        try:
+            freeze(mine)
+            payload = {st.name: st.params.to("cpu") for st, _ in mine}
+        except Exception as e:
+            payload = distributed.RankFailed(self.shard.rank, f"{type(e).__name__}: {e}")
+        try:
+            records = distributed.merged_payload(distributed.exchange(payload, self.group))
+        except RuntimeError:
+            for st, _ in pairs:
+                st.discard_statistics()
+            raise
+        frozen_here = {id(st) for st, _ in mine}
+        for st, _ in pairs:
+            if id(st) not in frozen_here:
+                st.adopt_frozen(records[st.name][0])
+        for st, _ in pairs:
+            st.drop_hessians()
 
     def _merge_over_group(self) -> None:
         """Every rank's statistics of every site, merged in rank order into each state here."""

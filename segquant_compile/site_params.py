@@ -64,6 +64,11 @@ class SiteParams:
     def replace(self, **changes) -> "SiteParams":
         return dataclasses.replace(self, **changes)
 
+    def to(self, device) -> "SiteParams":
+        """The record with its tensors on `device` (layouts kept)."""
+        return self.replace(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                               if isinstance(getattr(self, f.name), Tensor)})
+
 
 def applied(lowering: SiteLowering, params: SiteParams | None) -> SiteLowering:
     """`lowering` (a state's, or a graph's with its kernel choices) with what the record decided:

@@ -253,6 +253,12 @@ class QuantState:
         self.stale_note = None
         self._set_pending(frozenset())
 
+    def adopt_frozen(self, params: SiteParams) -> None:
+        """A record another rank of the calibration group froze from the same merged statistics."""
+        self._set(params.to(self.params.packed.device))
+        self.stale_note = None
+        self._set_pending(frozenset())
+
     def decide_first_call(self, bias: Tensor | None) -> None:
         """Dynamic activations: what the first call's rows decide (SmoothQuant's factors, GPTQ's
         rounding, the schemes; in that order, each on the weights as the one before left them),
