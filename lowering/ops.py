@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .quantize import dequantize_weight, unpack_int4
+from .quantize import dequantize_weight, segment_groups, unpack_int4
 
 LIB = "segquant"
 
@@ -239,16 +239,6 @@ def _(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=N
 def _(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
     from .triton_formats import launch_w4
     return launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
-
-
-def segment_groups(k_bounds, g_bounds) -> list[int]:
-    """S + 1 group indices: segment s holds the groups [out[s], out[s + 1]). A ValueError unless
-    the (strictly increasing) group bounds refine the segment bounds."""
-    g_bounds = list(g_bounds)
-    if (any(b <= a for a, b in zip(g_bounds, g_bounds[1:])) or not set(k_bounds) <= set(g_bounds)
-            or g_bounds[0] != k_bounds[0] or g_bounds[-1] != k_bounds[-1]):
-        raise ValueError(f"segquant: group bounds {g_bounds} do not refine the K segments {list(k_bounds)}")
-    return [g_bounds.index(k) for k in k_bounds]
 
 
 @torch.library.custom_op(f"{LIB}::gemm_weight_only", mutates_args=())

@@ -78,6 +78,16 @@ def group_bounds(k_bounds, group_size: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def segment_groups(k_bounds, g_bounds) -> list[int]:
+    """S + 1 group indices: segment s holds the groups [out[s], out[s + 1]). A ValueError unless
+    the (strictly increasing) group bounds refine the segment bounds."""
+    g_bounds = list(g_bounds)
+    if (any(b <= a for a, b in zip(g_bounds, g_bounds[1:])) or not set(k_bounds) <= set(g_bounds)
+            or g_bounds[0] != k_bounds[0] or g_bounds[-1] != k_bounds[-1]):
+        raise ValueError(f"segquant: group bounds {g_bounds} do not refine the K segments {list(k_bounds)}")
+    return [g_bounds.index(k) for k in k_bounds]
+
+
 def int4_steps(w: Tensor, g_bounds, clip: str = "absmax") -> Tensor:
     """[G, N] steps of a [N, K] float weight: absmax / 7 per output channel and K group; clip="mse":
     the clipped range (CLIP_RATIOS_INT4 of absmax) that rounds the group with the smallest error."""

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .ops import segment_groups
+from .quantize import segment_groups
 from .site_lowering import variant_name
 from .triton_gemm import flush, int8_dots, int_tensor, k_tile, k_tiles, prune, segment_steps, tile
 
