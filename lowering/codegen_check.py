@@ -206,6 +206,7 @@ def cases() -> list[Case]:
     plain segments, asymmetric segments, a site whose segments are not on 16-column multiples,
     convs over a skip concatenation, 4-bit weights in groups of 128."""
     from . import triton_conv, triton_formats, triton_gemm
+    from .quantize import k_major   # 8-bit weights as packed for CUDA (quantize.packed_layout)
     from .site_lowering import ConvGeometry, variant_name
     m, n, k = 4096, 1536, 1536
     heads, halves = tuple(range(0, k + 1, 64)), (0, 768, k)
@@ -214,12 +215,12 @@ def cases() -> list[Case]:
         variant = variant_name(fmt, 1 in codes, prologue, 2 in codes)
 
         def run(cfg, calls):
-            if fmt == "fp8":    # packed like int8: [K, N] contiguous (quantize.quantize_weight)
+            if fmt == "fp8":
                 a = torch.zeros(m, kk, dtype=torch.float8_e4m3fn)
-                w = torch.zeros(kk, n, dtype=torch.float8_e4m3fn)
+                w = k_major(torch.zeros(kk, n, dtype=torch.float8_e4m3fn))
             else:
                 a = torch.zeros(m, kk, dtype=torch.float32 if prologue else torch.int8)
-                w = torch.zeros(kk, n, dtype=torch.int8)
+                w = k_major(torch.zeros(kk, n, dtype=torch.int8))
             d = torch.ones(1 if prologue else m, len(codes))
             zp = torch.zeros_like(d) if 2 in codes else None
             colsum = torch.zeros(len(codes), n, dtype=torch.int32) if 2 in codes else None
@@ -240,7 +241,7 @@ def cases() -> list[Case]:
             zp = torch.zeros_like(d) if 2 in codes else None
             colsum = torch.zeros(len(codes), 320, dtype=torch.int32) if 2 in codes else None
             with _recording(triton_conv, "segquant_conv_kernel", calls):
-                triton_conv.launch(x, d, d, torch.zeros(kk, 320, dtype=torch.int8), torch.ones(320), None, bounds,
+                triton_conv.launch(x, d, d, k_major(torch.zeros(kk, 320, dtype=torch.int8)), torch.ones(320), None, bounds,
                                    codes, geometry, torch.bfloat16, zp=zp, colsum=colsum, config=cfg)
         return Case("conv", triton_conv.variant(geometry, codes, prologue), kk, bounds, run)
 

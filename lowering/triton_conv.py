@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
+from .quantize import packed_layout
 from .site_lowering import ConvGeometry, variant_name
 from .triton_gemm import _rint, flush, int8_dots, int_tensor, k_tile, k_tiles, prune, segment_end, segment_steps, tile
 
@@ -154,7 +155,7 @@ def tune(m: int, n: int, geometry: ConvGeometry, name: str, device, bench=None) 
     x = torch.randn(1, cin, h, h, generator=g).to(device)
     if not prologue:
         x = torch.randint(-127, 128, x.shape, generator=g, dtype=torch.int8).to(device)
-    w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device)
+    w = packed_layout(torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device), "int8")
     d = torch.full((1, len(codes)), 0.01, device=device)
     zp = torch.zeros_like(d) if asym else None
     colsum = torch.stack([w[a:b].sum(dim=0, dtype=torch.int32) for a, b in zip(bounds[:-1], bounds[1:])]) \

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
+from .quantize import packed_layout
 from .site_lowering import variant_name
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -425,6 +426,7 @@ def tune(m: int, n: int, k: int, variant: str, device, bench=None) -> tuple[dict
         a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
     w = (torch.randn(k, n, generator=g).to(device).to(torch.float8_e4m3fn) if fp8 else
          torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device))
+    w = packed_layout(w, "fp8" if fp8 else "int8")     # as sites pack it on this device
     d = torch.full((m, len(codes)), 0.01, device=device)
     d_w = torch.full((n,), 0.01, device=device)
     zp = torch.zeros_like(d) if asym else None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from segquant_compile.lowering.quantize import packed_layout
 from segquant_compile.state import QuantState, fingerprint
 
 FORMAT_VERSION = 5   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
@@ -203,6 +204,7 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
     state.dynamic_note = entry.get("dynamic_note")
     _check_tensors(path, name, values, state)
     for f, v in values.items():
+        v = v if v is None or f != "packed" else packed_layout(v, state.base.format, weight.device)
         setattr(state, f, v.to(weight.device) if v is not None else None)
     state.name = name
     state.chosen = tuple(entry["chosen"]) if entry.get("chosen") else None

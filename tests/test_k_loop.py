@@ -14,6 +14,8 @@ from test_triton_gemm import launch, on_device, operands
 
 CONFIG = dict(triton_gemm.INTERPRETER_CONFIG, BLOCK_K=32)
 EVEN, UNEVEN = [0, 64, 96, 160], [0, 40, 100, 161]     # every bound on 32 multiples / none after 0
+# the packed weight as CUDA reads it (K-major: quantize.packed_layout) and as the CPU does
+LAYOUTS = ["k-major", "n-major"]
 
 
 def test_k_tiles_never_straddle_a_segment():
@@ -24,10 +26,13 @@ def test_k_tiles_never_straddle_a_segment():
     assert tiles == 24 and align == 16 and even and tu.tolist() == list(range(25))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bounds", [EVEN, UNEVEN], ids=["even", "table"])
 @pytest.mark.parametrize("codes", [[0, 0, 0], [1, 0, 1], [2, 1, 0]])
-def test_gemm_both_loops_bit_exact(bounds, codes):
-    q, d_x, d_neg, w, d_w, bias, _, _, _ = operands((17, 40, bounds, [0] * 3, True, True, torch.float32, 5))
+def test_gemm_both_loops_bit_exact(bounds, codes, layout):
+    q, d_x, d_neg, w, d_w, bias, _, _, _ = operands((17, 40, bounds, [0] * 3, True, True, torch.float32, 5),
+                                                    layout=layout)
+    assert (w.stride(0) == 1) == (layout == "k-major")
     zp = torch.randint(-128, 128, d_x.shape, generator=torch.Generator().manual_seed(1)).float()
     colsum = column_sums(w, bounds)
     ref = gemm_reference(q, d_x, d_neg, w, d_w, bias, bounds, codes, torch.float32, zp, colsum)
@@ -50,10 +55,11 @@ def test_prologue_both_loops_bit_exact(bounds, codes):
     assert torch.equal(got.cpu(), ref)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("channels", [(32, 32), (3, 5)], ids=["even", "table"])
-def test_conv_both_loops_bit_exact(channels):
+def test_conv_both_loops_bit_exact(channels, layout):
     from segquant_compile.lowering import conv as C
-    x, geo, kb, w, d_w, bias = conv_problem(channels, ((1, 1), (1, 1), (0, 0)), (0, 2), seed=3)
+    x, geo, kb, w, d_w, bias = conv_problem(channels, ((1, 1), (1, 1), (0, 0)), (0, 2), seed=3, layout=layout)
     d, dn, zp = C.pixel_steps(x, geo, kb, [0, 2])
     colsum = column_sums(w, kb)
     ref = C.conv2d_reference(x, d, dn, w, d_w, bias, kb, [0, 2], geo, torch.float32, zp, colsum)
@@ -91,3 +97,28 @@ def test_pruner_keeps_the_table_and_tiles_on_segment_multiples(monkeypatch):
     # bounds on no BLOCK_K multiple: the table-driven loop, which no pipeliner takes
     assert all(c["num_stages"] == 1 for c in triton_gemm.prune(4096, 1536, 1000, "int8", "cpu", UNEVEN[:3] + [1000],
                                                                arch="sm_89", checked=False))
+
+
+def test_packed_layout_is_k_major_for_the_8bit_formats_on_cuda_only():
+    """One rule (quantize.packed_layout): the 8-bit formats' weight is K-major on CUDA (what the
+    kernels and codegen-check assume), contiguous [K, N] elsewhere and for the other formats;
+    the values and the logical shape never change."""
+    from segquant_compile.lowering import quantize as Q
+    cuda = torch.device("cuda")
+    assert Q.reads_k_major("int8", cuda) and Q.reads_k_major("fp8", cuda)
+    assert not any(Q.reads_k_major(f, cuda) for f in ("w4a8", "int8-weight-only", "int4-weight-only"))
+    assert not Q.reads_k_major("int8", torch.device("cpu"))
+    w = torch.randint(-127, 128, (48, 24), dtype=torch.int8)
+    km = Q.k_major(w)
+    assert km.shape == w.shape and km.stride() == (1, 48) and torch.equal(km, w)
+    assert Q.k_major(km).data_ptr() == km.data_ptr()          # already K-major: not copied again
+    back = Q.packed_layout(km, "int8", "cpu")
+    assert back.is_contiguous() and torch.equal(back, w)
+    # the codegen-check compiles the layout the sites get on CUDA
+    from segquant_compile.lowering import codegen_check
+    calls = []
+    case = next(c for c in codegen_check.cases() if c.name == "gemm:int8")
+    case.run(dict(triton_gemm.CONFIGS[0]), calls)
+    fn, args, _ = calls[0]
+    strides = dict(zip(fn.arg_names, args))
+    assert strides["stride_wk"] == 1 and strides["stride_wn"] == case.k
