@@ -4,8 +4,9 @@ segments and DualScale, returning the float output with bias.
 Math (every implementation, the Triton kernels included), per K segment s = [k_s, k_{s+1}) with
 scheme code schemes[s] (lowering/quantize.py):
     0 symmetric:   y += (q[:, s] @ W[s, :]) * d_x[:, s]
-    1 DualScale:   y += (max(q,0)[:, s] @ W[s, :]) * d_x[:, s] + (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
+    1 DualScale:   y += (max(q,0)[:, s] @ W[s, :]) * d_x[:, s]
     2 asymmetric:  y += (q[:, s] @ W[s, :] - zp[:, s] * colsum[s]) * d_x[:, s]   (the correction in int32)
+then for each DualScale segment s, in order:  y += (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
     y = y * d_w + bias
 with int32 accumulation inside a segment and fp32 across segments. Scales are step sizes;
 d_x / d_neg / zp are [M, S] (dynamic, per token) or [1, S] (static, per tensor); colsum [S, N]
@@ -98,11 +99,20 @@ def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp
 
 def combine_segments(sums, d_x, d_neg, d_w, bias, schemes, zp=None, colsum=None) -> Tensor:
     """The epilogue on per-segment integer sums ((pos, neg) for DualScale, (all,) otherwise), in
-    the order of fp32 operations every implementation follows (the conv op shares it)."""
-    y = None
+    the order of fp32 operations every implementation follows (the conv op shares it): each
+    segment's part in segment order, of a DualScale segment its positive part; then the DualScale
+    segments' negative parts, in segment order (the kernels' two passes over K, which keep one
+    integer accumulator alive)."""
+    y, negatives = None, []
     for s, acc in enumerate(sums):
-        part = segment_part(acc, s, schemes[s], d_x, d_neg, zp, colsum[s] if colsum is not None else None)
+        if schemes[s] == 1:
+            negatives.append(torch.mul(acc[1], d_neg[:, s:s + 1]))
+            part = torch.mul(acc[0], d_x[:, s:s + 1])
+        else:
+            part = segment_part(acc, s, schemes[s], d_x, d_neg, zp, colsum[s] if colsum is not None else None)
         y = part if y is None else y.add_(part)
+    for part in negatives:
+        y.add_(part)
     y.mul_(d_w)
     if bias is not None:
         y.add_(bias)

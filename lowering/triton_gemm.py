@@ -1,14 +1,18 @@
 """Triton kernels for the segquant GEMM: one body, variants by constexpr flags.
 
     int8 A [M, K] x int8 W [K, N] -> int32 per K segment -> fp32 flush with the segment's steps
-    DUAL:      split A by sign in registers, two dots against the same W tile, combined at the
-               flush with d_pos / d_neg (plain segments of a mixed site pass d_neg = d_x)
+    DUAL:      two passes over K with one integer accumulator: the first multiplies DualScale
+               segments' positive part (and the other segments whole), flushed with d_pos (the
+               others' own flush); the second their negative part, flushed with d_neg. Twice the
+               A and W tile loads of the site; the spills of two accumulators alive avoided
     ASYM:      asymmetric segments subtract zp * colsum(W) from the int32 sum at the flush
     FP8:       e4m3 x e4m3 with fp32 accumulation (sm89+), same epilogues
     PROLOGUE:  A is float; each tile is quantized in the kernel with static per-segment steps
     epilogue:  * d_w (per output channel) + bias, cast to the output dtype
     K loop:    one loop over K tiles that never straddle a segment (k_tiles), the integer sums
                flushed under a condition at a segment's end: the form the pipeliner takes
+    W:         any strides; sites pack it K-major on CUDA (quantize.packed_layout), the layout
+               codegen-check compiles, whose W tile wgmma takes through async copies
 The math is exactly lowering/ops.py's reference; see tests/test_triton_gemm.py. Which configs
 the pruner offers on each arch is what `segquant codegen-check` found (codegen_table.json).
 """
@@ -256,8 +260,48 @@ def segment_end(acc, acc_p, acc_n, SCHEMES, DX, DN, ZP, colsum_ptr, s, rm, m_ok,
 
 
 @triton.jit
+def dual_pass(t, T, DUAL: tl.constexpr):
+    """DualScale in two passes over K, so one integer accumulator is alive: the loop runs 2T
+    tiles, tile t reads K tile t mod T (still computed, for the pipeliner); neg: the second pass."""
+    if DUAL:
+        neg = t >= T
+        return tl.where(neg, t - T, t), neg
+    else:
+        return t, t < 0
+
+
+@triton.jit
+def pass_operand(a, scheme, neg, DUAL: tl.constexpr, FP8: tl.constexpr):
+    """What this pass multiplies of A tile `a` (of a segment with scheme code `scheme`): the first
+    pass a DualScale segment's positive part and the whole tile of the others; the second pass a
+    DualScale segment's negative part (NaN included, like the reference's split by x >= 0) and
+    nothing of the others."""
+    if DUAL:
+        if FP8:
+            positive = a.to(tl.float32) >= 0
+        else:
+            positive = a >= 0
+        dual = scheme == 1
+        keep = tl.where(neg, dual & ~positive, positive | ~dual)
+        a = tl.where(keep, a, tl.zeros_like(a))
+    return a
+
+
+@triton.jit
+def pass_end(acc, acc_i, SCHEMES, DX, DN, ZP, colsum_ptr, s, neg, rm, m_ok, n_ok, stride_dm, stride_ds,
+             BLOCK_M: tl.constexpr, ASYM: tl.constexpr):
+    """The end of segment s's pass in DualScale's two passes: its integer sum flushed into `acc`
+    with that pass's step (the first pass: d_pos, or the segment's plain flush; the second:
+    d_neg, DualScale segments only), the sum restarted. The reference's order (ops.combine_segments)."""
+    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
+    part = flush(acc_i, acc_i, tl.where(neg, d_neg, d_pos), d_neg, zp, colsum_ptr, n_ok,
+                 tl.where(neg, 1, scheme), False, ASYM)
+    return acc + tl.where(neg & (scheme != 1), 0.0, part), tl.zeros_like(acc_i)
+
+
+@triton.jit
 def segquant_gemm_kernel(
-        A, W, C, DX, DN, DW, BIAS, TK, TU, SCHEMES, SMOOTH, ZP, COLSUM, DXK, DNK, LOWK,
+        A, W, C, DX, DN, DW, BIAS, TK, TU, TS, SCHEMES, SMOOTH, ZP, COLSUM, DXK, DNK, LOWK,
         M, N, T,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dm, stride_ds,
         SEGMENTED: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
@@ -270,16 +314,13 @@ def segquant_gemm_kernel(
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bad = tl.zeros((BLOCK_M,), dtype=tl.float32)     # PROLOGUE: rows holding NaN/Inf come out NaN
-    if FP8:
-        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)   # the segment's exact sum
     # one loop over K tiles, segment after segment, so that the pipeliner takes it (a loop over
-    # segments around the K loop is never pipelined); the integer sums flush at a segment's end
-    for t in range(0, T):
-        kk, k_ok, s, last = k_tile(TK, TU, t, rk, K_ALIGN, EVEN_K, BLOCK_K)
+    # segments around the K loop is never pipelined); the integer sum flushes at a segment's end.
+    # DualScale: two passes over K (dual_pass), one accumulator alive, twice the W traffic
+    for t in range(0, T * (2 if DUAL else 1)):
+        tt, neg = dual_pass(t, T, DUAL)
+        kk, k_ok, s, last = k_tile(TK, TU, tt, rk, K_ALIGN, EVEN_K, BLOCK_K)
         a_mask = m_ok[:, None] & k_ok[None, :]
         w_mask = k_ok[:, None] & n_ok[None, :]
         if PROLOGUE:
@@ -287,7 +328,10 @@ def segquant_gemm_kernel(
             # loaded like A, not through the tile's segment, so the pipeliner keeps its stages
             x = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
             x = x.to(tl.float32)
-            bad += tl.sum(x - x, axis=1)
+            if DUAL:   # counted once, in the first pass
+                bad += tl.where(neg, 0.0, tl.sum(x - x, axis=1))
+            else:
+                bad += tl.sum(x - x, axis=1)
             if HAS_SMOOTH:
                 x = x / tl.load(SMOOTH + kk, mask=k_ok, other=1.0)[None, :]
             step_pos = tl.load(DXK + kk, mask=k_ok, other=1.0)[None, :]
@@ -305,25 +349,28 @@ def segquant_gemm_kernel(
             a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
         else:
             a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak, mask=a_mask, other=0)
+        if DUAL:
+            # the tile's scheme by tile index, not through s (a load through a load costs stages);
+            # the second pass multiplies a plain segment's tiles by 0 (masking their loads out
+            # instead spills: the K mask is no longer constant)
+            a = pass_operand(a, tl.load(TS + tt), neg, DUAL, FP8)
         if FP8:
             w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=w_mask, other=0.0)
-            if DUAL:
-                zero = tl.zeros_like(a)
-                positive = a.to(tl.float32) >= 0
-                acc_p += tl.dot(tl.where(positive, a, zero), w, out_dtype=tl.float32)
-                acc_n += tl.dot(tl.where(positive, zero, a), w, out_dtype=tl.float32)
-            else:
-                acc_p += tl.dot(a, w, out_dtype=tl.float32)
+            acc_i += tl.dot(a, w, out_dtype=tl.float32)
         else:
             w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=w_mask, other=0)
-            acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
-        if SEGMENTED:
+            acc_i += tl.dot(a, w, out_dtype=tl.int32)
+        if DUAL:
             if last:
-                acc, acc_p, acc_n = segment_end(acc, acc_p, acc_n, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, rm,
-                                                m_ok, n_ok, stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
-    if not SEGMENTED:   # one segment: its flush after the loop, no fp32 sum alive inside it
-        acc, acc_p, acc_n = segment_end(acc, acc_p, acc_n, SCHEMES, DX, DN, ZP, COLSUM + rn, 0, rm, m_ok, n_ok,
-                                        stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
+                acc, acc_i = pass_end(acc, acc_i, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
+                                      stride_dm, stride_ds, BLOCK_M, ASYM)
+        elif SEGMENTED:
+            if last:
+                acc, acc_i, _ = segment_end(acc, acc_i, acc_i, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, rm,
+                                            m_ok, n_ok, stride_dm, stride_ds, BLOCK_M, False, ASYM)
+    if not SEGMENTED and not DUAL:   # one segment: its flush after the loop, no fp32 sum alive inside it
+        acc, acc_i, _ = segment_end(acc, acc_i, acc_i, SCHEMES, DX, DN, ZP, COLSUM + rn, 0, rm, m_ok, n_ok,
+                                    stride_dm, stride_ds, BLOCK_M, False, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -363,6 +410,12 @@ def k_tiles(bounds, block_k: int, device):
             len(starts), align, all(b % block_k == 0 for b in bounds))
 
 
+def tile_schemes(bounds, schemes, block_k: int, device) -> torch.Tensor:
+    """The scheme code of each tile of k_tiles' table (DualScale's passes read it by tile)."""
+    return int_tensor([schemes[s] for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) for _ in range(a, b, block_k)],
+                      device)
+
+
 def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=None, prologue=False,
            config=None, zp=None, colsum=None) -> torch.Tensor:
     """C = segquant GEMM of a [M, K] (int8, e4m3, or float with prologue) and packed w [K, N]."""
@@ -388,6 +441,7 @@ def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=Non
     cfg = config
     tk, tu, tiles, align, even = k_tiles(k_bounds, cfg["BLOCK_K"], a.device)
     flags = int_tensor(schemes, a.device)
+    ts = tile_schemes(k_bounds, schemes, cfg["BLOCK_K"], a.device) if dual_any else flags
     dxk = dnk = lowk = flags
     if prologue:   # static steps [1, S] per column (two small gathers; the tables stay on the device)
         segment = [s for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])) for _ in range(k0, k1)]
@@ -397,7 +451,7 @@ def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=Non
     stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     segquant_gemm_kernel[grid](
-        a, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, flags,
+        a, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, ts, flags,
         smooth if smooth is not None else d_w, zp if zp is not None else d_x, colsum if colsum is not None else tk,
         dxk, dnk, lowk, M, N, tiles,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1), stride_dm, d_x.stride(1),
