@@ -20,8 +20,9 @@ import triton.language as tl
 from . import autotune
 from .quantize import packed_layout
 from .site_lowering import ConvGeometry, variant_name
-from .triton_gemm import (_rint, dual_pass, flush, int_tensor, k_tile, k_tiles, pass_end, pass_operand, prune, segment_end,
-                          segment_steps, tile, tile_schemes)
+from .gemm_configs import prune
+from .triton_k_loop import (_rint, dual_pass, flush, int_tensor, k_tile, k_tiles, pass_operand, segment_end, segment_steps,
+                            tile, tile_schemes)
 
 
 @triton.jit
@@ -86,14 +87,10 @@ def segquant_conv_kernel(
         w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0)
         acc_i += tl.dot(a, w, out_dtype=tl.int32)
-        if DUAL:
+        if SEGMENTED or DUAL:
             if last:
-                acc, acc_i = pass_end(acc, acc_i, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
-                                      stride_dm, stride_ds, BLOCK_M, ASYM)
-        elif SEGMENTED:
-            if last:
-                acc, acc_i, _ = segment_end(acc, acc_i, acc_i, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, rm,
-                                            m_ok, n_ok, stride_dm, stride_ds, BLOCK_M, False, ASYM)
+                acc, acc_i = segment_end(acc, acc_i, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
+                                         stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
     if not SEGMENTED and not DUAL:
         acc = acc + flush(acc_i, acc_i, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, False, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
