@@ -71,7 +71,8 @@ def k_tile(TK, TU, t, rk, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: 
 
 @triton.jit
 def int8_dots(acc_p, acc_n, a, w, DUAL: tl.constexpr):
-    """One K tile's exact int32 dots; DualScale splits A by sign in registers (two dots, one W tile)."""
+    """One K tile's exact int32 dots; DualScale splits A by sign in registers (two dots, one W
+    tile, two sums alive: the w4a8 kernel's form; the GEMM and conv kernels make two passes)."""
     if DUAL:
         acc_p += tl.dot(tl.maximum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
         acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
@@ -85,7 +86,8 @@ def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.con
     """One K segment's integer sums into fp32 with its own steps, in the reference's order
     (ops.segment_part): only DualScale segments combine two products, the others (plain segments
     of a DualScale site too) scale their whole sum once; asymmetric segments subtract
-    zp * colsum(W) in int32 first. Shared with triton_conv.py and triton_formats.py."""
+    zp * colsum(W) in int32 first. With DUAL, both sums of a DualScale segment (w4a8's
+    group_part); segment_end calls it with one sum."""
     total = acc_p                                      # the whole q tile's sum (exact int32)
     if DUAL:
         total = acc_p + acc_n
