@@ -49,7 +49,9 @@ def time_shape(row: dict, device: str = "cuda", bench=None) -> dict:
     dev = device
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
     w = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=dev)
-    wt = w.t().contiguous().t()           # column-major B, the layout cuBLASLt int8 wants
+    # K-major (column-major B): the layout cuBLASLt int8 wants and the one sites pack for CUDA
+    # (quantize.packed_layout)
+    wt = w.t().contiguous().t()
     d = torch.rand(m, 1, device=dev) * 0.01
     dw = torch.rand(n, device=dev) * 0.01
     bias = torch.randn(n, device=dev, dtype=torch.bfloat16)
@@ -66,11 +68,11 @@ def time_shape(row: dict, device: str = "cuda", bench=None) -> dict:
         except Exception as e:    # e.g. _scaled_mm without an sm89+ GPU
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
 
-    time("segquant_int8", lambda: launch(a, d, d, w, dw, bias, [0, k], [0], torch.bfloat16), "int8")
-    time("segquant_int8_dual", lambda: launch(a, d, d, w, dw, bias, [0, k], [1], torch.bfloat16), "int8-dual")
+    time("segquant_int8", lambda: launch(a, d, d, wt, dw, bias, [0, k], [0], torch.bfloat16), "int8")
+    time("segquant_int8_dual", lambda: launch(a, d, d, wt, dw, bias, [0, k], [1], torch.bfloat16), "int8-dual")
     if len(seg) == 25:
         ds = d.expand(m, 24).contiguous()
-        time("segquant_int8_24seg", lambda: launch(a, ds, ds, w, dw, bias, seg, [0] * 24, torch.bfloat16), "int8")
+        time("segquant_int8_24seg", lambda: launch(a, ds, ds, wt, dw, bias, seg, [0] * 24, torch.bfloat16), "int8")
     if m > 16 and k % 8 == 0 and n % 8 == 0:
         time("cublaslt_int8_no_epilogue", lambda: torch._int_mm(a, wt))
     time("bf16_mm", lambda: torch.mm(ab, wb))

@@ -1,6 +1,6 @@
 """Autotuning: a per-(device, variant, M bucket, N, K) key, a timing loop over a kernel's
-candidate configs (the kernel and its configs live in triton_gemm.py), and winners persisted on
-disk so a second process starts tuned.
+candidate configs (the kernels live in triton_gemm.py and beside it, their configs in
+gemm_configs.py), and winners persisted on disk so a second process starts tuned.
 
 The cache file is SEGQUANT_CACHE_DIR/autotune.json (default: $XDG_CACHE_HOME/segquant or
 ~/.cache/segquant). `segquant autotune` fills it ahead of time for every GEMM shape of a model.

@@ -9,12 +9,10 @@ tensor cores, is software-pipelined, spills registers and fits the arch's shared
 The specialization is the one the launchers produce: each case calls the real launcher on CPU
 tensors with the kernel replaced by a recorder, and the recorded arguments go through Triton's
 own specializer (pointers and integers divisible by 16 are marked so, integers equal to 1 become
-constants). lowering/triton_gemm.py's pruner offers only the configs this check passes.
+constants). lowering/gemm_configs.py's pruner offers only the configs this check passes.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import re
 import subprocess
@@ -23,51 +21,10 @@ from pathlib import Path
 
 import torch
 
+from .codegen_cases import Case, cases, config_index, configs
+
 ARCHS = ("sm_80", "sm_89", "sm_90")
 FP8_ARCHS = ("sm_89", "sm_90")      # e4m3 dots need capability 8.9
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One kernel variant as a launcher runs it on a site's shape: `run(config, calls)` calls the
-    launcher with bounds `bounds` (K segments; w4a8 and weight-only: weight groups)."""
-    kernel: str
-    variant: str          # the launcher's variant (its autotune key), site_lowering.variant_name
-    k: int
-    bounds: tuple
-    run: object
-
-    @property
-    def name(self) -> str:
-        """The pruner's table key (triton_gemm.codegen_case)."""
-        from .triton_gemm import codegen_case
-        even = any(all(b % c["BLOCK_K"] == 0 for b in self.bounds) for c in _configs())
-        return codegen_case(self.variant, len(self.bounds) > 2, even)
-
-
-def _configs():
-    from .triton_gemm import CONFIGS
-    return CONFIGS
-
-
-class _Recorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` records the call."""
-
-    def __init__(self, fn, calls):
-        self.fn, self.calls = fn, calls
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
-
-
-@contextlib.contextmanager
-def _recording(module, name, calls):
-    fn = getattr(module, name)
-    setattr(module, name, _Recorder(fn, calls))
-    try:
-        yield
-    finally:
-        setattr(module, name, fn)
 
 
 def _specialize(value):
@@ -156,7 +113,7 @@ def compile_row(case: Case, config: dict, arch: str) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from .triton_gemm import codegen_limit
+    from .gemm_configs import codegen_limit
     cap, limit = int(arch[3:]), codegen_limit(arch)
     row = {"kernel": case.kernel, "variant": case.variant, "arch": arch,
            "config": {k: config[k] for k in sorted(config)}, "compiled": False, "error": None, "mma": None,
@@ -200,99 +157,6 @@ def problems(row: dict) -> list[str]:
     return out
 
 
-def cases() -> list[Case]:
-    """Every kernel variant the launchers can start (site_lowering.variant_name names them), on
-    the segments real sites have: 24 head segments of 64 (attention's to_out), DualScale beside
-    plain segments, asymmetric segments, a site whose segments are not on 16-column multiples,
-    convs over a skip concatenation, 4-bit weights in groups of 128."""
-    from . import triton_conv, triton_formats, triton_gemm
-    from .site_lowering import ConvGeometry, variant_name
-    m, n, k = 4096, 1536, 1536
-    heads, halves = tuple(range(0, k + 1, 64)), (0, 768, k)
-
-    def gemm(codes, bounds, fmt="int8", prologue=False, kk=k):
-        variant = variant_name(fmt, 1 in codes, prologue, 2 in codes)
-
-        def run(cfg, calls):
-            if fmt == "fp8":    # packed like int8: [K, N] contiguous (quantize.quantize_weight)
-                a = torch.zeros(m, kk, dtype=torch.float8_e4m3fn)
-                w = torch.zeros(kk, n, dtype=torch.float8_e4m3fn)
-            else:
-                a = torch.zeros(m, kk, dtype=torch.float32 if prologue else torch.int8)
-                w = torch.zeros(kk, n, dtype=torch.int8)
-            d = torch.ones(1 if prologue else m, len(codes))
-            zp = torch.zeros_like(d) if 2 in codes else None
-            colsum = torch.zeros(len(codes), n, dtype=torch.int32) if 2 in codes else None
-            with _recording(triton_gemm, "segquant_gemm_kernel", calls):
-                triton_gemm.launch(a, d, d, w, torch.ones(n), torch.ones(n, dtype=torch.bfloat16), bounds, codes,
-                                   torch.bfloat16, smooth=torch.ones(kk) if prologue else None, prologue=prologue,
-                                   config=cfg, zp=zp, colsum=colsum)
-        return Case("gemm", variant, kk, tuple(bounds), run)
-
-    def conv(codes, prologue, kernel=(3, 3)):
-        geometry = ConvGeometry(640, kernel, (1, 1), (kernel[0] // 2, kernel[1] // 2))
-        kk = 640 * geometry.taps
-        bounds = (0, kk) if len(codes) == 1 else (0, 320 * geometry.taps, kk)   # a skip concatenation
-
-        def run(cfg, calls):
-            x = torch.zeros(1, 640, 64, 64, dtype=torch.float32 if prologue else torch.int8)
-            d = torch.ones(64 * 64 if prologue else 1, len(codes))
-            zp = torch.zeros_like(d) if 2 in codes else None
-            colsum = torch.zeros(len(codes), 320, dtype=torch.int32) if 2 in codes else None
-            with _recording(triton_conv, "segquant_conv_kernel", calls):
-                triton_conv.launch(x, d, d, torch.zeros(kk, 320, dtype=torch.int8), torch.ones(320), None, bounds,
-                                   codes, geometry, torch.bfloat16, zp=zp, colsum=colsum, config=cfg)
-        return Case("conv", triton_conv.variant(geometry, codes, prologue), kk, bounds, run)
-
-    def w4a8(codes):
-        groups = tuple(range(0, k + 1, 128))
-
-        def run(cfg, calls):
-            d = torch.ones(m, len(codes))
-            zp = torch.zeros_like(d) if 2 in codes else None
-            colsum = torch.zeros(len(groups) - 1, n, dtype=torch.int32) if 2 in codes else None
-            with _recording(triton_formats, "w4a8_kernel", calls):
-                triton_formats.launch_w4(torch.zeros(m, k, dtype=torch.int8), d, d,
-                                         torch.zeros(k // 2, n, dtype=torch.int8), torch.ones(len(groups) - 1, n),
-                                         None, halves if len(codes) == 2 else (0, k), groups, codes,
-                                         torch.bfloat16, zp=zp, colsum=colsum, config=cfg)
-        return Case("w4a8", variant_name("w4a8", 1 in codes, False, 2 in codes), k, groups, run)
-
-    def weight_only(bits):
-        groups = tuple(range(0, k + 1, 128)) if bits == 4 else (0, k)
-
-        def run(cfg, calls):
-            w = torch.zeros(k if bits == 8 else k // 2, n, dtype=torch.int8)
-            d_w = torch.ones(n) if bits == 8 else torch.ones(len(groups) - 1, n)
-            with _recording(triton_formats, "weight_only_kernel", calls):
-                triton_formats.launch_weight_only(torch.zeros(m, k, dtype=torch.bfloat16), w, d_w, None, groups,
-                                                  bits, torch.bfloat16, config=cfg)
-        return Case("weight-only", f"int{bits}-weight-only", k, groups, run)
-
-    return [
-        gemm((0,), (0, k)), gemm((0,) * 24, heads), gemm((1,), (0, k)), gemm((1, 0), halves),
-        gemm((2, 0), halves), gemm((0, 0, 0), (0, 40, 100, 1000), kk=1000),
-        gemm((0,), (0, k), prologue=True), gemm((0,) * 24, heads, prologue=True), gemm((1, 0), halves, prologue=True),
-        gemm((0,), (0, k), fmt="fp8"), gemm((1, 0), halves, fmt="fp8"),
-        conv((0, 0), False), conv((1, 0), False), conv((2, 0), False), conv((0,), True), conv((1, 2), True),
-        conv((0, 0), True, (1, 1)),
-        w4a8((0,)), w4a8((1, 2)), weight_only(8), weight_only(4),
-    ]
-
-
-def configs(case: Case, arch: str, every: bool = False) -> list[dict]:
-    """The configs the pruner can return for this case on this arch, whatever the problem's M
-    and N (every: all CONFIGS that fit, before the table's verdict: what --write-table reads)."""
-    from . import triton_gemm
-    return triton_gemm.prune(0, 0, case.k, case.variant, "cpu", case.bounds, arch=arch, checked=not every)
-
-
-def config_index(config: dict) -> int:
-    from .triton_gemm import CONFIGS
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")
-    return next(i for i, c in enumerate(CONFIGS) if all(c[x] == config[x] for x in keys))
-
-
 def check(archs=ARCHS, every: bool = False, kernels=None, progress=None, jobs: int = 1,
           first: bool = False, names=None) -> list[dict]:
     """One row per (case, config, arch), in that order; `jobs` processes compile in parallel;
@@ -327,7 +191,7 @@ def _report(row, progress):
 
 
 def table(rows: list[dict]) -> dict:
-    """The pruner's table (triton_gemm.CODEGEN_TABLE) from a check over every config: per arch and
+    """The pruner's table (gemm_configs.CODEGEN_TABLE) from a check over every config: per arch and
     case, the CONFIGS indices that pass. A case where none pipelines (a conv's byte-wise im2col
     gather of int8 input on sm_90: no async copy takes it, so the pipeliner leaves the loop)
     keeps the configs that pass all else under "single_stage": the pruner runs them with
@@ -375,6 +239,22 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def arch_summary(rows: list[dict]) -> str:
+    """One line per arch: rows, compiled, spilling, pipelined with both tiles' loads async (of
+    the rows asking for stages), the largest shared memory, tensor-core instructions, failing."""
+    lines = []
+    for (arch,), rs in sorted(_groups(rows, ("arch",)).items()):
+        asked = [r for r in rs if r["config"].get("num_stages", 1) >= 2]
+        both = sum(r["pipelined"] and r["sync_tile_loads"] == 0 for r in asked)
+        lines.append(f"{arch}: {len(rs)} rows, {sum(r['compiled'] for r in rs)} compiled, "
+                     f"{sum(bool(r['spill_bytes']) for r in rs)} spilling, "
+                     f"{sum(r['pipelined'] for r in asked)} pipelined ({both} with both tiles async) of {len(asked)} "
+                     f"asking for stages, shared memory up to {max((r['shared_bytes'] or 0) for r in rs)} B, "
+                     f"mma {','.join(sorted({r['mma'] for r in rs if r['mma']}))}, "
+                     f"{sum(bool(r['problems']) for r in rs)} failing")
+    return "\n".join(lines)
+
+
 def run(archs, json_path=None, every: bool = False, write_table: bool = False, jobs: int = 1,
         verbose: bool = False, first: bool = False) -> int:
     """`segquant codegen-check`: the summary on stdout, rows to JSON; exit status 1 where a row
@@ -389,6 +269,7 @@ def run(archs, json_path=None, every: bool = False, write_table: bool = False, j
         print(f"{r['arch']} {r['case']} #{r['config_index']}: {'; '.join(r['problems']) or 'ok'}", flush=True)
     rows = check(archs, every=every, jobs=jobs, progress=progress if verbose else None, first=first)
     print(summary(rows))
+    print(arch_summary(rows))
     bad = [r for r in rows if r["problems"]]
     for r in bad if not every else ():
         print(f"FAIL {r['arch']} {r['case']} {r['config']}: {'; '.join(r['problems'])}")
@@ -396,7 +277,7 @@ def run(archs, json_path=None, every: bool = False, write_table: bool = False, j
         Path(json_path).write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")   # a row a line
         print(f"wrote {json_path}")
     if write_table:
-        from .triton_gemm import CODEGEN_TABLE
+        from .gemm_configs import CODEGEN_TABLE
         CODEGEN_TABLE.write_text(table_json(table(rows)))
         print(f"wrote {CODEGEN_TABLE}")
     return 1 if bad and not every else 0

@@ -79,16 +79,19 @@ def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x, d_ne
         wf = w if d_w is None else w.float() * d_w
         y = torch.addmm(b, a, wf) if b is not None else a @ wf
         return y.to(out_dtype)
-    y = None
+    y, negatives = None, []
     for s, ((q, d, dn, z), k0, k1) in enumerate(zip(a, k_bounds[:-1], k_bounds[1:])):
         ws = w[k0:k1]
-        if isinstance(q, tuple):   # DualScale: two dots, one weight
-            part = int_mm_onednn(q[0], ws) * d + int_mm_onednn(q[1], ws) * dn
+        if isinstance(q, tuple):   # DualScale: two dots, one weight; the negative part added last
+            part = int_mm_onednn(q[0], ws) * d
+            negatives.append(int_mm_onednn(q[1], ws) * dn)
         elif schemes[s] == ASYMMETRIC:
             part = (int_mm_onednn(q, ws) - z.to(torch.int32) * colsum[s]) * d
         else:
             part = int_mm_onednn(q, ws) * d
         y = part if y is None else y + part
+    for part in negatives:    # the op's order (ops.combine_segments)
+        y = y + part
     y = y * d_w
     if b is not None:
         y = y + b

@@ -4,8 +4,9 @@ segments and DualScale, returning the float output with bias.
 Math (every implementation, the Triton kernels included), per K segment s = [k_s, k_{s+1}) with
 scheme code schemes[s] (lowering/quantize.py):
     0 symmetric:   y += (q[:, s] @ W[s, :]) * d_x[:, s]
-    1 DualScale:   y += (max(q,0)[:, s] @ W[s, :]) * d_x[:, s] + (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
+    1 DualScale:   y += (max(q,0)[:, s] @ W[s, :]) * d_x[:, s]
     2 asymmetric:  y += (q[:, s] @ W[s, :] - zp[:, s] * colsum[s]) * d_x[:, s]   (the correction in int32)
+then for each DualScale segment s, in order:  y += (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
     y = y * d_w + bias
 with int32 accumulation inside a segment and fp32 across segments. Scales are step sizes;
 d_x / d_neg / zp are [M, S] (dynamic, per token) or [1, S] (static, per tensor); colsum [S, N]
@@ -23,7 +24,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .quantize import dequantize_weight, unpack_int4
+from .quantize import dequantize_weight, segment_groups, unpack_int4
 
 LIB = "segquant"
 
@@ -98,11 +99,20 @@ def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp
 
 def combine_segments(sums, d_x, d_neg, d_w, bias, schemes, zp=None, colsum=None) -> Tensor:
     """The epilogue on per-segment integer sums ((pos, neg) for DualScale, (all,) otherwise), in
-    the order of fp32 operations every implementation follows (the conv op shares it)."""
-    y = None
+    the order of fp32 operations every implementation follows (the conv op shares it): each
+    segment's part in segment order, of a DualScale segment its positive part; then the DualScale
+    segments' negative parts, in segment order (the kernels' two passes over K, which keep one
+    integer accumulator alive)."""
+    y, negatives = None, []
     for s, acc in enumerate(sums):
-        part = segment_part(acc, s, schemes[s], d_x, d_neg, zp, colsum[s] if colsum is not None else None)
+        if schemes[s] == 1:
+            negatives.append(torch.mul(acc[1], d_neg[:, s:s + 1]))
+            part = torch.mul(acc[0], d_x[:, s:s + 1])
+        else:
+            part = segment_part(acc, s, schemes[s], d_x, d_neg, zp, colsum[s] if colsum is not None else None)
         y = part if y is None else y.add_(part)
+    for part in negatives:
+        y.add_(part)
     y.mul_(d_w)
     if bias is not None:
         y.add_(bias)
@@ -134,10 +144,16 @@ def _int_mm_fp32(a: Tensor, b: Tensor) -> Tensor:
     return out if out is not None else a.new_zeros((a.shape[0], b.shape[1]), dtype=torch.int32)
 
 
+ONEDNN_MARGIN = 4.0   # far from both kinds of CPU: oneDNN is several times faster with VNNI, ~100x slower without
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_int8_gemm() -> str:
-    """Which exact CPU int8 GEMM is faster here, measured once: oneDNN's `_int_mm` (fast with
-    VNNI/AMX) or fp32 chunks (oneDNN falls back to a reference loop on plain AVX2, ~100x slower)."""
+    """Which exact CPU int8 GEMM to use here, measured once: oneDNN's `_int_mm` (fast with
+    VNNI/AMX) or fp32 chunks (oneDNN falls back to a reference loop on plain AVX2, ~100x slower).
+    The choice also picks the CPU form of a site (cpu_linear.cpu_gemm), whose numbers differ, so it
+    must not flip with the load of the machine: oneDNN unless it is more than ONEDNN_MARGIN times
+    slower (a timing noisy by several times cannot cross that on either kind of CPU)."""
     import time
     with _untraced():   # real tensors even if called under a trace (a fake timing would decide)
         g = torch.Generator().manual_seed(0)
@@ -150,7 +166,8 @@ def cpu_int8_gemm() -> str:
             for _ in range(3):
                 fn(a, b)
             best[name] = time.perf_counter() - t
-    return min(best, key=best.get)
+    return "onednn" if best["onednn"] <= ONEDNN_MARGIN * best["fp32"] else "fp32"
+
 
 
 def _untraced() -> contextlib.ExitStack:
@@ -239,16 +256,6 @@ def _(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=N
 def _(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
     from .triton_formats import launch_w4
     return launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
-
-
-def segment_groups(k_bounds, g_bounds) -> list[int]:
-    """S + 1 group indices: segment s holds the groups [out[s], out[s + 1]). A ValueError unless
-    the (strictly increasing) group bounds refine the segment bounds."""
-    g_bounds = list(g_bounds)
-    if (any(b <= a for a, b in zip(g_bounds, g_bounds[1:])) or not set(k_bounds) <= set(g_bounds)
-            or g_bounds[0] != k_bounds[0] or g_bounds[-1] != k_bounds[-1]):
-        raise ValueError(f"segquant: group bounds {g_bounds} do not refine the K segments {list(k_bounds)}")
-    return [g_bounds.index(k) for k in k_bounds]
 
 
 @torch.library.custom_op(f"{LIB}::gemm_weight_only", mutates_args=())

@@ -78,6 +78,16 @@ def group_bounds(k_bounds, group_size: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def segment_groups(k_bounds, g_bounds) -> list[int]:
+    """S + 1 group indices: segment s holds the groups [out[s], out[s + 1]). A ValueError unless
+    the (strictly increasing) group bounds refine the segment bounds."""
+    g_bounds = list(g_bounds)
+    if (any(b <= a for a, b in zip(g_bounds, g_bounds[1:])) or not set(k_bounds) <= set(g_bounds)
+            or g_bounds[0] != k_bounds[0] or g_bounds[-1] != k_bounds[-1]):
+        raise ValueError(f"segquant: group bounds {g_bounds} do not refine the K segments {list(k_bounds)}")
+    return [g_bounds.index(k) for k in k_bounds]
+
+
 def int4_steps(w: Tensor, g_bounds, clip: str = "absmax") -> Tensor:
     """[G, N] steps of a [N, K] float weight: absmax / 7 per output channel and K group; clip="mse":
     the clipped range (CLIP_RATIOS_INT4 of absmax) that rounds the group with the smallest error."""
@@ -132,18 +142,47 @@ def grid(fmt: str) -> str:
 def pack_weight(w: Tensor, lowering, rounded: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """A [N, K] float weight under a SiteLowering -> (packed, steps, grid values [K, N]): 8-bit
     formats [K, N] with per-channel steps [N]; 4-bit formats [ceil(K/2), N] bytes with steps [G, N]
-    per K group; rounded to nearest unless `rounded` gives (grid, steps) (error-compensated)."""
+    per K group; rounded to nearest unless `rounded` gives (grid, steps) (error-compensated).
+    The packed weight is in the memory layout its GEMM reads on w's device (packed_layout)."""
     if lowering.group_size is not None:
         g = lowering.g_bounds
         q, steps = rounded if rounded is not None else (None, int4_steps(w, g, lowering.weight_clip))
         q = round_int4(w, steps, g) if q is None else q
         return pack_int4(q), steps, q
     if rounded is not None:
-        return rounded[0], rounded[1], rounded[0]
+        return packed_layout(rounded[0], lowering.format, w.device), rounded[1], rounded[0]
     fmt = grid(lowering.format)
     steps = weight_steps(w, lowering.out_bounds, fmt, lowering.weight_clip)
     q = quantize_weight(w, steps, fmt)
-    return q, steps, q
+    return packed_layout(q, lowering.format, w.device), steps, q
+
+
+# Formats whose packed weight is an 8-bit tensor-core operand as it is stored (the 4-bit and
+# weight-only kernels convert the weight tile in registers first)
+K_MAJOR_FORMATS = ("int8", "fp8")
+
+
+def packed_layout(packed: Tensor, fmt: str, device=None) -> Tensor:
+    """A packed weight of format `fmt` (logical shape [K, N] everywhere) on `device` (default: its
+    own), in the memory layout that device's GEMM reads. CUDA, 8-bit formats: K-major, the
+    transpose view of a contiguous [N, K] (strides (1, K)): wgmma reads 8-bit operands K-major,
+    so only then are both tiles copied asynchronously on sm_90 (`segquant codegen-check`, whose
+    verdict the pruner's table holds, compiles this layout). Elsewhere (the CPU forms' _int_mm
+    and fp32 GEMMs, the interpreter, the 4-bit formats) contiguous [K, N], the layout a saved
+    file holds: `persist` saves `.contiguous()` and its load calls this."""
+    device = packed.device if device is None else torch.device(device)
+    packed = packed.to(device)
+    return k_major(packed) if reads_k_major(fmt, device) else packed.contiguous()
+
+
+def reads_k_major(fmt: str, device) -> bool:
+    """Whether the GEMM of format `fmt` reads its packed weight K-major on `device` (packed_layout)."""
+    return torch.device(device).type == "cuda" and fmt in K_MAJOR_FORMATS
+
+
+def k_major(w: Tensor) -> Tensor:
+    """[K, N] with the same values, stored K-major (strides (1, K)); a no-op if it already is."""
+    return w.t().contiguous().t()
 
 
 def dequantized_weight(packed: Tensor, steps: Tensor, lowering) -> Tensor:

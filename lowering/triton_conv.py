@@ -2,8 +2,8 @@
 tile gathered from the NCHW (or channels-last: any strides) input instead of loaded from rows.
 
     row m = output pixel (b, ho, wo); column k = (c, i, j) channel-major: a K segment is a
-    channel range, so the per-segment loop, DualScale split, zero-point correction and flushes
-    are the GEMM kernel's (lowering/triton_gemm.py)
+    channel range, so the per-segment loop, DualScale's two passes, zero-point correction and
+    flushes are the GEMM kernel's (lowering/triton_gemm.py)
     int8 input:   quantized with static steps outside; out-of-image taps read the segment's
                   zero point (the quantized 0)
     PROLOGUE:     float input, quantized in registers with per-pixel ([M, S]) or static steps
@@ -18,13 +18,16 @@ import triton
 import triton.language as tl
 
 from . import autotune
+from .quantize import packed_layout
 from .site_lowering import ConvGeometry, variant_name
-from .triton_gemm import _rint, flush, int8_dots, int_tensor, k_tile, k_tiles, prune, segment_end, segment_steps, tile
+from .gemm_configs import prune
+from .triton_k_loop import (_rint, dual_pass, flush, int_tensor, k_tile, k_tiles, pass_operand, segment_end, segment_steps,
+                            tile, tile_schemes)
 
 
 @triton.jit
 def segquant_conv_kernel(
-        X, W, C, DX, DN, DW, BIAS, TK, TU, SCHEMES, ZP, COLSUM,
+        X, W, C, DX, DN, DW, BIAS, TK, TU, TS, SCHEMES, ZP, COLSUM,
         M, N, T, H, WD, HO, WO,
         stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wn,
         stride_cb, stride_cn, stride_ch, stride_cw, stride_dm, stride_ds,
@@ -44,12 +47,13 @@ def segquant_conv_kernel(
     left = wo * SW - PW
     x_row = X + b * stride_xb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, 0, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
-    # one loop over K tiles, segment after segment (the GEMM kernel's, for the pipeliner)
-    for t in range(0, T):
-        kk, k_ok, s, last = k_tile(TK, TU, t, rk, K_ALIGN, EVEN_K, BLOCK_K)
+    # one loop over K tiles, segment after segment (the GEMM kernel's, for the pipeliner; DualScale
+    # in its two passes over K)
+    for t in range(0, T * (2 if DUAL else 1)):
+        tt, neg = dual_pass(t, T, DUAL)
+        kk, k_ok, s, last = k_tile(TK, TU, tt, rk, K_ALIGN, EVEN_K, BLOCK_K)
         c = kk // (KH * KW)
         tap = kk % (KH * KW)
         hh = top[:, None] + (tap // KW)[None, :]
@@ -78,15 +82,17 @@ def segquant_conv_kernel(
             if ASYM:   # out-of-image taps read the segment's quantized 0
                 zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
                 a = tl.where(inside, a, tl.where(a_mask, zp[:, None], 0.0).to(tl.int8))
+        if DUAL:   # the tile's scheme by tile index (the GEMM kernel's reason)
+            a = pass_operand(a, tl.load(TS + tt), neg, DUAL, False)
         w = tl.load(W + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0)
-        acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
-        if SEGMENTED:
+        acc_i += tl.dot(a, w, out_dtype=tl.int32)
+        if SEGMENTED or DUAL:
             if last:
-                acc, acc_p, acc_n = segment_end(acc, acc_p, acc_n, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, rm,
-                                                m_ok, n_ok, stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
-    if not SEGMENTED:
-        acc = acc + flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, DUAL, ASYM)
+                acc, acc_i = segment_end(acc, acc_i, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
+                                         stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
+    if not SEGMENTED and not DUAL:
+        acc = acc + flush(acc_i, acc_i, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, False, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -127,8 +133,9 @@ def launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeometr
     (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.padding
     tk, tu, tiles, align, even = k_tiles(k_bounds, config["BLOCK_K"], x.device)
     flags = int_tensor(schemes, x.device)
+    ts = tile_schemes(k_bounds, schemes, config["BLOCK_K"], x.device) if 1 in schemes else flags
     segquant_conv_kernel[grid](
-        x, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, flags,
+        x, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, ts, flags,
         zp if zp is not None else d_x, colsum if colsum is not None else tk,
         M, N, tiles, H, Wd, Ho, Wo,
         *x.stride(), w.stride(0), w.stride(1), *c.stride(), stride_dm, d_x.stride(1),
@@ -154,7 +161,7 @@ def tune(m: int, n: int, geometry: ConvGeometry, name: str, device, bench=None) 
     x = torch.randn(1, cin, h, h, generator=g).to(device)
     if not prologue:
         x = torch.randint(-127, 128, x.shape, generator=g, dtype=torch.int8).to(device)
-    w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device)
+    w = packed_layout(torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device), "int8")
     d = torch.full((1, len(codes)), 0.01, device=device)
     zp = torch.zeros_like(d) if asym else None
     colsum = torch.stack([w[a:b].sum(dim=0, dtype=torch.int32) for a, b in zip(bounds[:-1], bounds[1:])]) \

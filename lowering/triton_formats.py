@@ -2,7 +2,7 @@
 
     w4a8:         int8 A [M, K] x int4 W (two K rows per byte) -> int32 per K group -> fp32 flush
                   with the group's segment steps (DualScale by splitting A by sign, asymmetric by
-                  the zp * colsum correction: triton_gemm.flush) times the group's weight steps
+                  the zp * colsum correction: triton_k_loop.flush) times the group's weight steps
     weight-only:  float A x int8 (per channel) or int4 (per group) W, fp32 sums per group scaled
                   by the group's weight steps at its end
     epilogue:     + bias, cast to the output dtype
@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .ops import segment_groups
+from .quantize import segment_groups
 from .site_lowering import variant_name
-from .triton_gemm import flush, int8_dots, int_tensor, k_tile, k_tiles, prune, segment_steps, tile
+from .gemm_configs import prune
+from .triton_k_loop import flush, int8_dots, int_tensor, k_tile, k_tiles, segment_steps, tile
 
 
 @triton.jit

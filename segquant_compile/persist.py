@@ -14,6 +14,7 @@ import torch
 
 from segquant_compile import distributed, registry
 from segquant_compile.compiled import find, module_paths
+from segquant_compile.lowering.quantize import packed_layout
 from segquant_compile.site_params import PACKED_FIELDS, STEP_FIELDS, SiteParams
 from segquant_compile.state import QuantState
 from segquant_compile.weight_watch import fingerprint
@@ -214,6 +215,8 @@ def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor
                          f"fine-tune since saving?): calibrate again and save")
     values = {f: tensors.get(f"{name}.{f}") for f in FIELDS}
     _check_tensors(path, name, values, state, entry.get("dynamic_note"))
+    # files hold [K, N]; the device may read another layout (quantize.packed_layout)
+    values["packed"] = packed_layout(values["packed"], state.base.format, weight.device)
     tensors = {f: v.to(weight.device) if v is not None else None for f, v in values.items()}
     # the saved packing is the calibrated one (GPTQ included), with its smoothing factors (or none)
     state.load(SiteParams(**tensors, dynamic_note=entry.get("dynamic_note"),

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from segquant_compile import cli
-from segquant_compile.lowering import autotune, triton_gemm
+from segquant_compile.lowering import autotune, gemm_configs, triton_gemm
 
 
 @pytest.fixture
@@ -24,13 +24,13 @@ def test_key_and_buckets():
 
 
 def test_prune_respects_shared_memory_and_min_dot(monkeypatch):
-    monkeypatch.setattr(triton_gemm, "INTERPRET", False)
-    monkeypatch.setattr(triton_gemm, "shared_memory", lambda device: 64 * 1024)
-    configs = triton_gemm.prune(4096, 4096, 4096, "int8", "cpu")
-    assert configs and all(c["BLOCK_K"] >= triton_gemm.MIN_DOT_K for c in configs)
+    monkeypatch.setattr(gemm_configs, "INTERPRET", False)
+    monkeypatch.setattr(gemm_configs, "shared_memory", lambda device: 64 * 1024)
+    configs = gemm_configs.prune(4096, 4096, 4096, "int8", "cpu")
+    assert configs and all(c["BLOCK_K"] >= gemm_configs.MIN_DOT_K for c in configs)
     assert all((c["BLOCK_M"] * c["BLOCK_K"] + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"] <= 64 * 1024
                for c in configs)
-    small = triton_gemm.prune(1, 64, 64, "int8", "cpu")
+    small = gemm_configs.prune(1, 64, 64, "int8", "cpu")
     assert all(c["BLOCK_M"] <= 16 for c in small)
 
 
@@ -100,5 +100,5 @@ def test_kernel_module_owns_its_configs_and_autotune_imports_no_kernel():
     tree = ast.parse(inspect.getsource(autotune))
     imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert not any("triton_gemm" in name for name in imported)
-    assert not hasattr(autotune, "CONFIGS") and triton_gemm.CONFIGS
+    assert not any("triton_gemm" in name or "gemm_configs" in name for name in imported)
+    assert not hasattr(autotune, "CONFIGS") and gemm_configs.CONFIGS

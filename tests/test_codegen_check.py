@@ -33,11 +33,12 @@ def assert_pass(rows):
         if r["config"]["num_stages"] >= 2:
             assert r["pipelined"] and r["stages"] >= 2, f"{what}: {r['stages']} stage(s), {r['async_copies']}"
         assert r["shared_bytes"] <= r["shared_limit"], what
-        # both tiles through async copies on sm_80/sm_89 (a conv's int8 im2col gather and the
-        # table-driven loop excepted); on sm_90 the N-major 8-bit weight tile is still loaded
-        # synchronously (wgmma reads 8-bit operands K-major): README, "Checked without a GPU"
-        if r["arch"] != "sm_90" and r["kernel"] != "conv" and not r["case"].endswith(":unaligned"):
-            assert r["sync_tile_loads"] == 0, f"{what}: {r['sync_tile_loads']} synchronous tile load(s)"
+        # both tiles through async copies on every arch wherever stages are asked for (the K-major
+        # weight: wgmma reads 8-bit operands K-major), but for a conv's byte-wise im2col gather of
+        # int8 input, which no async copy takes: its W tile still is
+        if r["config"]["num_stages"] >= 2:
+            allowed = 1 if r["kernel"] == "conv" and "prologue" not in r["variant"] else 0
+            assert r["sync_tile_loads"] <= allowed, f"{what}: {r['sync_tile_loads']} synchronous tile load(s)"
     for key in ("kernel", "variant", "arch", "config", "compiled", "mma", "pipelined", "stages", "registers",
                 "spill_bytes", "shared_bytes"):
         assert key in rows[0]

@@ -17,7 +17,9 @@ GEOMETRIES = [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)), ((1, 1), (1, 1
               ((2, 2), (2, 2), (0, 0))]
 
 
-def problem(channels, geometry, schemes, seed=0, n=12, b=2, side=5):
+def problem(channels, geometry, schemes, seed=0, n=12, b=2, side=5, layout="k-major"):
+    """A conv site's input and operands; its packed weight K-major as for CUDA (quantize.packed_layout)
+    or "n-major" (contiguous [K, N], as on CPU)."""
     g = torch.Generator().manual_seed(seed)
     geo = ConvGeometry(sum(channels), *geometry)
     x = torch.randn(b, geo.in_channels, side, side + 1, generator=g)
@@ -26,6 +28,7 @@ def problem(channels, geometry, schemes, seed=0, n=12, b=2, side=5):
         x = F.silu(x)
     k_bounds = [c * geo.taps for c in (0, *itertools.accumulate(channels))]
     w = torch.randint(-127, 128, (geo.in_channels * geo.taps, n), generator=g, dtype=torch.int8)
+    w = Q.k_major(w) if layout == "k-major" else w
     d_w = torch.rand(n, generator=g) * 0.01 + 1e-3
     bias = torch.randn(n, generator=g)
     return x, geo, k_bounds, w, d_w, bias

@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from segquant_compile.lowering.ops import column_sums, dequantize_weight, segment_groups
-from segquant_compile.lowering.quantize import group_bounds, pack_int4, unpack_int4
+from segquant_compile.lowering.ops import column_sums, dequantize_weight
+from segquant_compile.lowering.quantize import group_bounds, pack_int4, segment_groups, unpack_int4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

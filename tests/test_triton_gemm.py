@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from segquant_compile.lowering.ops import gemm_reference
-from segquant_compile.lowering.quantize import quantize_static
+from segquant_compile.lowering.quantize import k_major, quantize_static
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -32,7 +32,9 @@ def problems(draw, max_k=90):
     return m, n, bounds, dual, per_token, bias, out, seed
 
 
-def operands(p, fp8=False):
+def operands(p, fp8=False, layout="k-major"):
+    """The GEMM's operands; the weight K-major as sites pack it for CUDA (quantize.packed_layout),
+    or "n-major", contiguous [K, N] as on CPU."""
     m, n, bounds, dual, per_token, has_bias, out, seed = p
     g = torch.Generator().manual_seed(seed)
     k, s = bounds[-1], len(bounds) - 1
@@ -42,6 +44,7 @@ def operands(p, fp8=False):
     else:
         q = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
         w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
+    w = k_major(w) if layout == "k-major" else w
     rows = m if per_token else 1
     d_x = torch.rand(rows, s, generator=g) * 0.05 + 1e-3
     d_neg = torch.where(torch.tensor(dual, dtype=torch.bool), torch.rand(rows, s, generator=g) * 0.05 + 1e-3, d_x)
