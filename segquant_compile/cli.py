@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from segquant_compile import models
+from segquant_compile.examples import models
 from segquant_compile.lowering.site_lowering import LOWERED_FORMATS as FORMATS
 from segquant_compile.sensitivity import DEFAULT_FORMATS
 
@@ -216,7 +216,7 @@ def sensitivity_target(args):
     samples; or a local diffusers folder's denoiser on example inputs at `steps` timesteps."""
     import torch
     if args.model in ("mnist-dit", "mnist-vit"):
-        from segquant_compile import mnist_dit, mnist_vit
+        from segquant_compile.examples import mnist_dit, mnist_vit
         mnist, load = {"mnist-dit": (mnist_dit, mnist_dit.load_dit), "mnist-vit": (mnist_vit, mnist_vit.load_vit)}[
             args.model]
         net = load()   # a missing file: FileNotFoundError, exit status 2

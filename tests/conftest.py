@@ -10,8 +10,9 @@ if not torch.cuda.is_available():
 
 import dataclasses
 
-from segquant_compile import QuantConfig, models
-from segquant_compile.mnist_dit import data_dir
+from segquant_compile import QuantConfig
+from segquant_compile.examples import models
+from segquant_compile.examples.mnist_dit import data_dir
 
 
 def _set_default(cls, name, value):

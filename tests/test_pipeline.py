@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import segquant_compile as sq
-from segquant_compile import cli, models
+from segquant_compile import cli
+from segquant_compile.examples import models
 from segquant_compile.config import QuantConfig
 from conftest import Two
 
