@@ -179,7 +179,7 @@ def build(model_key: str, config_key: str):
     info = {}
     if kind == "segquant":
         try:
-            sq.QuantConfig.from_options(opts)
+            sq.resolve_options(opts)
         except ValueError as e:
             raise Skip(str(e)) from None
         compiled = torch.compile(net, backend="segquant", options=dict(opts))

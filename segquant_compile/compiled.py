@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from segquant_compile.config import QuantConfig
+from segquant_compile.options import resolve_options
 
 
 def compiled_options(compiled) -> tuple[str | None, dict | None]:
@@ -137,7 +138,7 @@ def find(compiled) -> Compiled:
     backend, options = compiled_options(compiled)
     if backend is not None and backend != "segquant":
         raise TypeError(f"the model is compiled with backend {backend!r}, not 'segquant'")
-    config = QuantConfig.from_options(options) if backend == "segquant" else None
+    config = resolve_options(options) if backend == "segquant" else None
     paths = module_paths(model)
     mine = {id(t): t for t in (*model.parameters(), *model.buffers())}
     runners, rows, names, named = [], [], set(), set()

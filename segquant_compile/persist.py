@@ -5,7 +5,6 @@ inside a block) knows only paths relative to that block: load matches those by s
 weight's fingerprint, which tells the blocks apart."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -74,7 +73,7 @@ def save(compiled, path) -> Path:
                           "smooth_alpha": st.alpha, "sqnr_db": st.sqnr, "activation_clip": st.act_clip,
                           "gptq_rows": st.rows_source, "nearest_note": st.nearest_note,
                           "smooth_note": st.smooth_note}
-    options = dataclasses.asdict(found.config) if found.config is not None else {}
+    options = found.config.to_flat() if found.config is not None else {}
     manifest = {"format_version": FORMAT_VERSION, "torch": torch.__version__,
                 "options": {k: v for k, v in options.items() if k not in ("load",)}, "sites": sites}
     save_file(tensors, str(path / TENSORS))

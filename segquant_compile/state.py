@@ -17,7 +17,7 @@ from segquant_compile.lowering import scheme_choice
 from segquant_compile.lowering.gptq import DAMP, FIRST_CALL_DAMP, segment_hessians
 from segquant_compile.lowering.linear import quantized_linear
 from segquant_compile.lowering.ops import column_sums
-from segquant_compile.lowering.site_lowering import GPTQ_FIRST_CALL, SiteLowering
+from segquant_compile.lowering.site_lowering import ActivationClip, Rounding, SiteLowering, SmoothPolicy
 from segquant_compile.passes import LinearSite
 
 SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothing search
@@ -155,7 +155,7 @@ class QuantState:
     @property
     def awaiting_first_call(self) -> bool:
         """GPTQ's rounding waits for the first call's rows (weight_rounding="auto", dynamic)."""
-        return self.awaiting_rows and self.base.rounding == GPTQ_FIRST_CALL
+        return self.awaiting_rows and self.base.rounding is Rounding.GPTQ_FIRST_CALL
 
     @property
     def first_call_pending(self) -> bool:
@@ -247,7 +247,7 @@ class QuantState:
         rounded to nearest, before GPTQ rounds them (as at a calibration's freeze). smooth="auto"
         leaves the site unsmoothed: one call's ranges miss the channels later calls use."""
         self.smooth_pending = False
-        if self.base.smooth == "auto":   # smoothed from a calibration's ranges only
+        if self.base.smooth is SmoothPolicy.SEARCH_FROM_CALIBRATION:
             return
         rows, self.smooth_note = self._first_call_rows()
         if rows is not None:
@@ -316,7 +316,7 @@ class QuantState:
         call's rows rounds again on the next call's."""
         with self._lock:
             if not self.is_current(weight):
-                if self.base.rounding == GPTQ_FIRST_CALL:
+                if self.base.rounding is Rounding.GPTQ_FIRST_CALL:
                     self.awaiting_rows, self.rows_source, self.nearest_note = True, None, None
                 self.pack(weight)
 
@@ -468,8 +468,9 @@ class QuantState:
         # a calibration's ranges decide the smoothing, whatever a first call decided (a call refused
         # before calibration, weight_rounding "gptq", had settled "auto" to none); packs the weight
         self._choose_smooth(weight, rows)
-        clip = self.lowering.activation_clip   # "auto": searched where SmoothQuant left the site as it was
-        if self.lowering.static and (clip == "search" or clip == "auto" and self.smooth is None):
+        clip = self.lowering.activation_clip
+        if self.lowering.static and (clip is ActivationClip.SEARCH or
+                                     clip is ActivationClip.SEARCH_IF_UNSMOOTHED and self.smooth is None):
             self.sqnr = self._search_activation_clip(weight, rows)
         else:
             self.sqnr = self._sqnr(weight, rows)
@@ -481,7 +482,7 @@ class QuantState:
         smooth = self.base.smooth
         if smooth is None:
             self._set_smooth(weight, None)
-        elif smooth in ("search", "auto"):
+        elif isinstance(smooth, SmoothPolicy):
             # alpha chosen on weights rounded to nearest; GPTQ (if asked) rounds once, for the choice
             held = self._held_out()
             saved = self._gptq_hessians, self.pos_max, self.neg_max
@@ -595,7 +596,7 @@ class QuantState:
         if lo.rounding != "rtn":
             if self.awaiting_rows:
                 out["weight_rounding"] = "gptq (awaiting " + (
-                    "the first call)" if lo.rounding == GPTQ_FIRST_CALL else "calibration)")
+                    "the first call)" if lo.rounding is Rounding.GPTQ_FIRST_CALL else "calibration)")
             elif self.nearest_note is not None:
                 out["weight_rounding"] = f"rtn ({self.nearest_note})"
             else:

@@ -195,7 +195,7 @@ def test_weight_rounding_auto(options, rounding):
     from segquant_compile.capture import capture_graphs
     (gm, _), = capture_graphs(torch.nn.Linear(64, 32), (torch.randn(2, 64),), {})
     site, = build_plan(gm)
-    assert lower_site(site, sq.QuantConfig.from_options(options)).rounding == rounding
+    assert lower_site(site, sq.resolve_options(options)).rounding == rounding
 
 
 def test_recalibration_rounds_by_gptq_again(net):

@@ -112,7 +112,7 @@ def test_static_steps_clip_searched_on_calibration_rows(tmp_path):
     assert sqnr["search"] > sqnr["absmax"] + 0.5, sqnr
     assert states["search"].summary()["activation_clip"] == states["search"].act_clip
     with pytest.raises(ValueError, match="activation_clip"):
-        sq.QuantConfig.from_options({"activation_clip": "mse"})
+        sq.resolve_options({"activation_clip": "mse"})
     torch._dynamo.reset()
     fresh = nn.Sequential(nn.Linear(64, 32)).eval().requires_grad_(False)
     fresh.load_state_dict(model.state_dict())   # other tensors: no state shared with `model`
