@@ -8,6 +8,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from segquant_compile.config import QuantConfig
 from segquant_compile.passes import LinearSite, Plan
 from segquant_compile.passes.site_rules import skip_pattern
 
@@ -108,6 +109,7 @@ class Report:
                 "skipped": s.name in skipped,
                 "fallback": self.fallbacks.get(s.name),
                 "quant": self.states[s.name].summary() if s.name in self.states else None,
+                "resolved": list(self._lowering(s.name).reasons) if self._lowering(s.name) else [],
                 "notes": list(s.notes),
             })
         for name, (kind, why) in self._unreached_kinds():
@@ -134,12 +136,30 @@ class Report:
                  s.output_segments.describe() if s.output_segments else "-",
                  _input_text(s), _dual_text(s), self._quant_text(s.name)) for s in self.sites]
         lines = [*text_table(head, body), "", self.summary()]
+        lines += [f"{reason} ({n} site{'s' if n > 1 else ''})" for reason, n in self.resolved().items()]
         lines += [f"float: {c.name} ({c.kind} call): {c.reason}" for c in self.float_calls]
         lines += [f"float: {name} ({kind} module): {why}" for name, (kind, why) in self._unreached_kinds()]
         if self.calibration is not None:
             lines.append(self.calibration.describe())
         lines += ["", "legend:", self.legend()]
         return "\n".join(lines)
+
+    def _lowering(self, name: str):
+        """The SiteLowering a site runs with (compiled) or would (explain); None: kept float."""
+        if name in self.fallbacks:
+            return None
+        st = self.states.get(name)
+        return st.lowering if st is not None else self.planned.get(name)
+
+    def resolved(self) -> dict[str, int]:
+        """How the options' "auto" values resolved (passes/site_rules.resolve_autos), each reason
+        with the number of sites it applies to."""
+        out: dict[str, int] = {}
+        for s in self.sites:
+            lowering = self._lowering(s.name)
+            for reason in lowering.reasons if lowering is not None else ():
+                out[reason] = out.get(reason, 0) + 1
+        return out
 
     def _unreached_kinds(self):
         """(name, (module kind, why)) for the modules no segquant graph reached."""
@@ -244,8 +264,8 @@ def text_table(head, rows) -> list[str]:
 
 
 def _config_dict(config) -> dict:
-    import dataclasses
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    """The options, flat as a user writes them."""
+    return config.to_flat() if isinstance(config, QuantConfig) else dict(config or {})
 
 
 def _dual_text(s: LinearSite) -> str:
