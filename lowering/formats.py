@@ -52,6 +52,10 @@ class FormatSpec:
     conv: bool                   # conv2d sites lowered (segquant::conv2d); else kept float
 
 
+def _from_spec(name: str) -> property:
+    return property(lambda self: getattr(_SPECS[self], name), doc=f"FormatSpec.{name} of this format")
+
+
 class Format(Choice):
     """The numbers a quantized site runs with (docs/options.md, Formats)."""
     INT8 = "int8"
@@ -64,21 +68,11 @@ class Format(Choice):
     def spec(self) -> FormatSpec:
         return _SPECS[self]
 
-    @property
-    def weight_bits(self) -> int:
-        return _SPECS[self].weight_bits
-
-    @property
-    def weight_only(self) -> bool:
-        return _SPECS[self].float_activations
-
-    @property
-    def grouped(self) -> bool:
-        return _SPECS[self].grouped
-
-    @property
-    def grid(self) -> str:
-        return _SPECS[self].grid
+    # the spec's fields most read, as the format's own (descriptors: not enum members)
+    weight_bits = _from_spec("weight_bits")
+    weight_only = _from_spec("float_activations")
+    grouped = _from_spec("grouped")
+    grid = _from_spec("grid")
 
     @property
     def integer(self) -> bool:

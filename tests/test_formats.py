@@ -456,7 +456,7 @@ def test_mixed_formats_save_and_load_bit_identically(net, tmp_path):
 
 def test_explain_on_the_meta_device_plans_per_site_formats():
     from segquant_compile import explain
-from segquant_compile.examples import models
+    from segquant_compile.examples import models
     model = models.build(models.load_config("sd3.5-medium"), device="meta")
     report = explain(model, **models.example_inputs(model, batch=1),
                      options={"format": "w4a8", "formats": {"*norm1*": "int8", "proj_out": "float"}})
