@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from segquant_compile.lowering.formats import FLOAT, Choice, Format
+from segquant_compile.lowering.formats import Choice, Format
 from segquant_compile.passes.graph_ops import ACTIVATIONS
 from segquant_compile.typed_fields import check_fields
 
@@ -227,4 +227,3 @@ class QuantConfig:
 
 
 OPTION_GROUP = {f.name: g for g, c in GROUPS.items() for f in dataclasses.fields(c)}   # option -> its group
-FORMAT_CHOICES = (*Format.values(), FLOAT)   # what a `formats` entry may name

@@ -13,8 +13,9 @@ import torch
 
 from segquant_compile.state import QuantState, fingerprint
 
-FORMAT_VERSION = 5   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
-                     # 5: the sites a state serves, each with its bias (tied weights)
+FORMAT_VERSION = 6   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
+                     # 5: the sites a state serves, each with its bias (tied weights);
+                     # 6: smooth and activation_clip as their resolved policies, not "auto"
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
 FIELDS = ("packed", "d_w", "colsum", "d_x", "d_neg", "zp", "smooth")
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
