@@ -34,7 +34,7 @@ def generate(pipe) -> list[torch.Tensor]:
 
 def run(options: dict, prompts: list[str], reference) -> dict:
     import segquant_compile as sq
-    from segquant_compile import models
+    from segquant_compile.examples import models
     from segquant_compile.lowering.quantize import sqnr_db
     torch._dynamo.reset()
     pipe = models.tiny_pixart_pipeline()
@@ -54,7 +54,7 @@ def run(options: dict, prompts: list[str], reference) -> dict:
 def main():
     import diffusers
 
-    from segquant_compile import models
+    from segquant_compile.examples import models
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/calibration_prompts.json")
     args = ap.parse_args()

@@ -28,7 +28,7 @@ DEMO = dict(resolution=256, tokens=32)
 
 
 def _model_and_inputs():
-    from segquant_compile.demo import demo_sd3, sd3_inputs
+    from segquant_compile.examples.sd3_demo import demo_sd3, sd3_inputs
     model = demo_sd3()
     return model, [sd3_inputs(model, seed=s, **DEMO) for s in range(CALLS)]
 

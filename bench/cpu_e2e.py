@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import segquant_compile as sq
-from segquant_compile.demo import demo_sd3, sd3_inputs
+from segquant_compile.examples.sd3_demo import demo_sd3, sd3_inputs
 from segquant_compile.lowering.cpu_linear import cpu_gemm
 from segquant_compile.lowering.quantize import sqnr_db
 from machine import cpu_name  # noqa: E402  (bench/machine.py)

@@ -16,7 +16,7 @@ import torch
 import segquant_compile as sq
 from segquant_compile.demo import median_seconds
 from segquant_compile.lowering.quantize import sqnr_db
-from segquant_compile.models import example_inputs
+from segquant_compile.examples.models import example_inputs
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 CONFIGS = {

@@ -7,7 +7,7 @@ bench/results/fidelity.png beside it, and prints a table.
     .venv/bin/python bench/fidelity.py --seeds 1 --images 20 # quick check
     .venv/bin/python bench/fidelity.py --configs default static torchao-asym --models dit
 
-Models (both sampled with their own samplers from segquant_compile.mnist_dit / mnist_vit):
+Models (both sampled with their own samplers from segquant_compile.examples.mnist_dit / mnist_vit):
   dit: MNIST DiT, EDM Heun 18 steps, images in [-1, 1]: PSNR = 10 log10(2^2 / mse) per image
   vit: MNIST ViT (nn.TransformerEncoderLayer, GELU), rectified flow 50 steps + CFG, images in [0, 1]:
        PSNR = 10 log10(1 / mse) per image
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 import segquant_compile as sq
-from segquant_compile import mnist_dit, mnist_vit
+from segquant_compile.examples import mnist_dit, mnist_vit
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -179,7 +179,7 @@ def build(model_key: str, config_key: str):
     info = {}
     if kind == "segquant":
         try:
-            sq.QuantConfig.from_options(opts)
+            sq.resolve_options(opts)
         except ValueError as e:
             raise Skip(str(e)) from None
         compiled = torch.compile(net, backend="segquant", options=dict(opts))

@@ -20,7 +20,8 @@ import torch
 def gemm_shapes(model_name: str, batch: int, resolution: int) -> list[dict]:
     """Distinct (M, N, K) of a model's linear sites, with whether any site of that shape is
     DualScale, input-segmented (how many segments), as the plan says."""
-    from segquant_compile import explain, models
+    from segquant_compile import explain
+    from segquant_compile.examples import models
     model = models.build(models.load_config(model_name), device="meta")
     report = explain(model, **models.example_inputs(model, batch=batch, resolution=resolution))
     shapes: dict = {}

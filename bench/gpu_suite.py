@@ -200,7 +200,7 @@ def flux_blocks(budget: Budget, dry: bool) -> dict:
     """FLUX.1-dev's double (joint) and single blocks at full width, 4096 image + 512 text tokens."""
     import torch
 
-    from segquant_compile import models
+    from segquant_compile.examples import models
     config = models.load_config("flux.1-dev")
     config.update(num_layers=1, num_single_layers=1)
     if dry:
@@ -233,7 +233,7 @@ def flux_blocks(budget: Budget, dry: bool) -> dict:
 def sd3_model(dry: bool):
     import torch
 
-    from segquant_compile import models
+    from segquant_compile.examples import models
     config = models.load_config("sd3.5-medium")
     if dry:
         config.update(num_layers=1, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
@@ -245,7 +245,7 @@ def sd3_model(dry: bool):
 def sd3_inputs(model, dry: bool, seed=0):
     import torch
 
-    from segquant_compile import models
+    from segquant_compile.examples import models
     return models.example_inputs(model, batch=1, resolution=64 if dry else 1024, text_tokens=8 if dry else None,
                                  generator=torch.Generator().manual_seed(seed))
 

@@ -32,10 +32,7 @@ def main() -> dict:
 
     import segquant_compile as sq
     from segquant_compile.statistics import HESSIAN_MAX_K
-    try:
-        from segquant_compile.examples.models import example_inputs
-    except ImportError:
-        from segquant_compile.models import example_inputs
+    from segquant_compile.examples.models import example_inputs
     torch.manual_seed(0)
     model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, **FLUX_DEV).eval()
     inputs = example_inputs(model, batch=1, resolution=128, text_tokens=16)

@@ -30,7 +30,7 @@ import segquant_compile as sq
 from fidelity import (CALIBRATION_IMAGES, CALIBRATION_SEEDS, MODELS, RESULTS, evaluate, git_state,  # noqa: E402
                       labels_for, version)
 from machine import cpu_name  # noqa: E402
-from segquant_compile import mnist_dit
+from segquant_compile.examples import mnist_dit
 
 BUDGETS = (4.5, 5.0, 6.0)
 FORMATS = ("int8", "w4a8", "int8-weight-only", "int4-weight-only")

@@ -28,7 +28,7 @@ def median_us(fn, reps: int) -> float:
 def main() -> None:
     import segquant_compile  # noqa: F401
     from segquant_compile import runtime
-    from segquant_compile.demo import demo_sd3, sd3_inputs
+    from segquant_compile.examples.sd3_demo import demo_sd3, sd3_inputs
     p = argparse.ArgumentParser()
     p.add_argument("--label", default="after")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "runtime_overhead.json"))

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity as F  # noqa: E402  (bench/fidelity.py: models, samplers, PSNR, versions)
-from segquant_compile import mnist_dit  # noqa: E402
+from segquant_compile.examples import mnist_dit  # noqa: E402
 from segquant_compile.lowering.gptq import DAMP, FIRST_CALL_DAMP, gptq_int8, segment_hessians  # noqa: E402
 
 MODES = ("float", "rtn", "q", "k", "v", "groups32", "groups16", "gptq-first", "gptq-cal",

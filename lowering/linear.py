@@ -8,7 +8,7 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers torch.ops.segquant)
 from .cpu_linear import cpu_linear, quantized_activation
 from .quantize import ASYMMETRIC, nonfinite_rows, quantize_dynamic, quantize_static
-from .site_lowering import WEIGHT_BITS, WEIGHT_ONLY
+from .formats import Format
 
 
 def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | None, d_x: Tensor | None,
@@ -29,11 +29,11 @@ def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | No
     if prologue and d_x is not None:
         y = torch.ops.segquant.gemm_prologue(x2, d_x, d_neg, smooth, w, d_w, bias, k_bounds, schemes, x.dtype)
         return y.reshape(*lead, w.shape[1])
-    if fmt in WEIGHT_ONLY:
+    if Format(fmt).weight_only:
         if cpu_gemm is not None and x.device.type == "cpu":   # w: the dequantized weight
             y = torch.addmm(bias.float(), x2.float(), w) if bias is not None else x2.float() @ w
             return y.to(x.dtype).reshape(*lead, w.shape[1])
-        y = torch.ops.segquant.gemm_weight_only(x2, w, d_w, bias, list(g_bounds or ()), WEIGHT_BITS[fmt], x.dtype)
+        y = torch.ops.segquant.gemm_weight_only(x2, w, d_w, bias, list(g_bounds or ()), Format(fmt).weight_bits, x.dtype)
         return y.reshape(*lead, w.shape[1])
     if smooth is not None:
         x2 = x2 / smooth

@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .formats import Format, Scheme
+
 EPS = 1e-12
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # (positive limit, negative limit) per format
 LIMITS = {"int8": (127.0, 128.0), "fp8": (FP8_MAX, FP8_MAX)}
-SYMMETRIC, DUALSCALE, ASYMMETRIC = 0, 1, 2     # scheme codes per K segment
+SYMMETRIC, DUALSCALE, ASYMMETRIC = (s.code for s in Scheme)   # the ops' int codes of each Scheme
 
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -136,7 +138,7 @@ def unpack_int4(packed: Tensor, k: int) -> Tensor:
 def grid(fmt: str) -> str:
     """The 8-bit grid of a format's activations and 8-bit weights: "fp8" or "int8" (w4a8 and
     the weight-only formats included)."""
-    return "fp8" if fmt == "fp8" else "int8"
+    return Format(fmt).grid
 
 
 def pack_weight(w: Tensor, lowering, rounded: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from . import quantize as Q
-from .site_lowering import ASYMMETRIC, CODES, DUALSCALE, SYMMETRIC
+from .formats import Scheme
 
 DUALSCALE_MARGIN_DB = 1.0
-CANDIDATES = (SYMMETRIC, ASYMMETRIC, DUALSCALE)
+CANDIDATES = (Scheme.SYMMETRIC, Scheme.ASYMMETRIC, Scheme.DUALSCALE)
 
 
 def segment_sqnr(rows: Tensor, weight: Tensor, dequantized: Tensor, k_bounds: tuple[int, ...], static: bool,
@@ -28,8 +28,8 @@ def segment_sqnr(rows: Tensor, weight: Tensor, dequantized: Tensor, k_bounds: tu
         xs = rows[:, k0:k1].float()
         ref = xs @ weight[:, k0:k1].float().t()
         bounds, results = [0, k1 - k0], {}
-        for scheme in CANDIDATES if act == "int8" else (SYMMETRIC, DUALSCALE):
-            code = [CODES[scheme]]
+        for scheme in CANDIDATES if act == "int8" else (Scheme.SYMMETRIC, Scheme.DUALSCALE):
+            code = [scheme.code]
             if static:
                 pos = xs.amax(dim=0).max().clamp(min=0)[None]
                 neg = (-xs).amax(dim=0).max().clamp(min=0)[None]
@@ -46,11 +46,12 @@ def segment_sqnr(rows: Tensor, weight: Tensor, dequantized: Tensor, k_bounds: tu
     return out
 
 
-def choose(measured: list[dict[str, float]], margin: float = DUALSCALE_MARGIN_DB) -> tuple[str, ...]:
+def choose(measured: list[dict[str, float]], margin: float = DUALSCALE_MARGIN_DB) -> tuple[Scheme, ...]:
     """The scheme per segment by the rule above (ties go to the cheaper, simpler scheme)."""
     schemes = []
     for m in measured:
-        one_dot = max((SYMMETRIC, ASYMMETRIC), key=lambda s: (m.get(s, float("-inf")), s == SYMMETRIC))
-        better = m.get(DUALSCALE, float("-inf")) >= m[one_dot] + margin and m[one_dot] != float("inf")
-        schemes.append(DUALSCALE if better else one_dot)
+        one_dot = max((Scheme.SYMMETRIC, Scheme.ASYMMETRIC),
+                      key=lambda s: (m.get(s, float("-inf")), s is Scheme.SYMMETRIC))
+        better = m.get(Scheme.DUALSCALE, float("-inf")) >= m[one_dot] + margin and m[one_dot] != float("inf")
+        schemes.append(Scheme.DUALSCALE if better else one_dot)
     return tuple(schemes)

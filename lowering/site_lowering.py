@@ -7,22 +7,32 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-# Activation scheme of one K segment, and its code in the GEMM op (lowering/quantize.py).
-SYMMETRIC = "symmetric"      # one step, q in [-127, 127]
-DUALSCALE = "dualscale"      # d_pos on [0, 127], d_neg on [-128, 0] (DESIGN.md, DualScale)
-ASYMMETRIC = "asymmetric"    # one step and a zero point, q in [-128, 127]
-SCHEMES = (SYMMETRIC, DUALSCALE, ASYMMETRIC)
-CODES = {SYMMETRIC: 0, DUALSCALE: 1, ASYMMETRIC: 2}
+from .formats import Choice, Format, Scheme
 
-# Weight formats: bits per weight value and whether activations stay float (DESIGN.md, Formats).
-WEIGHT_BITS = {"int8": 8, "fp8": 8, "w4a8": 4, "int8-weight-only": 8, "int4-weight-only": 4}
-WEIGHT_ONLY = ("int8-weight-only", "int4-weight-only")
-FLOAT = "float"   # a per-site format choice: the site stays float (named in the report)
-LOWERED_FORMATS = tuple(WEIGHT_BITS)
-GROUPED = tuple(f for f, bits in WEIGHT_BITS.items() if bits == 4)   # int4 steps per K group
-ROUNDINGS = ("rtn", "gptq")   # round to nearest; error-compensated (GPTQ, lowering/gptq.py), integer grids
-# "auto" with dynamic activations: GPTQ on the first call's rows (a calibration's, if one comes first)
-GPTQ_FIRST_CALL = "gptq-first-call"
+
+# The data-dependent policies every "auto" option resolves to (passes/site_rules.py), one place:
+# the calibration state switches on these, the report shows the reasons beside them.
+class Rounding(Choice):
+    RTN = "rtn"                            # round to nearest
+    GPTQ = "gptq"                          # error-compensated on calibration rows (lowering/gptq.py)
+    GPTQ_FIRST_CALL = "gptq-first-call"    # dynamic: on the first call's rows (a calibration's, if one comes first)
+
+
+class WeightClip(Choice):
+    ABSMAX = "absmax"                      # the weight's range
+    MSE = "mse"                            # the clipped range with the least rounding error
+
+
+class SmoothPolicy(Choice):
+    SEARCH = "search"                      # alpha (or none) by output SQNR on rows: a calibration's, else the first call's
+    # searched on a calibration's ranges only; none from a first call (its ranges miss later calls' channels)
+    SEARCH_FROM_CALIBRATION = "search-from-calibration"
+
+
+class ActivationClip(Choice):
+    ABSMAX = "absmax"                      # the calibrated range
+    SEARCH = "search"                      # the range scaled by the factor with the best output SQNR
+    SEARCH_IF_UNSMOOTHED = "search-if-unsmoothed"   # SEARCH where SmoothQuant left the site unsmoothed, else ABSMAX
 
 
 @dataclass(frozen=True)
@@ -68,16 +78,16 @@ def variant_name(fmt: str, dual: bool, prologue: bool = False, asymmetric: bool 
 
 @dataclass(frozen=True)
 class SiteLowering:
-    format: str                          # a WEIGHT_BITS key
+    format: Format
     activations: str                     # "dynamic" (per token) | "static" (per tensor, per segment) | "float" (weight-only)
     weights: str                         # "per-channel" | "per-tensor"
     k_bounds: tuple[int, ...]            # K segments: S + 1 bounds
-    schemes: tuple[str, ...]             # activation scheme per K segment
+    schemes: tuple[Scheme, ...]          # activation scheme per K segment
     out_bounds: tuple[int, ...] | None   # per-tensor weights: one weight step per output segment
-    smooth: float | str | None = None    # SmoothQuant alpha or "search" (static only): a divisor per channel
+    smooth: float | SmoothPolicy | None = None   # SmoothQuant: an alpha or a search policy (a divisor per channel)
     auto: bool = False                   # schemes measured on real rows (dualscale="auto")
-    weight_clip: str = "absmax"          # weight steps from absmax, or clip-searched ("mse")
-    activation_clip: str | None = None   # static: "absmax" | "search" | "auto" (state.py); None: dynamic
+    weight_clip: WeightClip = WeightClip.ABSMAX
+    activation_clip: ActivationClip | None = None   # static steps' clip; None: not static
     heads: int | None = None             # head segments merged into these K segments (head_groups)
     act_groups: int | None = None        # segments cut into activation groups of this size (their own steps)
     # kernel choices for one traced shape: they change no number, so two lowerings that differ
@@ -88,14 +98,23 @@ class SiteLowering:
     note: str | None = None              # why this lowering differs from the options' default
     conv: ConvGeometry | None = None     # a conv2d site: its implicit GEMM (None: a linear)
     group_size: int | None = None        # 4-bit formats: K group of one weight step (within a segment)
-    rounding: str = "rtn"                # weight rounding: "rtn" | "gptq" (needs calibration rows) | GPTQ_FIRST_CALL
+    rounding: Rounding = Rounding.RTN
+    # why each "auto" option resolved as it did here (the report shows them); no number depends on them
+    reasons: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
         if len(self.schemes) != len(self.k_bounds) - 1:
             raise ValueError(f"SiteLowering: {len(self.schemes)} schemes for {len(self.k_bounds) - 1} K segments")
-        unknown = set(self.schemes) - set(SCHEMES)
+        unknown = set(self.schemes) - set(Scheme.values())
         if unknown:
             raise ValueError(f"SiteLowering: unknown activation scheme(s) {sorted(unknown)}")
+        # values read back from a saved manifest or a measurement arrive as plain strings
+        object.__setattr__(self, "schemes", tuple(Scheme(s) for s in self.schemes))
+        for name, kind in (("format", Format), ("weight_clip", WeightClip), ("rounding", Rounding),
+                           ("activation_clip", ActivationClip), ("smooth", SmoothPolicy)):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, kind(value))
 
     @property
     def static(self) -> bool:
@@ -104,15 +123,15 @@ class SiteLowering:
     @property
     def gptq(self) -> bool:
         """Weights rounded by GPTQ, once rows arrive (calibration or the first call)."""
-        return self.rounding in ("gptq", GPTQ_FIRST_CALL)
+        return self.rounding in (Rounding.GPTQ, Rounding.GPTQ_FIRST_CALL)
 
     @property
     def weight_only(self) -> bool:
-        return self.format in WEIGHT_ONLY
+        return self.format.weight_only
 
     @property
     def weight_bits(self) -> int:
-        return WEIGHT_BITS[self.format]
+        return self.format.weight_bits
 
     @property
     def g_bounds(self) -> tuple[int, ...] | None:
@@ -125,15 +144,15 @@ class SiteLowering:
     @property
     def codes(self) -> tuple[int, ...]:
         """Scheme codes per K segment, as the GEMM op takes them."""
-        return tuple(CODES[s] for s in self.schemes)
+        return tuple(s.code for s in self.schemes)
 
     @property
     def dual(self) -> tuple[int, ...]:
-        return tuple(int(s == DUALSCALE) for s in self.schemes)
+        return tuple(int(s is Scheme.DUALSCALE) for s in self.schemes)
 
     @property
     def asymmetric(self) -> bool:
-        return ASYMMETRIC in self.schemes
+        return Scheme.ASYMMETRIC in self.schemes
 
     @property
     def in_features(self) -> int:
@@ -150,9 +169,9 @@ class SiteLowering:
         if self.weight_only:
             return self.format
         if self.conv is not None:   # a dynamic conv quantizes its float input in the kernel
-            name = variant_name(self.format, DUALSCALE in self.schemes, not self.static, self.asymmetric)
+            name = variant_name(self.format, Scheme.DUALSCALE in self.schemes, not self.static, self.asymmetric)
             return self.conv.tag() + "-" + name
-        return variant_name(self.format, DUALSCALE in self.schemes, self.prologue, self.asymmetric)
+        return variant_name(self.format, Scheme.DUALSCALE in self.schemes, self.prologue, self.asymmetric)
 
     def as_dynamic(self, note: str) -> "SiteLowering":
         """The same site with dynamic activations (a static site whose calibration is unusable)."""
@@ -160,8 +179,9 @@ class SiteLowering:
 
     def with_schemes(self, schemes: tuple[str, ...], note: str) -> "SiteLowering":
         """The same site with measured schemes (dualscale="auto"); the prologue takes no zero point."""
-        return dataclasses.replace(self, schemes=tuple(schemes), note=note,
-                                   prologue=self.prologue and ASYMMETRIC not in schemes)
+        schemes = tuple(Scheme(s) for s in schemes)
+        return dataclasses.replace(self, schemes=schemes, note=note,
+                                   prologue=self.prologue and Scheme.ASYMMETRIC not in schemes)
 
     def describe(self) -> str:
         fmt = self.format + (f" g{self.group_size}" if self.group_size else "") + \

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+from dataclasses import dataclass
 
 import torch
 
 from segquant_compile.lowering.cpu_linear import cpu_gemm
 from segquant_compile.lowering.quantize import group_bounds
-from segquant_compile.lowering.site_lowering import (ASYMMETRIC, DUALSCALE, FLOAT, GPTQ_FIRST_CALL, GROUPED, LOWERED_FORMATS,
-                                                     SYMMETRIC, WEIGHT_ONLY, KeptFloat, SiteLowering)
+from segquant_compile.lowering.formats import FLOAT, Format, Scheme
+from segquant_compile.lowering.site_lowering import (ActivationClip, KeptFloat, Rounding, SiteLowering,
+                                                     SmoothPolicy, WeightClip)
 
 from .plan import LinearSite
 
@@ -48,20 +50,63 @@ def split_segments(k_bounds, sources, size: int):
     return bounds, tuple(sources[bisect.bisect_right(k_bounds, a) - 1] for a in bounds[:-1])
 
 
-def weight_clip(option: str, grouped: bool) -> str:
-    """The clip of a site's weight steps: "auto" clip-searches 4-bit groups only (15 levels: where
-    it was measured to win), 8-bit channels keep absmax."""
-    return option if option != "auto" else ("mse" if grouped else "absmax")
+@dataclass(frozen=True)
+class Resolved:
+    """Every "auto" option of one site as an explicit value or data-dependent policy, with the
+    reasons the report shows."""
+    rounding: Rounding
+    weight_clip: WeightClip
+    smooth: float | SmoothPolicy | None
+    activation_clip: ActivationClip | None
+    auto: bool                       # schemes measured on rows (dualscale="auto")
+    reasons: tuple[str, ...]
 
 
-def weight_rounding(option: str, activations: str, fmt: str) -> str:
-    """How a site's integer weights round: "auto" takes GPTQ on the rows there are: static
-    activations' calibration rows, or with dynamic activations (no calibration) the first call's
-    rows, as dualscale="auto" chooses its schemes there (a calibration before the first call gives
-    its rows instead). fp8 rounds by its cast."""
-    if fmt == "fp8":
-        return "rtn"
-    return option if option != "auto" else ("gptq" if activations == "static" else GPTQ_FIRST_CALL)
+def resolve_autos(config, fmt: Format, conv: bool, static: bool, allocated: bool = False) -> Resolved:
+    """The one place an "auto" option becomes a value or a policy (the calibration state then
+    only follows the policy). `allocated`: the site's format came from format="auto"."""
+    reasons = []
+    if allocated:
+        budget = ", ".join(f"{k}={v}" for k, v in config.budget)
+        reasons.append(f"format auto: {fmt} allocated from {config.sensitivity} under {budget}")
+    weight_only = fmt.weight_only
+    # weight steps: clip-searched 4-bit groups only (15 levels: where it was measured to win)
+    clip = config.weight_clip
+    if clip == "auto":
+        clip = WeightClip.MSE if fmt.grouped else WeightClip.ABSMAX
+        reasons.append(f"weight_clip auto: {clip} for {fmt.weight_bits}-bit weights")
+    # GPTQ on the rows there are: the calibration's (static), else the first call's, as
+    # dualscale="auto" chooses its schemes there; fp8 rounds by its cast
+    rounding = config.weight_rounding
+    if not fmt.integer:
+        rounding = Rounding.RTN
+    elif rounding == "auto":
+        rounding = Rounding.GPTQ if config.activations == "static" else Rounding.GPTQ_FIRST_CALL
+        reasons.append("weight_rounding auto: gptq on " + ("the calibration's rows" if rounding is Rounding.GPTQ
+                       else "the first call's rows (a calibration before it gives its rows)"))
+    # a conv's smoothing divisor would differ per tap of one channel; weight-only has no activation grid
+    smooth = config.smooth
+    if conv or weight_only or smooth is None:
+        smooth = None
+    elif smooth == "auto":
+        smooth = SmoothPolicy.SEARCH_FROM_CALIBRATION
+        reasons.append("smooth auto: searched on a calibration's ranges; none from a first call (its ranges "
+                       "miss the channels later calls use)")
+    elif smooth == "search":
+        smooth = SmoothPolicy.SEARCH
+    act_clip = None
+    if static:
+        act_clip = ActivationClip(config.activation_clip) if config.activation_clip != "auto" else (
+            ActivationClip.SEARCH if smooth is None else ActivationClip.ABSMAX if isinstance(smooth, float)
+            else ActivationClip.SEARCH_IF_UNSMOOTHED)
+        if config.activation_clip == "auto":   # with smoothing, the search lost on both real models
+            reasons.append(f"activation_clip auto: {act_clip} (searched where SmoothQuant leaves the site "
+                           f"unsmoothed)")
+    auto = config.dualscale == "auto" and not weight_only
+    if auto:
+        reasons.append("dualscale auto: per segment, the scheme measured best on rows (a calibration's, "
+                       "else the first call's)")
+    return Resolved(Rounding(rounding), WeightClip(clip), smooth, act_clip, auto, tuple(reasons))
 
 
 def lower_site(site: LinearSite, config, device: str = "cpu",
@@ -78,14 +123,15 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     fmt, entry = site_format(site.name, config)
     if fmt == FLOAT:
         return KeptFloat(f"format '{FLOAT}' for this site (options formats[{entry!r}])")
-    if fmt not in LOWERED_FORMATS:   # "auto" with no allocated format for this site
+    if fmt not in Format.values():   # "auto" with no allocated format for this site
         return KeptFloat(f"format {fmt!r} names no format for this site (not in the sensitivity measurement?)")
+    fmt = Format(fmt)
     if entry is None and site.in_features < config.min_k:
         return KeptFloat(f"K={site.in_features} < min_k={config.min_k}: too thin a GEMM for int8 to save "
                          f"time (options min_k; 0 quantizes it)")
     if site.conv is not None and not config.convs:
         return KeptFloat("conv site kept float (options convs=False)")
-    if site.conv is not None and fmt != "int8":
+    if site.conv is not None and not fmt.spec.conv:
         return KeptFloat(f"conv sites are lowered for int8 only (format {fmt!r})")
     seg = site.input_segments if config.seglinear else None
     k_bounds = seg.bounds if seg is not None else (0, site.in_features)
@@ -96,20 +142,20 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
         heads, (k_bounds, sources) = n_seg, group_segments(k_bounds, sources, config.head_groups)
         n_seg = len(k_bounds) - 1
     act_groups = None
-    weight_only = fmt in WEIGHT_ONLY
+    weight_only = fmt.weight_only
     if config.activation_group_size and site.conv is None and not weight_only:
         k_bounds, sources = split_segments(k_bounds, sources, config.activation_group_size)
         act_groups, n_seg = config.activation_group_size, len(k_bounds) - 1
     # DualScale where the graph shows a SiLU/GELU-like producer; with dualscale="auto" this is the
     # starting point that measurement on real rows replaces
-    other = ASYMMETRIC if config.asymmetric else SYMMETRIC
-    schemes = tuple(DUALSCALE if config.dualscale and s is not None else other for s in sources)
+    other = Scheme.ASYMMETRIC if config.asymmetric else Scheme.SYMMETRIC
+    schemes = tuple(Scheme.DUALSCALE if config.dualscale and s is not None else other for s in sources)
     out_bounds = None
     if config.weights == "per-tensor":
         out_seg = site.output_segments if config.seglinear else None
         out_bounds = out_seg.bounds if out_seg is not None else (0, site.out_features)
     if weight_only:   # float activations: no scheme applies
-        schemes = (SYMMETRIC,) * n_seg
+        schemes = (Scheme.SYMMETRIC,) * n_seg
     activations = "float" if weight_only else config.activations
     static = activations == "static"
     prologue = (static and device == "cuda" and fmt == "int8" and site.rows is not None
@@ -124,16 +170,13 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     # a conv's smoothing divisor would differ per tap of one channel: SmoothQuant stays off there
     note = "SmoothQuant is not applied to conv sites" if conv and not weight_only and config.smooth not in (
         None, "auto") else None
-    grouped = fmt in GROUPED
-    rounding = weight_rounding(config.weight_rounding, config.activations, fmt)
+    grouped = fmt.grouped
+    r = resolve_autos(config, fmt, conv, static, allocated=entry is not None and config.format == "auto")
     weights = config.weights if not grouped else "per-group"
     return SiteLowering(format=fmt, activations=activations, weights=weights,
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds if not grouped else None,
-                        smooth=config.smooth if not (conv or weight_only) else None,
-                        auto=config.dualscale == "auto" and not weight_only,
-                        weight_clip=weight_clip(config.weight_clip, grouped), heads=heads,
-                        activation_clip=config.activation_clip if static else None,
-                        act_groups=act_groups,
-                        prologue=prologue and not conv and ASYMMETRIC not in schemes and config.dualscale != "auto",
+                        smooth=r.smooth, auto=r.auto, weight_clip=r.weight_clip, heads=heads,
+                        activation_clip=r.activation_clip, act_groups=act_groups,
+                        prologue=prologue and not conv and Scheme.ASYMMETRIC not in schemes and not r.auto,
                         rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu,
-                        group_size=config.group_size if grouped else None, rounding=rounding)
+                        group_size=config.group_size if grouped else None, rounding=r.rounding, reasons=r.reasons)

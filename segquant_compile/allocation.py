@@ -9,12 +9,12 @@ from fractions import Fraction
 
 import numpy as np
 
-from segquant_compile.lowering.site_lowering import FLOAT, WEIGHT_BITS
+from segquant_compile.lowering.formats import FLOAT, Format
 from segquant_compile.report import text_table
 from segquant_compile.sensitivity_report import Sensitivity, db
 
 # nominal weight bits per format ("float": the 16-bit weights a diffusion model runs in)
-NOMINAL_BITS = {FLOAT: 16, **WEIGHT_BITS}
+NOMINAL_BITS = {FLOAT: 16, **{f.value: f.weight_bits for f in Format}}
 MAX_CELLS = 1 << 15   # DP width: the choice table is sites x MAX_CELLS bytes
 
 

@@ -5,8 +5,8 @@ import argparse
 import json
 import sys
 
-from segquant_compile import models
-from segquant_compile.lowering.site_lowering import LOWERED_FORMATS as FORMATS
+from segquant_compile.examples import models
+from segquant_compile.lowering.formats import Format
 from segquant_compile.sensitivity import DEFAULT_FORMATS
 
 
@@ -46,9 +46,9 @@ def json_object(text: str, what: str) -> dict:
 
 def options_json(text: str) -> dict:
     value = json_object(text, "segquant options")
-    from segquant_compile.config import QuantConfig
+    from segquant_compile.options import resolve_options
     try:
-        QuantConfig.from_options(value)
+        resolve_options(value)
     except (TypeError, ValueError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
@@ -97,10 +97,11 @@ def cmd_inspect(args) -> int:
 def possible_variants(lowering) -> set[str]:
     """The kernel variants a site may run: its own, or with dualscale="auto" every one the
     measurement can choose (DualScale only on segments it starts with, asymmetric anywhere)."""
-    from segquant_compile.lowering.site_lowering import DUALSCALE, variant_name
+    from segquant_compile.lowering.formats import Scheme
+    from segquant_compile.lowering.site_lowering import variant_name
     if not lowering.auto:
         return {lowering.variant}
-    duals = {False, True} if DUALSCALE in lowering.schemes else {False}
+    duals = {False, True} if Scheme.DUALSCALE in lowering.schemes else {False}
     if lowering.conv is not None:   # a dynamic conv quantizes in the kernel (prologue)
         return {lowering.conv.tag() + "-" + variant_name(lowering.format, d, not lowering.static, a)
                 for d in duals for a in (False, True)}
@@ -114,11 +115,11 @@ def cmd_autotune(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from segquant_compile.config import QuantConfig
     from segquant_compile.explain import explain
     from segquant_compile.lowering import autotune
     from segquant_compile.lowering.site_lowering import SiteLowering
     from segquant_compile.lowering.triton_gemm import tune
+    from segquant_compile.options import resolve_options
     from segquant_compile.passes.site_rules import lower_site
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not torch.cuda.is_available() and not interpret:
@@ -127,7 +128,7 @@ def cmd_autotune(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.cache:
         autotune.set_cache_dir(args.cache)
-    config = QuantConfig.from_options(args.options)
+    config = resolve_options(args.options)
     model = models.build(models.load_config(args.model), device="meta")
     shapes = {}   # one tuning per key: rows in the same M bucket share it
     for batch in args.batch:
@@ -216,7 +217,7 @@ def sensitivity_target(args):
     samples; or a local diffusers folder's denoiser on example inputs at `steps` timesteps."""
     import torch
     if args.model in ("mnist-dit", "mnist-vit"):
-        from segquant_compile import mnist_dit, mnist_vit
+        from segquant_compile.examples import mnist_dit, mnist_vit
         mnist, load = {"mnist-dit": (mnist_dit, mnist_dit.load_dit), "mnist-vit": (mnist_vit, mnist_vit.load_vit)}[
             args.model]
         net = load()   # a missing file: FileNotFoundError, exit status 2
@@ -302,7 +303,7 @@ def main(argv=None) -> int:
                                            "quantized (real weights)")
     p.add_argument("model", help="mnist-dit, mnist-vit (../shared/data) or a local diffusers model folder with "
                                  "weights; shipped configs have none")
-    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(DEFAULT_FORMATS))
+    p.add_argument("--formats", nargs="+", choices=Format.values(), default=list(DEFAULT_FORMATS))
     p.add_argument("--steps", type=positive_int, default=4, help="sampler timesteps (one model call each)")
     p.add_argument("--run", action="store_true", help="MNIST models: the error of a whole sampling run's "
                                                       "final samples (every step compounded), not of --steps calls")

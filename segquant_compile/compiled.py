@@ -10,6 +10,7 @@ import torch
 
 from segquant_compile import registry
 from segquant_compile.config import QuantConfig
+from segquant_compile.options import resolve_options
 
 
 def compiled_options(compiled) -> tuple[str | None, dict | None]:
@@ -183,7 +184,7 @@ def find(compiled) -> Compiled:
                             f"{type(compiled).__name__} with no compiled block")
     if backend is not None and backend != "segquant":
         raise TypeError(f"the model is compiled with backend {backend!r}, not 'segquant'")
-    config = QuantConfig.from_options(options) if backend == "segquant" else None
+    config = resolve_options(options) if backend == "segquant" else None
     paths = module_paths(model)
     mine = {id(t): t for t in (*model.parameters(), *model.buffers())}
     runners, rows, names, named = [], [], set(), {}

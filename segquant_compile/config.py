@@ -1,236 +1,229 @@
-"""QuantConfig: the validated, frozen form of `torch.compile(..., options={...})`."""
+"""QuantConfig: the options, typed and frozen, one small dataclass per concern (as torchao's config
+classes: plain typed fields, enums for value sets, checked on construction).
+
+Users write options flat (`{"activations": "static", "smooth": 0.5}`): every field name below is
+an option name, unique across the groups; `QuantConfig.from_flat` / `to_flat` map between the two
+and `config.smooth` reads a field by its option name. Values are checked by their field types
+(typed_fields.py); the checks that span two fields are in QuantConfig.__post_init__. The
+measurements behind the defaults are in docs/results.md. A leaf: it imports only lowering/passes
+data (the sensitivity-driven allocation and the adoption of saved options are in options.py)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
-from segquant_compile.lowering.quantize import GROUP_SIZES
-from segquant_compile.lowering.site_lowering import FLOAT, LOWERED_FORMATS, ROUNDINGS
+from segquant_compile.lowering.formats import Choice, Format
 from segquant_compile.passes.graph_ops import ACTIVATIONS
+from segquant_compile.typed_fields import check_fields
 
-AUTO = "auto"   # a format per site, allocated from measured sensitivity under a budget
-FORMATS = LOWERED_FORMATS + (AUTO,)
-BUDGETS = ("weight_bits", "latency")   # average weight bits; GEMM time as a fraction of all float
-ACTIVATION_MODES = ("dynamic", "static")
-WEIGHT_MODES = ("per-channel", "per-tensor")
-ACTIVATION_GROUP_SIZES = (16, 32, 64, 128)   # at least Triton's smallest dot K
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AUTO = "auto"
+ActivationName = Literal[tuple(ACTIVATIONS)]
+
+
+class Budget(Choice):
+    WEIGHT_BITS = "weight_bits"    # average weight bits over the quantized weights
+    LATENCY = "latency"            # summed GEMM time as a fraction of the float GEMMs'
+
+
+class Granularity(Choice):
+    PER_CHANNEL = "per-channel"
+    PER_TENSOR = "per-tensor"      # one weight step per output segment
+
+
+class WeightClipOption(Choice):
+    AUTO = "auto"                  # mse for 4-bit weights, absmax for 8-bit
+    ABSMAX = "absmax"
+    MSE = "mse"
+
+
+class RoundingOption(Choice):
+    AUTO = "auto"                  # gptq on the rows there are (a calibration's, else the first call's)
+    RTN = "rtn"
+    GPTQ = "gptq"
+
+
+class ActivationMode(Choice):
+    DYNAMIC = "dynamic"            # per-token steps at each call
+    STATIC = "static"              # per-segment steps from a calibration
+
+
+class ActivationClipOption(Choice):
+    AUTO = "auto"                  # search where SmoothQuant left a site unsmoothed, else absmax
+    SEARCH = "search"
+    ABSMAX = "absmax"
+
+
+class SmoothOption(Choice):
+    AUTO = "auto"                  # searched where a calibration gives the ranges; none from a first call
+    SEARCH = "search"              # searched on the rows there are (a first call's too)
+
+
+class CompileMode(Choice):
+    DEFAULT = "default"
+    REDUCE_OVERHEAD = "reduce-overhead"
+    MAX_AUTOTUNE = "max-autotune"
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+
+
+def _at_least(n, what):
+    return {"check": (lambda v: v >= n, what)}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The numbers each site runs with."""
+    format: Format | Literal["auto"] = Format.INT8     # "auto": per site, allocated from `sensitivity` under `budget`
+    formats: tuple[tuple[str, Format | Literal["float"]], ...] = ()   # (glob or site name, format): first match wins
+    budget: tuple[tuple[Budget, float], ...] = field(default=(), metadata={"check": (
+        lambda v: len(v) <= 1 and all(b > 0 for _, b in v), "one budget (weight_bits or latency) with a positive value")})
+    sensitivity: str | None = None                     # a file saved by sq.sensitivity(...).save
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """How weight steps are found and weights rounded."""
+    weights: Granularity = Granularity.PER_CHANNEL
+    group_size: Literal[64, 128] = 128                 # 4-bit weights: K values per step, never across a segment
+    weight_clip: WeightClipOption = WeightClipOption.AUTO
+    weight_rounding: RoundingOption = RoundingOption.AUTO
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """How activation steps are found."""
+    activations: ActivationMode = ActivationMode.DYNAMIC
+    activation_clip: ActivationClipOption = ActivationClipOption.AUTO
+    # a per-token step per group of this many K columns of a segment: finer steps, one more flush each
+    activation_group_size: Literal[16, 32, 64, 128] | None = None
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The segments read off the graph and the scheme of each."""
+    seglinear: bool = True                             # False: plain per-tensor/per-token W8A8
+    head_groups: int | None = field(default=None, metadata=_at_least(1, "None or a positive int"))
+    dualscale: bool | Literal["auto"] = AUTO           # "auto": per segment, the scheme measured best on rows
+    dualscale_activations: tuple[ActivationName, ...] = ("silu", "gelu")
+    asymmetric: bool = False                           # zero points on the segments without DualScale
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """SmoothQuant's per-channel divisors."""
+    smooth: float | SmoothOption | None = field(default=SmoothOption.AUTO, metadata={"check": (
+        lambda v: not isinstance(v, float) or 0.0 <= v <= 1.0, "None, 'auto', 'search' or a float in [0, 1]")})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Sites:
+    """Which sites are quantized."""
+    # fewer input features stay float: such a GEMM is bound by its traffic, and these were the most
+    # sensitive sites on the real models
+    min_k: int = field(default=64, metadata=_at_least(0, "a non-negative int (0 quantizes every site)"))
+    convs: bool = True
+    skip: tuple[str, ...] = ()                         # glob patterns of full site names kept float
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class Run:
+    """How to run: never part of the saved numbers, so never adopted from a save."""
+    inductor: bool = True                              # False: run the rewritten graph as FX (debugging)
+    calibration_steps: int | None = field(default=None, metadata=_at_least(1, "None or a positive int"))
+    load: str | None = None                            # a folder written by sq.save
+    release_float_weights: bool = False
+    autotune_cache: str | None = None
+    mode: CompileMode = CompileMode.DEFAULT            # torch.compile's mode (it refuses mode= beside options=)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+GROUPS = {"precision": Precision, "weight": Weights, "activation": Activations, "segments": Segments,
+          "smoothing": Smoothing, "sites": Sites, "run": Run}
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    format: str = "int8"
-    # per-site formats: (glob or full site name, format) pairs, the first match wins over `format`;
-    # format="auto" fills them from `sensitivity` (a saved segquant_compile.sensitivity) and `budget`
-    formats: tuple[tuple[str, str], ...] = ()
-    budget: tuple[tuple[str, float], ...] = ()
-    sensitivity: str | None = None
-    group_size: int = 128                 # 4-bit formats: K values per weight step (never across a segment)
-    # integer weights: "rtn", "gptq" (error-compensated on calibration rows) or "auto" (gptq on the
-    # calibration's rows, or with dynamic activations on the first call's: passes/site_rules.py)
-    weight_rounding: str = "auto"
-    activations: str = "dynamic"
-    weights: str = "per-channel"
-    # SmoothQuant: alpha, "search" (per site, alpha or none by the SQNR on rows: a calibration's,
-    # else the first call's), None, or "auto" (the default): "search" where a calibration gives the
-    # ranges, none from one call (static default DiT +2.2 dB, ViT +2.7 dB; dynamic from a first call
-    # DiT -1.4 dB: its rows at sigma 80 leave later steps' channels unseen; bench/results/fidelity_smooth.json)
-    smooth: float | str | None = "auto"
-    seglinear: bool = True
-    # at most this many input segments from a head merge (adjacent heads share a step): fewer
-    # segment GEMMs on the int8 CPU form; None keeps one segment per head
-    head_groups: int | None = None
-    convs: bool = True                    # conv2d sites quantized (False: float, listed in the report)
-    # sites with fewer input features (K, a conv's C*kh*kw) stay float: a GEMM this thin is bound
-    # by its input and output traffic, so int8 saves no time, and on both real models such sites
-    # (the patch embeddings) are the ones measured most sensitive (bench/results/fidelity.json)
-    min_k: int = 64
-    # per-token activation steps per group of this many K columns within each segment (None: one
-    # step per token and segment); finer steps, at one more int32 flush per group in the GEMM
-    activation_group_size: int | None = None
-    # "auto": per segment, the scheme measured best on real rows (won on both real models:
-    # bench/results/fidelity.json); True: DualScale where SiLU/GELU feeds; False: none
-    dualscale: bool | str = "auto"
-    asymmetric: bool = False              # zero points on the segments without DualScale
-    # "absmax", "mse" (clip-searched weight steps), or "auto": absmax for 8-bit weights, mse for
-    # 4-bit (w4a8 round-to-nearest: DiT +0.65 dB, ViT +1.2 dB; int8: no gain on both models)
-    weight_clip: str = "auto"
-    # static steps: "search" scales each site's calibrated range by the factor in 1, 0.9 .. 0.5
-    # whose output SQNR on the calibration rows is best; "absmax": the range as seen; "auto" (the
-    # default): "search" where SmoothQuant left the site unsmoothed (with smoothing the search lost
-    # on both real models: DiT 45.44 -> 45.06 dB, ViT 46.44 -> 45.98; without it, it won)
-    activation_clip: str = "auto"
-    dualscale_activations: tuple[str, ...] = ("silu", "gelu")
-    skip: tuple[str, ...] = ()
-    inductor: bool = True
-    calibration_steps: int | None = None
-    load: str | None = None
-    release_float_weights: bool = False
-    autotune_cache: str | None = None
-    mode: str = "default"
+    """Every option, by concern; `config.<option>` reads one by its flat name."""
+    precision: Precision = field(default_factory=Precision)
+    weight: Weights = field(default_factory=Weights)
+    activation: Activations = field(default_factory=Activations)
+    segments: Segments = field(default_factory=Segments)
+    smoothing: Smoothing = field(default_factory=Smoothing)
+    sites: Sites = field(default_factory=Sites)     # a factory: a changed Sites default applies (tests/conftest.py)
+    run: Run = field(default_factory=Run)
+
+    def __post_init__(self):
+        for name, cls in GROUPS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"QuantConfig.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+        p = self.precision
+        if p.format == AUTO and not p.formats and (not p.budget or p.sensitivity is None):
+            raise ValueError("format 'auto' needs options 'budget' (e.g. {'weight_bits': 5}) and 'sensitivity' "
+                             "(a file saved by segquant_compile.sensitivity(...).save('sens.json'))")
+        if p.format != AUTO and (p.budget or p.sensitivity is not None):
+            raise ValueError("options 'budget' and 'sensitivity' choose formats for format='auto' only")
+        if self.weight.weight_rounding == RoundingOption.GPTQ and self.only_fp8:
+            raise ValueError("weight_rounding 'gptq' rounds integer weights (int8, w4a8, the weight-only "
+                             "formats); fp8 weights round by the cast")
+        if p.format == Format.FP8 and self.segments.asymmetric:   # fp8 "auto" picks symmetric or DualScale
+            raise ValueError("option 'asymmetric' (zero points) is int8 only; fp8 has no asymmetric scheme")
+
+    def __getattr__(self, name):
+        group = OPTION_GROUP.get(name)
+        if group is None:
+            raise AttributeError(f"{type(self).__name__} has no option {name!r}")
+        return getattr(object.__getattribute__(self, group), name)
 
     @classmethod
-    def from_options(cls, options: dict | None = None, mode: str | None = None) -> "QuantConfig":
+    def from_flat(cls, options: dict | None = None) -> "QuantConfig":
+        """The config of flat options (pure: no file is read; options.resolve_options also applies
+        presets, `load` and format="auto")."""
         options = dict(options or {})
-        # `mode` is an option too: torch.compile refuses mode= together with options=
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
+        unknown = sorted(set(options) - set(OPTION_GROUP))
         if unknown:
-            raise ValueError(f"unknown segquant option(s) {unknown}; valid options: {valid}")
-        if options.get("load") is not None:
-            options = _adopt_saved(options)
-        if mode is not None:
-            if "mode" in options and options["mode"] != mode:
-                raise ValueError(f"segquant: mode {mode!r} and options['mode'] {options['mode']!r} disagree")
-            options["mode"] = mode
-        for key in ("formats", "budget"):   # mappings, held as pairs (a frozen config; JSON gives lists)
-            value = options.get(key)
-            if isinstance(value, dict):
-                options[key] = tuple((str(k), v) for k, v in value.items())
-            elif isinstance(value, (list, tuple)):
-                options[key] = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in value)
-        for key in ("dualscale_activations", "skip"):
-            if key in options:
-                value = options[key]
-                if isinstance(value, str):
-                    options[key] = (value,)
-                elif isinstance(value, (list, tuple, set, frozenset)):
-                    options[key] = tuple(value)
-                else:
-                    raise ValueError(f"option {key!r} must be a string or a list of strings, got "
-                                     f"{type(value).__name__} {value!r}")
-        config = cls(**options)
-        config.validate()
-        if config.format == AUTO and not config.formats:
-            config = dataclasses.replace(config, formats=_allocated(config))
-        return config
+            raise ValueError(f"unknown segquant option(s) {unknown}; valid options: {list(OPTION_GROUP)}")
+        parts = {name: {} for name in GROUPS}
+        for key, value in options.items():
+            parts[OPTION_GROUP[key]][key] = value
+        return cls(**{name: GROUPS[name](**values) for name, values in parts.items()})
+
+    def to_flat(self) -> dict:
+        """{option: value}, every option, as from_flat takes them (JSON-ready: enums are strings)."""
+        return {f.name: getattr(getattr(self, g), f.name) for g, c in GROUPS.items() for f in dataclasses.fields(c)}
+
+    def replace(self, **options) -> "QuantConfig":
+        """This config with some options (flat names) changed."""
+        return type(self).from_flat({**self.to_flat(), **options})
 
     @property
     def only_fp8(self) -> bool:
         """Every format asked is fp8: no integer weight for GPTQ to round."""
-        return all(f == "fp8" for f in (self.format, *(f for _, f in self.formats)))
-
-    def validate(self) -> None:
-        _choice("format", self.format, FORMATS)
-        for pair in self.formats:
-            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-                raise ValueError(f"option 'formats' must map site names or globs to formats, got {pair!r}")
-            _choice(f"formats[{pair[0]!r}]", pair[1], LOWERED_FORMATS + (FLOAT,))
-        for pair in self.budget:
-            if not (isinstance(pair, tuple) and len(pair) == 2):
-                raise ValueError(f"option 'budget' must be a mapping like {{'weight_bits': 5}}, got {pair!r}")
-            _choice("budget", pair[0], BUDGETS)
-            if isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) or pair[1] <= 0:
-                raise ValueError(f"budget {pair[0]!r} must be a positive number, got {pair[1]!r}")
-        if len(self.budget) > 1:
-            raise ValueError(f"option 'budget' takes one budget (weight_bits or latency), got {dict(self.budget)}")
-        if self.format == AUTO and not self.formats and (not self.budget or self.sensitivity is None):
-            raise ValueError("format 'auto' needs options 'budget' (e.g. {'weight_bits': 5}) and 'sensitivity' "
-                             "(a file saved by segquant_compile.sensitivity(...).save('sens.json'))")
-        if self.format != AUTO and (self.budget or self.sensitivity is not None):
-            raise ValueError("options 'budget' and 'sensitivity' choose formats for format='auto' only")
-        if self.sensitivity is not None and not isinstance(self.sensitivity, str):
-            raise ValueError(f"option 'sensitivity' must be a path (str), got {self.sensitivity!r}")
-        _choice("group_size", self.group_size, GROUP_SIZES)
-        if isinstance(self.min_k, bool) or not isinstance(self.min_k, int) or self.min_k < 0:
-            raise ValueError(f"option 'min_k' must be a non-negative int (0 quantizes every site), got {self.min_k!r}")
-        if self.activation_group_size is not None and (type(self.activation_group_size) is not int or
-                                                       self.activation_group_size not in ACTIVATION_GROUP_SIZES):
-            raise ValueError(f"option 'activation_group_size' must be None or one of "
-                             f"{list(ACTIVATION_GROUP_SIZES)}, got {self.activation_group_size!r}")
-        _choice("weight_rounding", self.weight_rounding, ("auto", *ROUNDINGS))
-        _choice("activations", self.activations, ACTIVATION_MODES)
-        _choice("weights", self.weights, WEIGHT_MODES)
-        _choice("weight_clip", self.weight_clip, ("auto", "absmax", "mse"))
-        _choice("activation_clip", self.activation_clip, ("absmax", "search", "auto"))
-        _choice("mode", self.mode, MODES)
-        if self.dualscale not in (True, False, "auto"):
-            raise ValueError(f"option 'dualscale' must be True, False or 'auto', got {self.dualscale!r}")
-        if self.weight_rounding == "gptq" and self.only_fp8:
-            raise ValueError("weight_rounding 'gptq' rounds integer weights (int8, w4a8, the weight-only "
-                             "formats); fp8 weights round by the cast")
-        if self.format == "fp8" and self.asymmetric:   # fp8 "auto" chooses between symmetric and DualScale
-            raise ValueError("option 'asymmetric' (zero points) is int8 only; fp8 has no asymmetric scheme")
-        for key in ("seglinear", "convs", "inductor", "release_float_weights", "asymmetric"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"option {key!r} must be True or False, got {getattr(self, key)!r}")
-        if self.smooth not in (None, "search", "auto") and not (
-                isinstance(self.smooth, (int, float)) and not isinstance(self.smooth, bool)
-                and 0.0 <= self.smooth <= 1.0):
-            raise ValueError(f"option 'smooth' must be None, 'auto', 'search' or a float in [0, 1], got "
-                             f"{self.smooth!r}")
-        for act in self.dualscale_activations:
-            _choice("dualscale_activations", act, tuple(ACTIVATIONS))
-        if self.calibration_steps is not None and not (isinstance(self.calibration_steps, int)
-                                                       and self.calibration_steps > 0):
-            raise ValueError(f"option 'calibration_steps' must be a positive int, got {self.calibration_steps!r}")
-        if self.head_groups is not None and not (isinstance(self.head_groups, int) and not isinstance(
-                self.head_groups, bool) and self.head_groups > 0):
-            raise ValueError(f"option 'head_groups' must be None or a positive int, got {self.head_groups!r}")
-        if self.load is not None and not isinstance(self.load, str):
-            raise ValueError(f"option 'load' must be a path (str), got {type(self.load).__name__} {self.load!r}")
-        if self.autotune_cache is not None and not isinstance(self.autotune_cache, str):
-            raise ValueError(f"option 'autotune_cache' must be a path (str), got {self.autotune_cache!r}")
-        if not all(isinstance(p, str) for p in self.skip):
-            raise ValueError(f"option 'skip' must be glob patterns (strings), got {self.skip!r}")
-        if not all(isinstance(a, str) for a in self.dualscale_activations):
-            raise ValueError(f"option 'dualscale_activations' must be activation names (strings), got "
-                             f"{self.dualscale_activations!r}")
+        p = self.precision
+        return all(f == Format.FP8 for f in (p.format, *(f for _, f in p.formats)))
 
     @property
     def activation_set(self) -> frozenset[str]:
-        return frozenset(self.dualscale_activations) if self.dualscale else frozenset()
+        return frozenset(self.segments.dualscale_activations) if self.segments.dualscale else frozenset()
 
 
-def _allocated(config: QuantConfig) -> tuple[tuple[str, str], ...]:
-    """format="auto": per site, the format the allocation picks from the measured sensitivity."""
-    from segquant_compile.allocation import allocate
-    from segquant_compile.sensitivity import Sensitivity
-    try:
-        measured = Sensitivity.load(config.sensitivity)
-    except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"option 'sensitivity': {e}") from None
-    chosen = allocate(measured, **dict(config.budget))
-    return tuple(chosen.formats.items())
-
-
-# options that only say how to run (not what the saved numbers are): never adopted from a save
-RUN_OPTIONS = ("load", "inductor", "mode", "release_float_weights", "autotune_cache", "calibration_steps")
-
-
-def _adopt_saved(options: dict) -> dict:
-    """options={'load': path} alone is enough: the options the save was made with fill every
-    option not given; one given with another value is an error naming both (the saved numbers
-    would not match it)."""
-    from segquant_compile.persist import saved_options
-    path = options["load"]
-    if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
-        return options   # validate() names the bad type
-    valid = {f.name for f in dataclasses.fields(QuantConfig)}
-    saved = {k: v for k, v in saved_options(path).items() if k in valid and k not in RUN_OPTIONS}
-    for key, value in saved.items():
-        if key in options and not _same(options[key], value):
-            raise ValueError(f"segquant: options[{key!r}]={options[key]!r} conflicts with {path}, saved with "
-                             f"another plan or options ({key}={value!r}); drop {key!r} to adopt the saved value")
-    return {**saved, **options}
-
-
-def _same(given, saved) -> bool:
-    """Compared as JSON holds them: mappings as [key, value] pairs (as from_options holds
-    `formats` and `budget`), tuples as lists, a lone string as a one-item list."""
-    if isinstance(given, str) and isinstance(saved, list):
-        given = [given]
-    return _as_json(given) == saved
-
-
-def _as_json(value):
-    if isinstance(value, dict):
-        return [[str(k), _as_json(v)] for k, v in value.items()]
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_as_json(v) for v in value]
-    return value
-
-
-def _choice(key, value, valid):
-    if value not in valid:
-        raise ValueError(f"invalid value {value!r} for segquant option {key!r}; valid values: {list(valid)}")
+OPTION_GROUP = {f.name: g for g, c in GROUPS.items() for f in dataclasses.fields(c)}   # option -> its group

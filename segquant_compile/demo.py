@@ -6,26 +6,7 @@ import time
 
 import torch
 
-# An SD3-style MMDiT sized so that one CPU forward takes about a second and linears dominate.
-DEMO_SD3 = dict(sample_size=64, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
-                num_attention_heads=8, joint_attention_dim=512, caption_projection_dim=512,
-                pooled_projection_dim=256, out_channels=16, pos_embed_max_size=64, dual_attention_layers=(0, 1),
-                qk_norm="rms_norm")
-
-
-def demo_sd3(seed: int = 0, **overrides):
-    from diffusers import SD3Transformer2DModel
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(**{**DEMO_SD3, **overrides}).eval()
-
-
-def sd3_inputs(model, batch: int = 1, resolution: int = 512, tokens: int = 77, seed: int = 0,
-               dtype=torch.float32) -> dict:
-    from segquant_compile.models import example_inputs
-    g = torch.Generator().manual_seed(seed)
-    x = example_inputs(model, batch=batch, resolution=resolution, text_tokens=tokens, generator=g, dtype=dtype)
-    x["timestep"] = torch.rand(batch, generator=g).mul(1000).to(dtype)
-    return x
+from segquant_compile.examples.sd3_demo import demo_sd3, sd3_inputs
 
 
 def median_seconds(fn, warmup: int = 2, reps: int = 5) -> float:
@@ -94,7 +75,7 @@ def run(model_name: str = "sd3", activations: str = "static", save: list[str] | 
 
 def run_mnist(save) -> dict:
     import segquant_compile as sq
-    from segquant_compile import mnist_dit as md
+    from segquant_compile.examples import mnist_dit as md
     net, clf = md.load_dit(), md.load_classifier()
     labels = torch.arange(100) % 10
     print("model: the MNIST DiT of ../shared/data (real weights), 100 samples, 18 Heun steps")

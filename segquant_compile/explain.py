@@ -9,6 +9,7 @@ from segquant_compile import registry
 from segquant_compile.capture import capture_graphs
 from segquant_compile.compiled import unwrap
 from segquant_compile.config import QuantConfig
+from segquant_compile.options import resolve_options
 from segquant_compile.lowering.site_lowering import KeptFloat
 from segquant_compile.passes import build_plan, merge
 from segquant_compile.passes.site_rules import lower_site, skip_pattern
@@ -28,7 +29,7 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> Report:
         raise TypeError(f"segquant_compile.explain needs a callable model (an nn.Module or function), "
                         f"got {type(model).__name__}")
     model, options = unwrap(model, options)
-    config = QuantConfig.from_options(options)
+    config = resolve_options(options)
     graphs = capture_graphs(model, args, kwargs)
     plan = merge([build_plan(gm, config.activation_set, config.seglinear, graph_index=i)
                   for i, (gm, _) in enumerate(graphs)])

@@ -8,7 +8,7 @@ import re
 OTHER = "other"
 
 # First match wins, on the full module path. Names: diffusers SD3 / FLUX / PixArt / UNet,
-# nn.TransformerEncoderLayer (mnist_vit.py) and the MNIST DiT (mnist_dit.py).
+# nn.TransformerEncoderLayer (examples/mnist_vit.py) and the MNIST DiT (examples/mnist_dit.py).
 _RULES = (
     ("embedders", r"(^|\.)(time_text_embed|time_embedding|x_embedder|context_embedder|pos_embed|patch_embed"
                   r"|patch_emb|caption_projection|time_emb|adaln_single\.emb)(\.|$)|^conv$"),

@@ -5,7 +5,6 @@ inside a block) knows only paths relative to that block: load matches those by s
 weight's fingerprint, which tells the blocks apart."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -20,7 +19,8 @@ from segquant_compile.state import QuantState
 from segquant_compile.weight_watch import fingerprint
 
 FORMAT_VERSION = 6   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
-                     # 5: the sites a state serves, each with its bias (tied weights); 6: d_x named d_pos
+                     # 5: the sites a state serves, each with its bias (tied weights);
+                     # 6: d_x named d_pos; smooth and activation_clip as their resolved policies
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
 FIELDS = PACKED_FIELDS + STEP_FIELDS
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
@@ -88,7 +88,7 @@ def _write(compiled, path) -> Path:
                        "smooth_alpha": p.alpha, "sqnr_db": p.sqnr, "activation_clip": p.act_clip,
                        "gptq_rows": p.rows_source, "nearest_note": p.nearest_note,
                        "smooth_note": p.smooth_note}
-    options = dataclasses.asdict(found.config) if found.config is not None else {}
+    options = found.config.to_flat() if found.config is not None else {}
     manifest = {"format_version": FORMAT_VERSION, "torch": torch.__version__,
                 "options": {k: v for k, v in options.items() if k not in ("load",)}, "sites": sites}
     save_file(tensors, str(path / TENSORS))

@@ -14,7 +14,7 @@ def denoiser_name(pipe) -> str:
                     f"to quantize")
 
 
-def quantize_pipeline(pipe, prompts, options: dict | None = None, save=None, progress: bool = True,
+def quantize_pipeline(pipe, prompts, options=None, save=None, progress: bool = True,
                       **pipe_kwargs):
     """Compile `pipe`'s denoiser with backend="segquant" (static activations unless `options` say
     otherwise), calibrate it by calling `pipe(prompt, **pipe_kwargs)` for each prompt, write it to
@@ -28,16 +28,19 @@ def quantize_pipeline(pipe, prompts, options: dict | None = None, save=None, pro
     from segquant_compile import distributed
     from segquant_compile.calibration import calibrate
     from segquant_compile.config import QuantConfig
+    from segquant_compile.options import resolve_options
     from segquant_compile.persist import save as save_to
     name = denoiser_name(pipe)
     denoiser = getattr(pipe, name)
     if hasattr(denoiser, "_orig_mod"):
         raise ValueError(f"segquant_compile.quantize_pipeline: pipe.{name} is compiled already; pass the "
                          f"float pipeline")
+    if isinstance(options, QuantConfig):
+        options = options.to_flat()
     options = dict(options or {})
-    if "load" not in options:
+    if "load" not in options and "preset" not in options:
         options.setdefault("activations", "static")
-    config = QuantConfig.from_options(options)       # errors now, before any pipeline call
+    config = resolve_options(options)       # errors now, before any pipeline call
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     distributed.init_from_env()
     mine = distributed.shard_items(prompts, distributed.shard_of(distributed.calibration_group()))

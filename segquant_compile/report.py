@@ -8,8 +8,10 @@ from pathlib import Path
 
 import networkx as nx
 
+from segquant_compile.config import QuantConfig
 from segquant_compile.passes import LinearSite, Plan
 from segquant_compile.passes.site_rules import skip_pattern
+from segquant_compile.report_html import PAGE, shape, svg
 
 FORMAT_VERSION = 1
 
@@ -108,6 +110,7 @@ class Report:
                 "skipped": s.name in skipped,
                 "fallback": self.fallbacks.get(s.name),
                 "quant": self.states[s.name].summary() if s.name in self.states else None,
+                "resolved": list(self._lowering(s.name).reasons) if self._lowering(s.name) else [],
                 "notes": list(s.notes),
             })
         for name, (kind, why) in self._unreached_kinds():
@@ -134,12 +137,30 @@ class Report:
                  s.output_segments.describe() if s.output_segments else "-",
                  _input_text(s), _dual_text(s), self._quant_text(s.name)) for s in self.sites]
         lines = [*text_table(head, body), "", self.summary()]
+        lines += [f"{reason} ({n} site{'s' if n > 1 else ''})" for reason, n in self.resolved().items()]
         lines += [f"float: {c.name} ({c.kind} call): {c.reason}" for c in self.float_calls]
         lines += [f"float: {name} ({kind} module): {why}" for name, (kind, why) in self._unreached_kinds()]
         if self.calibration is not None:
             lines.append(self.calibration.describe())
         lines += ["", "legend:", self.legend()]
         return "\n".join(lines)
+
+    def _lowering(self, name: str):
+        """The SiteLowering a site runs with (compiled) or would (explain); None: kept float."""
+        if name in self.fallbacks:
+            return None
+        st = self.states.get(name)
+        return st.lowering if st is not None else self.planned.get(name)
+
+    def resolved(self) -> dict[str, int]:
+        """How the options' "auto" values resolved (passes/site_rules.resolve_autos), each reason
+        with the number of sites it applies to."""
+        out: dict[str, int] = {}
+        for s in self.sites:
+            lowering = self._lowering(s.name)
+            for reason in lowering.reasons if lowering is not None else ():
+                out[reason] = out.get(reason, 0) + 1
+        return out
 
     def _unreached_kinds(self):
         """(name, (module kind, why)) for the modules no segquant graph reached."""
@@ -206,7 +227,7 @@ class Report:
             out.append(f'  subgraph cluster_{i} {{ label="{_esc(s.name)}: {_esc(_site_label(s))}";')
             for n, d in sub.nodes(data=True):
                 style = ', style=filled, fillcolor="#ffd28a"' if n == s.node else ""
-                out.append(f'    "{i}:{n}" [label="{_esc(n)}\\n{_esc(d.get("op", ""))} {_esc(_shape(d))}"{style}];')
+                out.append(f'    "{i}:{n}" [label="{_esc(n)}\\n{_esc(d.get("op", ""))} {_esc(shape(d))}"{style}];')
             for a, b in sub.edges:
                 out.append(f'    "{i}:{a}" -> "{i}:{b}";')
             out.append("  }")
@@ -226,14 +247,14 @@ class Report:
                 f'<td>{html.escape(s.output_segments.describe()) if s.output_segments else "-"}</td>'
                 f'<td>{html.escape(_input_text(s))}</td>'
                 f'<td>{html.escape(_dual_text(s))}</td><td>{quant}</td>'
-                f'<td><details><summary>graph</summary>{_svg(self._neighbourhood(s), s.node)}'
+                f'<td><details><summary>graph</summary>{svg(self._neighbourhood(s), s.node)}'
                 f'<div class="notes">{notes}</div></details></td></tr>')
         summary = self.summary() + ("\n" + self.calibration.describe() if self.calibration is not None else "")
         legend = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in LEGEND.items())
-        return _PAGE.format(title=html.escape(f"segquant plan: {self.model}"),
-                            summary=html.escape(summary), legend=legend,
-                            config=html.escape(json.dumps(_config_dict(self.config))),
-                            rows="\n".join(rows), total=t["sites"])
+        return PAGE.format(title=html.escape(f"segquant plan: {self.model}"),
+                           summary=html.escape(summary), legend=legend,
+                           config=html.escape(json.dumps(_config_dict(self.config))),
+                           rows="\n".join(rows), total=t["sites"])
 
 
 def text_table(head, rows) -> list[str]:
@@ -244,8 +265,8 @@ def text_table(head, rows) -> list[str]:
 
 
 def _config_dict(config) -> dict:
-    import dataclasses
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    """The options, flat as a user writes them."""
+    return config.to_flat() if isinstance(config, QuantConfig) else dict(config or {})
 
 
 def _dual_text(s: LinearSite) -> str:
@@ -280,87 +301,5 @@ def _site_label(s: LinearSite) -> str:
     return "; ".join(parts) or "plain"
 
 
-def _shape(d) -> str:
-    return "(" + ",".join(d["shape"]) + ")" if d.get("shape") else ""
-
-
 def _esc(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _svg(g: nx.DiGraph, focus: str) -> str:
-    """A layered drawing: each node one level below its deepest producer."""
-    if g.number_of_nodes() == 0:
-        return "<p>(no graph)</p>"
-    level: dict[str, int] = {}
-    for n in nx.topological_sort(g):
-        level[n] = max((level[p] + 1 for p in g.predecessors(n)), default=0)
-    rows: dict[int, list[str]] = {}
-    for n, lv in level.items():
-        rows.setdefault(lv, []).append(n)
-    bw, bh, gx, gy = 190, 34, 20, 30
-    pos = {n: (gx + i * (bw + gx), gy + lv * (bh + gy)) for lv, ns in rows.items() for i, n in enumerate(ns)}
-    width = gx + max(len(ns) for ns in rows.values()) * (bw + gx)
-    height = gy + (max(rows) + 1) * (bh + gy)
-    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="10" font-family="monospace">']
-    for a, b in g.edges:
-        (x1, y1), (x2, y2) = pos[a], pos[b]
-        parts.append(f'<line x1="{x1 + bw / 2}" y1="{y1 + bh}" x2="{x2 + bw / 2}" y2="{y2}" stroke="#888" marker-end="url(#arr)"/>')
-    for n, (x, y) in pos.items():
-        d = g.nodes[n]
-        fill = "#ffd28a" if n == focus else "#eef"
-        parts.append(f'<rect x="{x}" y="{y}" width="{bw}" height="{bh}" rx="4" fill="{fill}" stroke="#446"/>'
-                     f'<text x="{x + 4}" y="{y + 13}">{html.escape(n[:30])}</text>'
-                     f'<text x="{x + 4}" y="{y + 27}" fill="#555">{html.escape((d.get("op", "") + " " + _shape(d))[:32])}</text>')
-    parts.insert(1, '<defs><marker id="arr" markerWidth="8" markerHeight="8" refX="8" refY="4" orient="auto">'
-                    '<path d="M0,0 L8,4 L0,8 z" fill="#888"/></marker></defs>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; }}
-table {{ border-collapse: collapse; font-size: 13px; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 6px; vertical-align: top; }}
-th {{ background: #f3f3f3; position: sticky; top: 0; }}
-tr[hidden] {{ display: none; }}
-.notes {{ color: #a33; font-size: 11px; }}
-#bar {{ margin: 1em 0; }}
-</style></head><body>
-<h1>{title}</h1>
-<p id="summary" style="white-space: pre-line">{summary}</p>
-<p><small>options: {config}</small></p>
-<div id="bar">
- <input id="q" placeholder="filter sites (substring)" size="40">
- <label><input type="checkbox" data-f="out"> output-segmented</label>
- <label><input type="checkbox" data-f="in"> input-segmented</label>
- <label><input type="checkbox" data-f="dual"> DualScale</label>
- <label><input type="checkbox" data-f="skip"> skipped</label>
- &nbsp;&mdash;&nbsp; <span id="count">{total}</span> sites shown
-</div>
-<table id="plan"><thead><tr><th>site</th><th>K &rarr; N</th><th>output segments</th>
-<th>input segments</th><th>DualScale</th><th>quantized</th><th>evidence</th></tr></thead>
-<tbody>
-{rows}
-</tbody></table>
-<h3>legend</h3><dl>{legend}</dl>
-<script>
-const q = document.getElementById('q');
-const boxes = [...document.querySelectorAll('#bar input[type=checkbox]')];
-function apply() {{
-  const text = q.value.toLowerCase();
-  const need = boxes.filter(b => b.checked).map(b => b.dataset.f);
-  let n = 0;
-  for (const tr of document.querySelectorAll('#plan tbody tr')) {{
-    const flags = tr.dataset.flags.split(' ');
-    const ok = tr.cells[0].textContent.toLowerCase().includes(text) && need.every(f => flags.includes(f));
-    tr.hidden = !ok; n += ok;
-  }}
-  document.getElementById('count').textContent = n;
-}}
-q.addEventListener('input', apply); boxes.forEach(b => b.addEventListener('change', apply));
-</script>
-</body></html>
-"""

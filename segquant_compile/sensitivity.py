@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_leaves
 from segquant_compile.capture import lifted_recompile_limits, private_compile
 from segquant_compile.compiled import module_paths, site_path, unwrap
 from segquant_compile.config import QuantConfig
-from segquant_compile.lowering.site_lowering import LOWERED_FORMATS as FORMATS
+from segquant_compile.options import resolve_options
+from segquant_compile.lowering.formats import Format
 from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
 from segquant_compile.op_types import block_of, op_type
 from segquant_compile.passes import build_plan
@@ -52,16 +53,17 @@ def sensitivity(model, inputs=None, formats=DEFAULT_FORMATS, options: dict | Non
     model, options = unwrap(model, options)
     model = _real_module(model)
     formats = tuple(formats)
-    unknown = [f for f in formats if f not in FORMATS]
+    unknown = [f for f in formats if f not in Format.values()]
     if unknown or not formats:
-        raise ValueError(f"segquant.sensitivity: unknown format(s) {unknown}; formats: {list(FORMATS)}")
-    config = QuantConfig.from_options(options)
+        raise ValueError(f"segquant.sensitivity: unknown format(s) {unknown}; formats: {list(Format.values())}")
+    config = resolve_options(options)
     notes = ["activations measured dynamic (per token)" +
              ("; the options ask static: static steps need calibration, not measured here"
               if config.activations == "static" else "")]
     # each site measured alone at each format: per-site formats and GPTQ's calibration do not apply
-    config = dataclasses.replace(config, activations="dynamic", smooth=None, formats=(), budget=(),
-                                 sensitivity=None, weight_rounding="rtn")
+    # (format: each one in turn, _format_config)
+    config = config.replace(activations="dynamic", smooth=None, format="int8", formats=(), budget=(),
+                            sensitivity=None, weight_rounding="rtn")
     if (inputs is None) == (run is None):
         raise ValueError("segquant.sensitivity: give `inputs` (the calls) or `run` (a function of the model), one of them")
     if run is not None and not callable(run):
@@ -151,12 +153,10 @@ def _calls(inputs) -> list:
 
 def _format_config(config: QuantConfig, fmt: str) -> QuantConfig | KeptFloat:
     """The options at this format, or why they cannot take it (e.g. asymmetric with fp8)."""
-    config = dataclasses.replace(config, format=fmt)
     try:
-        config.validate()
+        return config.replace(format=fmt)
     except ValueError as e:
         return KeptFloat(str(e))
-    return config
 
 
 def _floats(out) -> list[torch.Tensor]:

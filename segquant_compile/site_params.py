@@ -19,7 +19,7 @@ from segquant_compile.lowering import scheme_choice
 from segquant_compile.lowering.gptq import DAMP, FIRST_CALL_DAMP, gptq_int4, gptq_int8
 from segquant_compile.lowering.linear import quantized_linear
 from segquant_compile.lowering.ops import column_sums
-from segquant_compile.lowering.site_lowering import SiteLowering
+from segquant_compile.lowering.site_lowering import ActivationClip, SiteLowering, SmoothPolicy
 from segquant_compile import statistics
 from segquant_compile.statistics import SiteStatistics
 
@@ -193,7 +193,7 @@ def choose_smoothing(params, lowering, w_nk, stats: SiteStatistics, rows, bias, 
     option = lowering.smooth
     if option is None:
         return with_smoothing(params, lowering, w_nk, stats.ranges(), None, hessians)
-    if option not in ("search", "auto"):
+    if not isinstance(option, SmoothPolicy):   # a given alpha
         return with_smoothing(params, lowering, w_nk, stats.ranges(), float(option), hessians)
     held = stats.held_out()
     ranges, score_rows = (held[:2], held[2]) if held is not None else (stats.ranges(), rows)
@@ -253,8 +253,9 @@ def frozen(params: SiteParams, lowering: SiteLowering, w_nk: Tensor, stats: Site
         params = choose_schemes(params, lowering, w_nk, rows)
     # a calibration's ranges decide the smoothing, whatever a first call decided
     params = choose_smoothing(params, lowering, w_nk, stats, rows, bias, hessians)
-    clip = lowering.activation_clip   # "auto": searched where SmoothQuant left the site as it was
-    if applied(lowering, params).static and (clip == "search" or clip == "auto" and params.smooth is None):
+    clip = lowering.activation_clip
+    if applied(lowering, params).static and (clip is ActivationClip.SEARCH or
+                                             clip is ActivationClip.SEARCH_IF_UNSMOOTHED and params.smooth is None):
         return search_activation_clip(params, lowering, w_nk, stats.ranges(), rows, bias)
     return params.replace(sqnr=site_sqnr(params, lowering, w_nk, rows, bias))
 
@@ -279,7 +280,7 @@ def first_call_smoothing(params, lowering, w_nk, stats, bias) -> SiteParams:
     """SmoothQuant with dynamic activations: the factors (alpha searched, or given) from the first
     call's ranges and rows, on weights rounded to nearest. smooth="auto" leaves the site
     unsmoothed: one call's ranges miss the channels later calls use."""
-    if lowering.smooth == "auto":
+    if lowering.smooth is SmoothPolicy.SEARCH_FROM_CALIBRATION:
         return params
     rows, note = first_call_rows(stats, lowering)
     if rows is None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from segquant_compile import site_params as P
-from segquant_compile.lowering.site_lowering import GPTQ_FIRST_CALL, SiteLowering
+from segquant_compile.lowering.site_lowering import Rounding, SiteLowering
 from segquant_compile.passes import LinearSite
 from segquant_compile.distributed import Shard
 from segquant_compile.site_params import Decision, SiteParams
@@ -77,7 +77,7 @@ class QuantState:
     def phase(self) -> Phase:
         if not self.pending:
             return Phase.READY
-        calibration_only = self.base.static or self.base.rounding == "gptq"
+        calibration_only = self.base.static or self.base.rounding is Rounding.GPTQ
         return Phase.AWAITING_CALIBRATION if calibration_only else Phase.AWAITING_FIRST_CALL
 
     @property
@@ -161,7 +161,7 @@ class QuantState:
                     f"segquant: the weight of {self.name} changed after its float copy was released "
                     f"(options release_float_weights=True); compile the model again to change weights")
             params = self.params
-            if self.base.rounding == GPTQ_FIRST_CALL:
+            if self.base.rounding is Rounding.GPTQ_FIRST_CALL:
                 self._set_pending(self.pending | {Decision.ROUNDING})
                 params = params.replace(rows_source=None, nearest_note=None)
             elif self.base.gptq and Decision.ROUNDING not in self.pending:
@@ -332,7 +332,7 @@ class QuantState:
         if lo.rounding != "rtn":
             if Decision.ROUNDING in self.pending:
                 out["weight_rounding"] = "gptq (awaiting " + (
-                    "the first call)" if lo.rounding == GPTQ_FIRST_CALL else "calibration)")
+                    "the first call)" if lo.rounding is Rounding.GPTQ_FIRST_CALL else "calibration)")
             elif p.nearest_note is not None:
                 out["weight_rounding"] = f"rtn ({p.nearest_note})"
             else:

@@ -10,12 +10,13 @@ if not torch.cuda.is_available():
 
 import dataclasses
 
-from segquant_compile import QuantConfig, models
-from segquant_compile.mnist_dit import data_dir
+from segquant_compile.config import Sites
+from segquant_compile.examples import models
+from segquant_compile.examples.mnist_dit import data_dir
 
 
 def _set_default(cls, name, value):
-    """Change one QuantConfig field's default (its generated __init__'s); returns the old one."""
+    """Change one option group's field default (its generated __init__'s); returns the old one."""
     names = [f.name for f in dataclasses.fields(cls)]
     defaults = list(cls.__init__.__defaults__)
     old, defaults[names.index(name)] = defaults[names.index(name)], value
@@ -26,7 +27,7 @@ def _set_default(cls, name, value):
 # The tiny models of these tests have K of 8 to 64 throughout: their tests are about quantizing
 # sites, so they quantize every site (min_k=0). Tests marked `real_defaults` (the real models, the
 # min_k rule itself) run with the shipped default.
-MIN_K = _set_default(QuantConfig, "min_k", 0)
+MIN_K = _set_default(Sites, "min_k", 0)
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +35,11 @@ def _real_defaults(request):
     if request.node.get_closest_marker("real_defaults") is None:
         yield
         return
-    _set_default(QuantConfig, "min_k", MIN_K)
+    _set_default(Sites, "min_k", MIN_K)
     try:
         yield
     finally:
-        _set_default(QuantConfig, "min_k", 0)
+        _set_default(Sites, "min_k", 0)
 
 SD3_TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
@@ -158,11 +159,11 @@ def expected_site_gemms(report) -> int:
     """GEMM launches the report's quantized sites make on this CPU: one per conv site and per
     linear site in the fp32 form; in the int8 form (CPUs with VNNI/AMX) one `_int_mm` per K
     segment, two for a DualScale segment (lowering/cpu_linear.py)."""
-    from segquant_compile.lowering.site_lowering import DUALSCALE
+    from segquant_compile.lowering.formats import Scheme
     n = 0
     for st in report.states.values():
         lo = st.lowering
-        n += sum(2 if s == DUALSCALE else 1 for s in lo.schemes) if lo.cpu_gemm == "int8" else 1
+        n += sum(2 if s is Scheme.DUALSCALE else 1 for s in lo.schemes) if lo.cpu_gemm == "int8" else 1
     return n
 
 

@@ -39,7 +39,7 @@ def test_backend_after_import_is_the_same_function():
 ])
 def test_invalid_options_raise(options, match):
     with pytest.raises(ValueError, match=match):
-        sq.QuantConfig.from_options(options)
+        sq.resolve_options(options)
     m = nn.Linear(4, 4)
     compiled = torch.compile(m, backend="segquant", options=options)
     with pytest.raises(Exception, match=match) as info:
@@ -50,12 +50,12 @@ def test_invalid_options_raise(options, match):
 
 
 def test_config_is_frozen_and_names_valid_options():
-    c = sq.QuantConfig.from_options({"format": "fp8", "skip": "*embedder*"})
+    c = sq.resolve_options({"format": "fp8", "skip": "*embedder*"})
     assert c.skip == ("*embedder*",)
     with pytest.raises(Exception):
         c.format = "int8"
     with pytest.raises(ValueError) as info:
-        sq.QuantConfig.from_options({"bogus": 1})
+        sq.resolve_options({"bogus": 1})
     for key in ("format", "activations", "weights", "smooth", "dualscale_activations", "skip"):
         assert key in str(info.value)
 

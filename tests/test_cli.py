@@ -57,8 +57,9 @@ def test_demo_compares_with_float32_and_bfloat16(monkeypatch, capsys):
     """The demo's code path on a tiny model: every number it prints is measured in the run."""
     from conftest import SD3_TINY
     from segquant_compile import demo
+    from segquant_compile.examples import sd3_demo
     original = demo.sd3_inputs
-    monkeypatch.setattr(demo, "DEMO_SD3", SD3_TINY)
+    monkeypatch.setattr(sd3_demo, "DEMO_SD3", SD3_TINY)
     monkeypatch.setattr(demo, "sd3_inputs", lambda model, seed=0, **kw: original(model, resolution=64, tokens=5,
                                                                                   seed=seed))
     result = demo.run("sd3", "static")

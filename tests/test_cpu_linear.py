@@ -161,7 +161,7 @@ def test_head_groups_merge_adjacent_heads(monkeypatch):
     assert "4 heads in 2 segments" in str(report)
     assert sqnr_db(ref, got) > 30
     with pytest.raises(ValueError, match="head_groups"):
-        sq.QuantConfig.from_options({"head_groups": 0})
+        sq.resolve_options({"head_groups": 0})
 
 
 def test_int8_form_exact_for_a_one_column_segment():

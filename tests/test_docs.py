@@ -3,7 +3,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from segquant_compile import QuantConfig
+from segquant_compile.config import GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_option_is_in_the_options_table_exactly_once():
     text = (ROOT / "docs" / "options.md").read_text()
     rows = re.findall(r"^\| `([a-z_]+)` \|", text, re.M)
-    fields = [f.name for f in dataclasses.fields(QuantConfig)]
+    options = [f for group in GROUPS.values() for f in dataclasses.fields(group)]   # the flat option names
+    fields = [f.name for f in options] + ["preset"]
     assert sorted(rows) == sorted(fields), (set(rows) ^ set(fields))
-    for f in dataclasses.fields(QuantConfig):   # each row states the shipped default
+    for f in options:   # each row states the shipped default
         row = next(line for line in text.splitlines() if line.startswith(f"| `{f.name}` |"))
         shown = f"`{f.default!r}`".replace("'", '"') if isinstance(f.default, tuple) else f"`{f.default}`"
         assert row.split("|")[3].strip() in (shown, "none", "`{}`"), (f.name, row)
@@ -26,3 +27,11 @@ def test_readme_is_short_and_its_links_resolve():
     for path in ("docs/results.md", "docs/design.md", "docs/options.md"):
         for link in re.findall(r"\]\(([^)#:]+)\)", (ROOT / path).read_text()):
             assert (ROOT / path).parent.joinpath(link).resolve().exists(), (path, link)
+
+
+def test_every_preset_is_documented_and_valid():
+    from segquant_compile.presets import PRESETS
+    text = (ROOT / "docs" / "options.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `preset` |"))
+    for name in PRESETS:
+        assert f"`{name}`" in row and f'| `"{name}"` |' in text, name

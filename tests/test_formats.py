@@ -196,7 +196,7 @@ def test_weight_rounding_auto(options, rounding):
     from segquant_compile.capture import capture_graphs
     (gm, _), = capture_graphs(torch.nn.Linear(64, 32), (torch.randn(2, 64),), {})
     site, = build_plan(gm)
-    assert lower_site(site, sq.QuantConfig.from_options(options)).rounding == rounding
+    assert lower_site(site, sq.resolve_options(options)).rounding == rounding
 
 
 def test_recalibration_rounds_by_gptq_again(net):
@@ -456,7 +456,8 @@ def test_mixed_formats_save_and_load_bit_identically(net, tmp_path):
 
 
 def test_explain_on_the_meta_device_plans_per_site_formats():
-    from segquant_compile import explain, models
+    from segquant_compile import explain
+    from segquant_compile.examples import models
     model = models.build(models.load_config("sd3.5-medium"), device="meta")
     report = explain(model, **models.example_inputs(model, batch=1),
                      options={"format": "w4a8", "formats": {"*norm1*": "int8", "proj_out": "float"}})

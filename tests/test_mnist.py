@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from segquant_compile import explain
-from segquant_compile import mnist_dit as md
+from segquant_compile.examples import mnist_dit as md
 
 pytestmark = pytest.mark.real_defaults   # the real models run with the shipped defaults
 

@@ -3,7 +3,7 @@ rebuilt, sampled in float, and sampled through the segquant backend."""
 import pytest
 import torch
 
-from segquant_compile import mnist_vit as mv
+from segquant_compile.examples import mnist_vit as mv
 
 pytestmark = pytest.mark.real_defaults   # the real models run with the shipped defaults
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import segquant_compile as sq
-from segquant_compile import cli, models
-from segquant_compile.config import QuantConfig
+from segquant_compile import cli
+from segquant_compile.examples import models
+from segquant_compile.options import resolve_options
 from conftest import Two
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -79,9 +80,9 @@ def test_quantize_cli_then_load_alone(folder, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "calibration: 4 call(s)" in text and "27 sites (26 linear, 1 conv2d)" in text
     assert json.loads((out / "manifest.json").read_text())["options"]["activations"] == "static"
-    assert QuantConfig.from_options({"load": str(out)}).activations == "static"     # adopted
+    assert resolve_options({"load": str(out)}).activations == "static"     # adopted
     with pytest.raises(ValueError, match=r"options\['activations'\]='dynamic'.*activations='static'"):
-        QuantConfig.from_options({"load": str(out), "activations": "dynamic"})
+        resolve_options({"load": str(out), "activations": "dynamic"})
 
 
 @pytest.mark.slow
@@ -134,10 +135,10 @@ def test_load_alone_adopts_the_saved_options(tmp_path):
     with torch.no_grad():
         before = c(x)
     path = str(sq.save(c, tmp_path / "q"))
-    config = QuantConfig.from_options({"load": path})
+    config = resolve_options({"load": path})
     assert (config.activations, config.weights, config.dualscale_activations) == ("static", "per-tensor", ("gelu",))
     # run-only options may differ; equal values in another spelling are no conflict
-    assert QuantConfig.from_options({"load": path, "inductor": True, "dualscale_activations": "gelu"}).inductor
+    assert resolve_options({"load": path, "inductor": True, "dualscale_activations": "gelu"}).inductor
     with pytest.raises(ValueError, match=r"'per-channel'.*weights='per-tensor'"):
         sq.compile(m, load=path, weights="per-channel")
     with pytest.raises(FileNotFoundError):

@@ -8,7 +8,7 @@ from torch import nn
 from torch._inductor.utils import run_and_get_code
 
 import segquant_compile as sq
-import segquant_compile.models  # noqa: F401  (sq.models)
+from segquant_compile.examples import models
 from conftest import TINY, Two, expected_site_gemms, output, site_gemm_calls, tiny_inputs
 from segquant_compile.lowering.quantize import sqnr_db
 from segquant_compile.registry import RUNNERS
@@ -53,7 +53,7 @@ def test_new_resolution_recompiles_with_the_same_scales():
     states = dict(sq.report(compiled).states)
     steps = {n: s.d_pos.clone() for n, s in states.items()}
     packed = {n: s.packed for n, s in states.items()}
-    x = sq.models.example_inputs(model, batch=2, resolution=32, text_tokens=5,
+    x = models.example_inputs(model, batch=2, resolution=32, text_tokens=5,
                                  generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         db = sqnr_db(model(**x).sample, compiled(**x).sample)
@@ -113,7 +113,7 @@ def test_static_steps_clip_searched_on_calibration_rows(tmp_path):
     assert sqnr["search"] > sqnr["absmax"] + 0.5, sqnr
     assert states["search"].summary()["activation_clip"] == states["search"].act_clip
     with pytest.raises(ValueError, match="activation_clip"):
-        sq.QuantConfig.from_options({"activation_clip": "mse"})
+        sq.resolve_options({"activation_clip": "mse"})
     torch._dynamo.reset()
     fresh = nn.Sequential(nn.Linear(64, 32)).eval().requires_grad_(False)
     fresh.load_state_dict(model.state_dict())   # other tensors: no state shared with `model`
@@ -375,7 +375,7 @@ SAVE_LOAD = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 import segquant_compile as sq
-import segquant_compile.models  # noqa: F401  (sq.models)
+from segquant_compile.examples import models
 from conftest import TINY, tiny_inputs
 model = TINY["flux"]()
 compiled = torch.compile(model, backend="segquant", options={{"activations": "static", "load": {path!r}}})

@@ -331,7 +331,7 @@ def test_released_float_weights_give_clear_errors():
 # ------------------------------------------------------------------ options, explain, report
 def test_option_types():
     with pytest.raises(ValueError, match=r"'skip' must be a string or a list of strings, got int 5"):
-        sq.QuantConfig.from_options({"skip": 5})
+        sq.resolve_options({"skip": 5})
 
 
 def test_unmatched_skip_pattern_warns():
@@ -368,7 +368,7 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     from segquant_compile.statistics import GPTQ_ROWS
     model = Two()
     site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
-    config = sq.QuantConfig.from_options({"activations": "static"})
+    config = sq.resolve_options({"activations": "static"})
     weight = dict(model.named_parameters())[site.weight]
     state = QuantState(site, lower_site(site, config), weight)
     calls, per_call = 40, 64
@@ -393,7 +393,7 @@ def test_calibration_rows_are_the_same_every_run():
     from segquant_compile.statistics import GPTQ_ROWS
     model = Two()
     site = next(iter(sq.explain(model, torch.randn(2, 8)).sites))
-    config = sq.QuantConfig.from_options({"activations": "static"})
+    config = sq.resolve_options({"activations": "static"})
     weight = dict(model.named_parameters())[site.weight]
     x = torch.arange(3 * GPTQ_ROWS, dtype=torch.float32)[:, None].expand(-1, site.in_features)
     samples = []

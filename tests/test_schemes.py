@@ -98,7 +98,7 @@ def test_degenerate_calibration_chooses_a_valid_scheme():
 
 def test_fp8_refuses_asymmetric():
     with pytest.raises(ValueError, match="int8 only"):
-        sq.QuantConfig.from_options({"format": "fp8", "asymmetric": True})
-    assert sq.QuantConfig.from_options({"format": "fp8"}).dualscale == "auto"   # sym or DualScale only
+        sq.resolve_options({"format": "fp8", "asymmetric": True})
+    assert sq.resolve_options({"format": "fp8"}).dualscale == "auto"   # sym or DualScale only
     with pytest.raises(ValueError, match="True, False or 'auto'"):
-        sq.QuantConfig.from_options({"dualscale": "sometimes"})
+        sq.resolve_options({"dualscale": "sometimes"})

@@ -16,7 +16,7 @@ from segquant_compile import allocation as alloc
 from segquant_compile.capture import lifted_recompile_limits
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.linear import quantized_linear
-from segquant_compile.mnist_vit import VitRF
+from segquant_compile.examples.mnist_vit import VitRF
 from segquant_compile.op_types import block_of, op_type
 from segquant_compile.sensitivity import Probe, Sensitivity, relative_error
 from segquant_compile.sensitivity_report import SiteSensitivity

@@ -47,13 +47,13 @@ def test_thin_sites_stay_float_by_default_and_are_named():
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "64"])
 def test_min_k_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="min_k"):
-        sq.QuantConfig.from_options({"min_k": bad})
+        sq.resolve_options({"min_k": bad})
 
 
 @pytest.mark.parametrize("bad", [24, 32.0, 0, True, "32"])
 def test_activation_group_size_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="activation_group_size"):
-        sq.QuantConfig.from_options({"activation_group_size": bad})
+        sq.resolve_options({"activation_group_size": bad})
 
 
 def test_split_segments_never_straddles_a_segment():

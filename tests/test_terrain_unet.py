@@ -8,7 +8,7 @@ import torch
 
 from conftest import MIN_K
 from segquant_compile import explain
-from segquant_compile import terrain_unet as tu
+from segquant_compile.examples import terrain_unet as tu
 
 pytestmark = pytest.mark.real_defaults   # the real models run with the shipped defaults
 
@@ -50,7 +50,7 @@ def test_sigma_embedding_and_preconditioning_match_the_spec():
 
 
 # Float facts measured once (torch 2.13 CPU, 1 and 2 threads agree to ~1e-6):
-# `python -c "from segquant_compile import terrain_unet as tu; m, d = tu.generate(tu.load_unet(), 2, seed=0,
+# `python -c "from segquant_compile.examples import terrain_unet as tu; m, d = tu.generate(tu.load_unet(), 2, seed=0,
 # difficulty=[1, 100]); print([(float(x.min()), float(x.max()), float(x.mean()), float(x.std())) for x in m])"`
 ONE_STEP = {1: (-0.833014, -0.077242, -0.291578, 0.103146), 100: (-0.786441, 0.702374, 0.378554, 0.237732)}
 

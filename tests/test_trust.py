@@ -32,7 +32,7 @@ def test_saved_options_plus_load_do_not_conflict_with_themselves(tmp_path):
                                                                  **options, "load": str(tmp_path / "q")})
         assert torch.equal(again(x), here)
     with pytest.raises(ValueError, match="conflicts"):   # a different mapping still conflicts
-        sq.QuantConfig.from_options({"formats": {"b": "float"}, "load": str(tmp_path / "q")})
+        sq.resolve_options({"formats": {"b": "float"}, "load": str(tmp_path / "q")})
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_a_bad_sensitivity_file_names_the_file_and_the_option(tmp_path, content,
     if content is not None:
         path.write_text(content)
     with pytest.raises((ValueError, FileNotFoundError), match=needle) as e:
-        sq.QuantConfig.from_options({"format": "auto", "budget": {"weight_bits": 5}, "sensitivity": str(path)})
+        sq.resolve_options({"format": "auto", "budget": {"weight_bits": 5}, "sensitivity": str(path)})
     assert str(path) in str(e.value) and "option 'sensitivity'" in str(e.value)
 
 

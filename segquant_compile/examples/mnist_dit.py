@@ -15,7 +15,7 @@ def data_dir() -> Path:
     env = os.environ.get("SEGQUANT_DATA")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]   # the repository root
     return here.parent / "shared" / "data"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segquant_compile.mnist_dit import accuracy, data_dir, load_classifier  # noqa: F401 (shared helpers)
+from segquant_compile.examples.mnist_dit import accuracy, data_dir, load_classifier  # noqa: F401 (shared helpers)
 
 NULL_LABEL = 10  # y = -1 maps here: the unconditional label of classifier-free guidance
 

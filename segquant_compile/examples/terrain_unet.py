@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segquant_compile.mnist_dit import data_dir
+from segquant_compile.examples.mnist_dit import data_dir
 
 SIGMA_DATA, SIGMA_MIN, SIGMA_MAX = 0.5, 0.002, 80.0
 EMB = 128                                  # conditioning width
