@@ -23,7 +23,7 @@ from segquant_compile.lowering import codegen_cases, gemm_configs
 
 
 @triton.jit
-def tma_gemm(A, W, Y, DX, DW, BIAS, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def tma_gemm(A, W, Y, DPOS, DW, BIAS, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -39,13 +39,13 @@ def tma_gemm(A, W, Y, DX, DW, BIAS, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.
                      acc, out_dtype=tl.int32)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    y = acc.to(tl.float32) * tl.load(DX + rm, mask=rm < M, other=1.0)[:, None]
+    y = acc.to(tl.float32) * tl.load(DPOS + rm, mask=rm < M, other=1.0)[:, None]
     y = y * tl.load(DW + rn, mask=rn < N, other=0.0)[None, :] + tl.load(BIAS + rn, mask=rn < N).to(tl.float32)[None, :]
     tl.store(Y + rm[:, None] * N + rn[None, :], y.to(tl.bfloat16), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 def probe(cfg: dict, ws: bool):
-    sig = {"A": "*i8", "W": "*i8", "Y": "*bf16", "DX": "*fp32", "DW": "*fp32", "BIAS": "*bf16", "M": "i32", "N": "i32",
+    sig = {"A": "*i8", "W": "*i8", "Y": "*bf16", "DPOS": "*fp32", "DW": "*fp32", "BIAS": "*bf16", "M": "i32", "N": "i32",
            "K": "i32"}
     names = list(sig) + ["BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "STAGES", "WS"]
     values = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=8,

@@ -46,17 +46,17 @@ def channel_pad(zp: Tensor | None, k_bounds, geometry: ConvGeometry, channels: i
 
 
 @torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())
-def conv2d(x: Tensor, d_x: Tensor, d_neg: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None,
+def conv2d(x: Tensor, d_pos: Tensor, d_neg: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None,
            k_bounds: list[int], schemes: list[int], geometry: list[int], out_dtype: torch.dtype,
            zp: Tensor | None = None, colsum: Tensor | None = None) -> Tensor:
-    """x [B, C, H, W] int8 (quantized with static steps d_x/d_neg/zp [1, S]) or float (quantized
-    here per im2col row with d_x/d_neg/zp [M or 1, S]); w [K, N] packed; geometry
+    """x [B, C, H, W] int8 (quantized with static steps d_pos/d_neg/zp [1, S]) or float (quantized
+    here per im2col row with d_pos/d_neg/zp [M or 1, S]); w [K, N] packed; geometry
     ConvGeometry.as_list(); returns [B, N, Ho, Wo] (channels-last memory: the GEMM's [M, N])."""
-    return conv2d_reference(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp, colsum)
+    return conv2d_reference(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp, colsum)
 
 
 @conv2d.register_fake
-def _(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None):
+def _(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None):
     g = ConvGeometry.from_list(geometry)
     torch._check(x.dim() == 4 and x.shape[1] == g.in_channels, lambda: f"segquant::conv2d: input {x.shape}")
     torch._check(w.shape[0] == g.in_channels * g.taps, lambda: f"segquant::conv2d: K mismatch, w {w.shape}")
@@ -65,13 +65,13 @@ def _(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=No
 
 
 @conv2d.register_kernel("cuda")
-def _(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None):
+def _(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None):
     from .triton_conv import launch
-    return launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, ConvGeometry.from_list(geometry), out_dtype,
+    return launch(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, ConvGeometry.from_list(geometry), out_dtype,
                   zp=zp, colsum=colsum)
 
 
-def conv2d_reference(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None,
+def conv2d_reference(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None,
                      direct: bool | None = None):
     """CPU implementation: im2col, then the linear GEMM's reference (exact int32 per segment).
     An int8 input (static steps) on a CPU without int8 dot instructions takes `direct_sums`
@@ -82,14 +82,14 @@ def conv2d_reference(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, o
     if direct is None:
         direct = not x.is_floating_point() and x.device.type == "cpu" and cpu_int8_gemm() == "fp32"
     if direct:
-        y = combine_segments(direct_sums(x, w, k_bounds, schemes, g, zp), d_x, d_neg, d_w, bias, schemes, zp, colsum)
+        y = combine_segments(direct_sums(x, w, k_bounds, schemes, g, zp), d_pos, d_neg, d_w, bias, schemes, zp, colsum)
         return y.to(out_dtype).view(b, ho, wo, -1).permute(0, 3, 1, 2)
     if x.is_floating_point():
         rows = im2col(x.float(), g)
-        q = Q.quantize_static(rows, list(k_bounds), list(schemes), d_x, d_neg, zp)
+        q = Q.quantize_static(rows, list(k_bounds), list(schemes), d_pos, d_neg, zp)
     else:
         q = im2col(x, g, channel_pad(zp, k_bounds, g, x.shape[1], x.device))
-    y = gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
+    y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
     return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
@@ -187,12 +187,12 @@ def nonfinite_pixels(x: Tensor, geometry: ConvGeometry) -> Tensor:
     return F.avg_pool2d(bad, geometry.kernel, geometry.stride, geometry.padding)
 
 
-def quantized_conv2d(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x: Tensor | None,
+def quantized_conv2d(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_pos: Tensor | None,
                      d_neg: Tensor | None, zp: Tensor | None, smooth: Tensor | None, colsum: Tensor | None,
                      k_bounds: tuple[int, ...], schemes: tuple[int, ...], prologue: bool = False,
                      fmt: str = "int8", conv: ConvGeometry | tuple | None = None) -> Tensor:
     """conv2d(x, W, b) with int8 W packed [K, N] (same arguments as quantized_linear, plus the
-    geometry, or its as_list() ints). Dynamic (d_x None): steps per output pixel; static: the
+    geometry, or its as_list() ints). Dynamic (d_pos None): steps per output pixel; static: the
     input quantized once."""
     conv = conv if isinstance(conv, ConvGeometry) else ConvGeometry.from_list(conv)
     if fmt != "int8":
@@ -200,12 +200,12 @@ def quantized_conv2d(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x
     if smooth is not None:
         raise ValueError("segquant: SmoothQuant is not applied to conv sites")
     k_bounds, schemes, geometry = list(k_bounds), list(schemes), conv.as_list()
-    if d_x is None:
-        d_x, d_neg, zp = pixel_steps(x, conv, k_bounds, schemes, fmt)
+    if d_pos is None:
+        d_pos, d_neg, zp = pixel_steps(x, conv, k_bounds, schemes, fmt)
         zp = zp if Q.ASYMMETRIC in schemes else None
-        return torch.ops.segquant.conv2d(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
-    q = quantize_channels(x, conv, k_bounds, schemes, d_x, d_neg, zp, fmt)
-    y = torch.ops.segquant.conv2d(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
+        return torch.ops.segquant.conv2d(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
+    q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
+    y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
     return y + nonfinite_pixels(x, conv).to(y.dtype)
 
 

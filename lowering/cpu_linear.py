@@ -36,26 +36,26 @@ def cpu_gemm() -> str:
     return "int8" if cpu_int8_gemm() == "onednn" else "fp32"
 
 
-def segment_steps(x: Tensor, k_bounds, schemes, d_x, d_neg, zp):
+def segment_steps(x: Tensor, k_bounds, schemes, d_pos, d_neg, zp):
     """Per segment (x_s, d, d_neg, z): the static steps [1, 1] given, or per-token steps [M, 1]
     computed here (the dynamic quantizer's rule, lowering/quantize.py)."""
     out = []
     for s, xs in enumerate(_segments(x, k_bounds)):
-        if d_x is None:
+        if d_pos is None:
             d, dn, z = dynamic_steps(xs, schemes[s])
         else:
-            d, dn = d_x[:, s:s + 1], d_neg[:, s:s + 1]
+            d, dn = d_pos[:, s:s + 1], d_neg[:, s:s + 1]
             z = zp[:, s:s + 1] if zp is not None else torch.zeros_like(d)
         out.append((xs, d, dn, z))
     return out
 
 
-def quantized_activation(x: Tensor, k_bounds, schemes, d_x, d_neg, zp, kind: str):
+def quantized_activation(x: Tensor, k_bounds, schemes, d_pos, d_neg, zp, kind: str):
     """x [M, K] float -> what the GEMM form reads: "fp32": the dequantized activation [M, K];
     "int8": per segment (q or (q_pos, q_neg), d, d_neg, z)."""
     x = x.float()
     parts = []
-    for (xs, d, dn, z), scheme in zip(segment_steps(x, k_bounds, schemes, d_x, d_neg, zp), schemes):
+    for (xs, d, dn, z), scheme in zip(segment_steps(x, k_bounds, schemes, d_pos, d_neg, zp), schemes):
         q = _round(xs, d, dn, z, scheme)
         if kind == "fp32":
             parts.append(dequantize_segment(q.float(), d, dn, z, scheme))
@@ -64,16 +64,16 @@ def quantized_activation(x: Tensor, k_bounds, schemes, d_x, d_neg, zp, kind: str
     if kind == "fp32":
         # NaN/Inf rows: a dynamic step is then non-finite too; a static one is not (int8 has no NaN)
         xq = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return xq if d_x is None else xq + nonfinite_rows(x)
+        return xq if d_pos is None else xq + nonfinite_rows(x)
     return parts
 
 
-def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x, d_neg, zp, colsum,
+def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_pos, d_neg, zp, colsum,
                k_bounds, schemes, kind: str, out_dtype: torch.dtype, activation=None) -> Tensor:
     """y [M, N] = x @ W^T + b on the int8 grid; w: the packed int8 [K, N] with its steps d_w, or
     for "fp32" with d_w None the dequantized weight (QuantState.dequantized); `activation`:
     quantized_activation's result when several sites share it (same input, same steps)."""
-    a = activation if activation is not None else quantized_activation(x, k_bounds, schemes, d_x, d_neg, zp, kind)
+    a = activation if activation is not None else quantized_activation(x, k_bounds, schemes, d_pos, d_neg, zp, kind)
     b = bias.float() if bias is not None else None
     if kind == "fp32":
         wf = w if d_w is None else w.float() * d_w
@@ -95,6 +95,6 @@ def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_x, d_ne
     y = y * d_w
     if b is not None:
         y = y + b
-    if d_x is not None:
+    if d_pos is not None:
         y = y + nonfinite_rows(x)
     return y.to(out_dtype)

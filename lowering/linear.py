@@ -11,14 +11,14 @@ from .quantize import ASYMMETRIC, nonfinite_rows, quantize_dynamic, quantize_sta
 from .formats import Format
 
 
-def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | None, d_x: Tensor | None,
+def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | None, d_pos: Tensor | None,
                      d_neg: Tensor | None, zp: Tensor | None, smooth: Tensor | None, colsum: Tensor | None,
                      k_bounds: tuple[int, ...], schemes: tuple[int, ...], prologue: bool = False,
                      fmt: str = "int8", cpu_gemm: str | None = None, activation=None,
                      g_bounds: tuple[int, ...] | None = None) -> Tensor:
     """y = x @ W^T + b with int8 W (packed [K, N]; with cpu_gemm "fp32" and d_w None, the
-    dequantized fp32 weight); static steps d_x/d_neg/zp [1, S] or dynamic
-    when d_x is None; `schemes` one code per K segment (lowering/quantize.py); colsum [S, N] for
+    dequantized fp32 weight); static steps d_pos/d_neg/zp [1, S] or dynamic
+    when d_pos is None; `schemes` one code per K segment (lowering/quantize.py); colsum [S, N] for
     asymmetric segments. `prologue`: static steps applied inside the GEMM kernel. `cpu_gemm`
     ("int8" | "fp32", decided outside tracing): the site as plain torch ops on CPU (cpu_linear.py);
     `activation`: its quantized input there, when sites share it. 4-bit formats: `w` packed two
@@ -26,8 +26,8 @@ def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | No
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     k_bounds, schemes = list(k_bounds), list(schemes)
-    if prologue and d_x is not None:
-        y = torch.ops.segquant.gemm_prologue(x2, d_x, d_neg, smooth, w, d_w, bias, k_bounds, schemes, x.dtype)
+    if prologue and d_pos is not None:
+        y = torch.ops.segquant.gemm_prologue(x2, d_pos, d_neg, smooth, w, d_w, bias, k_bounds, schemes, x.dtype)
         return y.reshape(*lead, w.shape[1])
     if Format(fmt).weight_only:
         if cpu_gemm is not None and x.device.type == "cpu":   # w: the dequantized weight
@@ -38,24 +38,24 @@ def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | No
     if smooth is not None:
         x2 = x2 / smooth
     if cpu_gemm is not None and x.device.type == "cpu":   # plain ops: Inductor fuses the epilogue
-        y = cpu_linear(x2, w, d_w, bias, d_x, d_neg, zp, colsum, k_bounds, schemes, cpu_gemm, x.dtype, activation)
+        y = cpu_linear(x2, w, d_w, bias, d_pos, d_neg, zp, colsum, k_bounds, schemes, cpu_gemm, x.dtype, activation)
         return y.reshape(*lead, w.shape[1])
-    if d_x is None:   # dynamic: a NaN/Inf row gets a NaN/Inf step, so its output stays non-finite
-        q, d_x, d_neg, zp = quantize_dynamic(x2, k_bounds, schemes, fmt)
+    if d_pos is None:   # dynamic: a NaN/Inf row gets a NaN/Inf step, so its output stays non-finite
+        q, d_pos, d_neg, zp = quantize_dynamic(x2, k_bounds, schemes, fmt)
         zp = zp if ASYMMETRIC in schemes else None   # all zeros otherwise: traced away
-        y = _gemm(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, x.dtype, zp, colsum, g_bounds)
+        y = _gemm(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, x.dtype, zp, colsum, g_bounds)
     else:
-        q = quantize_static(x2, k_bounds, schemes, d_x, d_neg, zp, fmt)
-        y = _gemm(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, x.dtype, zp, colsum, g_bounds)
+        q = quantize_static(x2, k_bounds, schemes, d_pos, d_neg, zp, fmt)
+        y = _gemm(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, x.dtype, zp, colsum, g_bounds)
         y = y + nonfinite_rows(x2).to(y.dtype)
     return y.reshape(*lead, w.shape[1])
 
 
-def _gemm(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum, g_bounds):
+def _gemm(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum, g_bounds):
     """The segquant GEMM op of the weight's format: int8/fp8 weights, or int4 in K groups (w4a8)."""
     if g_bounds is None:
-        return torch.ops.segquant.gemm(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
-    return torch.ops.segquant.gemm_w4(q, d_x, d_neg, w, d_w, bias, k_bounds, list(g_bounds), schemes, out_dtype,
+        return torch.ops.segquant.gemm(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
+    return torch.ops.segquant.gemm_w4(q, d_pos, d_neg, w, d_w, bias, k_bounds, list(g_bounds), schemes, out_dtype,
                                       zp, colsum)
 
 

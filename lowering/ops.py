@@ -3,13 +3,13 @@ segments and DualScale, returning the float output with bias.
 
 Math (every implementation, the Triton kernels included), per K segment s = [k_s, k_{s+1}) with
 scheme code schemes[s] (lowering/quantize.py):
-    0 symmetric:   y += (q[:, s] @ W[s, :]) * d_x[:, s]
-    1 DualScale:   y += (max(q,0)[:, s] @ W[s, :]) * d_x[:, s]
-    2 asymmetric:  y += (q[:, s] @ W[s, :] - zp[:, s] * colsum[s]) * d_x[:, s]   (the correction in int32)
+    0 symmetric:   y += (q[:, s] @ W[s, :]) * d_pos[:, s]
+    1 DualScale:   y += (max(q,0)[:, s] @ W[s, :]) * d_pos[:, s]
+    2 asymmetric:  y += (q[:, s] @ W[s, :] - zp[:, s] * colsum[s]) * d_pos[:, s]   (the correction in int32)
 then for each DualScale segment s, in order:  y += (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
     y = y * d_w + bias
 with int32 accumulation inside a segment and fp32 across segments. Scales are step sizes;
-d_x / d_neg / zp are [M, S] (dynamic, per token) or [1, S] (static, per tensor); colsum [S, N]
+d_pos / d_neg / zp are [M, S] (dynamic, per token) or [1, S] (static, per tensor); colsum [S, N]
 int32 holds the packed weight's column sums per segment (packed with it).
 
 The 4-bit and weight-only formats have their own ops below (segquant::gemm_w4: int4 weights with
@@ -30,49 +30,49 @@ LIB = "segquant"
 
 
 @torch.library.custom_op(f"{LIB}::gemm", mutates_args=())
-def gemm(q: Tensor, d_x: Tensor, d_neg: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None,
+def gemm(q: Tensor, d_pos: Tensor, d_neg: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None,
          k_bounds: list[int], schemes: list[int], out_dtype: torch.dtype, zp: Tensor | None = None,
          colsum: Tensor | None = None) -> Tensor:
-    """q [M, K] int8; d_x, d_neg, zp [M or 1, S] fp32; w [K, N] int8 (packed); d_w [N] fp32;
+    """q [M, K] int8; d_pos, d_neg, zp [M or 1, S] fp32; w [K, N] int8 (packed); d_w [N] fp32;
     k_bounds S+1 ints; schemes S codes; colsum [S, N] int32 (asymmetric segments); returns [M, N]."""
-    return gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
+    return gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
 
 
 @gemm.register_fake
-def _(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
+def _(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
     torch._check(q.dim() == 2 and w.dim() == 2, lambda: "segquant::gemm takes 2-D q and w")
     torch._check(q.shape[1] == w.shape[0], lambda: f"K mismatch: q {q.shape}, w {w.shape}")
     return q.new_empty((q.shape[0], w.shape[1]), dtype=out_dtype)
 
 
 @gemm.register_kernel("cuda")
-def _(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
+def _(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
     from .triton_gemm import launch
-    return launch(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
+    return launch(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
 
 
 @torch.library.custom_op(f"{LIB}::gemm_prologue", mutates_args=())
-def gemm_prologue(x: Tensor, d_x: Tensor, d_neg: Tensor, smooth: Tensor | None, w: Tensor, d_w: Tensor,
+def gemm_prologue(x: Tensor, d_pos: Tensor, d_neg: Tensor, smooth: Tensor | None, w: Tensor, d_w: Tensor,
                   bias: Tensor | None, k_bounds: list[int], schemes: list[int], out_dtype: torch.dtype) -> Tensor:
-    """The GEMM reading float activations, quantized with static steps d_x/d_neg [1, S] (and the
+    """The GEMM reading float activations, quantized with static steps d_pos/d_neg [1, S] (and the
     SmoothQuant divisor) inside the kernel: no separate quantize pass. Rows holding NaN/Inf come
     out NaN."""
     from .quantize import nonfinite_rows, quantize_static
     xs = x.float() / smooth if smooth is not None else x.float()
-    q = quantize_static(xs, list(k_bounds), list(schemes), d_x, d_neg)
-    y = gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, torch.float32) + nonfinite_rows(xs)
+    q = quantize_static(xs, list(k_bounds), list(schemes), d_pos, d_neg)
+    y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, torch.float32) + nonfinite_rows(xs)
     return y.to(out_dtype)
 
 
 @gemm_prologue.register_fake
-def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype):
+def _(x, d_pos, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype):
     return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype)
 
 
 @gemm_prologue.register_kernel("cuda")
-def _(x, d_x, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype):
+def _(x, d_pos, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype):
     from .triton_gemm import launch
-    return launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=smooth, prologue=True)
+    return launch(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=smooth, prologue=True)
 
 
 def column_sums(w: Tensor, k_bounds) -> Tensor:
@@ -80,7 +80,7 @@ def column_sums(w: Tensor, k_bounds) -> Tensor:
     return torch.stack([w[k0:k1].sum(dim=0, dtype=torch.int32) for k0, k1 in zip(k_bounds[:-1], k_bounds[1:])])
 
 
-def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
+def gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
     """CPU implementation: an exact int8 GEMM (_int_mm) per segment, fp32 epilogue; e4m3
     operands (fp8 emulated on CPU) go through float64 products, exact for 8-bit values."""
     fp8 = q.dtype == torch.float8_e4m3fn
@@ -93,11 +93,11 @@ def gemm_reference(q, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp
                 qs, ws = qs.double(), ws.double()
             yield (mm(qs.clamp(min=0), ws), mm(qs.clamp(max=0), ws)) if schemes[s] == 1 else (mm(qs, ws),)
 
-    y = combine_segments(sums(), d_x, d_neg, d_w, bias, schemes, zp, colsum)
+    y = combine_segments(sums(), d_pos, d_neg, d_w, bias, schemes, zp, colsum)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def combine_segments(sums, d_x, d_neg, d_w, bias, schemes, zp=None, colsum=None) -> Tensor:
+def combine_segments(sums, d_pos, d_neg, d_w, bias, schemes, zp=None, colsum=None) -> Tensor:
     """The epilogue on per-segment integer sums ((pos, neg) for DualScale, (all,) otherwise), in
     the order of fp32 operations every implementation follows (the conv op shares it): each
     segment's part in segment order, of a DualScale segment its positive part; then the DualScale
@@ -107,9 +107,9 @@ def combine_segments(sums, d_x, d_neg, d_w, bias, schemes, zp=None, colsum=None)
     for s, acc in enumerate(sums):
         if schemes[s] == 1:
             negatives.append(torch.mul(acc[1], d_neg[:, s:s + 1]))
-            part = torch.mul(acc[0], d_x[:, s:s + 1])
+            part = torch.mul(acc[0], d_pos[:, s:s + 1])
         else:
-            part = segment_part(acc, s, schemes[s], d_x, d_neg, zp, colsum[s] if colsum is not None else None)
+            part = segment_part(acc, s, schemes[s], d_pos, d_neg, zp, colsum[s] if colsum is not None else None)
         y = part if y is None else y.add_(part)
     for part in negatives:
         y.add_(part)
@@ -119,16 +119,16 @@ def combine_segments(sums, d_x, d_neg, d_w, bias, schemes, zp=None, colsum=None)
     return y
 
 
-def segment_part(acc, s, scheme, d_x, d_neg, zp=None, colsum=None) -> Tensor:
+def segment_part(acc, s, scheme, d_pos, d_neg, zp=None, colsum=None) -> Tensor:
     """One K range's fp32 part from its integer sums, with the steps of its segment s (colsum:
     that range's [N] column sums, asymmetric only); the weight step is not applied yet."""
     # int32 * fp32 promotes in one pass; the rest accumulates in place (CPU epilogue cost)
     if scheme == 1:
-        part = torch.mul(acc[0], d_x[:, s:s + 1])
+        part = torch.mul(acc[0], d_pos[:, s:s + 1])
         return part.add_(torch.mul(acc[1], d_neg[:, s:s + 1]))
     if scheme == 2:
-        return torch.mul(acc[0] - zp[:, s:s + 1].to(torch.int32) * colsum, d_x[:, s:s + 1])
-    return torch.mul(acc[0], d_x[:, s:s + 1])
+        return torch.mul(acc[0] - zp[:, s:s + 1].to(torch.int32) * colsum, d_pos[:, s:s + 1])
+    return torch.mul(acc[0], d_pos[:, s:s + 1])
 
 
 EXACT_FP32_K = 1024   # 1024 products of 8-bit values: every partial sum is an integer below 2**24
@@ -213,20 +213,20 @@ def int_accumulators(q, w, k_bounds, schemes):
 # ---- The w4a8 and weight-only formats (DESIGN.md, Formats and granularity) ----
 
 @torch.library.custom_op(f"{LIB}::gemm_w4", mutates_args=())
-def gemm_w4(q: Tensor, d_x: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bias: Tensor | None,
+def gemm_w4(q: Tensor, d_pos: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bias: Tensor | None,
             k_bounds: list[int], g_bounds: list[int], schemes: list[int], out_dtype: torch.dtype,
             zp: Tensor | None = None, colsum: Tensor | None = None) -> Tensor:
     """w4a8: q [M, K] int8 activations with segquant::gemm's K segments, schemes and steps
-    (d_x, d_neg, zp [M or 1, S]) x int4 weights w4 [ceil(K/2), N] (quantize.pack_int4) with steps
+    (d_pos, d_neg, zp [M or 1, S]) x int4 weights w4 [ceil(K/2), N] (quantize.pack_int4) with steps
     d_w [G, N] per K group [g_bounds[g], g_bounds[g+1]) and output channel; the G + 1 g_bounds
     refine k_bounds; colsum [G, N] int32 (column_sums over g_bounds) for asymmetric segments. Returns [M, N].
 
     Order of fp32 operations (every implementation), for each group g of segment s in turn:
         acc  = q[:, g] @ W[g]                                exact int32
                DualScale: acc_pos = max(q, 0)[:, g] @ W[g], acc_neg = min(q, 0)[:, g] @ W[g]
-        part = acc * d_x[:, s]                               symmetric
-               acc_pos * d_x[:, s] + acc_neg * d_neg[:, s]   DualScale
-               (acc - zp[:, s] * colsum[g]) * d_x[:, s]      asymmetric (the correction in int32)
+        part = acc * d_pos[:, s]                               symmetric
+               acc_pos * d_pos[:, s] + acc_neg * d_neg[:, s]   DualScale
+               (acc - zp[:, s] * colsum[g]) * d_pos[:, s]      asymmetric (the correction in int32)
         part = part * d_w[g]
         y    = y + part
     then y = y + bias, cast to out_dtype."""
@@ -237,7 +237,7 @@ def gemm_w4(q: Tensor, d_x: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bias
         for g in range(groups[s], groups[s + 1]):
             qs, ws = q[:, g_bounds[g]:g_bounds[g + 1]], w[g_bounds[g]:g_bounds[g + 1]]
             acc = (_int_mm(qs.clamp(min=0), ws), _int_mm(qs.clamp(max=0), ws)) if scheme == 1 else (_int_mm(qs, ws),)
-            part = segment_part(acc, s, scheme, d_x, d_neg, zp, colsum[g] if colsum is not None else None)
+            part = segment_part(acc, s, scheme, d_pos, d_neg, zp, colsum[g] if colsum is not None else None)
             part.mul_(d_w[g])
             y = part if y is None else y.add_(part)
     if bias is not None:
@@ -246,16 +246,16 @@ def gemm_w4(q: Tensor, d_x: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bias
 
 
 @gemm_w4.register_fake
-def _(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
+def _(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
     torch._check(q.dim() == 2 and w4.dim() == 2, lambda: "segquant::gemm_w4 takes 2-D q and w4")
     torch._check(w4.shape[0] == (q.shape[1] + 1) // 2, lambda: f"K mismatch: q {q.shape}, packed int4 w {w4.shape}")
     return q.new_empty((q.shape[0], w4.shape[1]), dtype=out_dtype)
 
 
 @gemm_w4.register_kernel("cuda")
-def _(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
+def _(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
     from .triton_formats import launch_w4
-    return launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
+    return launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
 
 
 @torch.library.custom_op(f"{LIB}::gemm_weight_only", mutates_args=())

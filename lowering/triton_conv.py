@@ -27,7 +27,7 @@ from .triton_k_loop import (_rint, dual_pass, flush, int_tensor, k_tile, k_tiles
 
 @triton.jit
 def segquant_conv_kernel(
-        X, W, C, DX, DN, DW, BIAS, TK, TU, TS, SCHEMES, ZP, COLSUM,
+        X, W, C, DPOS, DNEG, DW, BIAS, TK, TU, TS, SCHEMES, ZP, COLSUM,
         M, N, T, H, WD, HO, WO,
         stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wn,
         stride_cb, stride_cn, stride_ch, stride_cw, stride_dm, stride_ds,
@@ -48,7 +48,7 @@ def segquant_conv_kernel(
     x_row = X + b * stride_xb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, 0, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
+    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DPOS, DNEG, ZP, 0, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
     # one loop over K tiles, segment after segment (the GEMM kernel's, for the pipeliner; DualScale
     # in its two passes over K)
     for t in range(0, T * (2 if DUAL else 1)):
@@ -63,7 +63,7 @@ def segquant_conv_kernel(
         ptr = x_row[:, None] + c[None, :] * stride_xc + hh * stride_xh + ww * stride_xw
         if PROLOGUE:
             if SEGMENTED:   # the tile's segment's steps (one segment: loaded once, before the loop)
-                d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds,
+                d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DPOS, DNEG, ZP, s, rm, m_ok, stride_dm, stride_ds,
                                                          BLOCK_M, ASYM)
             x = tl.load(ptr, mask=a_mask & inside, other=0.0).to(tl.float32)
             # one quotient per element, with the step and clamps of its scheme (and DualScale side)
@@ -89,7 +89,7 @@ def segquant_conv_kernel(
         acc_i += tl.dot(a, w, out_dtype=tl.int32)
         if SEGMENTED or DUAL:
             if last:
-                acc, acc_i = segment_end(acc, acc_i, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
+                acc, acc_i = segment_end(acc, acc_i, SCHEMES, DPOS, DNEG, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
                                          stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
     if not SEGMENTED and not DUAL:
         acc = acc + flush(acc_i, acc_i, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, False, ASYM)
@@ -104,7 +104,7 @@ def variant(geometry: ConvGeometry, schemes, prologue: bool) -> str:
     return geometry.tag() + "-" + variant_name("int8", 1 in schemes, prologue, 2 in schemes)
 
 
-def launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeometry, out_dtype, zp=None,
+def launch(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeometry, out_dtype, zp=None,
            colsum=None, config=None) -> torch.Tensor:
     """y [B, N, Ho, Wo] (channels-last memory) = segquant conv of x [B, C, H, W] (int8 quantized
     with static steps, or float with per-pixel or static steps) and packed w [K, N]."""
@@ -118,9 +118,9 @@ def launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeometr
         raise ValueError("segquant conv: asymmetric segments need zero points and column sums")
     Ho, Wo = geometry.output_size(H, Wd)
     M = B * Ho * Wo
-    if d_x.shape[0] not in (1, M) or d_neg.shape != d_x.shape or (zp is not None and zp.shape != d_x.shape):
-        raise ValueError(f"segquant conv: activation steps must be [1 or M, S], got {tuple(d_x.shape)}")
-    if not prologue and d_x.shape[0] != 1:
+    if d_pos.shape[0] not in (1, M) or d_neg.shape != d_pos.shape or (zp is not None and zp.shape != d_pos.shape):
+        raise ValueError(f"segquant conv: activation steps must be [1 or M, S], got {tuple(d_pos.shape)}")
+    if not prologue and d_pos.shape[0] != 1:
         raise ValueError("segquant conv: a quantized (int8) input takes static steps [1, S]")
     c = torch.empty((B, N, Ho, Wo), dtype=out_dtype, device=x.device).to(memory_format=torch.channels_last)
     if M == 0 or N == 0:
@@ -128,17 +128,17 @@ def launch(x, d_x, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeometr
     name = variant(geometry, schemes, prologue)
     if config is None:
         config = autotune.choose(autotune.key(M, N, K, name, x.device), prune(M, N, K, name, x.device, k_bounds))
-    stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
+    stride_dm = d_pos.stride(0) if d_pos.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
     (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.padding
     tk, tu, tiles, align, even = k_tiles(k_bounds, config["BLOCK_K"], x.device)
     flags = int_tensor(schemes, x.device)
     ts = tile_schemes(k_bounds, schemes, config["BLOCK_K"], x.device) if 1 in schemes else flags
     segquant_conv_kernel[grid](
-        x, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, ts, flags,
-        zp if zp is not None else d_x, colsum if colsum is not None else tk,
+        x, w, c, d_pos, d_neg, d_w, bias if bias is not None else d_w, tk, tu, ts, flags,
+        zp if zp is not None else d_pos, colsum if colsum is not None else tk,
         M, N, tiles, H, Wd, Ho, Wo,
-        *x.stride(), w.stride(0), w.stride(1), *c.stride(), stride_dm, d_x.stride(1),
+        *x.stride(), w.stride(0), w.stride(1), *c.stride(), stride_dm, d_pos.stride(1),
         KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, SEGMENTED=len(k_bounds) > 2, K_ALIGN=align, EVEN_K=even,
         DUAL=1 in schemes, PROLOGUE=prologue,
         HAS_BIAS=bias is not None, ASYM=asym,

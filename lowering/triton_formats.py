@@ -33,7 +33,7 @@ def int4_rows(W, kk, rn, mask, stride_wk, stride_wn):
 
 @triton.jit
 def w4a8_kernel(
-        A, W, C, DX, DN, DW, BIAS, TK, TU, GS, SCHEMES, ZP, COLSUM,
+        A, W, C, DPOS, DNEG, DW, BIAS, TK, TU, GS, SCHEMES, ZP, COLSUM,
         M, N, T,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dm, stride_ds,
         stride_dwg, stride_dwn,
@@ -57,12 +57,12 @@ def w4a8_kernel(
         acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
         if SEGMENTED:
             if last:
-                acc = acc + group_part(acc_p, acc_n, DX, DN, DW, GS, SCHEMES, ZP, COLSUM, g, rm, rn, m_ok, n_ok,
+                acc = acc + group_part(acc_p, acc_n, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, g, rm, rn, m_ok, n_ok,
                                        N, stride_dm, stride_ds, stride_dwg, stride_dwn, BLOCK_M, DUAL, ASYM)
                 acc_p = tl.zeros_like(acc_p)
                 acc_n = tl.zeros_like(acc_n)
     if not SEGMENTED:
-        acc = acc + group_part(acc_p, acc_n, DX, DN, DW, GS, SCHEMES, ZP, COLSUM, 0, rm, rn, m_ok, n_ok,
+        acc = acc + group_part(acc_p, acc_n, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, 0, rm, rn, m_ok, n_ok,
                                N, stride_dm, stride_ds, stride_dwg, stride_dwn, BLOCK_M, DUAL, ASYM)
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -71,11 +71,11 @@ def w4a8_kernel(
 
 
 @triton.jit
-def group_part(acc_p, acc_n, DX, DN, DW, GS, SCHEMES, ZP, COLSUM, g, rm, rn, m_ok, n_ok, N, stride_dm, stride_ds,
+def group_part(acc_p, acc_n, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, g, rm, rn, m_ok, n_ok, N, stride_dm, stride_ds,
                stride_dwg, stride_dwn, BLOCK_M: tl.constexpr, DUAL: tl.constexpr, ASYM: tl.constexpr):
     """Weight group g's fp32 part: its segment's flush, times the group's weight steps."""
     s = tl.load(GS + g)
-    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
+    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DPOS, DNEG, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
     part = flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + g * N + rn, n_ok, scheme, DUAL, ASYM)
     return part * tl.load(DW + g * stride_dwg + rn * stride_dwn, mask=n_ok, other=0.0)[None, :]
 
@@ -135,7 +135,7 @@ def _config(config, m, n, k, variant, device, g_bounds) -> dict:
     return config or autotune.choose(autotune.key(m, n, k, variant, device), prune(m, n, k, variant, device, g_bounds))
 
 
-def launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None,
+def launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None,
               config=None) -> torch.Tensor:
     """C = segquant::gemm_w4 of int8 q [M, K] and packed int4 w4 [ceil(K/2), N]."""
     _require(q.dim() == 2 and q.dtype == torch.int8,
@@ -149,8 +149,8 @@ def launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dty
     S = len(k_bounds) - 1
     _require(len(schemes) == S, f"{len(schemes)} schemes for {S} K segments")
     _require(tuple(d_w.shape) == (G, N), f"int4 weight steps must be [G = {G}, N = {N}], got {tuple(d_w.shape)}")
-    _require(d_x.shape[0] in (1, M) and d_x.shape[1] == S and d_neg.shape == d_x.shape
-             and (zp is None or zp.shape == d_x.shape), f"activation steps must be [1 or M, S], got {tuple(d_x.shape)}")
+    _require(d_pos.shape[0] in (1, M) and d_pos.shape[1] == S and d_neg.shape == d_pos.shape
+             and (zp is None or zp.shape == d_pos.shape), f"activation steps must be [1 or M, S], got {tuple(d_pos.shape)}")
     asym = 2 in schemes
     _require(not asym or (zp is not None and colsum is not None and tuple(colsum.shape) == (G, N)),
              "asymmetric segments need zero points and column sums [G, N]")
@@ -160,17 +160,17 @@ def launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dty
         return c
     dual = 1 in schemes
     cfg = _config(config, M, N, K, variant_name("w4a8", dual, False, asym), q.device, g_bounds)
-    stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
+    stride_dm = d_pos.stride(0) if d_pos.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     tk, tu, tiles, align, even = k_tiles(g_bounds, cfg["BLOCK_K"], q.device)
     # the segment of each weight group
     gs = int_tensor([s for s in range(S) for _ in range(groups[s], groups[s + 1])], q.device)
     flags = int_tensor(schemes, q.device)
     w4a8_kernel[grid](
-        q, w4, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, gs, flags,
-        zp if zp is not None else d_x, colsum.contiguous() if colsum is not None else tk,
+        q, w4, c, d_pos, d_neg, d_w, bias if bias is not None else d_w, tk, tu, gs, flags,
+        zp if zp is not None else d_pos, colsum.contiguous() if colsum is not None else tk,
         M, N, tiles,
-        q.stride(0), q.stride(1), w4.stride(0), w4.stride(1), c.stride(0), c.stride(1), stride_dm, d_x.stride(1),
+        q.stride(0), q.stride(1), w4.stride(0), w4.stride(1), c.stride(0), c.stride(1), stride_dm, d_pos.stride(1),
         d_w.stride(0), d_w.stride(1),
         SEGMENTED=G > 1, K_ALIGN=align, EVEN_K=even, DUAL=dual, HAS_BIAS=bias is not None, ASYM=asym,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),

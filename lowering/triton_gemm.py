@@ -32,7 +32,7 @@ from .triton_k_loop import _rint, dual_pass, int_tensor, k_tile, k_tiles, pass_o
 
 @triton.jit
 def segquant_gemm_kernel(
-        A, W, C, DX, DN, DW, BIAS, TK, TU, TS, SCHEMES, SMOOTH, ZP, COLSUM, DXK, DNK, LOWK,
+        A, W, C, DPOS, DNEG, DW, BIAS, TK, TU, TS, SCHEMES, SMOOTH, ZP, COLSUM, DPOSK, DNEGK, LOWK,
         M, N, T,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dm, stride_ds,
         SEGMENTED: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
@@ -65,12 +65,12 @@ def segquant_gemm_kernel(
                 bad += tl.sum(x - x, axis=1)
             if HAS_SMOOTH:
                 x = x / tl.load(SMOOTH + kk, mask=k_ok, other=1.0)[None, :]
-            step_pos = tl.load(DXK + kk, mask=k_ok, other=1.0)[None, :]
+            step_pos = tl.load(DPOSK + kk, mask=k_ok, other=1.0)[None, :]
             if DUAL:
                 # a plain segment of a mixed site quantizes symmetrically: its lower clamp is -127
                 # each element on its own side, one quotient per element (not both sides' tiles)
                 low = tl.load(LOWK + kk, mask=k_ok, other=-127).to(tl.float32)[None, :]
-                step_neg = tl.load(DNK + kk, mask=k_ok, other=1.0)[None, :]
+                step_neg = tl.load(DNEGK + kk, mask=k_ok, other=1.0)[None, :]
                 positive = x >= 0
                 q = _rint(x / tl.where(positive, step_pos, step_neg))
                 a = tl.minimum(tl.maximum(q, tl.where(positive, 0.0, low)), tl.where(positive, 127.0, 0.0)).to(tl.int8)
@@ -93,10 +93,10 @@ def segquant_gemm_kernel(
             acc_i += tl.dot(a, w, out_dtype=tl.int32)
         if SEGMENTED or DUAL:
             if last:
-                acc, acc_i = segment_end(acc, acc_i, SCHEMES, DX, DN, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
+                acc, acc_i = segment_end(acc, acc_i, SCHEMES, DPOS, DNEG, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
                                          stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
     if not SEGMENTED and not DUAL:   # one segment: its flush after the loop, no fp32 sum alive inside it
-        acc, acc_i = segment_end(acc, acc_i, SCHEMES, DX, DN, ZP, COLSUM + rn, 0, False, rm, m_ok, n_ok,
+        acc, acc_i = segment_end(acc, acc_i, SCHEMES, DPOS, DNEG, ZP, COLSUM + rn, 0, False, rm, m_ok, n_ok,
                                  stride_dm, stride_ds, BLOCK_M, False, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -107,21 +107,21 @@ def segquant_gemm_kernel(
     tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=None, prologue=False,
+def launch(a, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=None, prologue=False,
            config=None, zp=None, colsum=None) -> torch.Tensor:
     """C = segquant GEMM of a [M, K] (int8, e4m3, or float with prologue) and packed w [K, N]."""
     M, K = a.shape
     N = w.shape[1]
     fp8 = w.dtype == torch.float8_e4m3fn
-    if prologue and (fp8 or d_x.shape[0] != 1):
+    if prologue and (fp8 or d_pos.shape[0] != 1):
         raise ValueError("segquant: the in-kernel quantize prologue is int8 with static steps [1, S] only")
     dual_any = 1 in schemes
     asym = 2 in schemes
     if asym and (prologue or fp8 or zp is None or colsum is None):
         raise ValueError("segquant: asymmetric segments need int8 operands, zero points and column sums "
                          "(and no prologue)")
-    if d_x.shape[0] not in (1, M) or d_neg.shape != d_x.shape or (zp is not None and zp.shape != d_x.shape):
-        raise ValueError(f"segquant: activation steps must be [1 or M, S], got {tuple(d_x.shape)}")
+    if d_pos.shape[0] not in (1, M) or d_neg.shape != d_pos.shape or (zp is not None and zp.shape != d_pos.shape):
+        raise ValueError(f"segquant: activation steps must be [1 or M, S], got {tuple(d_pos.shape)}")
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return c
@@ -137,15 +137,15 @@ def launch(a, d_x, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=Non
     if prologue:   # static steps [1, S] per column (two small gathers; the tables stay on the device)
         segment = [s for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])) for _ in range(k0, k1)]
         columns = int_tensor(segment, a.device)
-        dxk, dnk = d_x[0].index_select(0, columns), d_neg[0].index_select(0, columns)
+        dxk, dnk = d_pos[0].index_select(0, columns), d_neg[0].index_select(0, columns)
         lowk = int_tensor([-128 if schemes[s] == 1 else -127 for s in segment], a.device)
-    stride_dm = d_x.stride(0) if d_x.shape[0] == M and M > 1 else 0
+    stride_dm = d_pos.stride(0) if d_pos.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     segquant_gemm_kernel[grid](
-        a, w, c, d_x, d_neg, d_w, bias if bias is not None else d_w, tk, tu, ts, flags,
-        smooth if smooth is not None else d_w, zp if zp is not None else d_x, colsum if colsum is not None else tk,
+        a, w, c, d_pos, d_neg, d_w, bias if bias is not None else d_w, tk, tu, ts, flags,
+        smooth if smooth is not None else d_w, zp if zp is not None else d_pos, colsum if colsum is not None else tk,
         dxk, dnk, lowk, M, N, tiles,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1), stride_dm, d_x.stride(1),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), c.stride(0), c.stride(1), stride_dm, d_pos.stride(1),
         SEGMENTED=len(k_bounds) > 2, K_ALIGN=align, EVEN_K=even,
         DUAL=dual_any, FP8=fp8, PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None,
         ASYM=asym,

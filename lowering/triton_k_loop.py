@@ -36,12 +36,12 @@ def tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constex
 
 
 @triton.jit
-def segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M: tl.constexpr,
+def segment_steps(SCHEMES, DPOS, DNEG, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M: tl.constexpr,
                   ASYM: tl.constexpr):
     """K segment s: its scheme code (0 symmetric, 1 DualScale, 2 asymmetric) and the steps and
     zero point of this tile's rows (zero point 0 unless ASYM). Shared with triton_conv.py."""
-    d_pos = tl.load(DX + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
-    d_neg = tl.load(DN + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+    d_pos = tl.load(DPOS + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
+    d_neg = tl.load(DNEG + rm * stride_dm + s * stride_ds, mask=m_ok, other=1.0)
     scheme = tl.load(SCHEMES + s)
     if ASYM:
         zp = tl.load(ZP + rm * stride_dm + s * stride_ds, mask=m_ok, other=0.0)
@@ -130,14 +130,14 @@ def pass_operand(a, scheme, neg, DUAL: tl.constexpr, FP8: tl.constexpr):
 
 
 @triton.jit
-def segment_end(acc, acc_i, SCHEMES, DX, DN, ZP, colsum_ptr, s, neg, rm, m_ok, n_ok, stride_dm, stride_ds,
+def segment_end(acc, acc_i, SCHEMES, DPOS, DNEG, ZP, colsum_ptr, s, neg, rm, m_ok, n_ok, stride_dm, stride_ds,
                 BLOCK_M: tl.constexpr, DUAL: tl.constexpr, ASYM: tl.constexpr):
     """The end of K segment s (DUAL: of its pass `neg`) in the one K loop: its integer sum flushed
     into `acc` with its own steps, the sum restarted. DualScale's first pass flushes a DualScale
     segment's positive part with d_pos (the other segments as without DUAL), the second its
     negative part with d_neg (and nothing of the others): the reference's order
     (ops.combine_segments). Shared with triton_conv.py."""
-    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DX, DN, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
+    d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DPOS, DNEG, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
     if DUAL:
         part = flush(acc_i, acc_i, tl.where(neg, d_neg, d_pos), d_neg, zp, colsum_ptr, n_ok,
                      tl.where(neg, 1, scheme), False, ASYM)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from segquant_compile.allocation import allocate
 from segquant_compile.config import AUTO, GROUPS, OPTION_GROUP, QuantConfig
-from segquant_compile.persist import saved_options
+from segquant_compile.saved_files import saved_options
 from segquant_compile.presets import PRESETS
 from segquant_compile.sensitivity_report import Sensitivity
 

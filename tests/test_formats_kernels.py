@@ -77,23 +77,23 @@ def w4_operands(p):
     w = torch.randint(-8, 8, (k, n), generator=g, dtype=torch.int8)
     w[0, 0], w[-1, -1] = -8, 7
     rows = m if per_token else 1
-    d_x = torch.rand(rows, s, generator=g) * 0.05 + 1e-3
+    d_pos = torch.rand(rows, s, generator=g) * 0.05 + 1e-3
     d_neg = torch.rand(rows, s, generator=g) * 0.05 + 1e-3
     zp = torch.randint(-128, 128, (rows, s), generator=g).float()
     d_w = torch.rand(len(g_bounds) - 1, n, generator=g) * 0.01 + 1e-4
     bias = torch.randn(n, generator=g) if has_bias else None
     colsum = column_sums(w, g_bounds)
-    return (q, d_x, d_neg, pack_int4(w), d_w, bias, k_bounds, g_bounds, schemes, out), dict(zp=zp, colsum=colsum), w
+    return (q, d_pos, d_neg, pack_int4(w), d_w, bias, k_bounds, g_bounds, schemes, out), dict(zp=zp, colsum=colsum), w
 
 
-def reference64(q, d_x, d_neg, w, d_w, bias, k_bounds, g_bounds, schemes, zp):
+def reference64(q, d_pos, d_neg, w, d_w, bias, k_bounds, g_bounds, schemes, zp):
     """gemm_w4 in float64 from the unpacked weight, asymmetric as (q - zp) @ W (no column sums);
     also the sum of the magnitudes of every term (the scale of the fp32 rounding)."""
     y = torch.zeros(q.shape[0], w.shape[1], dtype=torch.float64)
     mag = torch.zeros_like(y)
     groups = segment_groups(k_bounds, g_bounds)
     for s, scheme in enumerate(schemes):
-        dx, dn, z = d_x[:, s:s + 1].double(), d_neg[:, s:s + 1].double(), zp[:, s:s + 1].double()
+        dx, dn, z = d_pos[:, s:s + 1].double(), d_neg[:, s:s + 1].double(), zp[:, s:s + 1].double()
         for g in range(groups[s], groups[s + 1]):
             qs, ws = q[:, g_bounds[g]:g_bounds[g + 1]].double(), w[g_bounds[g]:g_bounds[g + 1]].double()
             if scheme == 1:
@@ -115,9 +115,9 @@ def reference64(q, d_x, d_neg, w, d_w, bias, k_bounds, g_bounds, schemes, zp):
 @given(problems())
 def test_gemm_w4_matches_float64(p):
     args, kw, w = w4_operands(p)
-    q, d_x, d_neg, _, d_w, bias, k_bounds, g_bounds, schemes, _ = args
+    q, d_pos, d_neg, _, d_w, bias, k_bounds, g_bounds, schemes, _ = args
     y = torch.ops.segquant.gemm_w4(*args[:-1], torch.float32, **kw)
-    ref, mag = reference64(q, d_x, d_neg, w, d_w, bias, k_bounds, g_bounds, schemes, kw["zp"])
+    ref, mag = reference64(q, d_pos, d_neg, w, d_w, bias, k_bounds, g_bounds, schemes, kw["zp"])
     assert y.shape == ref.shape and y.dtype == torch.float32
     # exact int32 group sums, a few fp32 roundings per term
     assert ((y.double() - ref).abs() <= 1e-6 * mag + 1e-30).all()
@@ -218,15 +218,15 @@ def test_fake_implementations_give_shapes_and_dtypes():
 
 def test_launchers_check_shapes():
     args, kw, _ = w4_operands((3, 10, [0, 5, 69], [0, 2], 64, False, False, torch.float32, 0))
-    q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out = args
+    q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out = args
     with pytest.raises(ValueError, match="do not refine"):
-        launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, [0, 64, 69], schemes, out, **kw)
+        launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, [0, 64, 69], schemes, out, **kw)
     with pytest.raises(ValueError, match="weight steps"):
-        launch_w4(q, d_x, d_neg, w4, d_w[:1], bias, k_bounds, g_bounds, schemes, out, **kw)
+        launch_w4(q, d_pos, d_neg, w4, d_w[:1], bias, k_bounds, g_bounds, schemes, out, **kw)
     with pytest.raises(ValueError, match="column sums"):
-        launch_w4(q, d_x, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out, zp=kw["zp"])
+        launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out, zp=kw["zp"])
     with pytest.raises(ValueError, match="ceil"):
-        launch_w4(q, d_x, d_neg, w4[1:], d_w, bias, k_bounds, g_bounds, schemes, out, **kw)
+        launch_w4(q, d_pos, d_neg, w4[1:], d_w, bias, k_bounds, g_bounds, schemes, out, **kw)
     x = torch.randn(3, 69)
     with pytest.raises(ValueError, match="8-bit weight"):
         launch_weight_only(x, w4, d_w, None, g_bounds, 8, out)

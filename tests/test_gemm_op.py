@@ -8,14 +8,14 @@ from hypothesis import strategies as st
 from segquant_compile.lowering.ops import gemm, int_accumulators
 
 
-def reference64(q, d_x, d_neg, w, d_w, bias, k_bounds, dual):
+def reference64(q, d_pos, d_neg, w, d_w, bias, k_bounds, dual):
     y = torch.zeros(q.shape[0], w.shape[1], dtype=torch.float64)
     for s, (a, b) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
         qs, ws = q[:, a:b].double(), w[a:b].double()
         if dual[s]:
-            y += (qs.clamp(min=0) @ ws) * d_x[:, s:s + 1].double() + (qs.clamp(max=0) @ ws) * d_neg[:, s:s + 1].double()
+            y += (qs.clamp(min=0) @ ws) * d_pos[:, s:s + 1].double() + (qs.clamp(max=0) @ ws) * d_neg[:, s:s + 1].double()
         else:
-            y += (qs @ ws) * d_x[:, s:s + 1].double()
+            y += (qs @ ws) * d_pos[:, s:s + 1].double()
     y = y * d_w.double()
     return y + bias.double() if bias is not None else y
 
@@ -42,12 +42,12 @@ def test_gemm_matches_float64_reference(p):
     q = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
     rows = m if per_token else 1
-    d_x = torch.rand(rows, len(widths), generator=g) * 0.1 + 1e-3
+    d_pos = torch.rand(rows, len(widths), generator=g) * 0.1 + 1e-3
     d_neg = torch.rand(rows, len(widths), generator=g) * 0.1 + 1e-3
     d_w = torch.rand(n, generator=g) * 0.01 + 1e-4
     bias = torch.randn(n, generator=g) if has_bias else None
-    y = gemm(q, d_x, d_neg, w, d_w, bias, bounds, dual, torch.float32)
-    ref = reference64(q, d_x, d_neg, w, d_w, bias, bounds, dual)
+    y = gemm(q, d_pos, d_neg, w, d_w, bias, bounds, dual, torch.float32)
+    ref = reference64(q, d_pos, d_neg, w, d_w, bias, bounds, dual)
     assert y.shape == (m, n) and y.dtype == torch.float32
     # fp32 epilogue over exact int32 partial sums: error is a few fp32 ulps of the magnitude
     scale = ref.abs().max().clamp(min=1e-6)

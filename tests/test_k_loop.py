@@ -30,13 +30,13 @@ def test_k_tiles_never_straddle_a_segment():
 @pytest.mark.parametrize("bounds", [EVEN, UNEVEN], ids=["even", "table"])
 @pytest.mark.parametrize("codes", [[0, 0, 0], [1, 0, 1], [2, 1, 0]])
 def test_gemm_both_loops_bit_exact(bounds, codes, layout):
-    q, d_x, d_neg, w, d_w, bias, _, _, _ = operands((17, 40, bounds, [0] * 3, True, True, torch.float32, 5),
+    q, d_pos, d_neg, w, d_w, bias, _, _, _ = operands((17, 40, bounds, [0] * 3, True, True, torch.float32, 5),
                                                     layout=layout)
     assert (w.stride(0) == 1) == (layout == "k-major")
-    zp = torch.randint(-128, 128, d_x.shape, generator=torch.Generator().manual_seed(1)).float()
+    zp = torch.randint(-128, 128, d_pos.shape, generator=torch.Generator().manual_seed(1)).float()
     colsum = column_sums(w, bounds)
-    ref = gemm_reference(q, d_x, d_neg, w, d_w, bias, bounds, codes, torch.float32, zp, colsum)
-    got = launch(*on_device(q, d_x, d_neg, w, d_w, bias), bounds, codes, torch.float32, zp=zp, colsum=colsum,
+    ref = gemm_reference(q, d_pos, d_neg, w, d_w, bias, bounds, codes, torch.float32, zp, colsum)
+    got = launch(*on_device(q, d_pos, d_neg, w, d_w, bias), bounds, codes, torch.float32, zp=zp, colsum=colsum,
                  config=CONFIG)
     assert torch.equal(got.cpu(), ref)
 
@@ -45,13 +45,13 @@ def test_gemm_both_loops_bit_exact(bounds, codes, layout):
 @pytest.mark.parametrize("codes", [[0, 0, 0], [1, 0, 1]])
 def test_prologue_both_loops_bit_exact(bounds, codes):
     """Static steps per column (the launcher's gather) quantize like the per-segment steps."""
-    _, d_x, d_neg, w, d_w, bias, _, _, _ = operands((9, 24, bounds, codes, False, True, torch.float32, 6))
-    d_neg = torch.where(torch.tensor(codes) == 1, d_neg, d_x)
+    _, d_pos, d_neg, w, d_w, bias, _, _, _ = operands((9, 24, bounds, codes, False, True, torch.float32, 6))
+    d_neg = torch.where(torch.tensor(codes) == 1, d_neg, d_pos)
     x = torch.randn(9, bounds[-1], generator=torch.Generator().manual_seed(2)) * 3
-    x[0, 0], x[1, 70] = 2.5 * d_x[0, 0], -0.0
-    ref = gemm_reference(quantize_static(x, bounds, codes, d_x, d_neg), d_x, d_neg, w, d_w, bias, bounds, codes,
+    x[0, 0], x[1, 70] = 2.5 * d_pos[0, 0], -0.0
+    ref = gemm_reference(quantize_static(x, bounds, codes, d_pos, d_neg), d_pos, d_neg, w, d_w, bias, bounds, codes,
                          torch.float32)
-    got = launch(*on_device(x, d_x, d_neg, w, d_w, bias), bounds, codes, torch.float32, prologue=True, config=CONFIG)
+    got = launch(*on_device(x, d_pos, d_neg, w, d_w, bias), bounds, codes, torch.float32, prologue=True, config=CONFIG)
     assert torch.equal(got.cpu(), ref)
 
 

@@ -46,11 +46,11 @@ def operands(p, fp8=False, layout="k-major"):
         w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
     w = k_major(w) if layout == "k-major" else w
     rows = m if per_token else 1
-    d_x = torch.rand(rows, s, generator=g) * 0.05 + 1e-3
-    d_neg = torch.where(torch.tensor(dual, dtype=torch.bool), torch.rand(rows, s, generator=g) * 0.05 + 1e-3, d_x)
+    d_pos = torch.rand(rows, s, generator=g) * 0.05 + 1e-3
+    d_neg = torch.where(torch.tensor(dual, dtype=torch.bool), torch.rand(rows, s, generator=g) * 0.05 + 1e-3, d_pos)
     d_w = torch.rand(n, generator=g) * 0.01 + 1e-4
     bias = torch.randn(n, generator=g) if has_bias else None
-    return q, d_x, d_neg, w, d_w, bias, bounds, dual, out
+    return q, d_pos, d_neg, w, d_w, bias, bounds, dual, out
 
 
 def on_device(*tensors):
@@ -90,15 +90,15 @@ def test_fp8_variants(p):
 @given(problems(), st.booleans(), st.sampled_from([torch.float32, torch.bfloat16]))
 def test_prologue_quantizes_like_the_reference(p, smooth_on, x_dtype):
     m, n, bounds, dual, _, has_bias, out, seed = p
-    q, d_x, d_neg, w, d_w, bias, *_ = operands((m, n, bounds, dual, False, has_bias, out, seed))
+    q, d_pos, d_neg, w, d_w, bias, *_ = operands((m, n, bounds, dual, False, has_bias, out, seed))
     g = torch.Generator().manual_seed(seed + 1)
     x = (torch.randn(m, bounds[-1], generator=g) * 3).to(x_dtype)
-    x[0, 0] = 2.5 * d_x[0, 0]       # a tie: round half to even
+    x[0, 0] = 2.5 * d_pos[0, 0]       # a tie: round half to even
     smooth = torch.rand(bounds[-1], generator=g) + 0.5 if smooth_on else None
     xs = x.float() / smooth if smooth is not None else x.float()
-    q_ref = quantize_static(xs, bounds, dual, d_x, d_neg)
-    ref = gemm_reference(q_ref, d_x, d_neg, w, d_w, bias, bounds, dual, out)
-    got = launch(*on_device(x, d_x, d_neg, w, d_w, bias), bounds, dual, out,
+    q_ref = quantize_static(xs, bounds, dual, d_pos, d_neg)
+    ref = gemm_reference(q_ref, d_pos, d_neg, w, d_w, bias, bounds, dual, out)
+    got = launch(*on_device(x, d_pos, d_neg, w, d_w, bias), bounds, dual, out,
                  smooth=smooth.to(DEVICE) if smooth is not None else None, prologue=True)
     close(got, ref, out)
 
@@ -121,18 +121,18 @@ def test_large_k_and_many_segments():
 def test_prologue_keeps_non_finite_rows_non_finite():
     """Static steps on float input: a row with NaN/Inf comes out NaN in the kernel and in the op,
     the others are unchanged (int8 has no NaN: without this a NaN would turn finite)."""
-    q, d_x, d_neg, w, d_w, bias, bounds, dual, out = operands((5, 24, [0, 40, 64], [1, 1], False, True,
+    q, d_pos, d_neg, w, d_w, bias, bounds, dual, out = operands((5, 24, [0, 40, 64], [1, 1], False, True,
                                                                torch.float32, 7))
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
     x[1, 3], x[3, 50] = float("nan"), float("inf")
-    ref = torch.ops.segquant.gemm_prologue(x, d_x, d_neg, None, w, d_w, bias, bounds, dual, out)
-    got = launch(*on_device(x, d_x, d_neg, w, d_w, bias), bounds, dual, out, prologue=True).cpu()
+    ref = torch.ops.segquant.gemm_prologue(x, d_pos, d_neg, None, w, d_w, bias, bounds, dual, out)
+    got = launch(*on_device(x, d_pos, d_neg, w, d_w, bias), bounds, dual, out, prologue=True).cpu()
     for y in (ref, got):
         assert torch.isnan(y[[1, 3]]).all() and torch.isfinite(y[[0, 2, 4]]).all()
     assert torch.equal(got[[0, 2, 4]], ref[[0, 2, 4]])
     finite = x.clone()
     finite[1, 3] = finite[3, 50] = 0.0
-    plain = torch.ops.segquant.gemm_prologue(finite, d_x, d_neg, None, w, d_w, bias, bounds, dual, out)
+    plain = torch.ops.segquant.gemm_prologue(finite, d_pos, d_neg, None, w, d_w, bias, bounds, dual, out)
     assert torch.equal(plain[[0, 2, 4]], ref[[0, 2, 4]])
 
 
@@ -141,14 +141,14 @@ def test_prologue_keeps_non_finite_rows_non_finite():
 def test_asymmetric_segments_bit_exact(p, data):
     """Zero points: the int32 correction zp * colsum at each flush, the same in kernel and op."""
     from segquant_compile.lowering.ops import column_sums
-    q, d_x, d_neg, w, d_w, bias, bounds, dual, out = operands(p)
+    q, d_pos, d_neg, w, d_w, bias, bounds, dual, out = operands(p)
     s = len(bounds) - 1
     codes = data.draw(st.lists(st.sampled_from([0, 1, 2]), min_size=s, max_size=s))
-    zp = torch.randint(-128, 128, d_x.shape, generator=torch.Generator().manual_seed(p[-1])).float()
-    d_neg = torch.where(torch.tensor(codes) == 1, d_neg, d_x)
+    zp = torch.randint(-128, 128, d_pos.shape, generator=torch.Generator().manual_seed(p[-1])).float()
+    d_neg = torch.where(torch.tensor(codes) == 1, d_neg, d_pos)
     colsum = column_sums(w, bounds)
-    ref = gemm_reference(q, d_x, d_neg, w, d_w, bias, bounds, codes, out, zp, colsum)
-    got = launch(*on_device(q, d_x, d_neg, w, d_w, bias), bounds, codes, out, zp=zp.to(DEVICE),
+    ref = gemm_reference(q, d_pos, d_neg, w, d_w, bias, bounds, codes, out, zp, colsum)
+    got = launch(*on_device(q, d_pos, d_neg, w, d_w, bias), bounds, codes, out, zp=zp.to(DEVICE),
                  colsum=colsum.to(DEVICE))
     close(got, ref, out)   # bit exact in fp32, mixed schemes included
     # the correction matches the integer identity sum((q - z) * W) per segment
