@@ -25,7 +25,8 @@ from segquant_compile.passes.site_rules import lower_site
 from segquant_compile.registry import state_key
 from segquant_compile.site_states import (SiteEntry, create_state, mark_stale_steps, placeholder_index, plan_entries,
                                           release_float_weights)
-from segquant_compile.state import Phase, QuantState
+from segquant_compile.lifecycle import Phase
+from segquant_compile.state import QuantState
 
 # first calls decide on their own rows (dynamic "auto" schemes, GPTQ, smoothing) one at a time:
 # two threads making the first call of the same weights at once would pool their rows

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
@@ -32,14 +31,6 @@ SMOOTH_GRID = (0.0, 0.25, 0.5, 0.75)
 ACT_CLIP_GRID = (0.9, 0.8, 0.7, 0.6, 0.5)
 PACKED_FIELDS = ("packed", "d_w", "colsum")
 STEP_FIELDS = ("d_pos", "d_neg", "zp", "smooth")
-
-
-class Decision(Enum):
-    """What a site's numbers still wait for (QuantState.pending)."""
-    STEPS = "static activation steps"
-    ROUNDING = "GPTQ rounding"
-    SMOOTHING = "SmoothQuant factors"
-    SCHEMES = "measured schemes"
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,14 +5,12 @@ It owns four parts, each with one job, and is the only writer of them:
 - `watcher` (weight_watch.py): has the float weight changed since it was packed;
 - `stats` (statistics.py): what calibration or a first call observed (accumulates, merges);
 - `params` (site_params.py): the frozen record of the numbers the site runs with;
-- `pending`: the decisions still waiting for rows (site_params.Decision), from which `phase`
+- `pending`: the decisions still waiting for rows (lifecycle.Decision), from which `phase`
   says where the site is in its life: awaiting a calibration, awaiting its first call, ready."""
 from __future__ import annotations
 
 import threading
 import warnings
-from enum import Enum
-
 import torch
 from torch import Tensor
 
@@ -20,34 +18,11 @@ from segquant_compile import site_params as P
 from segquant_compile.lowering.site_lowering import Rounding, SiteLowering
 from segquant_compile.passes import LinearSite
 from segquant_compile.distributed import Shard
-from segquant_compile.site_params import Decision, SiteParams
+from segquant_compile import lifecycle
+from segquant_compile.lifecycle import NUMBERS, Decision, Phase, initial_decisions
+from segquant_compile.site_params import SiteParams
 from segquant_compile.statistics import SiteStatistics, StatisticsSpec
 from segquant_compile.weight_watch import FloatWeightsReleased, WeightWatcher
-
-
-class Phase(Enum):
-    AWAITING_CALIBRATION = "awaiting calibration"   # cannot run quantized before a calibration
-    AWAITING_FIRST_CALL = "awaiting its first call"  # dynamic: its first call's rows decide, then it runs
-    READY = "ready"
-
-
-def initial_decisions(lowering: SiteLowering) -> frozenset[Decision]:
-    """What a site's rows must decide before its numbers are final, under its lowering."""
-    pending = set()
-    if lowering.static:
-        pending.add(Decision.STEPS)
-    if lowering.gptq:
-        pending.add(Decision.ROUNDING)
-    if lowering.smooth is not None:
-        pending.add(Decision.SMOOTHING)
-    if lowering.auto:
-        pending.add(Decision.SCHEMES)
-    return frozenset(pending)
-
-
-# a dynamic site's first call decides these; the rest wait for a calibration
-FIRST_CALL_DECISIONS = frozenset({Decision.SMOOTHING, Decision.SCHEMES, Decision.ROUNDING})
-NUMBERS = frozenset({Decision.STEPS, Decision.ROUNDING, Decision.SMOOTHING})
 
 
 class QuantState:
@@ -75,10 +50,7 @@ class QuantState:
     # ------------------------------------------------------------------ where it stands
     @property
     def phase(self) -> Phase:
-        if not self.pending:
-            return Phase.READY
-        calibration_only = self.base.static or self.base.rounding is Rounding.GPTQ
-        return Phase.AWAITING_CALIBRATION if calibration_only else Phase.AWAITING_FIRST_CALL
+        return lifecycle.phase(self.pending, self.base)
 
     @property
     def settled(self) -> bool:

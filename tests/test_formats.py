@@ -12,7 +12,8 @@ import segquant_compile as sq
 from segquant_compile.compiled import find
 from segquant_compile.lowering import quantize as Q
 from segquant_compile.lowering.gptq import gptq_int4, gptq_int8, segment_hessians
-from segquant_compile.site_params import Decision, float_weight
+from segquant_compile.lifecycle import Decision
+from segquant_compile.site_params import float_weight
 
 
 

@@ -12,7 +12,7 @@ from segquant_compile.examples import models
 from conftest import TINY, Two, expected_site_gemms, output, site_gemm_calls, tiny_inputs
 from segquant_compile.lowering.quantize import sqnr_db
 from segquant_compile.registry import RUNNERS
-from segquant_compile.state import Phase
+from segquant_compile.lifecycle import Phase
 
 
 def calibrated(model, options=None, calls=4, batch=2):

@@ -363,7 +363,7 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     """SQNR, scheme choice and GPTQ see rows from every call (a sampler's late timesteps too),
     not the first calls' rows only."""
     from segquant_compile.passes.site_rules import lower_site
-    from segquant_compile.site_params import Decision
+    from segquant_compile.lifecycle import Decision
     from segquant_compile.state import QuantState
     from segquant_compile.statistics import GPTQ_ROWS
     model = Two()

@@ -10,8 +10,8 @@ import segquant_compile as sq
 from conftest import Two
 from segquant_compile.compiled import find
 from segquant_compile.lowering.site_lowering import ConvGeometry
-from segquant_compile.site_params import Decision
-from segquant_compile.state import Phase
+from segquant_compile.lifecycle import Decision
+from segquant_compile.lifecycle import Phase
 from segquant_compile.statistics import SiteStatistics, StatisticsSpec
 
 
