@@ -104,14 +104,12 @@ class Session:
         """The block raised: no statistics stay, and the other ranks of the group learn of it."""
         for st, _ in self.touched.values():
             st.discard_statistics()
-        if self.open and self.group is not None:
-            self.open = False
-            try:
+        tell_group = self.open and self.group is not None   # the exchange a finish would have made
+        self.open = False
+        if tell_group:
+            with contextlib.suppress(RuntimeError):   # the block's own error is the one raised
                 distributed.exchange(distributed.RankFailed(self.shard.rank, f"{type(error).__name__}: {error}"),
                                      self.group)
-            except RuntimeError:
-                pass   # the error raised here is the block's own
-        self.open = False
 
     def _freeze_over_group(self) -> None:
         """Each rank freezes its share of the sites (the freeze is a function of the merged

@@ -19,8 +19,8 @@ def compiled_options(compiled) -> tuple[str | None, dict | None]:
     when torch's internals do not say (their layout is not public: walk it defensively)."""
     ctx = getattr(compiled, "dynamo_ctx", None)
     if ctx is None and callable(compiled):   # a compiled function holds its context in a closure cell
-        ctx = next((c.cell_contents for c in getattr(compiled, "__closure__", None) or ()
-                    if hasattr(_cell(c), "callback")), None)
+        ctx = next((v for v in map(_cell, getattr(compiled, "__closure__", None) or ()) if hasattr(v, "callback")),
+                   None)
     obj = getattr(ctx, "callback", None)
     for _ in range(8):
         if obj is None:
