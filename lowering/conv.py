@@ -190,11 +190,23 @@ def nonfinite_pixels(x: Tensor, geometry: ConvGeometry) -> Tensor:
 def quantized_conv2d(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_pos: Tensor | None,
                      d_neg: Tensor | None, zp: Tensor | None, smooth: Tensor | None, colsum: Tensor | None,
                      k_bounds: tuple[int, ...], schemes: tuple[int, ...], prologue: bool = False,
-                     fmt: str = "int8", conv: ConvGeometry | tuple | None = None) -> Tensor:
+                     fmt: str = "int8", conv: ConvGeometry | tuple | None = None, l1: Tensor | None = None,
+                     l2: Tensor | None = None) -> Tensor:
     """conv2d(x, W, b) with int8 W packed [K, N] (same arguments as quantized_linear, plus the
     geometry, or its as_list() ints). Dynamic (d_pos None): steps per output pixel; static: the
-    input quantized once."""
+    input quantized once. `l1`, `l2`: the low-rank branch, as a conv of rank output channels and
+    the site's kernel, then a 1x1 conv."""
     conv = conv if isinstance(conv, ConvGeometry) else ConvGeometry.from_list(conv)
+    y = _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, schemes, fmt, conv)
+    if l1 is None:
+        return y
+    rank = l1.shape[1]
+    down = F.conv2d(x, l1.t().reshape(rank, conv.in_channels, *conv.kernel).to(x.dtype), None, conv.stride,
+                    conv.padding)
+    return y + F.conv2d(down, l2.t().reshape(-1, rank, 1, 1).to(x.dtype)).to(y.dtype)
+
+
+def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, schemes, fmt, conv: ConvGeometry):
     if fmt != "int8":
         raise ValueError(f"segquant: conv sites are lowered for int8 only, not {fmt!r}")
     if smooth is not None:

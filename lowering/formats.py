@@ -3,6 +3,7 @@ activations stay float, the op and Triton kernel that run them) and the activati
 segment (their codes in the GEMM ops). One table each, instead of string lists in many files."""
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from enum import Enum
 
@@ -87,4 +88,36 @@ _SPECS = {
     Format.INT8_WEIGHT_ONLY: FormatSpec(8, "int8", True, False, 1, "segquant::gemm_weight_only", "weight-only", False),
     Format.INT4_WEIGHT_ONLY: FormatSpec(4, "int8", True, True, 2, "segquant::gemm_weight_only", "weight-only", False),
 }
+LOW_RANK_MARK = "+r"   # "w4a8+r32": a format with a low-rank branch of rank 32 (FormatChoice)
 FLOAT = "float"   # a per-site format choice: the site stays float (named in the report)
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """A per-site format as options, sensitivity and allocation name it: a format, or a format with
+    SVDQuant's low-rank branch of a rank ("w4a8+r32": lowering/low_rank.py)."""
+    format: Format
+    low_rank: int | None = None
+
+    DESCRIBED: typing.ClassVar[str] = ("a format name (" + ", ".join(repr(f.value) for f in Format) +
+                                       ") with an optional low-rank branch, e.g. 'w4a8+r32'")
+
+    @classmethod
+    def parse(cls, name) -> "FormatChoice":
+        text = str(name)
+        base, mark, rank = text.partition(LOW_RANK_MARK)
+        if base in Format.values() and (not mark or (rank.isdigit() and int(rank) > 0)):
+            return cls(Format(base), int(rank) if mark else None)
+        raise ValueError(f"unknown format {text!r}; formats: {list(Format.values())}, each optionally with a "
+                         f"low-rank branch of rank r as '<format>{LOW_RANK_MARK}<r>' (e.g. 'w4a8+r32')")
+
+    @staticmethod
+    def valid(name) -> bool:
+        try:
+            FormatChoice.parse(name)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return self.format.value + (f"{LOW_RANK_MARK}{self.low_rank}" if self.low_rank else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import low_rank
 from . import ops  # noqa: F401  (registers torch.ops.segquant)
 from .cpu_linear import cpu_linear, quantized_activation
 from .quantize import ASYMMETRIC, nonfinite_rows, quantize_dynamic, quantize_static
@@ -15,14 +16,25 @@ def quantized_linear(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | No
                      d_neg: Tensor | None, zp: Tensor | None, smooth: Tensor | None, colsum: Tensor | None,
                      k_bounds: tuple[int, ...], schemes: tuple[int, ...], prologue: bool = False,
                      fmt: str = "int8", cpu_gemm: str | None = None, activation=None,
-                     g_bounds: tuple[int, ...] | None = None) -> Tensor:
+                     g_bounds: tuple[int, ...] | None = None, l1: Tensor | None = None,
+                     l2: Tensor | None = None) -> Tensor:
     """y = x @ W^T + b with int8 W (packed [K, N]; with cpu_gemm "fp32" and d_w None, the
     dequantized fp32 weight); static steps d_pos/d_neg/zp [1, S] or dynamic
     when d_pos is None; `schemes` one code per K segment (lowering/quantize.py); colsum [S, N] for
     asymmetric segments. `prologue`: static steps applied inside the GEMM kernel. `cpu_gemm`
     ("int8" | "fp32", decided outside tracing): the site as plain torch ops on CPU (cpu_linear.py);
     `activation`: its quantized input there, when sites share it. 4-bit formats: `w` packed two
-    per byte, d_w [G, N] per K group of `g_bounds`; weight-only formats: x stays float."""
+    per byte, d_w [G, N] per K group of `g_bounds`; weight-only formats: x stays float. `l1`,
+    `l2`: SVDQuant's low-rank branch (lowering/low_rank.py), added in float beside the GEMM."""
+    y = _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, schemes, prologue, fmt, cpu_gemm,
+                   activation, g_bounds)
+    if l1 is None:
+        return y
+    return y + low_rank.apply(x.reshape(-1, x.shape[-1]), l1, l2).reshape(y.shape).to(y.dtype)
+
+
+def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, schemes, prologue, fmt, cpu_gemm,
+               activation, g_bounds) -> Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     k_bounds, schemes = list(k_bounds), list(schemes)

@@ -99,6 +99,8 @@ class SiteLowering:
     conv: ConvGeometry | None = None     # a conv2d site: its implicit GEMM (None: a linear)
     group_size: int | None = None        # 4-bit formats: K group of one weight step (within a segment)
     rounding: Rounding = Rounding.RTN
+    # SVDQuant's low-rank branch: the rank of a float L1 @ L2 beside the quantized residual (None: none)
+    low_rank: int | None = None
     # why each "auto" option resolved as it did here (the report shows them); no number depends on them
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
@@ -185,7 +187,7 @@ class SiteLowering:
 
     def describe(self) -> str:
         fmt = self.format + (f" g{self.group_size}" if self.group_size else "") + \
-            (" gptq" if self.gptq else "")
+            (" gptq" if self.gptq else "") + (f" + low-rank {self.low_rank}" if self.low_rank else "")
         if self.weight_only:
             return f"{fmt}, a float"
         schemes = set(self.schemes)

@@ -22,7 +22,7 @@ def extra_fields(lowering: SiteLowering) -> tuple[str, ...]:
         weight = ("packed", "d_w") + (("colsum",) if lowering.asymmetric and not lowering.weight_only else ())
     return weight + \
         (("d_pos", "d_neg") if lowering.static else ()) + (("zp",) if lowering.static and lowering.asymmetric else ()) + \
-        (("smooth",) if lowering.smooth is not None else ())
+        (("smooth",) if lowering.smooth is not None else ()) + (("l1", "l2") if lowering.low_rank else ())
 
 
 def _placeholder_after_inputs(graph: torch.fx.Graph, name: str) -> torch.fx.Node:
@@ -73,13 +73,13 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
                     nodes[site.input_node], w, inputs.get("d_w"), bias,
                     inputs.get("d_pos"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
                     lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format, lowering.cpu_gemm,
-                    shared.get(key), lowering.g_bounds))
+                    shared.get(key), lowering.g_bounds), {"l1": inputs.get("l1"), "l2": inputs.get("l2")})
             else:
                 new = graph.call_function(quantized_conv2d, (
                     nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
                     inputs.get("d_pos"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
                     lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format),
-                    {"conv": tuple(lowering.conv.as_list())})
+                    {"conv": tuple(lowering.conv.as_list()), "l1": inputs.get("l1"), "l2": inputs.get("l2")})
         new.meta.update({k: v for k, v in node.meta.items() if k in ("example_value", "val", "stack_trace")})
         node.replace_all_uses_with(new)
         graph.erase_node(node)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from segquant_compile.lowering import low_rank
 from segquant_compile.lowering.cpu_linear import cpu_gemm
 from segquant_compile.lowering.quantize import group_bounds
-from segquant_compile.lowering.formats import FLOAT, Format, Scheme
+from segquant_compile.lowering.formats import FLOAT, Format, FormatChoice, Scheme
 from segquant_compile.lowering.site_lowering import (ActivationClip, KeptFloat, Rounding, SiteLowering,
                                                      SmoothPolicy, WeightClip)
 
@@ -123,9 +124,10 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     fmt, entry = site_format(site.name, config)
     if fmt == FLOAT:
         return KeptFloat(f"format '{FLOAT}' for this site (options formats[{entry!r}])")
-    if fmt not in Format.values():   # "auto" with no allocated format for this site
+    if not FormatChoice.valid(fmt):   # "auto" with no allocated format for this site
         return KeptFloat(f"format {fmt!r} names no format for this site (not in the sensitivity measurement?)")
-    fmt = Format(fmt)
+    choice = FormatChoice.parse(fmt)
+    fmt = choice.format
     if entry is None and site.in_features < config.min_k:
         return KeptFloat(f"K={site.in_features} < min_k={config.min_k}: too thin a GEMM for int8 to save "
                          f"time (options min_k; 0 quantizes it)")
@@ -173,10 +175,19 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     grouped = fmt.grouped
     r = resolve_autos(config, fmt, conv, static, allocated=entry is not None and config.format == "auto")
     weights = config.weights if not grouped else "per-group"
+    asked = choice.low_rank or config.low_rank   # a format entry's own rank ("w4a8+r32") first
+    rank = low_rank.site_rank(asked, site.in_features, site.out_features)
+    reasons = r.reasons
+    if rank is not None and rank < asked:
+        reasons += (f"low_rank {asked}: rank {rank} here (at most half of min(K, N) = "
+                    f"{min(site.in_features, site.out_features)})",)
+    elif asked and rank is None:
+        reasons += (f"low_rank {asked}: no branch (K or N below 2)",)
     return SiteLowering(format=fmt, activations=activations, weights=weights,
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds if not grouped else None,
                         smooth=r.smooth, auto=r.auto, weight_clip=r.weight_clip, heads=heads,
                         activation_clip=r.activation_clip, act_groups=act_groups,
                         prologue=prologue and not conv and Scheme.ASYMMETRIC not in schemes and not r.auto,
                         rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu,
-                        group_size=config.group_size if grouped else None, rounding=r.rounding, reasons=r.reasons)
+                        group_size=config.group_size if grouped else None, rounding=r.rounding,
+                        low_rank=rank, reasons=reasons)

@@ -9,7 +9,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from segquant_compile.lowering.formats import FLOAT, Format
+from segquant_compile.lowering import low_rank
+from segquant_compile.lowering.formats import FLOAT, Format, FormatChoice
 from segquant_compile.report import text_table
 from segquant_compile.sensitivity_report import Sensitivity, db
 
@@ -24,7 +25,7 @@ class Allocation:
     average_bits: float          # weight bits per element, weighted by each site's weight elements
     error: float                 # summed measured error of the chosen formats (noise powers add)
     weight_bits: float | None    # the budget: average weight bits, or
-    bits: dict[str, float]       # the bits per format it was computed with
+    bits: dict[str, float]       # per format chosen, its bits per weight element (low-rank branches included)
     latency: float | None = None   # the budget: summed GEMM seconds as a fraction of all float
     seconds: float | None = None   # the chosen formats' summed GEMM seconds (the sensitivity's timings)
 
@@ -74,13 +75,12 @@ def allocate(sens: Sensitivity, weight_bits: float | None = None, bits: dict[str
             raise ValueError(f"allocate: no GEMM timings for {untimed[0]} (a sensitivity saved before they were "
                              f"measured?): measure again for a latency budget")
     # per site: (format, exact cost in bits or seconds, error); a NaN/inf error is no option
-    cost = (lambda s, f: Fraction(table[f]) * s.weight_numel) if latency is None else \
-        (lambda s, f: Fraction(s.seconds[f]))
+    cost = (lambda s, f: _bits(table, s, f)) if latency is None else (lambda s, f: Fraction(s.seconds[f]))
     options = []
     for s in sens.sites:
         opts = [(FLOAT, cost(s, FLOAT), 0.0)]
         for f, err in s.error.items():
-            if f not in table:
+            if f not in table and (not FormatChoice.valid(f) or str(FormatChoice.parse(f).format) not in table):
                 raise ValueError(f"allocate: no bit width for format {f!r}; pass bits={{{f!r}: ...}}")
             if math.isfinite(err):
                 opts.append((f, cost(s, f), err))
@@ -107,10 +107,25 @@ def allocate(sens: Sensitivity, weight_bits: float | None = None, bits: dict[str
     picks = _knapsack(cells, [[err for _, _, err in opts] for opts in options], cap)
     chosen = {s.name: opts[j][0] for s, opts, j in zip(sens.sites, options, picks)}
     error = sum(opts[j][2] for opts, j in zip(options, picks))
-    bits_used = sum(Fraction(table[f]) * s.weight_numel for s, f in zip(sens.sites, chosen.values()))   # exact
+    bits_used = sum(_bits(table, s, f) for s, f in zip(sens.sites, chosen.values()))   # exact
     seconds = sum(s.seconds[f] for s, f in zip(sens.sites, chosen.values())) if latency is not None else None
-    return Allocation(chosen, float(bits_used / total), error, weight_bits, {f: table[f] for f in set(chosen.values())},
+    per_format = {}   # format -> bits per weight element over the sites given it (a branch's included)
+    for f in set(chosen.values()):
+        sites = [s for s in sens.sites if chosen[s.name] == f]
+        per_format[f] = float(sum(_bits(table, s, f) for s in sites) / sum(s.weight_numel for s in sites))
+    return Allocation(chosen, float(bits_used / total), error, weight_bits, per_format,
                       latency, seconds)
+
+
+def _bits(table: dict, site, fmt: str) -> Fraction:
+    """The bits `fmt` stores at `site`: its weight bits (the table's) times the weight's elements,
+    plus a low-rank variant's 16-bit branch ("w4a8+r32": r (K + N) numbers, at the site's rank)."""
+    if fmt in table:
+        return Fraction(table[fmt]) * site.weight_numel
+    choice = FormatChoice.parse(fmt)
+    rank = low_rank.site_rank(choice.low_rank, site.in_features, site.out_features)
+    return Fraction(table[str(choice.format)]) * site.weight_numel + \
+        low_rank.branch_bits(rank, site.in_features, site.out_features)
 
 
 def _unit(extras: list[list[Fraction]]) -> Fraction:

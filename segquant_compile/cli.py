@@ -6,7 +6,7 @@ import json
 import sys
 
 from segquant_compile.examples import models
-from segquant_compile.lowering.formats import Format
+from segquant_compile.lowering.formats import Format, FormatChoice
 from segquant_compile.sensitivity import DEFAULT_FORMATS
 
 
@@ -25,6 +25,13 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def _format_name(text: str) -> str:
+    try:
+        return str(FormatChoice.parse(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def resolution(text: str) -> int:
@@ -303,7 +310,8 @@ def main(argv=None) -> int:
                                            "quantized (real weights)")
     p.add_argument("model", help="mnist-dit, mnist-vit (../shared/data) or a local diffusers model folder with "
                                  "weights; shipped configs have none")
-    p.add_argument("--formats", nargs="+", choices=Format.values(), default=list(DEFAULT_FORMATS))
+    p.add_argument("--formats", nargs="+", type=_format_name, default=list(DEFAULT_FORMATS),
+                   help=f"{', '.join(Format.values())}, each optionally with a low-rank branch ('w4a8+r32')")
     p.add_argument("--steps", type=positive_int, default=4, help="sampler timesteps (one model call each)")
     p.add_argument("--run", action="store_true", help="MNIST models: the error of a whole sampling run's "
                                                       "final samples (every step compounded), not of --steps calls")

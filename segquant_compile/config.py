@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
-from segquant_compile.lowering.formats import Choice, Format
+from segquant_compile.lowering.formats import Choice, Format, FormatChoice
 from segquant_compile.passes.graph_ops import ACTIVATIONS
 from segquant_compile.typed_fields import check_fields
 
 AUTO = "auto"
 ActivationName = Literal[tuple(ACTIVATIONS)]
+FormatName = Annotated[str, FormatChoice]    # "int8", "w4a8+r32": FormatChoice.parse checks it
 
 
 class Budget(Choice):
@@ -74,7 +75,8 @@ def _at_least(n, what):
 class Precision:
     """The numbers each site runs with."""
     format: Format | Literal["auto"] = Format.INT8     # "auto": per site, allocated from `sensitivity` under `budget`
-    formats: tuple[tuple[str, Format | Literal["float"]], ...] = ()   # (glob or site name, format): first match wins
+    # (glob or site name, format): first match wins; a format may carry a low-rank branch ("w4a8+r32")
+    formats: tuple[tuple[str, Literal["float"] | FormatName], ...] = ()
     budget: tuple[tuple[Budget, float], ...] = field(default=(), metadata={"check": (
         lambda v: len(v) <= 1 and all(b > 0 for _, b in v), "one budget (weight_bits or latency) with a positive value")})
     sensitivity: str | None = None                     # a file saved by sq.sensitivity(...).save
@@ -90,6 +92,8 @@ class Weights:
     group_size: Literal[64, 128] = 128                 # 4-bit weights: K values per step, never across a segment
     weight_clip: WeightClipOption = WeightClipOption.AUTO
     weight_rounding: RoundingOption = RoundingOption.AUTO
+    # SVDQuant's float low-rank branch beside the quantized residual: its rank (None: no branch)
+    low_rank: int | None = field(default=None, metadata=_at_least(1, "None or a positive int (the branch's rank)"))
 
     def __post_init__(self):
         check_fields(self)
@@ -219,7 +223,8 @@ class QuantConfig:
     def only_fp8(self) -> bool:
         """Every format asked is fp8: no integer weight for GPTQ to round."""
         p = self.precision
-        return all(f == Format.FP8 for f in (p.format, *(f for _, f in p.formats)))
+        names = (p.format, *(f for _, f in p.formats))
+        return all(FormatChoice.valid(f) and FormatChoice.parse(f).format == Format.FP8 for f in names)
 
     @property
     def activation_set(self) -> frozenset[str]:

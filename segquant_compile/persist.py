@@ -21,7 +21,7 @@ from segquant_compile.weight_watch import fingerprint
 FIELDS = PACKED_FIELDS + STEP_FIELDS
 # SiteLowering fields that change the saved numbers (kernel choices may differ between machines)
 LOWERING_FIELDS = ("format", "activations", "weights", "k_bounds", "schemes", "out_bounds", "smooth", "auto", "weight_clip",
-                   "conv", "group_size", "rounding", "activation_clip")
+                   "conv", "group_size", "rounding", "activation_clip", "low_rank")
 
 
 def _lowering_dict(lowering) -> dict:
@@ -127,10 +127,13 @@ def _check_tensors(path, name: str, values: dict, state: QuantState, dynamic_not
     expected = {"packed": (tuple(p.packed.shape), p.packed.dtype),
                 "d_w": (tuple(p.d_w.shape), p.d_w.dtype),
                 "colsum": None if p.colsum is None else (tuple(p.colsum.shape), p.colsum.dtype),
-                "smooth": ((state.site.in_features,), torch.float32)}
+                "smooth": ((state.site.in_features,), torch.float32),
+                "l1": None if p.l1 is None else (tuple(p.l1.shape), p.l1.dtype),
+                "l2": None if p.l2 is None else (tuple(p.l2.shape), p.l2.dtype)}
     for f in ("d_pos", "d_neg", "zp"):
         expected[f] = ((1, len(lo.schemes)), torch.float32)
-    required = ["packed", "d_w"] + (["colsum"] if p.colsum is not None else [])
+    required = ["packed", "d_w"] + (["colsum"] if p.colsum is not None else []) + \
+        (["l1", "l2"] if p.l1 is not None else [])
     if lo.static and dynamic_note is None:
         required += ["d_pos", "d_neg"]
     for f in required:
@@ -146,8 +149,8 @@ def _check_tensors(path, name: str, values: dict, state: QuantState, dynamic_not
         if f in STEPS and not bool((torch.isfinite(v) & (v > 0)).all()):
             raise ValueError(f"segquant load: {where}: '{name}.{f}' holds steps that are not finite and "
                              f"positive: the file was edited or damaged; save it again")
-        if f == "zp" and not bool(torch.isfinite(v).all()):
-            raise ValueError(f"segquant load: {where}: '{name}.zp' is not finite; save it again")
+        if f in ("zp", "l1", "l2") and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"segquant load: {where}: '{name}.{f}' is not finite; save it again")
 
 
 def load_state(path, state: QuantState, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

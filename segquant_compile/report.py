@@ -9,6 +9,7 @@ from pathlib import Path
 import networkx as nx
 
 from segquant_compile.config import QuantConfig
+from segquant_compile.lowering import low_rank
 from segquant_compile.passes import LinearSite, Plan
 from segquant_compile.passes.site_rules import skip_pattern
 from segquant_compile.report_html import PAGE, shape, svg
@@ -84,14 +85,22 @@ class Report:
         """Sites per weight format, and the quantized sites' average weight bits weighted by their
         weight element counts (the allocation's budget measure)."""
         lowerings = {**self.planned, **{k: st.lowering for k, st in self.states.items()}}
-        quantized = [(lowerings[x.name], x.in_features * x.out_features) for x in self.sites if x.name in lowerings]
+        quantized = [(x, lowerings[x.name]) for x in self.sites if x.name in lowerings]
         if not quantized:
             return {}
         counts: dict[str, int] = {}
-        for lo, _ in quantized:
+        for _, lo in quantized:
             counts[lo.format] = counts.get(lo.format, 0) + 1
-        bits = sum(lo.weight_bits * n for lo, n in quantized) / sum(n for _, n in quantized)
-        return {"formats": counts, "average_weight_bits": round(bits, 3)}
+        # the low-rank branches' float factors count: they are stored beside the quantized weights
+        bits = sum(lo.weight_bits * x.in_features * x.out_features + self._branch_bits(x, lo) for x, lo in quantized)
+        numel = sum(x.in_features * x.out_features for x, _ in quantized)
+        return {"formats": counts, "average_weight_bits": round(bits / numel, 3)}
+
+    def _branch_bits(self, site: LinearSite, lowering) -> int:
+        st = self.states.get(site.name)
+        if st is not None and st.params.l1 is not None:
+            return 8 * (st.params.l1.nbytes + st.params.l2.nbytes)
+        return low_rank.branch_bits(lowering.low_rank, site.in_features, site.out_features)
 
     # ------------------------------------------------------------------ views
     def rows(self) -> list[dict]:

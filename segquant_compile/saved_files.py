@@ -7,9 +7,10 @@ import functools
 import json
 from pathlib import Path
 
-FORMAT_VERSION = 6   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
+FORMAT_VERSION = 7   # 3: weight formats (group_size, rounding); 4: activation_clip, first-call GPTQ;
                      # 5: the sites a state serves, each with its bias (tied weights);
-                     # 6: d_x named d_pos; smooth and activation_clip as their resolved policies
+                     # 6: d_x named d_pos; smooth and activation_clip as their resolved policies;
+                     # 7: the low-rank branch (low_rank, l1, l2)
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
 
 _SAVED_OPTIONS: dict[str, dict] = {}   # resolved path -> options: one read per process and save

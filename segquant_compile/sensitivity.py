@@ -18,7 +18,7 @@ from segquant_compile.capture import lifted_recompile_limits, private_compile
 from segquant_compile.compiled import module_paths, site_path, unwrap
 from segquant_compile.config import QuantConfig
 from segquant_compile.options import resolve_options
-from segquant_compile.lowering.formats import Format
+from segquant_compile.lowering.formats import Format, FormatChoice
 from segquant_compile.lowering.site_lowering import KeptFloat, SiteLowering
 from segquant_compile.op_types import block_of, op_type
 from segquant_compile.passes import build_plan
@@ -53,9 +53,11 @@ def sensitivity(model, inputs=None, formats=DEFAULT_FORMATS, options: dict | Non
     model, options = unwrap(model, options)
     model = _real_module(model)
     formats = tuple(formats)
-    unknown = [f for f in formats if f not in Format.values()]
+    unknown = [f for f in formats if not FormatChoice.valid(f)]
     if unknown or not formats:
-        raise ValueError(f"segquant.sensitivity: unknown format(s) {unknown}; formats: {list(Format.values())}")
+        raise ValueError(f"segquant.sensitivity: unknown format(s) {unknown}; formats: {list(Format.values())}, "
+                         f"each optionally with a low-rank branch ('w4a8+r32')")
+    formats = tuple(str(FormatChoice.parse(f)) for f in formats)
     config = resolve_options(options)
     notes = ["activations measured dynamic (per token)" +
              ("; the options ask static: static steps need calibration, not measured here"
@@ -153,8 +155,9 @@ def _calls(inputs) -> list:
 
 def _format_config(config: QuantConfig, fmt: str) -> QuantConfig | KeptFloat:
     """The options at this format, or why they cannot take it (e.g. asymmetric with fp8)."""
+    choice = FormatChoice.parse(fmt)   # a low-rank variant: the format with its branch
     try:
-        return config.replace(format=fmt)
+        return config.replace(format=choice.format, low_rank=choice.low_rank)
     except ValueError as e:
         return KeptFloat(str(e))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from segquant_compile.lowering import low_rank
 from segquant_compile.lowering import quantize as Q
 from segquant_compile.lowering import scheme_choice
 from segquant_compile.lowering.gptq import DAMP, FIRST_CALL_DAMP, gptq_int4, gptq_int8
@@ -29,7 +30,7 @@ SMOOTH_GRID = (0.0, 0.25, 0.5, 0.75)
 # static steps: the calibrated range scaled by one of these (1 included) where the site's output
 # SQNR on its calibration rows is best: a range set by a few outlier rows wastes the grid on the rest
 ACT_CLIP_GRID = (0.9, 0.8, 0.7, 0.6, 0.5)
-PACKED_FIELDS = ("packed", "d_w", "colsum")
+PACKED_FIELDS = ("packed", "d_w", "colsum", "l1", "l2")
 STEP_FIELDS = ("d_pos", "d_neg", "zp", "smooth")
 
 
@@ -38,6 +39,8 @@ class SiteParams:
     packed: Tensor                       # the quantized weight (lowering/quantize.py pack_weight)
     d_w: Tensor                          # its steps
     colsum: Tensor | None                # grid column sums per K segment (zero-point corrections)
+    l1: Tensor | None = None             # the low-rank branch's down-projection [K, r] (lowering/low_rank.py)
+    l2: Tensor | None = None             # its up-projection [r, N]
     smooth: Tensor | None = None         # SmoothQuant's divisor per input channel
     alpha: float | None = None
     smooth_note: str | None = None       # why a site to smooth on its first call was not
@@ -87,18 +90,29 @@ def float_weight(weight: Tensor, site) -> Tensor:
 def packed(w_nk: Tensor, lowering: SiteLowering, params: SiteParams | None,
            hessians: tuple[list[Tensor], float] | None = None) -> SiteParams:
     """`params` (None: a first packing) with the weight packed under its smoothing factors,
-    rounded by GPTQ on `hessians` (per K segment, damping) where given, else to nearest."""
+    rounded by GPTQ on `hessians` (per K segment, damping) where given, else to nearest. With a
+    low-rank branch, what is packed is the residual of the smoothed weight beside it."""
     smooth = params.smooth if params is not None else None
     w = w_nk.float()
     if smooth is not None:
         w = w * smooth
+    l1 = l2 = None
+    if lowering.low_rank:
+        w, l1, l2 = low_rank.split(w, lowering.low_rank, smooth, w_nk.dtype)
     lo = applied(lowering, params)
     rounded = _gptq(w, lo, smooth, *hessians) if hessians is not None else None
     weight, d_w, grid = Q.pack_weight(w, lo, rounded)
     colsum = column_sums(grid, lo.g_bounds or lo.k_bounds) if lo.format in ("int8", "w4a8") else None
     if params is None:
-        return SiteParams(weight, d_w, colsum)
-    return params.replace(packed=weight, d_w=d_w, colsum=colsum)
+        return SiteParams(weight, d_w, colsum, l1, l2)
+    return params.replace(packed=weight, d_w=d_w, colsum=colsum, l1=l1, l2=l2)
+
+
+def quantized_part(w_nk: Tensor, params: SiteParams) -> Tensor:
+    """The float weight [N, K] the packed grid stands for, before smoothing: the weight less its
+    low-rank branch (the whole weight without one)."""
+    w = w_nk.float()
+    return w if params.l1 is None else w - low_rank.branch_weight(params.l1, params.l2)
 
 
 def _gptq(w: Tensor, lo: SiteLowering, smooth: Tensor | None, hessians: list[Tensor], damp: float):
@@ -132,7 +146,7 @@ def run_rows(params: SiteParams, lowering: SiteLowering, rows: Tensor, bias: Ten
         w, d_w = params.packed, params.d_w
     return quantized_linear(rows, w, d_w, bias, params.d_pos, params.d_neg, params.zp, params.smooth,
                             params.colsum, lo.k_bounds, lo.codes, fmt=lo.format, cpu_gemm=lo.cpu_gemm,
-                            g_bounds=lo.g_bounds)
+                            g_bounds=lo.g_bounds, l1=params.l1, l2=params.l2)
 
 
 def site_sqnr(params: SiteParams, lowering: SiteLowering, w_nk: Tensor, rows: Tensor, bias: Tensor | None) -> float:
@@ -213,7 +227,7 @@ def search_activation_clip(params, lowering, w_nk, ranges, rows, bias) -> SitePa
 def choose_schemes(params: SiteParams, lowering: SiteLowering, w_nk: Tensor, rows: Tensor) -> SiteParams:
     """dualscale="auto": every candidate scheme measured per segment on these rows, the rule's
     choice kept (lowering/scheme_choice.py)."""
-    w = w_nk.float()
+    w = quantized_part(w_nk, params)
     if params.smooth is not None:   # as the GEMM sees them
         rows, w = rows / params.smooth, w * params.smooth
     candidates = scheme_choice.segment_sqnr(rows, w, dequantized(params, lowering), lowering.k_bounds,

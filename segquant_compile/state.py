@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from segquant_compile import site_params as P
+from segquant_compile.lowering import low_rank
 from segquant_compile.lowering.site_lowering import Rounding, SiteLowering
 from segquant_compile.passes import LinearSite
 from segquant_compile.distributed import Shard
@@ -272,7 +273,7 @@ class QuantState:
         keep_schemes = not self.base.static   # a dynamic site's first call chose them for good
         self.stale_note = None
         pending = initial_decisions(self.base)
-        params = SiteParams(self.params.packed, self.params.d_w, self.params.colsum,
+        params = SiteParams(self.params.packed, self.params.d_w, self.params.colsum, self.params.l1, self.params.l2,
                             chosen=self.params.chosen if keep_schemes else None,
                             candidates=self.params.candidates if keep_schemes else None)
         if keep_schemes and params.chosen is not None:
@@ -301,6 +302,11 @@ class QuantState:
                "weight_step": [float(p.d_w.min()), float(p.d_w.max())], "phase": self.phase.value}
         if lo.group_size:
             out["group_size"] = lo.group_size
+        if p.l1 is not None:   # SVDQuant's branch: its share of the site's work and storage
+            rank, (k, n) = p.l1.shape[1], (p.l1.shape[0], p.l2.shape[1])
+            branch = p.l1.nbytes + p.l2.nbytes
+            out["low_rank"] = {"rank": rank, "flops_share": round(low_rank.flops_share(rank, k, n), 4),
+                               "bytes_share": round(branch / (branch + p.packed.nbytes + p.d_w.nbytes), 4)}
         if lo.rounding != "rtn":
             if Decision.ROUNDING in self.pending:
                 out["weight_rounding"] = "gptq (awaiting " + (

@@ -1,7 +1,8 @@
 """Option values checked and converted by the dataclass field types that declare them, so an option
 is validated where it is declared: `bool`, `int`, `float`, `str`, `None`, enums (a member or its
 string), `Literal[...]`, unions of these, `tuple[X, ...]` (a list, or a lone string for strings;
-a mapping for pairs) and `tuple[A, B]`. A field's `metadata={"check": (predicate, "what it must
+a mapping for pairs), `tuple[A, B]` and `Annotated[str, P]` (a string P.parse accepts, kept as
+str(P.parse(value)): structured names such as formats stay plain strings in options and saves). A field's `metadata={"check": (predicate, "what it must
 be")}` adds a range check. Errors name the option and the expected type or values."""
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def check_fields(obj) -> None:
 
 @functools.cache
 def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def convert(key: str, value, hint):
@@ -60,6 +61,12 @@ def _convert_arm(key, value, arm):
     elif isinstance(arm, type) and issubclass(arm, enum.Enum):
         if isinstance(value, str) and value in {m.value for m in arm}:
             return arm(value)
+    elif origin is typing.Annotated:
+        if isinstance(value, str):
+            try:
+                return str(args[1].parse(value))
+            except ValueError:
+                pass
     elif arm is bool:
         if isinstance(value, bool):
             return value
@@ -144,6 +151,8 @@ def describe(hint) -> str:
                 words.append("a mapping of " + " to ".join(describe(a) for a in typing.get_args(args[0])))
             else:
                 words.append(f"a list of ({describe(args[0])})")
+        elif origin is typing.Annotated:
+            words.append(args[1].DESCRIBED)
         elif origin is typing.Literal or (isinstance(arm, type) and issubclass(arm, enum.Enum)):
             words.append(_either(_enumerable(arm)))
         else:
