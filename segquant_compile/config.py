@@ -154,6 +154,9 @@ class Run:
     calibration_steps: int | None = field(default=None, metadata=_at_least(1, "None or a positive int"))
     load: str | None = None                            # a folder written by sq.save
     release_float_weights: bool = False
+    # calibration statistics (GPTQ Hessians, kept rows) kept on the model's GPU up to this many bytes
+    # in all, accumulated there with no copy per call; the sites beyond keep theirs on the CPU
+    calibration_device_bytes: int = field(default=4 << 30, metadata=_at_least(0, "a non-negative int (bytes)"))
     autotune_cache: str | None = None
     mode: CompileMode = CompileMode.DEFAULT            # torch.compile's mode (it refuses mode= beside options=)
 

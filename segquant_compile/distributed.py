@@ -96,7 +96,7 @@ def merged_payload(gathered: list) -> dict:
 
 def statistics_payload(states) -> dict:
     """{state name: its statistics, on the CPU}: what this rank sends."""
-    return {st.name: st.stats.to("cpu") for st in states}
+    return {st.name: st.stats.to_cpu() for st in states}
 
 
 def check_names(states) -> None:

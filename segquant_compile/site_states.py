@@ -59,7 +59,7 @@ def create_state(entry: SiteEntry, weight: torch.Tensor, bias: torch.Tensor | No
     if state is not None:
         return state
     site = entry.site if name == entry.site.name else dataclasses.replace(entry.site, name=name)
-    state = QuantState(site, entry.lowering, weight, source=config.load)
+    state = QuantState(site, entry.lowering, weight, source=config.load, device_bytes=config.calibration_device_bytes)
     if config.load:
         load_state(config.load, state, weight, bias)
     return registry.STATES.put(weight, key, state)

@@ -22,18 +22,19 @@ from segquant_compile.distributed import Shard
 from segquant_compile import lifecycle
 from segquant_compile.lifecycle import NUMBERS, Decision, Phase, initial_decisions
 from segquant_compile.site_params import SiteParams
-from segquant_compile.statistics import SiteStatistics, StatisticsSpec
+from segquant_compile.statistics import DEVICE_BYTES, SiteStatistics, StatisticsSpec
 from segquant_compile.weight_watch import FloatWeightsReleased, WeightWatcher
 
 
 class QuantState:
     def __init__(self, site: LinearSite, lowering: SiteLowering, weight: Tensor, source: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, device_bytes: int = DEVICE_BYTES):
         self.site = site
         self.name = name or site.name    # the site's full module path (its first site's, when shared)
         self.base = lowering             # the lowering the options decided
         self.source = source             # the saved directory it was loaded from (None: made here)
         self.stale_note: str | None = None   # static steps calibrated before an upstream weight edit
+        self.device_bytes = device_bytes     # option calibration_device_bytes (statistics.DEVICE_BUDGET)
         self.pending = initial_decisions(lowering)
         self.stats = SiteStatistics(self._spec())
         self._lock = threading.Lock()
@@ -43,7 +44,8 @@ class QuantState:
         self.params = P.packed(self._w(weight), lowering, None)
 
     def _spec(self) -> StatisticsSpec:
-        return StatisticsSpec.for_site(self.base.k_bounds, Decision.ROUNDING in self.pending, self.site.conv)
+        return StatisticsSpec.for_site(self.base.k_bounds, Decision.ROUNDING in self.pending, self.site.conv,
+                                       self.device_bytes)
 
     def _w(self, weight: Tensor) -> Tensor:
         return P.float_weight(weight, self.site)
@@ -213,7 +215,7 @@ class QuantState:
         merged = SiteStatistics(self._spec(), self.stats.shard)
         for part in parts:
             merged.merge(part)
-        self.stats = merged.to(self.params.packed.device)
+        self.stats = merged.with_ranges_on(self.params.packed.device)
 
     def freeze(self, bias: Tensor | None) -> None:
         """A calibration's decisions from the statistics (`bias`: for the site's output SQNR)."""

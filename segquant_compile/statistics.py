@@ -9,15 +9,22 @@ Every quantity is a function of (call number, rows) that merges exactly or up to
   drawn from its call's number, and the `rows_kept` rows of smallest priority are kept. The sample
   does not depend on the order of calls, so two halves merge into the sample of the whole;
 - Hessians X^T X per K segment (GPTQ), summed where `sum_hessian` (else GPTQ fits the kept rows);
-- counts of rows and calls."""
+- counts of rows and calls.
+
+Where they live: rows and Hessians stay on the device of the activations they come from while
+the process's statistics there fit the `calibration_device_bytes` budget (DEVICE_BUDGET), so a
+GPU calibration accumulates X^T X on the GPU and copies nothing per call; a site beyond the
+budget keeps its statistics on the CPU (one K^2 copy per call, as the sum is made on the device)."""
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from segquant_compile.config import Run
 from segquant_compile.distributed import SINGLE, Shard
 from segquant_compile.lowering.conv import channel_ranges, im2col_rows
 from segquant_compile.lowering.gptq import segment_hessians
@@ -30,6 +37,57 @@ GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian where none is s
 HESSIAN_MAX_K = 4096
 
 
+DEVICE_BYTES = Run().calibration_device_bytes   # the option's default
+CPU = torch.device("cpu")
+
+
+class DeviceBudget:
+    """The bytes of statistics each accelerator device holds in this process, reserved by each
+    site's statistics when it first observes (the whole that it may grow to) and released when
+    its Hessians are dropped and when it is discarded. The CPU takes any amount."""
+
+    def __init__(self):
+        self._used: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def reserve(self, device: torch.device, nbytes: int, limit: int) -> bool:
+        if device.type == "cpu":
+            return True
+        with self._lock:
+            used = self._used.get(str(device), 0)
+            if used + nbytes > limit:
+                return False
+            self._used[str(device)] = used + nbytes
+            return True
+
+    def release(self, device: torch.device, nbytes: int) -> None:
+        if device.type != "cpu" and nbytes:
+            with self._lock:
+                self._used[str(device)] = self._used.get(str(device), 0) - nbytes
+
+    def used(self, device) -> int:
+        return self._used.get(str(torch.device(device)), 0)
+
+
+DEVICE_BUDGET = DeviceBudget()
+
+
+class _Reservation:
+    """What one SiteStatistics holds of DEVICE_BUDGET (released in parts, the rest when it dies)."""
+
+    def __init__(self, device: torch.device, hessian_bytes: int, row_bytes: int):
+        self.device, self.hessian_bytes, self.row_bytes = device, hessian_bytes, row_bytes
+
+    def release_hessians(self) -> None:
+        DEVICE_BUDGET.release(self.device, self.hessian_bytes)
+        self.hessian_bytes = 0
+
+    def release(self) -> None:
+        self.release_hessians()
+        DEVICE_BUDGET.release(self.device, self.row_bytes)
+        self.row_bytes = 0
+
+
 @dataclass(frozen=True)
 class StatisticsSpec:
     """What a site's statistics collect: its K segments, how many rows to keep, whether to sum
@@ -38,9 +96,20 @@ class StatisticsSpec:
     rows_kept: int
     sum_hessian: bool
     conv: ConvGeometry | None = None
+    device_bytes: int = DEVICE_BYTES   # the budget of statistics on an accelerator (option calibration_device_bytes)
+
+    @property
+    def hessian_bytes(self) -> int:
+        kb = self.k_bounds
+        return 4 * sum((b - a) ** 2 for a, b in zip(kb[:-1], kb[1:])) if self.sum_hessian else 0
+
+    @property
+    def row_bytes(self) -> int:
+        return 4 * self.rows_kept * self.k_bounds[-1]
 
     @classmethod
-    def for_site(cls, k_bounds, gptq_waits: bool, conv: ConvGeometry | None) -> "StatisticsSpec":
+    def for_site(cls, k_bounds, gptq_waits: bool, conv: ConvGeometry | None,
+                 device_bytes: int = DEVICE_BYTES) -> "StatisticsSpec":
         """SAMPLE_ROWS for the SQNR, scheme and smoothing searches; where GPTQ waits for rows,
         GPTQ_ROWS when no Hessian is summed, else as many as fit in the memory GPTQ_ROWS took
         beside its K^2 (at least SAMPLE_ROWS)."""
@@ -52,7 +121,7 @@ class StatisticsSpec:
             kept = GPTQ_ROWS
         else:
             kept = max(SAMPLE_ROWS, GPTQ_ROWS - k_bounds[-1])
-        return cls(tuple(k_bounds), kept, sums, conv)
+        return cls(tuple(k_bounds), kept, sums, conv, device_bytes)
 
 
 def _generator(call: int) -> torch.Generator:
@@ -70,7 +139,23 @@ class SiteStatistics:
         self.hessians: list[Tensor] | None = None
         self.rows_seen = 0
         self.calls = 0
+        self.home: torch.device | None = None      # where rows and Hessians are kept (set by the first call)
+        self._reservation: _Reservation | None = None
         self._lock = threading.Lock()
+
+    def _place(self, device: torch.device) -> None:
+        """Keep rows and Hessians on `device` if DEVICE_BUDGET has room for all they may grow to,
+        else on the CPU; decided once."""
+        if self.home is not None:
+            return
+        spec = self.spec
+        if device.type != "cpu" and DEVICE_BUDGET.reserve(device, spec.hessian_bytes + spec.row_bytes,
+                                                          spec.device_bytes):
+            self._reservation = _Reservation(device, spec.hessian_bytes, spec.row_bytes)
+            weakref.finalize(self, self._reservation.release)
+            self.home = device
+        else:
+            self.home = CPU
 
     # ------------------------------------------------------------------ observing
     def observe(self, x: Tensor, call: int | None = None, finite_only: bool = False) -> bool:
@@ -79,6 +164,7 @@ class SiteStatistics:
         else a non-finite range raises. False when no row was kept."""
         with self._lock:
             call = self.shard.call_number(self.calls) if call is None else call
+            self._place(x.device)
             x2, pos, neg = self._gemm_rows(x.detach(), call)
             if finite_only:
                 x2 = x2[torch.isfinite(x2).all(dim=1)]
@@ -89,7 +175,7 @@ class SiteStatistics:
                 raise FloatingPointError("NaN or Inf reached the calibration observer")
             self._add_ranges(call % 2, pos, neg)
             if self.spec.sum_hessian:
-                self._add_hessians([h.cpu() for h in segment_hessians(x2, self.spec.k_bounds)])
+                self._add_hessians([h.to(self.home) for h in segment_hessians(x2, self.spec.k_bounds)])
             priority = torch.rand(len(x2), generator=_generator(call), dtype=torch.float64)
             self._keep(x2, priority, torch.full((len(x2),), call, dtype=torch.long))
             self.rows_seen += len(x2)
@@ -125,13 +211,13 @@ class SiteStatistics:
         if len(priority) > limit:   # only the smallest new ones can enter
             keep = torch.topk(priority, limit, largest=False).indices
             x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
-        x2 = x2.float().cpu()
+        x2 = x2.float().to(self.home)
         if self.rows is not None:
             x2, priority = torch.cat([self.rows, x2]), torch.cat([self._priority, priority])
             calls = torch.cat([self.row_calls, calls])
         if len(priority) > limit:
             keep = torch.topk(priority, limit, largest=False).indices
-            x2, priority, calls = x2[keep], priority[keep], calls[keep]
+            x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
         self.rows, self._priority, self.row_calls = x2, priority, calls
 
     # ------------------------------------------------------------------ merging
@@ -141,37 +227,50 @@ class SiteStatistics:
         if other.spec != self.spec:
             raise ValueError("SiteStatistics.merge: statistics of different sites or segmentations")
         with self._lock:
+            self._place(CPU)   # statistics made only by merging (another rank's) stay on the CPU
             for parity, held in enumerate(other.parity_max):
                 if held is not None:
                     if not self.empty:
                         held = tuple(t.to(self._device()) for t in held)
                     self._add_ranges(parity, *held)
             if other.hessians is not None:
-                self._add_hessians([h.clone() for h in other.hessians])
+                self._add_hessians([h.to(self.home, copy=True) for h in other.hessians])
             if other.rows is not None:
                 self._keep(other.rows, other._priority, other.row_calls)
             self.rows_seen += other.rows_seen
             self.calls += other.calls
 
-    def __getstate__(self) -> dict:   # sent between ranks: no lock
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+    def __getstate__(self) -> dict:   # sent between ranks: no lock, no reservation of this process
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_reservation")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._reservation = None
         self._lock = threading.Lock()
 
-    def to(self, device) -> "SiteStatistics":
-        """A copy with the ranges on `device` (rows and Hessians stay on the CPU, where they are kept)."""
+    def to_cpu(self) -> "SiteStatistics":
+        """A copy with everything on the CPU (what a rank sends: one copy per calibration)."""
         out = SiteStatistics(self.spec, self.shard)
         with self._lock:
-            out.parity_max = [None if p is None else (p[0].to(device), p[1].to(device)) for p in self.parity_max]
-            out.rows, out.row_calls, out._priority = self.rows, self.row_calls, self._priority
-            out.hessians, out.rows_seen, out.calls = self.hessians, self.rows_seen, self.calls
+            out.parity_max = [None if p is None else (p[0].cpu(), p[1].cpu()) for p in self.parity_max]
+            out.rows = self.rows.cpu() if self.rows is not None else None
+            out.row_calls, out._priority = self.row_calls, self._priority
+            out.hessians = [h.cpu() for h in self.hessians] if self.hessians is not None else None
+            out.rows_seen, out.calls, out.home = self.rows_seen, self.calls, CPU
         return out
+
+    def with_ranges_on(self, device) -> "SiteStatistics":
+        """This object with its ranges on `device` (where the steps are computed); rows and
+        Hessians stay where they are kept."""
+        with self._lock:
+            self.parity_max = [None if p is None else (p[0].to(device), p[1].to(device)) for p in self.parity_max]
+        return self
 
     def drop_hessians(self) -> None:
         with self._lock:
             self.hessians = None
+            if self._reservation is not None:
+                self._reservation.release_hessians()
 
     # ------------------------------------------------------------------ reading
     @property

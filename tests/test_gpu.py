@@ -51,3 +51,25 @@ def test_tiny_unet_convs_on_gpu(activations, channels_last):
         out = output(compiled(**x))
     assert sqnr_db(ref.float(), out.float()) > (30 if activations == "dynamic" else 25)
     assert sq.report(compiled).totals()["conv_sites"] == 33
+
+
+@pytest.mark.parametrize("budget", [4 << 30, 0])
+def test_calibration_statistics_on_the_gpu_within_the_budget(budget):
+    """GPTQ Hessians and kept rows accumulate on the GPU (no per-call copy) within
+    `calibration_device_bytes`, on the CPU beyond it; both calibrate to close steps."""
+    import segquant_compile as sq
+    from segquant_compile.compiled import find
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda()
+    compiled = torch.compile(model, backend="segquant", options={"activations": "static", "weight_rounding": "gptq",
+                                                                 "calibration_device_bytes": budget})
+    seen = []
+    with sq.calibrate(compiled, progress=False):
+        for s in range(3):
+            compiled(torch.randn(64, 256, device="cuda"))
+        for st in find(compiled).quant_states:
+            seen.append((st.stats.hessians[0].device.type, st.stats.rows.device.type))
+    want = "cuda" if budget else "cpu"
+    assert seen and all(h == r == want for h, r in seen), seen
+    x = torch.randn(8, 256, device="cuda")
+    assert sqnr_db(model(x).float(), compiled(x).float()) > 25

@@ -167,3 +167,45 @@ def test_sites_reading_one_activation_share_one_set_of_statistics(monkeypatch):
             a, b = getattr(st.params, field), getattr(alone[name].params, field)
             assert (a is None and b is None) or torch.equal(a, b), (name, field)
         assert st.stats.hessians is None   # freed once every sharing site froze
+
+
+def test_statistics_stay_on_the_device_within_the_budget_and_release_it():
+    """Placement is decided on the first call: on the activations' device while the process's
+    statistics there fit `calibration_device_bytes`, else on the CPU; the reservation shrinks
+    when the Hessians are dropped and ends with the statistics. (Bookkeeping only: no tensor is
+    made on the device here; tests/test_gpu.py checks a real calibration on CUDA.)"""
+    import gc
+    from segquant_compile.statistics import CPU, DEVICE_BUDGET
+    device = torch.device("cuda", 7)   # a device no test touches
+    spec = StatisticsSpec((0, 64, 128), 32, True, device_bytes=3 * (4 * 2 * 64 * 64 + 4 * 32 * 128) // 2)
+    whole = spec.hessian_bytes + spec.row_bytes
+    assert (spec.hessian_bytes, spec.row_bytes) == (4 * 2 * 64 * 64, 4 * 32 * 128)
+    base = DEVICE_BUDGET.used(device)
+    a, b = SiteStatistics(spec), SiteStatistics(spec)
+    a._place(device)
+    b._place(device)   # a second whole does not fit 1.5 wholes
+    assert (a.home, b.home) == (device, CPU)
+    assert DEVICE_BUDGET.used(device) == base + whole
+    a.drop_hessians()
+    assert DEVICE_BUDGET.used(device) == base + spec.row_bytes
+    del a
+    gc.collect()
+    assert DEVICE_BUDGET.used(device) == base
+    c = SiteStatistics(dataclasses.replace(spec, device_bytes=0))
+    c._place(device)
+    assert c.home == CPU and DEVICE_BUDGET.used(device) == base
+    d = SiteStatistics(spec)
+    d._place(CPU)
+    assert d.home == CPU and DEVICE_BUDGET.used(device) == base
+
+
+def test_cpu_statistics_send_as_a_cpu_copy_and_merge():
+    spec = StatisticsSpec((0, 16), 64, True)
+    a = SiteStatistics(spec)
+    for i, x in enumerate(_calls(3, 20, 16)):
+        a.observe(x, call=i)
+    sent = a.to_cpu()
+    assert sent.home.type == "cpu" and torch.equal(sent.rows, a.rows)
+    b = SiteStatistics(spec)
+    b.merge(sent)
+    assert torch.equal(b.hessians[0], a.hessians[0]) and b.rows_seen == 60
