@@ -33,7 +33,10 @@ from machine import cpu_name  # noqa: E402
 from segquant_compile.examples import mnist_dit
 
 BUDGETS = (4.5, 5.0, 6.0)
-FORMATS = ("int8", "w4a8", "int8-weight-only", "int4-weight-only")
+# w4a8 beside SVDQuant's low-rank branch (issue 29): variants the allocation may pick, their
+# branch's bits counted per site in the budget
+LOW_RANK = ("w4a8+r8", "w4a8+r16")
+FORMATS = ("int8", "w4a8", "int8-weight-only", "int4-weight-only", *LOW_RANK)
 A8 = ("int8", "w4a8")   # the mix of the issue's targets: weight bits change, activations stay int8
 SENSITIVITY_CALLS = 6
 
@@ -72,9 +75,13 @@ def configs(sens: dict[str, Path]) -> dict[str, dict]:
         out[f"mix {b:g} bits"] = {"format": "auto", "budget": {"weight_bits": b}, "sensitivity": str(sens["a8"]),
                                   "weight_rounding": "rtn"}
     out["mix 5 bits gptq"] = {**out["mix 5 bits"], "weight_rounding": "gptq"}
+    for b in BUDGETS:   # w4a8 with a low-rank branch too (its bits in the budget)
+        out[f"mix {b:g} bits, low-rank"] = {"format": "auto", "budget": {"weight_bits": b},
+                                            "sensitivity": str(sens["a8-low-rank"]), "weight_rounding": "rtn"}
+    out["mix 6 bits gptq, low-rank"] = {**out["mix 6 bits, low-rank"], "weight_rounding": "gptq"}
     for b in BUDGETS:   # the weight-only formats too: float activations where they pay
         out[f"mix {b:g} bits, all formats"] = {"format": "auto", "budget": {"weight_bits": b},
-                                               "sensitivity": str(sens["all"]), "weight_rounding": "rtn"}
+                                               "sensitivity": str(sens["plain"]), "weight_rounding": "rtn"}
     return out
 
 
@@ -100,11 +107,14 @@ def run(model_key: str, seeds, images, classifier, measure: str = "run", only=No
     sens.save(sens_path.with_suffix(".html"))
     a8_path = RESULTS / f"sensitivity_{model_key}_a8.json"
     sens.only(A8).save(a8_path)
+    plain_path, low_rank_path = (RESULTS / f"sensitivity_{model_key}_{n}.json" for n in ("plain", "a8_low_rank"))
+    sens.only(tuple(f for f in FORMATS if f not in LOW_RANK)).save(plain_path)
+    sens.only(A8 + LOW_RANK).save(low_rank_path)
     result["sensitivity"] = {"seconds": time.perf_counter() - t0, "measure": measure,
                              "calls": SENSITIVITY_CALLS if measure == "calls" else None,
                              "formats": list(FORMATS), "table": str(sens)}
     print(sens, flush=True)
-    for name, opts in configs({"all": sens_path, "a8": a8_path}).items():
+    for name, opts in configs({"plain": plain_path, "a8": a8_path, "a8-low-rank": low_rank_path}).items():
         if only and name not in only:
             continue
         torch._dynamo.reset()
