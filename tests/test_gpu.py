@@ -73,3 +73,21 @@ def test_calibration_statistics_on_the_gpu_within_the_budget(budget):
     assert seen and all(h == r == want for h, r in seen), seen
     x = torch.randn(8, 256, device="cuda")
     assert sqnr_db(model(x).float(), compiled(x).float()) > 25
+
+
+@pytest.mark.parametrize("fmt", ["int8", "w4a8"])
+def test_low_rank_branch_on_gpu(fmt):
+    """The low-rank branch beside the Triton GEMM (bf16 activations): close to the CPU's numbers."""
+    import segquant_compile as sq  # noqa: F401
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+    x = torch.randn(64, 256)
+    outs = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        torch._dynamo.reset()
+        m = model.to(device, dtype)
+        compiled = torch.compile(m, backend="segquant", options={"format": fmt, "low_rank": 16,
+                                                                 "weight_rounding": "rtn"})
+        outs[device] = compiled(x.to(device, dtype)).float().cpu()
+    model.float()
+    assert sqnr_db(outs["cpu"], outs["cuda"]) > 30

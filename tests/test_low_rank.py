@@ -228,3 +228,16 @@ def test_a_compiled_conv_site_runs_its_branch(activations):
     st = {s.name: s for s in find(c).quant_states}
     assert st["0"].l1.shape == (144, 4) and st["0"].lowering.conv is not None
     assert scores[4] > scores[None] + 3, scores
+
+
+def test_an_edited_weight_gets_a_new_branch():
+    torch.manual_seed(0)
+    m = Net().eval().requires_grad_(False)
+    c = compiled(m, format="w4a8", weight_rounding="rtn", low_rank=8)
+    x = inputs(2, 1)
+    c(x)
+    with torch.no_grad():
+        m.a.weight.copy_(outlier_weight(192, 128, seed=11))
+    got = c(x)
+    fresh = compiled(m, format="w4a8", weight_rounding="rtn", low_rank=8)(x)
+    assert torch.equal(got, fresh)
