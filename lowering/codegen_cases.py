@@ -131,7 +131,7 @@ def cases() -> list[Case]:
         gemm((0,), (0, k), fmt="fp8"), gemm((1, 0), halves, fmt="fp8"),
         conv((0, 0), False), conv((1, 0), False), conv((2, 0), False), conv((0,), True), conv((1, 2), True),
         conv((0, 0), True, (1, 1)),
-        w4a8((0,)), w4a8((1, 2)), weight_only(8), weight_only(4),
+        w4a8((0,)), w4a8((1, 0)), w4a8((1, 2)), weight_only(8), weight_only(4),
     ]
 
 

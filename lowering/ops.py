@@ -107,9 +107,7 @@ def combine_segments(sums, d_pos, d_neg, d_w, bias, schemes, zp=None, colsum=Non
     for s, acc in enumerate(sums):
         if schemes[s] == 1:
             negatives.append(torch.mul(acc[1], d_neg[:, s:s + 1]))
-            part = torch.mul(acc[0], d_pos[:, s:s + 1])
-        else:
-            part = segment_part(acc, s, schemes[s], d_pos, d_neg, zp, colsum[s] if colsum is not None else None)
+        part = segment_part(acc[0], s, schemes[s], d_pos, zp, colsum[s] if colsum is not None else None)
         y = part if y is None else y.add_(part)
     for part in negatives:
         y.add_(part)
@@ -119,16 +117,14 @@ def combine_segments(sums, d_pos, d_neg, d_w, bias, schemes, zp=None, colsum=Non
     return y
 
 
-def segment_part(acc, s, scheme, d_pos, d_neg, zp=None, colsum=None) -> Tensor:
-    """One K range's fp32 part from its integer sums, with the steps of its segment s (colsum:
-    that range's [N] column sums, asymmetric only); the weight step is not applied yet."""
-    # int32 * fp32 promotes in one pass; the rest accumulates in place (CPU epilogue cost)
-    if scheme == 1:
-        part = torch.mul(acc[0], d_pos[:, s:s + 1])
-        return part.add_(torch.mul(acc[1], d_neg[:, s:s + 1]))
+def segment_part(acc, s, scheme, d_pos, zp=None, colsum=None) -> Tensor:
+    """One K range's fp32 part from its integer sum, with the step of its segment s: the whole
+    sum of a symmetric or asymmetric segment (colsum: that range's [N] column sums, asymmetric
+    only), or a DualScale segment's positive part; the weight step is not applied yet."""
+    # int32 * fp32 promotes in one pass (CPU epilogue cost)
     if scheme == 2:
-        return torch.mul(acc[0] - zp[:, s:s + 1].to(torch.int32) * colsum, d_pos[:, s:s + 1])
-    return torch.mul(acc[0], d_pos[:, s:s + 1])
+        return torch.mul(acc - zp[:, s:s + 1].to(torch.int32) * colsum, d_pos[:, s:s + 1])
+    return torch.mul(acc, d_pos[:, s:s + 1])
 
 
 EXACT_FP32_K = 1024   # 1024 products of 8-bit values: every partial sum is an integer below 2**24
@@ -221,25 +217,36 @@ def gemm_w4(q: Tensor, d_pos: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bi
     d_w [G, N] per K group [g_bounds[g], g_bounds[g+1]) and output channel; the G + 1 g_bounds
     refine k_bounds; colsum [G, N] int32 (column_sums over g_bounds) for asymmetric segments. Returns [M, N].
 
-    Order of fp32 operations (every implementation), for each group g of segment s in turn:
+    Order of fp32 operations (every implementation): DualScale in two passes over the groups, as
+    segquant::gemm's segments (combine_segments). First, for each group g of segment s in turn:
         acc  = q[:, g] @ W[g]                                exact int32
-               DualScale: acc_pos = max(q, 0)[:, g] @ W[g], acc_neg = min(q, 0)[:, g] @ W[g]
-        part = acc * d_pos[:, s]                               symmetric
-               acc_pos * d_pos[:, s] + acc_neg * d_neg[:, s]   DualScale
-               (acc - zp[:, s] * colsum[g]) * d_pos[:, s]      asymmetric (the correction in int32)
+               DualScale: max(q, 0)[:, g] @ W[g]
+        part = acc * d_pos[:, s]                             symmetric, DualScale
+               (acc - zp[:, s] * colsum[g]) * d_pos[:, s]    asymmetric (the correction in int32)
+        part = part * d_w[g]
+        y    = y + part
+    then for each group g of a DualScale segment s in turn:
+        acc  = min(q, 0)[:, g] @ W[g]                        exact int32
+        part = acc * d_neg[:, s]
         part = part * d_w[g]
         y    = y + part
     then y = y + bias, cast to out_dtype."""
     w = unpack_int4(w4, q.shape[1])
     groups = segment_groups(k_bounds, g_bounds)
     y = None
-    for s, scheme in enumerate(schemes):
-        for g in range(groups[s], groups[s + 1]):
-            qs, ws = q[:, g_bounds[g]:g_bounds[g + 1]], w[g_bounds[g]:g_bounds[g + 1]]
-            acc = (_int_mm(qs.clamp(min=0), ws), _int_mm(qs.clamp(max=0), ws)) if scheme == 1 else (_int_mm(qs, ws),)
-            part = segment_part(acc, s, scheme, d_pos, d_neg, zp, colsum[g] if colsum is not None else None)
-            part.mul_(d_w[g])
-            y = part if y is None else y.add_(part)
+    for negative in (False, True):    # DualScale's second pass: its segments' negative parts
+        for s, scheme in enumerate(schemes):
+            if negative and scheme != 1:
+                continue
+            for g in range(groups[s], groups[s + 1]):
+                qs, ws = q[:, g_bounds[g]:g_bounds[g + 1]], w[g_bounds[g]:g_bounds[g + 1]]
+                if negative:
+                    part = torch.mul(_int_mm(qs.clamp(max=0), ws), d_neg[:, s:s + 1])
+                else:
+                    part = segment_part(_int_mm(qs.clamp(min=0) if scheme == 1 else qs, ws), s, scheme, d_pos, zp,
+                                        colsum[g] if colsum is not None else None)
+                part.mul_(d_w[g])
+                y = part if y is None else y.add_(part)
     if bias is not None:
         y.add_(bias)
     return y.to(out_dtype)

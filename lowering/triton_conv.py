@@ -92,7 +92,7 @@ def segquant_conv_kernel(
                 acc, acc_i = segment_end(acc, acc_i, SCHEMES, DPOS, DNEG, ZP, COLSUM + s * N + rn, s, neg, rm, m_ok, n_ok,
                                          stride_dm, stride_ds, BLOCK_M, DUAL, ASYM)
     if not SEGMENTED and not DUAL:
-        acc = acc + flush(acc_i, acc_i, d_pos, d_neg, zp, COLSUM + rn, n_ok, scheme, False, ASYM)
+        acc = acc + flush(acc_i, d_pos, zp, COLSUM + rn, n_ok, scheme, ASYM)
     acc = acc * tl.load(DW + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -1,8 +1,10 @@
 """Triton kernels of the 4-bit and weight-only formats (the int8 / fp8 kernel is triton_gemm.py).
 
     w4a8:         int8 A [M, K] x int4 W (two K rows per byte) -> int32 per K group -> fp32 flush
-                  with the group's segment steps (DualScale by splitting A by sign, asymmetric by
-                  the zp * colsum correction: triton_k_loop.flush) times the group's weight steps
+                  with the group's segment steps (asymmetric by the zp * colsum correction:
+                  triton_k_loop.flush) times the group's weight steps; DualScale in the GEMM
+                  kernel's two passes over K with one integer accumulator (positive parts and
+                  the other segments' groups, then the DualScale groups' negative parts)
     weight-only:  float A x int8 (per channel) or int4 (per group) W, fp32 sums per group scaled
                   by the group's weight steps at its end
     epilogue:     + bias, cast to the output dtype
@@ -19,7 +21,8 @@ from . import autotune
 from .quantize import segment_groups
 from .site_lowering import variant_name
 from .gemm_configs import prune
-from .triton_k_loop import flush, int8_dots, int_tensor, k_tile, k_tiles, segment_steps, tile
+from .triton_k_loop import (dual_pass, flush, int_tensor, k_tile, k_tiles, pass_operand, segment_steps, tile,
+                            tile_schemes)
 
 
 @triton.jit
@@ -33,7 +36,7 @@ def int4_rows(W, kk, rn, mask, stride_wk, stride_wn):
 
 @triton.jit
 def w4a8_kernel(
-        A, W, C, DPOS, DNEG, DW, BIAS, TK, TU, GS, SCHEMES, ZP, COLSUM,
+        A, W, C, DPOS, DNEG, DW, BIAS, TK, TU, TS, GS, SCHEMES, ZP, COLSUM,
         M, N, T,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dm, stride_ds,
         stride_dwg, stride_dwn,
@@ -45,25 +48,26 @@ def w4a8_kernel(
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    acc_n = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)     # the group's exact sum
     # one loop over K tiles, weight group after group (the flush unit: groups never straddle a
-    # segment); each group flushes with its segment's steps (GS) and its own weight steps
-    for t in range(0, T):
-        kk, k_ok, g, last = k_tile(TK, TU, t, rk, K_ALIGN, EVEN_K, BLOCK_K)
+    # segment); each group flushes with its segment's steps (GS) and its own weight steps.
+    # DualScale: two passes over K (dual_pass), one integer accumulator alive
+    for t in range(0, T * (2 if DUAL else 1)):
+        tt, neg = dual_pass(t, T, DUAL)
+        kk, k_ok, g, last = k_tile(TK, TU, tt, rk, K_ALIGN, EVEN_K, BLOCK_K)
         a = tl.load(A + rm[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=m_ok[:, None] & k_ok[None, :], other=0)
+        if DUAL:   # the tile's scheme by tile index (the GEMM kernel's reason)
+            a = pass_operand(a, tl.load(TS + tt), neg, DUAL, False)
         w = int4_rows(W, kk, rn, k_ok[:, None] & n_ok[None, :], stride_wk, stride_wn)
-        acc_p, acc_n = int8_dots(acc_p, acc_n, a, w, DUAL)
-        if SEGMENTED:
+        acc_i += tl.dot(a, w, out_dtype=tl.int32)
+        if SEGMENTED or DUAL:
             if last:
-                acc = acc + group_part(acc_p, acc_n, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, g, rm, rn, m_ok, n_ok,
+                acc, acc_i = group_end(acc, acc_i, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, g, neg, rm, rn, m_ok, n_ok,
                                        N, stride_dm, stride_ds, stride_dwg, stride_dwn, BLOCK_M, DUAL, ASYM)
-                acc_p = tl.zeros_like(acc_p)
-                acc_n = tl.zeros_like(acc_n)
-    if not SEGMENTED:
-        acc = acc + group_part(acc_p, acc_n, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, 0, rm, rn, m_ok, n_ok,
-                               N, stride_dm, stride_ds, stride_dwg, stride_dwn, BLOCK_M, DUAL, ASYM)
+    if not SEGMENTED and not DUAL:   # one group: its flush after the loop
+        acc, acc_i = group_end(acc, acc_i, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, 0, False, rm, rn, m_ok, n_ok,
+                               N, stride_dm, stride_ds, stride_dwg, stride_dwn, BLOCK_M, False, ASYM)
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty),
@@ -71,13 +75,21 @@ def w4a8_kernel(
 
 
 @triton.jit
-def group_part(acc_p, acc_n, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, g, rm, rn, m_ok, n_ok, N, stride_dm, stride_ds,
-               stride_dwg, stride_dwn, BLOCK_M: tl.constexpr, DUAL: tl.constexpr, ASYM: tl.constexpr):
-    """Weight group g's fp32 part: its segment's flush, times the group's weight steps."""
+def group_end(acc, acc_i, DPOS, DNEG, DW, GS, SCHEMES, ZP, COLSUM, g, neg, rm, rn, m_ok, n_ok, N, stride_dm, stride_ds,
+              stride_dwg, stride_dwn, BLOCK_M: tl.constexpr, DUAL: tl.constexpr, ASYM: tl.constexpr):
+    """The end of weight group g (DUAL: of its pass `neg`): its integer sum flushed with its
+    segment's steps as triton_k_loop.segment_end flushes a segment (DualScale's first pass the
+    positive part with d_pos, the second the negative part with d_neg and nothing of the other
+    segments), times the group's weight steps, into `acc`; the sum restarted."""
     s = tl.load(GS + g)
     d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DPOS, DNEG, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
-    part = flush(acc_p, acc_n, d_pos, d_neg, zp, COLSUM + g * N + rn, n_ok, scheme, DUAL, ASYM)
-    return part * tl.load(DW + g * stride_dwg + rn * stride_dwn, mask=n_ok, other=0.0)[None, :]
+    d_w = tl.load(DW + g * stride_dwg + rn * stride_dwn, mask=n_ok, other=0.0)[None, :]
+    if DUAL:
+        part = flush(acc_i, tl.where(neg, d_neg, d_pos), zp, COLSUM + g * N + rn, n_ok, tl.where(neg, 1, scheme), ASYM)
+        acc = acc + tl.where(neg & (scheme != 1), 0.0, part * d_w)
+    else:
+        acc = acc + flush(acc_i, d_pos, zp, COLSUM + g * N + rn, n_ok, scheme, ASYM) * d_w
+    return acc, tl.zeros_like(acc_i)
 
 
 @triton.jit
@@ -163,11 +175,13 @@ def launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_d
     stride_dm = d_pos.stride(0) if d_pos.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     tk, tu, tiles, align, even = k_tiles(g_bounds, cfg["BLOCK_K"], q.device)
-    # the segment of each weight group
-    gs = int_tensor([s for s in range(S) for _ in range(groups[s], groups[s + 1])], q.device)
+    # the segment of each weight group, and DualScale's scheme of each K tile (by group)
+    segment = [s for s in range(S) for _ in range(groups[s], groups[s + 1])]
+    gs = int_tensor(segment, q.device)
     flags = int_tensor(schemes, q.device)
+    ts = tile_schemes(g_bounds, [schemes[s] for s in segment], cfg["BLOCK_K"], q.device) if dual else flags
     w4a8_kernel[grid](
-        q, w4, c, d_pos, d_neg, d_w, bias if bias is not None else d_w, tk, tu, gs, flags,
+        q, w4, c, d_pos, d_neg, d_w, bias if bias is not None else d_w, tk, tu, ts, gs, flags,
         zp if zp is not None else d_pos, colsum.contiguous() if colsum is not None else tk,
         M, N, tiles,
         q.stride(0), q.stride(1), w4.stride(0), w4.stride(1), c.stride(0), c.stride(1), stride_dm, d_pos.stride(1),

@@ -70,35 +70,15 @@ def k_tile(TK, TU, t, rk, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: 
 
 
 @triton.jit
-def int8_dots(acc_p, acc_n, a, w, DUAL: tl.constexpr):
-    """One K tile's exact int32 dots; DualScale splits A by sign in registers (two dots, one W
-    tile, two sums alive: the w4a8 kernel's form; the GEMM and conv kernels make two passes)."""
-    if DUAL:
-        acc_p += tl.dot(tl.maximum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
-        acc_n += tl.dot(tl.minimum(a, 0).to(tl.int8), w, out_dtype=tl.int32)
-    else:
-        acc_p += tl.dot(a, w, out_dtype=tl.int32)
-    return acc_p, acc_n
-
-
-@triton.jit
-def flush(acc_p, acc_n, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, DUAL: tl.constexpr, ASYM: tl.constexpr):
-    """One K segment's integer sums into fp32 with its own steps, in the reference's order
-    (ops.segment_part): only DualScale segments combine two products, the others (plain segments
-    of a DualScale site too) scale their whole sum once; asymmetric segments subtract
-    zp * colsum(W) in int32 first. With DUAL, both sums of a DualScale segment (w4a8's
-    group_part); segment_end calls it with one sum."""
-    total = acc_p                                      # the whole q tile's sum (exact int32)
-    if DUAL:
-        total = acc_p + acc_n
+def flush(acc_i, d, zp, colsum_ptr, n_ok, scheme, ASYM: tl.constexpr):
+    """One flush unit's integer sum into fp32 with step d of this tile's rows, in the reference's
+    order (ops.segment_part): asymmetric segments (scheme 2) subtract zp * colsum(W) in int32
+    first. segment_end passes DualScale's pass: its step, and scheme 1 in the second pass."""
+    total = acc_i                                      # the unit's exact sum (int32)
     if ASYM:
         colsum = tl.load(colsum_ptr, mask=n_ok, other=0)
         total = tl.where(scheme == 2, total - zp.to(tl.int32)[:, None] * colsum[None, :], total)
-    part = total.to(tl.float32) * d_pos[:, None]
-    if DUAL:
-        dual = acc_p.to(tl.float32) * d_pos[:, None] + acc_n.to(tl.float32) * d_neg[:, None]
-        part = tl.where(scheme == 1, dual, part)
-    return part
+    return total.to(tl.float32) * d[:, None]
 
 
 @triton.jit
@@ -139,11 +119,10 @@ def segment_end(acc, acc_i, SCHEMES, DPOS, DNEG, ZP, colsum_ptr, s, neg, rm, m_o
     (ops.combine_segments). Shared with triton_conv.py."""
     d_pos, d_neg, scheme, zp = segment_steps(SCHEMES, DPOS, DNEG, ZP, s, rm, m_ok, stride_dm, stride_ds, BLOCK_M, ASYM)
     if DUAL:
-        part = flush(acc_i, acc_i, tl.where(neg, d_neg, d_pos), d_neg, zp, colsum_ptr, n_ok,
-                     tl.where(neg, 1, scheme), False, ASYM)
+        part = flush(acc_i, tl.where(neg, d_neg, d_pos), zp, colsum_ptr, n_ok, tl.where(neg, 1, scheme), ASYM)
         acc = acc + tl.where(neg & (scheme != 1), 0.0, part)
     else:
-        acc = acc + flush(acc_i, acc_i, d_pos, d_neg, zp, colsum_ptr, n_ok, scheme, False, ASYM)
+        acc = acc + flush(acc_i, d_pos, zp, colsum_ptr, n_ok, scheme, ASYM)
     return acc, tl.zeros_like(acc_i)
 
 

@@ -151,6 +151,62 @@ def test_w4a8_odd_starts_short_groups_mixed_schemes():
             assert torch.equal(got.cpu(), ref)
 
 
+def w4_in_order(q, d_pos, d_neg, w, d_w, bias, k_bounds, g_bounds, schemes, zp, colsum, two_pass=True):
+    """gemm_w4's order of fp32 operations written out (its docstring) from exact group sums:
+    two_pass, the DualScale groups' negative parts after every group's first part; otherwise
+    each DualScale group's two parts side by side (the order of the kernel that kept two
+    accumulators alive), which rounds otherwise."""
+    groups = segment_groups(k_bounds, g_bounds)
+    y, negatives = None, []
+    for s, scheme in enumerate(schemes):
+        for g in range(groups[s], groups[s + 1]):
+            qs, ws = q[:, g_bounds[g]:g_bounds[g + 1]].long(), w[g_bounds[g]:g_bounds[g + 1]].long()
+            if scheme == 1:
+                acc = (qs.clamp(min=0) @ ws).int()
+                acc_neg = (qs.clamp(max=0) @ ws).int()
+            elif scheme == 2:
+                acc = (qs @ ws).int() - zp[:, s:s + 1].int() * colsum[g]
+            else:
+                acc = (qs @ ws).int()
+            part = acc.float() * d_pos[:, s:s + 1]
+            if scheme == 1 and two_pass:
+                negatives.append((acc_neg.float() * d_neg[:, s:s + 1]) * d_w[g])
+            elif scheme == 1:
+                part = part + acc_neg.float() * d_neg[:, s:s + 1]
+            part = part * d_w[g]
+            y = part if y is None else y + part
+    for part in negatives:
+        y = y + part
+    return y + bias if bias is not None else y
+
+
+# plain (symmetric; one group: the flush after the K loop) and DualScale (alone, beside plain and
+# asymmetric segments; one group: the two passes still flush inside the loop); segments of 70 and
+# 160 columns hold groups of 64 and shorter ones
+W4_SCHEMES = {"plain-one-group": ([0, 64], [0]), "plain": ([0, 70, 230], [0, 0]),
+              "dual-one-group": ([0, 64], [1]), "dual": ([0, 70, 230], [1, 1]),
+              "dual-mixed": ([0, 70, 230, 262], [1, 0, 2])}
+
+
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "static"])
+@pytest.mark.parametrize("block_k", [32, 64, 128])
+@pytest.mark.parametrize("case", list(W4_SCHEMES))
+def test_w4a8_plain_and_dualscale_bit_exact(case, block_k, per_token):
+    """Kernel and op against gemm_w4's written order, bit for bit: DualScale in two passes (one
+    integer accumulator), its negative parts added after every group's first part."""
+    k_bounds, schemes = W4_SCHEMES[case]
+    args, kw, w = w4_operands((17, 40, k_bounds, schemes, 64, per_token, True, torch.float32, 21))
+    q, d_pos, d_neg, _, d_w, bias, _, g_bounds, _, _ = args
+    want = w4_in_order(q, d_pos, d_neg, w, d_w, bias, k_bounds, g_bounds, schemes, kw["zp"], kw["colsum"])
+    ref = torch.ops.segquant.gemm_w4(*args, **kw)
+    assert torch.equal(ref, want)
+    if 1 in schemes:   # the order is seen: the one-pass order rounds otherwise on these operands
+        assert not torch.equal(ref, w4_in_order(q, d_pos, d_neg, w, d_w, bias, k_bounds, g_bounds, schemes, kw["zp"],
+                                                kw["colsum"], two_pass=False))
+    got = launch_w4(*on_device(*args), zp=kw["zp"].to(DEVICE), colsum=kw["colsum"].to(DEVICE), config=config(block_k))
+    assert torch.equal(got.cpu(), ref)
+
+
 def weight_only_operands(p, bits, x_dtype):
     m, n, k_bounds, _, group, _, has_bias, out, seed = p
     g = torch.Generator().manual_seed(seed)
