@@ -27,7 +27,7 @@ from segquant_compile.compiled import find
 from segquant_compile.examples import mnist_dit
 from fidelity import MODELS, RESULTS, evaluate, git_state, labels_for, version  # noqa: E402  (bench/)
 from machine import cpu_name  # noqa: E402
-from mixed_precision import calibrate  # noqa: E402
+from mixed_precision import calibrate, chart  # noqa: E402
 
 RANKS = (8, 16, 32, 64)
 CONFIGS = {
@@ -85,26 +85,6 @@ def run(model_key: str, seeds, images, classifier, only=None) -> dict:
               f"{row['average_weight_bits']} bits, branch {row['branch_bytes']} B / "
               f"{row['quantized_weight_bytes']} B quantized, {row['wall_s']:.0f} s", flush=True)
     return result
-
-
-def chart(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    models = list(results["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, key in zip(axes[0], models):
-        rows = results["models"][key]["configs"]
-        names = list(rows)
-        colors = ["#dd8452" if "low-rank" in n else "#4c72b0" for n in names]
-        ax.bar(range(len(names)), [rows[n]["psnr_mean_db"] for n in names], color=colors)
-        ax.set_xticks(range(len(names)), [f"{n} ({rows[n]['average_weight_bits']} b)" for n in names],
-                      fontsize=7, rotation=40, ha="right")
-        ax.set_ylabel("mean per-image PSNR vs float (dB)")
-        ax.set_title(results["models"][key]["title"] + "\n(bits: average weight bits, branches included)",
-                     fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
