@@ -51,6 +51,12 @@ def json_object(text: str, what: str) -> dict:
     return value
 
 
+def json_file(text: str) -> str:
+    if text and not text.endswith(".json"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write .json")
+    return text
+
+
 def options_json(text: str) -> dict:
     value = json_object(text, "segquant options")
     from segquant_compile.options import resolve_options
@@ -79,6 +85,8 @@ def cmd_inspect(args) -> int:
     shipped config keeps the documented batch 1 at 1024 px."""
     from pathlib import Path
 
+    import torch
+
     from segquant_compile.explain import explain
     config = models.load_config(args.model)
     folder = None if args.model in models.shipped() else Path(args.model)
@@ -95,7 +103,14 @@ def cmd_inspect(args) -> int:
     print(f"planned for one denoiser call: batch {batch}, {side}x{side} px (latent {side // defaults['vae_factor']}), "
           f"{tokens} text tokens")
     report = explain(model, **inputs, options=args.options)
-    print(report.summary() if args.summary else report)
+    if args.calibration_memory is None:
+        print(report.summary() if args.summary else report)
+    else:   # the plan's totals, then the bytes its calibration holds (calibration_memory.py)
+        from segquant_compile.calibration_memory import calibration_memory
+        memory = calibration_memory(report, getattr(torch, args.dtype))
+        print(report.summary() + "\n\n" + memory.describe(per_site=not args.summary))
+        if args.calibration_memory:
+            print(f"wrote {memory.save(args.calibration_memory)}")
     for path in args.save or ():
         print(f"wrote {report.save(path)}")
     return 0
@@ -290,6 +305,11 @@ def main(argv=None) -> int:
     _add_model_args(p, default="sd3.5-medium")
     p.add_argument("--save", action="append", metavar="PATH", help="write the report (.json, .dot, .html)")
     p.add_argument("--summary", action="store_true", help="totals only")
+    p.add_argument("--calibration-memory", nargs="?", const="", default=None, type=json_file, metavar="JSON",
+                   help="the bytes a calibration under these options holds (Hessians, kept rows, packed weights, "
+                        "float copies) per site and in total; optionally written to JSON")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the model's float weights, for --calibration-memory (its own weights, low-rank branches)")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("quantize", help="calibrate a local diffusers pipeline folder's denoiser on prompts; save")
     p.add_argument("folder", type=pipeline_folder,

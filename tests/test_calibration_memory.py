@@ -1,0 +1,60 @@
+"""The calibration memory model (calibration_memory.py) against what a real calibration holds."""
+import json
+
+import torch
+
+import segquant_compile as sq
+from conftest import tiny_sd3, tiny_sd3_inputs
+from segquant_compile import cli
+from segquant_compile.calibration_memory import calibration_memory
+
+
+def _bytes(t) -> int:
+    return 0 if t is None else t.nbytes
+
+
+def test_the_estimate_is_the_statistics_a_calibration_holds(monkeypatch):
+    """A tiny SD3 (q/k/v sharing statistics; int8, w4a8 with a low-rank branch, int4 weight-only)
+    calibrated on 3 calls: the Hessians, kept rows (with their priorities and calls) and ranges
+    held just before the freeze, each set counted once, are the estimate from its plan, byte for
+    byte; so are the packed weights and the CPU fp32 form's dequantized copies after a call."""
+    monkeypatch.setenv("SEGQUANT_CPU_GEMM", "fp32")
+    opts = {"activations": "static", "inductor": False,
+            "formats": {"*.ff.net.2": "w4a8+r2", "*.ff_context.*": "int4-weight-only"}}
+    model = tiny_sd3()
+    inputs = [tiny_sd3_inputs(batch=2, seed=s, side=16) for s in range(3)]
+    memory = calibration_memory(sq.explain(model, **inputs[0], options=opts), calls=len(inputs))
+    compiled = torch.compile(model, backend="segquant", options=opts)
+    with sq.calibrate(compiled, progress=False):
+        for x in inputs:
+            compiled(**x)
+        sets = {id(st.stats): st.stats for st in sq.report(compiled).states.values()}
+        held = {"hessians": sum(sum(map(_bytes, s.hessians or ())) for s in sets.values()),
+                "rows": sum(_bytes(s.rows) + _bytes(s._priority) + _bytes(s.row_calls) for s in sets.values()),
+                "ranges": sum(_bytes(t) for s in sets.values() for p in s.parity_max if p is not None for t in p)}
+    total = memory.totals()
+    assert held == {k: total[k] for k in held} and held["hessians"] > 0
+    assert total["statistics_sets"] == len(sets) < total["collecting"] == total["sites"]
+    shared = {x.site: x.shared_with for x in memory.sites if x.shared_with}
+    assert shared["transformer_blocks.0.attn.to_k"] == shared["transformer_blocks.0.attn.to_v"] == \
+        "transformer_blocks.0.attn.to_q"
+    compiled(**inputs[0])
+    states = sq.report(compiled).states
+    estimate = {x.site: x for x in memory.sites}
+    for name, st in states.items():
+        p = st.params
+        assert estimate[name].packed_bytes == sum(map(_bytes, (p.packed, p.d_w, p.colsum, p.l1, p.l2))), name
+    copies = {id(st): _bytes(st._dequantized[1]) if st._dequantized else 0 for st in states.values()}
+    assert sum(copies.values()) == total["float_copies"] > 0
+
+
+def test_inspect_calibration_memory(capsys, tmp_path):
+    """The default (dynamic) options: the statistics serve the first call's decisions."""
+    tiny_sd3().save_config(tmp_path / "transformer")
+    out = tmp_path / "memory.json"
+    assert cli.main(["inspect", str(tmp_path), "--resolution", "64", "--text-tokens", "5",
+                     "--calibration-memory", str(out), "--summary"]) == 0
+    text = capsys.readouterr().out
+    assert "statistics serve GPTQ rounding" in text and "awaiting its first call" in text
+    saved = json.loads(out.read_text())
+    assert saved["totals"]["statistics"] > 0 and len(saved["sites"]) == saved["totals"]["sites"]
