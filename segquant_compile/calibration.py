@@ -140,7 +140,7 @@ class Session:
             if id(st) not in frozen_here:
                 st.adopt_frozen(records[st.name][0])
         for st, _ in pairs:
-            st.drop_hessians()
+            st.discard_statistics()
 
     def _merge_over_group(self) -> None:
         """Every rank's statistics of every site, merged in rank order into each state here."""
@@ -175,12 +175,13 @@ class Session:
 
 
 def freeze(states_and_biases) -> None:
-    """Freeze every site, then free the Hessians (sites reading one activation share them)."""
+    """Freeze every site, then free its statistics (sites reading one activation share them): a
+    frozen site decides nothing more from rows, and FLUX.1-dev's kept rows alone are GBs."""
     pairs = list(states_and_biases)
     for st, bias in pairs:
         st.freeze(bias)
     for st, _ in pairs:
-        st.drop_hessians()
+        st.discard_statistics()
 
 
 def _first_tensor(out):

@@ -206,10 +206,6 @@ class QuantState:
         """Statistics merged for another site that shared this one's (distributed.py)."""
         self.stats = stats
 
-    def drop_hessians(self) -> None:
-        """After every site sharing them has frozen: K^2 per segment is not held past its use."""
-        self.stats.drop_hessians()
-
     def adopt_statistics(self, parts: list[SiteStatistics]) -> None:
         """The statistics of every rank of a calibration group, merged in rank order."""
         merged = SiteStatistics(self._spec(), self.stats.shard)

@@ -44,7 +44,7 @@ CPU = torch.device("cpu")
 class DeviceBudget:
     """The bytes of statistics each accelerator device holds in this process, reserved by each
     site's statistics when it first observes (the whole that it may grow to) and released when
-    its Hessians are dropped and when it is discarded. The CPU takes any amount."""
+    it is discarded. The CPU takes any amount."""
 
     def __init__(self):
         self._used: dict[str, int] = {}
@@ -73,19 +73,15 @@ DEVICE_BUDGET = DeviceBudget()
 
 
 class _Reservation:
-    """What one SiteStatistics holds of DEVICE_BUDGET (released in parts, the rest when it dies)."""
+    """What one SiteStatistics holds of DEVICE_BUDGET, released when it dies (a frozen site
+    discards its statistics: calibration.freeze)."""
 
-    def __init__(self, device: torch.device, hessian_bytes: int, row_bytes: int):
-        self.device, self.hessian_bytes, self.row_bytes = device, hessian_bytes, row_bytes
-
-    def release_hessians(self) -> None:
-        DEVICE_BUDGET.release(self.device, self.hessian_bytes)
-        self.hessian_bytes = 0
+    def __init__(self, device: torch.device, nbytes: int):
+        self.device, self.nbytes = device, nbytes
 
     def release(self) -> None:
-        self.release_hessians()
-        DEVICE_BUDGET.release(self.device, self.row_bytes)
-        self.row_bytes = 0
+        DEVICE_BUDGET.release(self.device, self.nbytes)
+        self.nbytes = 0
 
 
 @dataclass(frozen=True)
@@ -151,7 +147,7 @@ class SiteStatistics:
         spec = self.spec
         if device.type != "cpu" and DEVICE_BUDGET.reserve(device, spec.hessian_bytes + spec.row_bytes,
                                                           spec.device_bytes):
-            self._reservation = _Reservation(device, spec.hessian_bytes, spec.row_bytes)
+            self._reservation = _Reservation(device, spec.hessian_bytes + spec.row_bytes)
             weakref.finalize(self, self._reservation.release)
             self.home = device
         else:
@@ -265,12 +261,6 @@ class SiteStatistics:
         with self._lock:
             self.parity_max = [None if p is None else (p[0].to(device), p[1].to(device)) for p in self.parity_max]
         return self
-
-    def drop_hessians(self) -> None:
-        with self._lock:
-            self.hessians = None
-            if self._reservation is not None:
-                self._reservation.release_hessians()
 
     # ------------------------------------------------------------------ reading
     @property

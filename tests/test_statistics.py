@@ -171,8 +171,8 @@ def test_sites_reading_one_activation_share_one_set_of_statistics(monkeypatch):
 
 def test_statistics_stay_on_the_device_within_the_budget_and_release_it():
     """Placement is decided on the first call: on the activations' device while the process's
-    statistics there fit `calibration_device_bytes`, else on the CPU; the reservation shrinks
-    when the Hessians are dropped and ends with the statistics. (Bookkeeping only: no tensor is
+    statistics there fit `calibration_device_bytes`, else on the CPU; the reservation
+    ends with the statistics (a frozen site discards them). (Bookkeeping only: no tensor is
     made on the device here; tests/test_gpu.py checks a real calibration on CUDA.)"""
     import gc
     from segquant_compile.statistics import CPU, DEVICE_BUDGET
@@ -186,8 +186,6 @@ def test_statistics_stay_on_the_device_within_the_budget_and_release_it():
     b._place(device)   # a second whole does not fit 1.5 wholes
     assert (a.home, b.home) == (device, CPU)
     assert DEVICE_BUDGET.used(device) == base + whole
-    a.drop_hessians()
-    assert DEVICE_BUDGET.used(device) == base + spec.row_bytes
     del a
     gc.collect()
     assert DEVICE_BUDGET.used(device) == base
@@ -209,3 +207,17 @@ def test_cpu_statistics_send_as_a_cpu_copy_and_merge():
     b = SiteStatistics(spec)
     b.merge(sent)
     assert torch.equal(b.hessians[0], a.hessians[0]) and b.rows_seen == 60
+
+
+def test_a_frozen_calibration_holds_no_statistics():
+    """After the freeze no rows or Hessians stay held (FLUX.1-dev's kept rows alone are GBs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval().requires_grad_(False)
+    c = torch.compile(model, backend="segquant", options={"inductor": False, "activations": "static",
+                                                          "weight_rounding": "gptq"})
+    with sq.calibrate(c, progress=False):
+        for s in range(2):
+            c(torch.randn(16, 64))
+        assert all(st.stats.rows is not None for st in find(c).quant_states)
+    for st in find(c).quant_states:
+        assert st.stats.rows is None and st.stats.hessians is None and st.stats.empty
