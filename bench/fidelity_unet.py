@@ -32,7 +32,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import shlex
 import statistics
@@ -300,6 +299,7 @@ def run_config(key, float_net, calibration, sets, refs, speed_inputs, a, results
     torch._dynamo.reset()
     row = {"key": key, "name": name, "kind": kind, "options": opts if kind != "torchao" else {}}
     t0 = time.perf_counter()
+    net = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -487,6 +487,8 @@ def main(argv=None):
             "torch": torch.__version__, "torchao": version("torchao"),
             "torchao_status": "ok" if not isinstance(ao, str) else ao, "torchao_import_log": TORCHAO_IMPORT_LOG,
             "numpy": version("numpy"), "segquant_compile": sq.__version__, "git": git_state(),
+            "code": {m: sys.modules[m].__file__ for m in ("segquant_compile", "segquant_compile.passes",
+                                                           "segquant_compile.lowering")},
             "uptime_at_start": uptime(),
         },
         "configs": {},
