@@ -437,6 +437,9 @@ def main(argv=None):
     p.add_argument("--chart-only", action="store_true", help="render the chart from --out and stop")
     p.add_argument("--out", default=str(RESULTS / "fidelity_unet.json"))
     p.add_argument("--png", default=None, help="chart path (default: --out with .png)")
+    p.add_argument("--inputs", default=None, metavar="PATH",
+                   help="a .pt file of the calibration and evaluation inputs and the float references: "
+                        "read if it exists (for these --maps and --batch), else written")
     a = p.parse_args(argv)
     out = Path(a.out)
     png = Path(a.png) if a.png else out.with_suffix(".png")
@@ -528,8 +531,18 @@ def main(argv=None):
     float_net = tu.load_unet()
     with torch.no_grad():
         t1 = time.perf_counter()
-        calibration = calibration_set(float_net, a.batch)
-        sets, refs = ({}, {}) if a.speed_only else evaluation_set(float_net, a.maps, a.batch)
+        cached = torch.load(a.inputs) if a.inputs and Path(a.inputs).exists() else None
+        if cached is not None and (cached["maps"], cached["batch"]) != (a.maps, a.batch):
+            sys.exit(f"{a.inputs} holds --maps {cached['maps']} --batch {cached['batch']}")
+        if cached is None:
+            calibration = calibration_set(float_net, a.batch)
+            sets, refs = ({}, {}) if a.speed_only else evaluation_set(float_net, a.maps, a.batch)
+            if a.inputs and not a.speed_only:
+                torch.save({"maps": a.maps, "batch": a.batch, "calibration": calibration, "sets": sets,
+                            "refs": refs}, a.inputs)
+        else:
+            calibration, sets, refs = cached["calibration"], cached["sets"], cached["refs"]
+            results["inputs_from"] = a.inputs
         results["reference_s"] = round(time.perf_counter() - t1, 1)
         speed_inputs = calibration[1]        # a fixed batch of a.batch maps, mixed sigmas
         print(f"terrain UNet: inputs and float references in {results['reference_s']:.0f} s; "
