@@ -424,6 +424,40 @@ def write_chart(results, png: Path) -> str:
         return f"no chart: matplotlib is not importable here (install it, then --chart-only renders {png})"
 
 
+def merge(docs, names) -> dict:
+    """One document from runs on the same inputs: the first's header, every run's configurations
+    (a later run's row for a key wins), each run's command, environment and time under "runs"."""
+    for d in docs[1:]:
+        for k in ("maps_per_sigma", "batch", "evaluation", "calibration"):
+            if d[k] != docs[0][k]:
+                raise SystemExit(f"cannot merge: {k} differs")
+    timed = [d for d in docs if d.get("speed")]
+    # speeds compare only within one run: keep the run that timed the float baseline
+    base = next((d for d in timed if "speed" in d["configs"].get("float-inductor", {})),
+                timed[0] if timed else None)
+    doc = dict(docs[0])
+    doc["configs"], doc["runs"] = {}, []
+    for name, d in zip(names, docs):
+        for k, r in d["configs"].items():
+            r = {f: v for f, v in r.items() if d is base or f != "speed"}
+            have = doc["configs"].get(k)
+            if have is None or "error" in have or "skipped" in have:
+                doc["configs"][k] = r
+            elif "error" not in r and "skipped" not in r:
+                have.update(r)
+        doc["runs"].append({"file": name, "command": d["command"], "environment": d["environment"],
+                            "wall_s": d.get("wall_s"), "complete": d.get("complete"),
+                            "configs": list(d["configs"]), "speed": d.get("speed")})
+    doc["command"] = [r["command"] for r in doc["runs"]]
+    doc["complete"] = all(r["complete"] for r in doc["runs"])
+    if base is not None:
+        doc["speed"] = dict(base["speed"], from_run=names[docs.index(base)])
+        doc["speed"]["table"] = speed_table(doc)
+    else:
+        doc.pop("speed", None)
+    return doc
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 prog="fidelity.py --models unet")
@@ -435,6 +469,8 @@ def main(argv=None):
     p.add_argument("--speed-only", action="store_true", help="time only; replaces the speed part of --out")
     p.add_argument("--no-speed", action="store_true", help="fidelity only")
     p.add_argument("--chart-only", action="store_true", help="render the chart from --out and stop")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge the configurations of these runs' JSONs (same inputs) into --out and stop")
     p.add_argument("--out", default=str(RESULTS / "fidelity_unet.json"))
     p.add_argument("--png", default=None, help="chart path (default: --out with .png)")
     p.add_argument("--inputs", default=None, metavar="PATH",
@@ -445,6 +481,11 @@ def main(argv=None):
     png = Path(a.png) if a.png else out.with_suffix(".png")
     if a.chart_only:
         print(write_chart(json.loads(out.read_text()), png))
+        return
+    if a.merge:
+        doc = merge([json.loads(Path(f).read_text()) for f in a.merge], a.merge)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {out}; {write_chart(doc, png)}\n\n{table(doc)}")
         return
     if a.speed_only and a.no_speed:
         p.error("--speed-only and --no-speed exclude each other")
