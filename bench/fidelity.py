@@ -6,6 +6,7 @@ bench/results/fidelity.png beside it, and prints a table.
     .venv/bin/python bench/fidelity.py                       # all configurations, 5 seeds x 100 images
     .venv/bin/python bench/fidelity.py --seeds 1 --images 20 # quick check
     .venv/bin/python bench/fidelity.py --configs default static torchao-asym --models dit
+    .venv/bin/python bench/fidelity.py --models unet         # the terrain UNet: bench/fidelity_unet.py
 
 Models (both sampled with their own samplers from segquant_compile.examples.mnist_dit / mnist_vit):
   dit: MNIST DiT, EDM Heun 18 steps, images in [-1, 1]: PSNR = 10 log10(2^2 / mse) per image
@@ -14,7 +15,8 @@ Models (both sampled with their own samplers from segquant_compile.examples.mnis
 Seeds 1..N (N = --seeds), --images per seed, labels 0..9 repeated. The metric is the mean of the
 per-image PSNRs over all seeds' images (a per-image mse of 0 is floored at 1e-12, i.e. a capped PSNR).
 Static calibration runs the sampler on other seeds (1000..1009, 10 images each, labels 0..9), never
-on the evaluation seeds. torchao (the `bench` extra: pip install '.[bench]') quantizes with
+on the evaluation seeds. The terrain UNet (`--models unet`, alone) is measured per denoiser call at
+three sigmas, against PT2E and torchao, with CPU speed: its options are bench/fidelity_unet.py's. torchao (the `bench` extra: pip install '.[bench]') quantizes with
 `quantize_(copy, Int8DynamicActivationInt8WeightConfig(...))` and compiles with Inductor; it
 quantizes nn.Linear modules only (on the ViT, the attention's packed in_proj_weight stays float
 there, while segquant quantizes it).
@@ -361,10 +363,20 @@ def table(results: dict) -> str:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--models", nargs="+", default=[])
+    known, rest = pre.parse_known_args(argv)
+    if "unet" in known.models:   # its own inputs, metric, peers and options
+        if known.models != ["unet"]:
+            pre.error("--models unet runs alone")
+        import fidelity_unet
+        return fidelity_unet.main(rest)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), metavar="NAME",
                    help=f"configuration keys or display names (default: all): {', '.join(CONFIGS)}")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "unet"],
+                   help="unet: alone, bench/fidelity_unet.py's options (--models unet --help)")
     p.add_argument("--seeds", type=int, default=5, help="evaluation seeds 1..N (default 5)")
     p.add_argument("--images", type=int, default=100, help="images per seed (default 100)")
     p.add_argument("--out", default=str(RESULTS / "fidelity.json"))
