@@ -20,10 +20,12 @@ to the fp32 result after the bias and before the cast, in rank chunks of low_ran
 columns (16 for r <= 16, else 32: tl.dot's K, the rank zero-padded to it), each chunk's products
 summed in fp32 (low_rank.up_into). segquant::gemm_prologue takes L1 instead of lr: its kernel
 accumulates x @ L1 from the float x tiles it reads anyway (fp32, K tile after K tile), rounds it
-to x's dtype, then adds the up-projection the same way; its reference sums x @ L1 in one matmul,
-so the two agree bit for bit where those sums are exact, and to fp32 rounding of lr otherwise.
-The branch's float sums run in a BLAS / numpy / tensor-core order: kernel and reference agree
-bit for bit where the integer path and those sums are exact (the tests' dyadic branches).
+to x's dtype, then adds the up-projection the same way; its reference sums x @ L1 in one matmul
+(with 16-bit x the two lr may differ in their last bit where the two fp32 sums round apart).
+The branch's float sums run in a BLAS / numpy / tensor-core order (a GPU's MMA adds a chunk's
+products into the running fp32 result in its own order): kernel and reference agree bit for bit
+under the interpreter where the integer path and those sums are exact (the tests' dyadic
+branches), and to fp32 rounding otherwise.
 
 The 4-bit and weight-only formats have their own ops below (segquant::gemm_w4: int4 weights with
 steps per K group, flushed per group; segquant::gemm_weight_only: float activations), each with
