@@ -58,22 +58,31 @@ def cases() -> list[Case]:
     """Every kernel variant the launchers can start (site_lowering.variant_name names them), on
     the segments real sites have: 24 head segments of 64 (attention's to_out), DualScale beside
     plain segments, asymmetric segments, a site whose segments are not on 16-column multiples,
-    convs over a skip concatenation, 4-bit weights in groups of 128."""
+    convs over a skip concatenation, 4-bit weights in groups of 128; each GEMM and w4a8 variant
+    again with a low-rank branch (`-lr`)."""
     from . import triton_conv, triton_formats, triton_gemm
     from .quantize import k_major   # 8-bit weights as packed for CUDA (quantize.packed_layout)
     from .site_lowering import ConvGeometry, variant_name
     m, n, k = 4096, 1536, 1536
     heads, halves = tuple(range(0, k + 1, 64)), (0, 768, k)
 
-    def gemm(codes, bounds, fmt="int8", prologue=False, kk=k):
-        variant = variant_name(fmt, 1 in codes, prologue, 2 in codes)
+    rank = triton_gemm.BRANCH_RANK
+
+    def branch(rows):
+        """SVDQuant's branch in bf16 (a diffusion model's dtype): lr [rows, r] (prologue: l1
+        [K, r]) and l2 [r, N]."""
+        return torch.zeros(rows, rank, dtype=torch.bfloat16), torch.zeros(rank, n, dtype=torch.bfloat16)
+
+    def gemm(codes, bounds, fmt="int8", prologue=False, kk=k, lr=False):
+        variant = variant_name(fmt, 1 in codes, prologue, 2 in codes, lr)
 
         def run(cfg, calls):
+            down, l2 = branch(kk if prologue else m) if lr else (None, None)
             if fmt == "fp8":
                 a = torch.zeros(m, kk, dtype=torch.float8_e4m3fn)
                 w = k_major(torch.zeros(kk, n, dtype=torch.float8_e4m3fn))
-            else:
-                a = torch.zeros(m, kk, dtype=torch.float32 if prologue else torch.int8)
+            else:   # float x with the prologue: fp32, or bf16 with the branch (its x @ L1 on tensor cores)
+                a = torch.zeros(m, kk, dtype=(torch.bfloat16 if lr else torch.float32) if prologue else torch.int8)
                 w = k_major(torch.zeros(kk, n, dtype=torch.int8))
             d = torch.ones(1 if prologue else m, len(codes))
             zp = torch.zeros_like(d) if 2 in codes else None
@@ -81,7 +90,8 @@ def cases() -> list[Case]:
             with _recording(triton_gemm, "segquant_gemm_kernel", calls):
                 triton_gemm.launch(a, d, d, w, torch.ones(n), torch.ones(n, dtype=torch.bfloat16), bounds, codes,
                                    torch.bfloat16, smooth=torch.ones(kk) if prologue else None, prologue=prologue,
-                                   config=cfg, zp=zp, colsum=colsum)
+                                   config=cfg, zp=zp, colsum=colsum, lr=None if prologue else down, l2=l2,
+                                   l1=down if prologue else None)
         return Case("gemm", variant, kk, tuple(bounds), run)
 
     def conv(codes, prologue, kernel=(3, 3)):
@@ -99,10 +109,11 @@ def cases() -> list[Case]:
                                    codes, geometry, torch.bfloat16, zp=zp, colsum=colsum, config=cfg)
         return Case("conv", triton_conv.variant(geometry, codes, prologue), kk, bounds, run)
 
-    def w4a8(codes):
+    def w4a8(codes, lr=False):
         groups = tuple(range(0, k + 1, 128))
 
         def run(cfg, calls):
+            down, l2 = branch(m) if lr else (None, None)
             d = torch.ones(m, len(codes))
             zp = torch.zeros_like(d) if 2 in codes else None
             colsum = torch.zeros(len(groups) - 1, n, dtype=torch.int32) if 2 in codes else None
@@ -110,8 +121,8 @@ def cases() -> list[Case]:
                 triton_formats.launch_w4(torch.zeros(m, k, dtype=torch.int8), d, d,
                                          torch.zeros(k // 2, n, dtype=torch.int8), torch.ones(len(groups) - 1, n),
                                          None, halves if len(codes) == 2 else (0, k), groups, codes,
-                                         torch.bfloat16, zp=zp, colsum=colsum, config=cfg)
-        return Case("w4a8", variant_name("w4a8", 1 in codes, False, 2 in codes), k, groups, run)
+                                         torch.bfloat16, zp=zp, colsum=colsum, config=cfg, lr=down, l2=l2)
+        return Case("w4a8", variant_name("w4a8", 1 in codes, False, 2 in codes, lr), k, groups, run)
 
     def weight_only(bits):
         groups = tuple(range(0, k + 1, 128)) if bits == 4 else (0, k)
@@ -132,6 +143,14 @@ def cases() -> list[Case]:
         conv((0, 0), False), conv((1, 0), False), conv((2, 0), False), conv((0,), True), conv((1, 2), True),
         conv((0, 0), True, (1, 1)),
         w4a8((0,)), w4a8((1, 0)), w4a8((1, 2)), weight_only(8), weight_only(4),
+        # SVDQuant's low-rank branch of rank BRANCH_RANK: the up-projection in the epilogue, and
+        # in the prologue kernel the down-projection's [BLOCK_M, 32] fp32 sum alive in the K loop
+        gemm((0,), (0, k), lr=True), gemm((0,) * 24, heads, lr=True), gemm((1, 0), halves, lr=True),
+        gemm((2, 0), halves, lr=True), gemm((0, 0, 0), (0, 40, 100, 1000), kk=1000, lr=True),
+        gemm((0,), (0, k), prologue=True, lr=True), gemm((0,) * 24, heads, prologue=True, lr=True),
+        gemm((1, 0), halves, prologue=True, lr=True),
+        gemm((0,), (0, k), fmt="fp8", lr=True), gemm((1, 0), halves, fmt="fp8", lr=True),
+        w4a8((0,), lr=True), w4a8((1, 0), lr=True), w4a8((1, 2), lr=True),
     ]
 
 

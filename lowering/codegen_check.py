@@ -109,6 +109,16 @@ def _sync_tile_loads(ttgir: str) -> int:
     return len(re.findall(r"= tt\.load [^\n]*: tensor<\d+x\d+x!tt\.ptr", ttgir))
 
 
+def epilogue_tile_loads(row: dict) -> int:
+    """2-D loads a kernel makes once after its K loop, synchronous by nature (counted in
+    sync_tile_loads, not against the K loop's pipelining): the low-rank branch's lr and L2 tiles
+    (one rank chunk, as the check compiles it), or in the prologue kernel the L2 tile only (its
+    x @ L1 reads the K loop's x tiles and L1 tiles, async like the others)."""
+    if not row["variant"].endswith("-lr"):
+        return 0
+    return 1 if "-prologue" in row["variant"] else 2
+
+
 def compile_row(case: Case, config: dict, arch: str) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -245,7 +255,7 @@ def arch_summary(rows: list[dict]) -> str:
     lines = []
     for (arch,), rs in sorted(_groups(rows, ("arch",)).items()):
         asked = [r for r in rs if r["config"].get("num_stages", 1) >= 2]
-        both = sum(r["pipelined"] and r["sync_tile_loads"] == 0 for r in asked)
+        both = sum(r["pipelined"] and r["sync_tile_loads"] == epilogue_tile_loads(r) for r in asked)
         lines.append(f"{arch}: {len(rs)} rows, {sum(r['compiled'] for r in rs)} compiled, "
                      f"{sum(bool(r['spill_bytes']) for r in rs)} spilling, "
                      f"{sum(r['pipelined'] for r in asked)} pipelined ({both} with both tiles async) of {len(asked)} "

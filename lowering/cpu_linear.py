@@ -19,6 +19,7 @@ import os
 import torch
 from torch import Tensor
 
+from . import low_rank
 from .ops import cpu_int8_gemm, int_mm_onednn
 from .quantize import ASYMMETRIC, DUALSCALE, _round, _segments, dequantize_segment, dynamic_steps, nonfinite_rows
 
@@ -69,15 +70,19 @@ def quantized_activation(x: Tensor, k_bounds, schemes, d_pos, d_neg, zp, kind: s
 
 
 def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_pos, d_neg, zp, colsum,
-               k_bounds, schemes, kind: str, out_dtype: torch.dtype, activation=None) -> Tensor:
+               k_bounds, schemes, kind: str, out_dtype: torch.dtype, activation=None, branch=None) -> Tensor:
     """y [M, N] = x @ W^T + b on the int8 grid; w: the packed int8 [K, N] with its steps d_w, or
     for "fp32" with d_w None the dequantized weight (QuantState.dequantized); `activation`:
-    quantized_activation's result when several sites share it (same input, same steps)."""
+    quantized_activation's result when several sites share it (same input, same steps);
+    `branch`: (lr, l2), the low-rank branch's up-projection added in fp32 after the bias, as the
+    GEMM op adds it (low_rank.up_into)."""
     a = activation if activation is not None else quantized_activation(x, k_bounds, schemes, d_pos, d_neg, zp, kind)
     b = bias.float() if bias is not None else None
     if kind == "fp32":
         wf = w if d_w is None else w.float() * d_w
         y = torch.addmm(b, a, wf) if b is not None else a @ wf
+        if branch is not None:
+            y = low_rank.up_into(y, *branch)
         return y.to(out_dtype)
     y, negatives = None, []
     for s, ((q, d, dn, z), k0, k1) in enumerate(zip(a, k_bounds[:-1], k_bounds[1:])):
@@ -95,6 +100,8 @@ def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_pos, d_
     y = y * d_w
     if b is not None:
         y = y + b
+    if branch is not None:
+        y = low_rank.up_into(y, *branch)
     if d_pos is not None:
         y = y + nonfinite_rows(x)
     return y.to(out_dtype)

@@ -110,7 +110,7 @@ def prune(m: int, n: int, k: int, variant: str, device, bounds=None, arch: str |
     if INTERPRET and arch is None:
         return [dict(INTERPRETER_CONFIG)]
     arch = arch or device_arch(device)
-    elem = 4 if variant.endswith("prologue") or variant.endswith("weight-only") else 1   # bytes of an A element
+    elem = 4 if "-prologue" in variant or variant.endswith("weight-only") else 1   # bytes of an A element
     # a real device's own limit; the arch's when the check asks for one
     limit = shared_memory(device) if torch.device(device).type == "cuda" else codegen_limit(arch) if arch else \
         shared_memory(device)

@@ -8,9 +8,24 @@ scheme code schemes[s] (lowering/quantize.py):
     2 asymmetric:  y += (q[:, s] @ W[s, :] - zp[:, s] * colsum[s]) * d_pos[:, s]   (the correction in int32)
 then for each DualScale segment s, in order:  y += (min(q,0)[:, s] @ W[s, :]) * d_neg[:, s]
     y = y * d_w + bias
+    y = y + lr[:, c] @ l2[c, :]    for each rank chunk c, in order (with SVDQuant's branch)
 with int32 accumulation inside a segment and fp32 across segments. Scales are step sizes;
 d_pos / d_neg / zp are [M, S] (dynamic, per token) or [1, S] (static, per tensor); colsum [S, N]
 int32 holds the packed weight's column sums per segment (packed with it).
+
+SVDQuant's low-rank branch (lowering/low_rank.py), optional in every GEMM op: lr [M, r] = x @ L1
+(the down-projection, in the activation's dtype: what the tensor cores take, fp32 sums rounded
+once, as a torch matmul gives it) and l2 [r, N] (cast to lr's dtype); the up-projection is added
+to the fp32 result after the bias and before the cast, in rank chunks of low_rank.chunk(r)
+columns (16 for r <= 16, else 32: tl.dot's K, the rank zero-padded to it), each chunk's products
+summed in fp32 (low_rank.up_into). segquant::gemm_prologue takes L1 instead of lr: its kernel
+accumulates x @ L1 from the float x tiles it reads anyway (fp32, K tile after K tile), rounds it
+to x's dtype, then adds the up-projection the same way; its reference sums x @ L1 in one matmul
+(with 16-bit x the two lr may differ in their last bit where the two fp32 sums round apart).
+The branch's float sums run in a BLAS / numpy / tensor-core order (a GPU's MMA adds a chunk's
+products into the running fp32 result in its own order): kernel and reference agree bit for bit
+under the interpreter where the integer path and those sums are exact (the tests' dyadic
+branches), and to fp32 rounding otherwise.
 
 The 4-bit and weight-only formats have their own ops below (segquant::gemm_w4: int4 weights with
 steps per K group, flushed per group; segquant::gemm_weight_only: float activations), each with
@@ -24,6 +39,7 @@ import functools
 import torch
 from torch import Tensor
 
+from . import low_rank
 from .quantize import dequantize_weight, segment_groups, unpack_int4
 
 LIB = "segquant"
@@ -32,47 +48,66 @@ LIB = "segquant"
 @torch.library.custom_op(f"{LIB}::gemm", mutates_args=())
 def gemm(q: Tensor, d_pos: Tensor, d_neg: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None,
          k_bounds: list[int], schemes: list[int], out_dtype: torch.dtype, zp: Tensor | None = None,
-         colsum: Tensor | None = None) -> Tensor:
+         colsum: Tensor | None = None, lr: Tensor | None = None, l2: Tensor | None = None) -> Tensor:
     """q [M, K] int8; d_pos, d_neg, zp [M or 1, S] fp32; w [K, N] int8 (packed); d_w [N] fp32;
-    k_bounds S+1 ints; schemes S codes; colsum [S, N] int32 (asymmetric segments); returns [M, N]."""
-    return gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
+    k_bounds S+1 ints; schemes S codes; colsum [S, N] int32 (asymmetric segments); lr [M, r],
+    l2 [r, N]: the low-rank branch (module docstring); returns [M, N]."""
+    return gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum, lr, l2)
+
+
+def _check_branch(op, m, n, lr, l2):
+    torch._check((lr is None) == (l2 is None), lambda: f"segquant::{op}: the low-rank branch takes both lr and l2")
+    if lr is not None:
+        torch._check(lr.dim() == 2 and l2.dim() == 2 and lr.shape[0] == m and lr.shape[1] == l2.shape[0]
+                     and l2.shape[1] == n, lambda: f"segquant::{op}: lr {tuple(lr.shape)}, l2 {tuple(l2.shape)} "
+                     f"for [M = {m}, N = {n}]")
 
 
 @gemm.register_fake
-def _(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
+def _(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None, lr=None, l2=None):
     torch._check(q.dim() == 2 and w.dim() == 2, lambda: "segquant::gemm takes 2-D q and w")
     torch._check(q.shape[1] == w.shape[0], lambda: f"K mismatch: q {q.shape}, w {w.shape}")
+    _check_branch("gemm", q.shape[0], w.shape[1], lr, l2)
     return q.new_empty((q.shape[0], w.shape[1]), dtype=out_dtype)
 
 
 @gemm.register_kernel("cuda")
-def _(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
+def _(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None, lr=None, l2=None):
     from .triton_gemm import launch
-    return launch(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
+    return launch(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=zp, colsum=colsum, lr=lr, l2=l2)
 
 
 @torch.library.custom_op(f"{LIB}::gemm_prologue", mutates_args=())
 def gemm_prologue(x: Tensor, d_pos: Tensor, d_neg: Tensor, smooth: Tensor | None, w: Tensor, d_w: Tensor,
-                  bias: Tensor | None, k_bounds: list[int], schemes: list[int], out_dtype: torch.dtype) -> Tensor:
+                  bias: Tensor | None, k_bounds: list[int], schemes: list[int], out_dtype: torch.dtype,
+                  l1: Tensor | None = None, l2: Tensor | None = None) -> Tensor:
     """The GEMM reading float activations, quantized with static steps d_pos/d_neg [1, S] (and the
     SmoothQuant divisor) inside the kernel: no separate quantize pass. Rows holding NaN/Inf come
-    out NaN."""
+    out NaN. l1 [K, r] (r <= low_rank.FUSED_DOWN_MAX), l2 [r, N]: the low-rank branch, its
+    down-projection x @ L1 from the raw x the kernel reads. Order of fp32 operations:
+        y = combine(...) * d_w + bias + lr @ l2 (rank chunks) + NaN for non-finite rows"""
     from .quantize import nonfinite_rows, quantize_static
     xs = x.float() / smooth if smooth is not None else x.float()
     q = quantize_static(xs, list(k_bounds), list(schemes), d_pos, d_neg)
-    y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, torch.float32) + nonfinite_rows(xs)
+    lr = low_rank.down(x, l1) if l1 is not None else None
+    y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, torch.float32, lr=lr, l2=l2) + \
+        nonfinite_rows(xs)
     return y.to(out_dtype)
 
 
 @gemm_prologue.register_fake
-def _(x, d_pos, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype):
+def _(x, d_pos, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype, l1=None, l2=None):
+    if l1 is not None:
+        torch._check(l1.dim() == 2 and l1.shape[0] == x.shape[1], lambda: f"segquant::gemm_prologue: l1 {tuple(l1.shape)}")
+        _check_branch("gemm_prologue", x.shape[0], w.shape[1], x.new_empty((x.shape[0], l1.shape[1])), l2)
     return x.new_empty((x.shape[0], w.shape[1]), dtype=out_dtype)
 
 
 @gemm_prologue.register_kernel("cuda")
-def _(x, d_pos, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype):
+def _(x, d_pos, d_neg, smooth, w, d_w, bias, k_bounds, schemes, out_dtype, l1=None, l2=None):
     from .triton_gemm import launch
-    return launch(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=smooth, prologue=True)
+    return launch(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, smooth=smooth, prologue=True,
+                  l1=l1, l2=l2)
 
 
 def column_sums(w: Tensor, k_bounds) -> Tensor:
@@ -80,9 +115,11 @@ def column_sums(w: Tensor, k_bounds) -> Tensor:
     return torch.stack([w[k0:k1].sum(dim=0, dtype=torch.int32) for k0, k1 in zip(k_bounds[:-1], k_bounds[1:])])
 
 
-def gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None):
+def gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp=None, colsum=None, lr=None,
+                   l2=None):
     """CPU implementation: an exact int8 GEMM (_int_mm) per segment, fp32 epilogue; e4m3
-    operands (fp8 emulated on CPU) go through float64 products, exact for 8-bit values."""
+    operands (fp8 emulated on CPU) go through float64 products, exact for 8-bit values; the
+    low-rank branch's up-projection last (low_rank.up_into)."""
     fp8 = q.dtype == torch.float8_e4m3fn
     mm = torch.matmul if fp8 else _int_mm
 
@@ -94,6 +131,8 @@ def gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, 
             yield (mm(qs.clamp(min=0), ws), mm(qs.clamp(max=0), ws)) if schemes[s] == 1 else (mm(qs, ws),)
 
     y = combine_segments(sums(), d_pos, d_neg, d_w, bias, schemes, zp, colsum)
+    if lr is not None:
+        y = low_rank.up_into(y, lr, l2)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
@@ -211,7 +250,8 @@ def int_accumulators(q, w, k_bounds, schemes):
 @torch.library.custom_op(f"{LIB}::gemm_w4", mutates_args=())
 def gemm_w4(q: Tensor, d_pos: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bias: Tensor | None,
             k_bounds: list[int], g_bounds: list[int], schemes: list[int], out_dtype: torch.dtype,
-            zp: Tensor | None = None, colsum: Tensor | None = None) -> Tensor:
+            zp: Tensor | None = None, colsum: Tensor | None = None, lr: Tensor | None = None,
+            l2: Tensor | None = None) -> Tensor:
     """w4a8: q [M, K] int8 activations with segquant::gemm's K segments, schemes and steps
     (d_pos, d_neg, zp [M or 1, S]) x int4 weights w4 [ceil(K/2), N] (quantize.pack_int4) with steps
     d_w [G, N] per K group [g_bounds[g], g_bounds[g+1]) and output channel; the G + 1 g_bounds
@@ -230,7 +270,8 @@ def gemm_w4(q: Tensor, d_pos: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bi
         part = acc * d_neg[:, s]
         part = part * d_w[g]
         y    = y + part
-    then y = y + bias, cast to out_dtype."""
+    then y = y + bias; with the low-rank branch lr [M, r], l2 [r, N] then y = y + lr @ l2 in rank
+    chunks (module docstring); cast to out_dtype."""
     w = unpack_int4(w4, q.shape[1])
     groups = segment_groups(k_bounds, g_bounds)
     y = None
@@ -249,20 +290,26 @@ def gemm_w4(q: Tensor, d_pos: Tensor, d_neg: Tensor, w4: Tensor, d_w: Tensor, bi
                 y = part if y is None else y.add_(part)
     if bias is not None:
         y.add_(bias)
+    if lr is not None:
+        y = low_rank.up_into(y, lr, l2)
     return y.to(out_dtype)
 
 
 @gemm_w4.register_fake
-def _(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
+def _(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None, lr=None,
+      l2=None):
     torch._check(q.dim() == 2 and w4.dim() == 2, lambda: "segquant::gemm_w4 takes 2-D q and w4")
     torch._check(w4.shape[0] == (q.shape[1] + 1) // 2, lambda: f"K mismatch: q {q.shape}, packed int4 w {w4.shape}")
+    _check_branch("gemm_w4", q.shape[0], w4.shape[1], lr, l2)
     return q.new_empty((q.shape[0], w4.shape[1]), dtype=out_dtype)
 
 
 @gemm_w4.register_kernel("cuda")
-def _(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None):
+def _(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None, lr=None,
+      l2=None):
     from .triton_formats import launch_w4
-    return launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=zp, colsum=colsum)
+    return launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=zp, colsum=colsum,
+                     lr=lr, l2=l2)
 
 
 @torch.library.custom_op(f"{LIB}::gemm_weight_only", mutates_args=())

@@ -70,10 +70,13 @@ class ConvGeometry:
         return cls(int(v[0]), (int(v[1]), int(v[2])), (int(v[3]), int(v[4])), (int(v[5]), int(v[6])))
 
 
-def variant_name(fmt: str, dual: bool, prologue: bool = False, asymmetric: bool = False) -> str:
-    """The kernel variant (`int8`, `int8-dual`, `int8-asym`, `fp8-dual`, `int8-prologue`, ...):
-    part of the autotune key, shared by the launcher and SiteLowering.variant."""
-    return fmt + ("-dual" if dual else "") + ("-asym" if asymmetric else "") + ("-prologue" if prologue else "")
+def variant_name(fmt: str, dual: bool, prologue: bool = False, asymmetric: bool = False, low_rank: bool = False) -> str:
+    """The kernel variant (`int8`, `int8-dual`, `int8-asym`, `fp8-dual`, `int8-prologue`,
+    `int8-prologue-lr`, `w4a8-dual-lr`, ...): part of the autotune key, shared by the launcher and
+    SiteLowering.variant; `-lr`: with SVDQuant's low-rank branch in the epilogue (and, in the
+    prologue kernel, its down-projection in the K loop)."""
+    return fmt + ("-dual" if dual else "") + ("-asym" if asymmetric else "") + ("-prologue" if prologue else "") + \
+        ("-lr" if low_rank else "")
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,8 @@ class SiteLowering:
         if self.conv is not None:   # a dynamic conv quantizes its float input in the kernel
             name = variant_name(self.format, Scheme.DUALSCALE in self.schemes, not self.static, self.asymmetric)
             return self.conv.tag() + "-" + name
-        return variant_name(self.format, Scheme.DUALSCALE in self.schemes, self.prologue, self.asymmetric)
+        return variant_name(self.format, Scheme.DUALSCALE in self.schemes, self.prologue, self.asymmetric,
+                            self.low_rank is not None)
 
     def as_dynamic(self, note: str) -> "SiteLowering":
         """The same site with dynamic activations (a static site whose calibration is unusable)."""

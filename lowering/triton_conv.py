@@ -150,7 +150,7 @@ def launch(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry: ConvGeome
 def tune(m: int, n: int, geometry: ConvGeometry, name: str, device, bench=None) -> tuple[dict, list]:
     """Tune the conv kernel for one shape (M output pixels as a square batch-1 image) and variant."""
     device = torch.device(device)
-    prologue, dual, asym = name.endswith("prologue"), "-dual" in name, "-asym" in name
+    prologue, dual, asym = "-prologue" in name, "-dual" in name, "-asym" in name
     codes = tuple(c for c, on in ((1, dual), (2, asym)) if on) or (0,)
     cin, k = geometry.in_channels, geometry.in_channels * geometry.taps
     bounds = (0, k) if len(codes) == 1 or cin < 2 else (0, (cin // 2) * geometry.taps, k)

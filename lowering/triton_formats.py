@@ -7,7 +7,8 @@
                   the other segments' groups, then the DualScale groups' negative parts)
     weight-only:  float A x int8 (per channel) or int4 (per group) W, fp32 sums per group scaled
                   by the group's weight steps at its end
-    epilogue:     + bias, cast to the output dtype
+    epilogue:     + bias (w4a8: + lr @ L2, SVDQuant's low-rank branch, in rank chunks: HAS_LR as
+                  in triton_gemm.py), cast to the output dtype
 The math is lowering/ops.py's segquant::gemm_w4 and segquant::gemm_weight_only; see
 tests/test_formats_kernels.py.
 """
@@ -17,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune
+from . import autotune, low_rank
 from .quantize import segment_groups
 from .site_lowering import variant_name
-from .gemm_configs import prune
-from .triton_k_loop import (dual_pass, flush, int_tensor, k_tile, k_tiles, pass_operand, segment_steps, tile,
-                            tile_schemes)
+from .gemm_configs import INTERPRET, prune
+from .triton_k_loop import (branch_args, dual_pass, flush, int_tensor, k_tile, k_tiles, pass_operand, segment_steps,
+                            tile, tile_schemes, up_projection)
 
 
 @triton.jit
@@ -36,12 +37,13 @@ def int4_rows(W, kk, rn, mask, stride_wk, stride_wn):
 
 @triton.jit
 def w4a8_kernel(
-        A, W, C, DPOS, DNEG, DW, BIAS, TK, TU, TS, GS, SCHEMES, ZP, COLSUM,
-        M, N, T,
+        A, W, C, DPOS, DNEG, DW, BIAS, TK, TU, TS, GS, SCHEMES, ZP, COLSUM, LR, L2,
+        M, N, T, RANK,
         stride_am, stride_ak, stride_wk, stride_wn, stride_cm, stride_cn, stride_dm, stride_ds,
-        stride_dwg, stride_dwn,
+        stride_dwg, stride_dwn, stride_lm, stride_lr, stride_l2r, stride_l2n,
         SEGMENTED: tl.constexpr, K_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
         DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, ASYM: tl.constexpr,
+        HAS_LR: tl.constexpr, RC: tl.constexpr, CHUNKS: tl.constexpr, EMULATE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     rm, rn = tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
@@ -70,6 +72,9 @@ def w4a8_kernel(
                                N, stride_dm, stride_ds, stride_dwg, stride_dwn, BLOCK_M, False, ASYM)
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LR:
+        acc = up_projection(acc, LR, L2, rm, rn, m_ok, n_ok, RANK, stride_lm, stride_lr, stride_l2r, stride_l2n,
+                            RC, CHUNKS, EMULATE_BF16)
     tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -148,8 +153,9 @@ def _config(config, m, n, k, variant, device, g_bounds) -> dict:
 
 
 def launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_dtype, zp=None, colsum=None,
-              config=None) -> torch.Tensor:
-    """C = segquant::gemm_w4 of int8 q [M, K] and packed int4 w4 [ceil(K/2), N]."""
+              config=None, lr=None, l2=None) -> torch.Tensor:
+    """C = segquant::gemm_w4 of int8 q [M, K] and packed int4 w4 [ceil(K/2), N]; with the low-rank
+    branch lr [M, r] (the down-projection x @ L1) and l2 [r, N]."""
     _require(q.dim() == 2 and q.dtype == torch.int8,
              f"w4a8 activations must be 2-D int8, got {q.dtype} {tuple(q.shape)}")
     M, K = q.shape
@@ -167,11 +173,13 @@ def launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_d
     _require(not asym or (zp is not None and colsum is not None and tuple(colsum.shape) == (G, N)),
              "asymmetric segments need zero points and column sums [G, N]")
     _require(bias is None or tuple(bias.shape) == (N,), f"bias must be [N = {N}]")
+    low_rank.check_operands(M, N, K, lr, l2)
     c = torch.empty((M, N), dtype=out_dtype, device=q.device)
     if M == 0 or N == 0:
         return c
     dual = 1 in schemes
-    cfg = _config(config, M, N, K, variant_name("w4a8", dual, False, asym), q.device, g_bounds)
+    cfg = _config(config, M, N, K, variant_name("w4a8", dual, False, asym, l2 is not None), q.device, g_bounds)
+    br = branch_args(lr, l2, interpret=INTERPRET)
     stride_dm = d_pos.stride(0) if d_pos.shape[0] == M and M > 1 else 0
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     tk, tu, tiles, align, even = k_tiles(g_bounds, cfg["BLOCK_K"], q.device)
@@ -183,10 +191,12 @@ def launch_w4(q, d_pos, d_neg, w4, d_w, bias, k_bounds, g_bounds, schemes, out_d
     w4a8_kernel[grid](
         q, w4, c, d_pos, d_neg, d_w, bias if bias is not None else d_w, tk, tu, ts, gs, flags,
         zp if zp is not None else d_pos, colsum.contiguous() if colsum is not None else tk,
-        M, N, tiles,
+        lr if lr is not None else d_w, l2 if l2 is not None else d_w,
+        M, N, tiles, br["rank"],
         q.stride(0), q.stride(1), w4.stride(0), w4.stride(1), c.stride(0), c.stride(1), stride_dm, d_pos.stride(1),
-        d_w.stride(0), d_w.stride(1),
+        d_w.stride(0), d_w.stride(1), *br["strides"][:4],
         SEGMENTED=G > 1, K_ALIGN=align, EVEN_K=even, DUAL=dual, HAS_BIAS=bias is not None, ASYM=asym,
+        HAS_LR=lr is not None, RC=br["RC"], CHUNKS=br["CHUNKS"], EMULATE_BF16=br["EMULATE_BF16"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg.get("GROUP_M", 8),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         # no mul + add -> fma contraction: the flushes round like the reference's separate ops

@@ -2,7 +2,7 @@
 triton_formats.py): its host-side tables (k_tiles: K tiles that never straddle a segment or
 weight group; tile_schemes) and the jit helpers on both sides of a tile's dot (the output tile's
 rows and columns, a tile's columns and flush unit, DualScale's two passes, the flush of a
-segment's integer sum into fp32 with its steps).
+segment's integer sum into fp32 with its steps, the low-rank branch's float dots).
 """
 from __future__ import annotations
 
@@ -124,6 +124,67 @@ def segment_end(acc, acc_i, SCHEMES, DPOS, DNEG, ZP, colsum_ptr, s, neg, rm, m_o
     else:
         acc = acc + flush(acc_i, d_pos, zp, colsum_ptr, n_ok, scheme, ASYM)
     return acc, tl.zeros_like(acc_i)
+
+
+@triton.jit
+def branch_dot(a, b, acc, EMULATE_BF16: tl.constexpr):
+    """acc + a @ b with fp32 sums (the low-rank branch's float dots): 16-bit operands on the
+    tensor cores; fp32 operands as exact fp32 products (ieee, not tf32). EMULATE_BF16 (bf16 under
+    the interpreter, whose tl.dot reads bf16 as its uint16 bits, triton 3.7): the operands
+    converted to fp32 first (exact: bf16 products fit fp32)."""
+    if EMULATE_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
+
+
+@triton.jit
+def bf16_rne(x):
+    """fp32 x rounded to bf16 (to nearest, ties to even), held in fp32: the interpreter's cast to
+    bf16 truncates (triton 3.7), a GPU's rounds like this."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def up_chunk(acc, lr, L2, c0, rn, n_ok, rank, stride_l2r, stride_l2n, RC: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """acc + lr @ L2[c0:c0 + RC] for one rank chunk lr [BLOCK_M, RC] (zero past the rank): the
+    up-projection's step in the reference's order (low_rank.up_into)."""
+    rc = c0 + tl.arange(0, RC)
+    l2 = tl.load(L2 + rc[:, None] * stride_l2r + rn[None, :] * stride_l2n, mask=(rc < rank)[:, None] & n_ok[None, :],
+                 other=0.0)
+    return branch_dot(lr, l2.to(lr.dtype), acc, EMULATE_BF16)
+
+
+@triton.jit
+def up_projection(acc, LR, L2, rm, rn, m_ok, n_ok, rank, stride_lm, stride_lr, stride_l2r, stride_l2n,
+                  RC: tl.constexpr, CHUNKS: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """The epilogue's acc + lr @ L2 for lr [M, rank] given (the down-projection done before the
+    GEMM): CHUNKS rank chunks of RC columns (unrolled: one chunk's tiles alive at a time)."""
+    for c in tl.static_range(CHUNKS):
+        rc = c * RC + tl.arange(0, RC)
+        lr = tl.load(LR + rm[:, None] * stride_lm + rc[None, :] * stride_lr, mask=m_ok[:, None] & (rc < rank)[None, :],
+                     other=0.0)
+        acc = up_chunk(acc, lr, L2, c * RC, rn, n_ok, rank, stride_l2r, stride_l2n, RC, EMULATE_BF16)
+    return acc
+
+
+def branch_args(lr, l2, l1=None, dtype=None, interpret: bool = False) -> dict:
+    """The kernels' low-rank arguments: rank, strides and constexprs (RC: the chunk,
+    low_rank.chunk; CHUNKS; EMULATE_BF16: bf16 under the interpreter). lr [M, r] (or l1 [K, r]:
+    the prologue's in-kernel down-projection, its dot in x's `dtype`), l2 [r, N]; none: dummies
+    the kernel never reads."""
+    from . import low_rank
+    if l2 is None:
+        return dict(rank=0, strides=(0,) * 6, RC=16, CHUNKS=0, EMULATE_BF16=False)
+    rank = l2.shape[0]
+    rc = low_rank.chunk(rank)
+    dtype = lr.dtype if lr is not None else dtype
+    lr_strides = lr.stride() if lr is not None else (0, 0)
+    l1_strides = l1.stride() if l1 is not None else (0, 0)
+    return dict(rank=rank, strides=(*lr_strides, *l2.stride(), *l1_strides), RC=rc, CHUNKS=triton.cdiv(rank, rc),
+                EMULATE_BF16=interpret and dtype == torch.bfloat16)
 
 
 _INTS: dict = {}

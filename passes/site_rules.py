@@ -187,7 +187,8 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
                         k_bounds=tuple(k_bounds), schemes=schemes, out_bounds=out_bounds if not grouped else None,
                         smooth=r.smooth, auto=r.auto, weight_clip=r.weight_clip, heads=heads,
                         activation_clip=r.activation_clip, act_groups=act_groups,
-                        prologue=prologue and not conv and Scheme.ASYMMETRIC not in schemes and not r.auto,
+                        prologue=prologue and not conv and Scheme.ASYMMETRIC not in schemes and not r.auto
+                        and (rank is None or rank <= low_rank.FUSED_DOWN_MAX),   # x @ L1 accumulated in the kernel
                         rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu,
                         group_size=config.group_size if grouped else None, rounding=r.rounding,
                         low_rank=rank, reasons=reasons)

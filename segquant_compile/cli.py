@@ -127,7 +127,7 @@ def possible_variants(lowering) -> set[str]:
     if lowering.conv is not None:   # a dynamic conv quantizes in the kernel (prologue)
         return {lowering.conv.tag() + "-" + variant_name(lowering.format, d, not lowering.static, a)
                 for d in duals for a in (False, True)}
-    return {variant_name(lowering.format, d, False, a) for d in duals for a in (False, True)}
+    return {variant_name(lowering.format, d, False, a, lowering.low_rank is not None) for d in duals for a in (False, True)}
 
 
 def cmd_autotune(args) -> int:

@@ -77,7 +77,7 @@ def test_calibration_statistics_on_the_gpu_within_the_budget(budget):
 
 @pytest.mark.parametrize("fmt", ["int8", "w4a8"])
 def test_low_rank_branch_on_gpu(fmt):
-    """The low-rank branch beside the Triton GEMM (bf16 activations): close to the CPU's numbers."""
+    """The low-rank branch in the Triton GEMM's epilogue (bf16 activations): close to the CPU's numbers."""
     import segquant_compile as sq  # noqa: F401
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
