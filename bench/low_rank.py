@@ -106,8 +106,11 @@ def main(argv=None):
         for key in args.models:
             results["models"][key] = run(key, seeds, args.images, classifier, args.configs)
             args.out.write_text(json.dumps(results, indent=1))
-    chart(results, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    try:
+        chart(results, args.out.with_suffix(".png"))
+    except ImportError:   # matplotlib: the `bench` extra
+        print("no chart: matplotlib is not installed (pip install '.[bench]')")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
