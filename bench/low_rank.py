@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-import segquant_compile as sq
 from segquant_compile.compiled import find
 from segquant_compile.examples import mnist_dit
-from fidelity import MODELS, RESULTS, evaluate, git_state, labels_for, version  # noqa: E402  (bench/)
+from fidelity import MODELS, RESULTS, git_state, labels_for, version  # noqa: E402  (bench/)
 from machine import cpu_name  # noqa: E402
-from mixed_precision import calibrate, chart  # noqa: E402
+from mixed_precision import chart, measure_config  # noqa: E402
 
 RANKS = (8, 16, 32, 64)
 CONFIGS = {
@@ -67,19 +65,8 @@ def run(model_key: str, seeds, images, classifier, only=None) -> dict:
     for name, opts in CONFIGS.items():
         if only and name not in only:
             continue
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        compiled = torch.compile(spec["load"](), backend="segquant", options=dict(opts))
-        if opts.get("weight_rounding") == "gptq":
-            calibrate(compiled, spec)
-        psnrs, accs, _ = evaluate(spec, compiled, seeds, images, refs, classifier)
-        allp = torch.cat(psnrs)
-        totals = sq.report(compiled).totals()
-        row = {"options": opts, "psnr_mean_db": allp.mean().item(),
-               "psnr_per_seed_mean_db": {str(s): p.mean().item() for s, p in zip(seeds, psnrs)},
-               "accuracy": sum(accs) / len(accs), "average_weight_bits": totals.get("average_weight_bits"),
-               "formats": totals.get("formats"), "float_sites": totals["float"], **costs(compiled),
-               "wall_s": time.perf_counter() - t0}
+        compiled, row = measure_config(spec, opts, seeds, images, refs, classifier)
+        row.update(costs(compiled))
         result["configs"][name] = row
         print(f"  [{model_key}] {name}: {row['psnr_mean_db']:.2f} dB, acc {row['accuracy']:.3f}, "
               f"{row['average_weight_bits']} bits, branch {row['branch_bytes']} B / "

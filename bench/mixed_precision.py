@@ -85,6 +85,24 @@ def configs(sens: dict[str, Path]) -> dict[str, dict]:
     return out
 
 
+def measure_config(spec, opts: dict, seeds, images, refs, classifier) -> tuple:
+    """(the compiled model, its row): one configuration compiled from a fresh model, calibrated
+    where it rounds by GPTQ, sampled on the evaluation seeds against the float samples `refs`."""
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    compiled = torch.compile(spec["load"](), backend="segquant", options=dict(opts))
+    if opts.get("weight_rounding") == "gptq":
+        calibrate(compiled, spec)
+    psnrs, accs, _ = evaluate(spec, compiled, seeds, images, refs, classifier)
+    totals = sq.report(compiled).totals()
+    allp = torch.cat(psnrs)
+    return compiled, {"options": opts, "psnr_mean_db": allp.mean().item(),
+                      "psnr_per_seed_mean_db": {str(s): p.mean().item() for s, p in zip(seeds, psnrs)},
+                      "accuracy": sum(accs) / len(accs), "formats": totals.get("formats"),
+                      "average_weight_bits": totals.get("average_weight_bits"), "float_sites": totals["float"],
+                      "wall_s": time.perf_counter() - t0}
+
+
 def run(model_key: str, seeds, images, classifier, measure: str = "run", only=None) -> dict:
     spec = MODELS[model_key]
     torch._dynamo.reset()
@@ -117,19 +135,7 @@ def run(model_key: str, seeds, images, classifier, measure: str = "run", only=No
     for name, opts in configs({"plain": plain_path, "a8": a8_path, "a8-low-rank": low_rank_path}).items():
         if only and name not in only:
             continue
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        compiled = torch.compile(spec["load"](), backend="segquant", options=dict(opts))
-        if opts.get("weight_rounding") == "gptq":
-            calibrate(compiled, spec)
-        psnrs, accs, _ = evaluate(spec, compiled, seeds, images, refs, classifier)
-        totals = sq.report(compiled).totals()
-        allp = torch.cat(psnrs)
-        row = {"options": opts, "psnr_mean_db": allp.mean().item(),
-               "psnr_per_seed_mean_db": {str(s): p.mean().item() for s, p in zip(seeds, psnrs)},
-               "accuracy": sum(accs) / len(accs), "formats": totals.get("formats"),
-               "average_weight_bits": totals.get("average_weight_bits"), "float_sites": totals["float"],
-               "wall_s": time.perf_counter() - t0}
+        _, row = measure_config(spec, opts, seeds, images, refs, classifier)
         result["configs"][name] = row
         print(f"  [{model_key}] {name}: {row['psnr_mean_db']:.2f} dB, acc {row['accuracy']:.3f}, "
               f"{row['average_weight_bits']} bits {row['formats']}", flush=True)
