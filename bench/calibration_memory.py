@@ -122,7 +122,7 @@ def worker(out: str) -> None:
     points["after_calibration"] = _status()["VmRSS"]
     seconds = time.perf_counter() - t
     states = {id(st.stats): st.stats for st in sq.report(compiled).states.values()}
-    kept = sum(s.rows.nbytes for s in states.values() if s.rows is not None)
+    kept = sum(s.kept.nbytes for s in states.values() if s.kept is not None)
     base = points["baseline"]
     t = memory.totals()
     Path(out).write_text(json.dumps({

@@ -2,8 +2,9 @@
 made). Per site and in total:
 
 - statistics (statistics.py), what calibration (or a dynamic site's first call) collects until
-  the freeze: GPTQ's Hessians (K^2 fp32 per K segment, where summed), the kept rows (the
-  reservoir: fp32 K wide, each with its priority and call, 16 bytes) and the ranges (positive and
+  the freeze: GPTQ's Hessians (the upper triangle of K^2 fp32 per K segment in row
+  panels, where summed), the kept rows (the reservoir: K wide in the activations' dtype where it
+  is 16-bit, else fp32; each with its priority and call, 16 bytes) and the ranges (positive and
   negative maxima per K column and call parity). Sites of one graph that read the same activation
   with the same statistics spec collect into ONE set (runtime.Observer), as do the calls of one
   weight under one lowering (one QuantState): counted once, at the first site, and the others say
@@ -152,7 +153,8 @@ def calibration_memory(report, weight_dtype: torch.dtype = torch.float32, calls:
                 owners.setdefault(key, shared_with or site.name)
             if shared_with is None:
                 hessians = spec.hessian_bytes
-                rows = _rows_kept(spec, site, calls) * (4 * k + ROW_EXTRA_BYTES)
+                # rows in the activations' dtype where it is 16-bit (statistics._row_dtype), else fp32
+                rows = _rows_kept(spec, site, calls) * (min(element, 4) * k + ROW_EXTRA_BYTES)
                 ranges = 2 * 4 * k * (2 if calls is None else min(calls, 2))
         out.append(SiteMemory(site.name, k, n, tuple(d.value for d in Decision if d in pending),
                               phase(pending, lowering).value, shared_with, hessians, rows, ranges,

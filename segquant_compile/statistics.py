@@ -8,8 +8,12 @@ Every quantity is a function of (call number, rows) that merges exactly or up to
 - rows: a uniform sample of every row observed, by bottom-k sampling: each row gets a priority
   drawn from its call's number, and the `rows_kept` rows of smallest priority are kept. The sample
   does not depend on the order of calls, so two halves merge into the sample of the whole;
-- Hessians X^T X per K segment (GPTQ), summed where `sum_hessian` (else GPTQ fits the kept rows);
+- Hessians X^T X per K segment (GPTQ), summed where `sum_hessian` (else GPTQ fits the kept rows),
+  kept as their upper triangle in row panels (HessianPanels: about half of K^2);
 - counts of rows and calls.
+
+Rows are kept in the activation's own dtype where it is 16-bit (they are the values the model
+produced, so nothing is lost) and read as fp32.
 
 Where they live: rows and Hessians stay on the device of the activations they come from while
 the process's statistics there fit the `calibration_device_bytes` budget (DEVICE_BUDGET), so a
@@ -35,6 +39,7 @@ GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian where none is s
 # GPTQ's Hessian X^T X is summed over every row where the widest K segment has at most this many
 # columns (K^2 fp32 per segment: 64 MB at 4096); wider sites fit GPTQ_ROWS sampled rows
 HESSIAN_MAX_K = 4096
+PANEL_ROWS = 256           # rows of one Hessian panel: the upper triangle in K / 256 panels
 
 
 DEVICE_BYTES = Run().calibration_device_bytes   # the option's default
@@ -97,11 +102,12 @@ class StatisticsSpec:
     @property
     def hessian_bytes(self) -> int:
         kb = self.k_bounds
-        return 4 * sum((b - a) ** 2 for a, b in zip(kb[:-1], kb[1:])) if self.sum_hessian else 0
+        return 4 * sum(HessianPanels.numel(b - a) for a, b in zip(kb[:-1], kb[1:])) if self.sum_hessian else 0
 
-    @property
-    def row_bytes(self) -> int:
-        return 4 * self.rows_kept * self.k_bounds[-1]
+    def row_bytes(self, element_bytes: int = 4) -> int:
+        """The kept rows at their fullest, `element_bytes` a number (the activation's dtype: 2 where
+        16-bit, else 4)."""
+        return element_bytes * self.rows_kept * self.k_bounds[-1]
 
     @classmethod
     def for_site(cls, k_bounds, gptq_waits: bool, conv: ConvGeometry | None,
@@ -120,6 +126,58 @@ class StatisticsSpec:
         return cls(tuple(k_bounds), kept, sums, conv, device_bytes)
 
 
+class HessianPanels:
+    """A symmetric K x K sum kept as its upper triangle: panel i holds rows [i*P, (i+1)*P) from
+    column i*P on (P = PANEL_ROWS), (K^2 + K*P) / 2 numbers in all. Each call's full X^T X is
+    made and freed by the caller; only its upper panels are added here."""
+
+    def __init__(self, panels: list[Tensor], k: int):
+        self.panels, self.k = panels, k
+
+    @staticmethod
+    def numel(k: int) -> int:
+        return sum(min(PANEL_ROWS, k - a) * (k - a) for a in range(0, k, PANEL_ROWS))
+
+    @classmethod
+    def of(cls, h: Tensor, device) -> "HessianPanels":
+        k = h.shape[0]
+        return cls([h[a:a + PANEL_ROWS, a:].to(device, copy=True) for a in range(0, k, PANEL_ROWS)], k)
+
+    def add_(self, h: Tensor) -> None:
+        """Add a full symmetric K x K matrix (on any device: each panel moves once)."""
+        for a, p in zip(range(0, self.k, PANEL_ROWS), self.panels):
+            p.add_(h[a:a + PANEL_ROWS, a:].to(p.device))
+
+    def merge_(self, other: "HessianPanels") -> None:
+        for p, q in zip(self.panels, other.panels):
+            p.add_(q.to(p.device))
+
+    def full(self, device=None) -> Tensor:
+        """The K x K matrix, its lower triangle mirrored from the upper."""
+        device = device or self.panels[0].device
+        out = torch.zeros(self.k, self.k, dtype=self.panels[0].dtype, device=device)
+        for a, p in zip(range(0, self.k, PANEL_ROWS), self.panels):
+            out[a:a + PANEL_ROWS, a:] = p
+        upper = out.triu(1)
+        return out.triu_().add_(upper.t())
+
+    def to(self, device) -> "HessianPanels":
+        return HessianPanels([p.to(device) for p in self.panels], self.k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.panels[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.panels)
+
+
+def _row_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Kept rows' dtype: a 16-bit activation's own (exact), else fp32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def _generator(call: int) -> torch.Generator:
     return torch.Generator().manual_seed(call)
 
@@ -129,25 +187,25 @@ class SiteStatistics:
         self.spec = spec
         self.shard = shard   # numbers this observer's calls within a calibration group
         self.parity_max: list[tuple[Tensor, Tensor] | None] = [None, None]   # (pos, neg) of even, odd calls
-        self.rows: Tensor | None = None           # kept rows [<= rows_kept, K], fp32 on the CPU
+        self.kept: Tensor | None = None           # kept rows [<= rows_kept, K] in the activation's dtype (16-bit) or fp32
         self.row_calls: Tensor | None = None      # the call each kept row came from
         self._priority: Tensor | None = None      # each kept row's priority (bottom-k)
-        self.hessians: list[Tensor] | None = None
+        self.hessians: list[HessianPanels] | None = None   # per K segment
         self.rows_seen = 0
         self.calls = 0
         self.home: torch.device | None = None      # where rows and Hessians are kept (set by the first call)
         self._reservation: _Reservation | None = None
         self._lock = threading.Lock()
 
-    def _place(self, device: torch.device) -> None:
+    def _place(self, device: torch.device, row_dtype: torch.dtype) -> None:
         """Keep rows and Hessians on `device` if DEVICE_BUDGET has room for all they may grow to,
         else on the CPU; decided once."""
         if self.home is not None:
             return
         spec = self.spec
-        if device.type != "cpu" and DEVICE_BUDGET.reserve(device, spec.hessian_bytes + spec.row_bytes,
-                                                          spec.device_bytes):
-            self._reservation = _Reservation(device, spec.hessian_bytes + spec.row_bytes)
+        need = spec.hessian_bytes + spec.row_bytes(torch.empty((), dtype=row_dtype).element_size())
+        if device.type != "cpu" and DEVICE_BUDGET.reserve(device, need, spec.device_bytes):
+            self._reservation = _Reservation(device, need)
             weakref.finalize(self, self._reservation.release)
             self.home = device
         else:
@@ -160,8 +218,9 @@ class SiteStatistics:
         else a non-finite range raises. False when no row was kept."""
         with self._lock:
             call = self.shard.call_number(self.calls) if call is None else call
-            self._place(x.device)
+            self._place(x.device, _row_dtype(x.dtype))
             x2, pos, neg = self._gemm_rows(x.detach(), call)
+            row_dtype = _row_dtype(x.dtype)
             if finite_only:
                 x2 = x2[torch.isfinite(x2).all(dim=1)]
                 if not len(x2):
@@ -171,9 +230,9 @@ class SiteStatistics:
                 raise FloatingPointError("NaN or Inf reached the calibration observer")
             self._add_ranges(call % 2, pos, neg)
             if self.spec.sum_hessian:
-                self._add_hessians([h.to(self.home) for h in segment_hessians(x2, self.spec.k_bounds)])
+                self._add_hessians(segment_hessians(x2, self.spec.k_bounds))
             priority = torch.rand(len(x2), generator=_generator(call), dtype=torch.float64)
-            self._keep(x2, priority, torch.full((len(x2),), call, dtype=torch.long))
+            self._keep(x2.to(row_dtype), priority, torch.full((len(x2),), call, dtype=torch.long))
             self.rows_seen += len(x2)
             self.calls += 1
             return True
@@ -195,9 +254,10 @@ class SiteStatistics:
                                                                    torch.maximum(held[1], neg))
 
     def _add_hessians(self, sums: list[Tensor]) -> None:
+        """Add one call's full X^T X per segment (made on the activations' device) to the panels."""
         if self.hessians is None:
-            self.hessians = sums
-        else:   # in place: no second K^2 per segment while adding
+            self.hessians = [HessianPanels.of(h, self.home) for h in sums]
+        else:
             for total, h in zip(self.hessians, sums):
                 total.add_(h)
 
@@ -207,14 +267,14 @@ class SiteStatistics:
         if len(priority) > limit:   # only the smallest new ones can enter
             keep = torch.topk(priority, limit, largest=False).indices
             x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
-        x2 = x2.float().to(self.home)
-        if self.rows is not None:
-            x2, priority = torch.cat([self.rows, x2]), torch.cat([self._priority, priority])
+        x2 = x2.to(self.home)
+        if self.kept is not None:
+            x2, priority = torch.cat([self.kept, x2.to(self.kept.dtype)]), torch.cat([self._priority, priority])
             calls = torch.cat([self.row_calls, calls])
         if len(priority) > limit:
             keep = torch.topk(priority, limit, largest=False).indices
             x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
-        self.rows, self._priority, self.row_calls = x2, priority, calls
+        self.kept, self._priority, self.row_calls = x2, priority, calls
 
     # ------------------------------------------------------------------ merging
     def merge(self, other: "SiteStatistics") -> None:
@@ -223,16 +283,22 @@ class SiteStatistics:
         if other.spec != self.spec:
             raise ValueError("SiteStatistics.merge: statistics of different sites or segmentations")
         with self._lock:
-            self._place(CPU)   # statistics made only by merging (another rank's) stay on the CPU
+            # statistics made only by merging (another rank's) stay on the CPU
+            self._place(CPU, other.kept.dtype if other.kept is not None else torch.float32)
             for parity, held in enumerate(other.parity_max):
                 if held is not None:
                     if not self.empty:
                         held = tuple(t.to(self._device()) for t in held)
                     self._add_ranges(parity, *held)
             if other.hessians is not None:
-                self._add_hessians([h.to(self.home, copy=True) for h in other.hessians])
-            if other.rows is not None:
-                self._keep(other.rows, other._priority, other.row_calls)
+                if self.hessians is None:
+                    self.hessians = [HessianPanels([p.to(self.home, copy=True) for p in h.panels], h.k)
+                                     for h in other.hessians]
+                else:
+                    for total, h in zip(self.hessians, other.hessians):
+                        total.merge_(h)
+            if other.kept is not None:
+                self._keep(other.kept, other._priority, other.row_calls)
             self.rows_seen += other.rows_seen
             self.calls += other.calls
 
@@ -249,9 +315,9 @@ class SiteStatistics:
         out = SiteStatistics(self.spec, self.shard)
         with self._lock:
             out.parity_max = [None if p is None else (p[0].cpu(), p[1].cpu()) for p in self.parity_max]
-            out.rows = self.rows.cpu() if self.rows is not None else None
+            out.kept = self.kept.cpu() if self.kept is not None else None
             out.row_calls, out._priority = self.row_calls, self._priority
-            out.hessians = [h.cpu() for h in self.hessians] if self.hessians is not None else None
+            out.hessians = [h.to(CPU) for h in self.hessians] if self.hessians is not None else None
             out.rows_seen, out.calls, out.home = self.rows_seen, self.calls, CPU
         return out
 
@@ -263,6 +329,11 @@ class SiteStatistics:
         return self
 
     # ------------------------------------------------------------------ reading
+    @property
+    def rows(self) -> Tensor | None:
+        """The kept rows as fp32 (a copy where they are kept 16-bit)."""
+        return None if self.kept is None else self.kept.float()
+
     @property
     def empty(self) -> bool:
         return self.parity_max == [None, None]
@@ -280,13 +351,14 @@ class SiteStatistics:
     def held_out(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """(positive and negative maxima of the even calls, the kept rows of the odd ones), or
         None with no odd call's row kept."""
-        if self.parity_max[0] is None or self.rows is None:
+        if self.parity_max[0] is None or self.kept is None:
             return None
         odd = self.row_calls % 2 == 1
-        return (*self.parity_max[0], self.rows[odd]) if odd.any() else None
+        return (*self.parity_max[0], self.kept[odd.to(self.kept.device)].float()) if odd.any() else None
 
     def gptq_hessians(self, device) -> list[Tensor]:
         """GPTQ's Hessians per K segment: summed over every row observed where accumulated,
         else those of the kept rows."""
-        hessians = self.hessians if self.hessians is not None else segment_hessians(self.rows, self.spec.k_bounds)
-        return [h.to(device) for h in hessians]
+        if self.hessians is not None:
+            return [h.full().to(device) for h in self.hessians]
+        return [h.to(device) for h in segment_hessians(self.kept, self.spec.k_bounds)]

@@ -29,8 +29,8 @@ def test_the_estimate_is_the_statistics_a_calibration_holds(monkeypatch):
         for x in inputs:
             compiled(**x)
         sets = {id(st.stats): st.stats for st in sq.report(compiled).states.values()}
-        held = {"hessians": sum(sum(map(_bytes, s.hessians or ())) for s in sets.values()),
-                "rows": sum(_bytes(s.rows) + _bytes(s._priority) + _bytes(s.row_calls) for s in sets.values()),
+        held = {"hessians": sum(h.nbytes for s in sets.values() for h in s.hessians or ()),
+                "rows": sum(_bytes(s.kept) + _bytes(s._priority) + _bytes(s.row_calls) for s in sets.values()),
                 "ranges": sum(_bytes(t) for s in sets.values() for p in s.parity_max if p is not None for t in p)}
     total = memory.totals()
     assert held == {k: total[k] for k in held} and held["hessians"] > 0
@@ -58,3 +58,24 @@ def test_inspect_calibration_memory(capsys, tmp_path):
     assert "statistics serve GPTQ rounding" in text and "awaiting its first call" in text
     saved = json.loads(out.read_text())
     assert saved["totals"]["statistics"] > 0 and len(saved["sites"]) == saved["totals"]["sites"]
+
+
+def test_a_bf16_model_keeps_bf16_rows_and_the_estimate_says_so():
+    """Kept rows are the activations as the model made them: a bf16 model's stay bf16 (half the
+    bytes, nothing lost), and the estimate for weight dtype bf16 counts them so; GPTQ's Hessians
+    stay fp32 panels of the upper triangle."""
+    opts = {"activations": "static", "inductor": False, "weight_rounding": "gptq"}
+    model = tiny_sd3().to(torch.bfloat16)
+    inputs = [{k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+               for k, v in tiny_sd3_inputs(batch=2, seed=s, side=16).items()} for s in range(2)]
+    memory = calibration_memory(sq.explain(model, **inputs[0], options=opts), torch.bfloat16, calls=len(inputs))
+    compiled = torch.compile(model, backend="segquant", options=opts)
+    with sq.calibrate(compiled, progress=False):
+        for x in inputs:
+            compiled(**x)
+        sets = {id(st.stats): st.stats for st in sq.report(compiled).states.values()}
+        assert {s.kept.dtype for s in sets.values()} == {torch.bfloat16}
+        assert {p.dtype for s in sets.values() for h in s.hessians for p in h.panels} == {torch.float32}
+        rows = sum(_bytes(s.kept) + _bytes(s._priority) + _bytes(s.row_calls) for s in sets.values())
+        hessians = sum(h.nbytes for s in sets.values() for h in s.hessians)
+    assert (rows, hessians) == (memory.totals()["rows"], memory.totals()["hessians"])

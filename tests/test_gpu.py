@@ -68,7 +68,7 @@ def test_calibration_statistics_on_the_gpu_within_the_budget(budget):
         for s in range(3):
             compiled(torch.randn(64, 256, device="cuda"))
         for st in find(compiled).quant_states:
-            seen.append((st.stats.hessians[0].device.type, st.stats.rows.device.type))
+            seen.append((st.stats.hessians[0].device.type, st.stats.kept.device.type))
     want = "cuda" if budget else "cpu"
     assert seen and all(h == r == want for h, r in seen), seen
     x = torch.randn(8, 256, device="cuda")

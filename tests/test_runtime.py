@@ -377,7 +377,7 @@ def test_calibration_rows_are_a_uniform_sample_over_all_calls():
     rows = state.stats.rows
     assert Decision.ROUNDING in state.pending     # static: weight_rounding "auto" rounds by GPTQ, on a summed Hessian
     assert len(rows) == state.stats.spec.rows_kept == GPTQ_ROWS - site.in_features < calls * per_call == state.rows_seen
-    assert state.stats.hessians[0][0, 0] == sum(c * c * per_call for c in range(calls))   # every row, none kept for it
+    assert state.stats.hessians[0].full()[0, 0] == sum(c * c * per_call for c in range(calls))   # every row, none kept for it
     late = (rows[:, 0] >= calls // 2).float().mean().item()
     assert 0.4 < late < 0.6, late   # half the rows seen came from the second half of the calls
     state.discard_statistics()
