@@ -184,8 +184,11 @@ def main(argv=None):
         for key in args.models:
             results["models"][key] = run(key, seeds, args.images, classifier, args.measure, args.configs)
             args.out.write_text(json.dumps(results, indent=1))
-    chart(results, args.out.with_suffix(".png"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    try:
+        chart(results, args.out.with_suffix(".png"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    except ImportError:   # matplotlib: the `bench` extra
+        print(f"wrote {args.out}; no chart: matplotlib is not installed (pip install '.[bench]')")
 
 
 if __name__ == "__main__":
