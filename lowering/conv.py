@@ -215,10 +215,25 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
     if d_pos is None:
         d_pos, d_neg, zp = pixel_steps(x, conv, k_bounds, schemes, fmt)
         zp = zp if Q.ASYMMETRIC in schemes else None
+        if x.device.type == "cpu":
+            return _dynamic_rows(x, d_pos, d_neg, w, d_w, bias, zp, colsum, k_bounds, schemes, conv)
         return torch.ops.segquant.conv2d(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
     q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
     y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
     return y + nonfinite_pixels(x, conv).to(y.dtype)
+
+
+def _dynamic_rows(x, d_pos, d_neg, w, d_w, bias, zp, colsum, k_bounds, schemes, conv: ConvGeometry) -> Tensor:
+    """The CPU's dynamic conv: conv2d_reference's float path (im2col rows quantized with their
+    own steps, then the linear GEMM op), written in the graph so that Inductor fuses the im2col
+    gather with the quantization into one pass writing int8 rows (inside the conv2d op they ran
+    as separate passes over fp32 rows: bench/conv_cost.py). The same integers and the same
+    result, bit for bit."""
+    b, _, h, wd = x.shape
+    ho, wo = conv.output_size(h, wd)
+    q = Q.quantize_static(im2col(x.float(), conv), k_bounds, schemes, d_pos, d_neg, zp)
+    y = torch.ops.segquant.gemm(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, x.dtype, zp, colsum)
+    return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------- calibration

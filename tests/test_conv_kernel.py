@@ -152,3 +152,21 @@ def test_direct_cpu_path_is_the_im2col_path_bit_for_bit(geometry, schemes):
     direct = C.conv2d_reference(*args, direct=True)
     assert torch.equal(direct, C.conv2d_reference(*args, direct=False))
     assert direct.stride() == C.conv2d_reference(*args, direct=False).stride()
+
+
+@pytest.mark.parametrize("schemes", [(0, 0), (1, 1), (2, 2), (1, 2)])
+@pytest.mark.parametrize("geometry", GEOMETRIES[:3])
+def test_cpu_dynamic_rows_in_the_graph_are_the_op_bit_for_bit(geometry, schemes):
+    """A dynamic conv site on the CPU quantizes its im2col rows in the graph (for Inductor to fuse
+    the gather with the quantization) and runs the GEMM op: the conv2d op's float path, bit for
+    bit, eager and compiled."""
+    x, geo, kb, w, d_w, bias = problem((3, 2), geometry, schemes, layout="n-major")
+    colsum = column_sums(w, kb) if 2 in schemes else None
+    d, dn, zp = C.pixel_steps(x, geo, kb, list(schemes))
+    zp = zp if 2 in schemes else None
+    op = torch.ops.segquant.conv2d(x, d, dn, w, d_w, bias, kb, list(schemes), geo.as_list(), x.dtype, zp, colsum)
+    site = lambda x: C.quantized_conv2d(x, w, d_w, bias, None, None, None, None, colsum, kb,   # noqa: E731
+                                        list(schemes), conv=geo)
+    assert torch.equal(site(x), op) and site(x).stride() == op.stride()
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(site, fullgraph=True)(x), op)
