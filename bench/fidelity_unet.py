@@ -70,6 +70,17 @@ CONFIGS = {
     "pt2e-x86": ("PT2E X86InductorQuantizer static int8", "pt2e", {}),
     "torchao-sym": ("torchao int8 dynamic (linears)", "torchao", "symmetric"),
 }
+# issue 29: SVDQuant's low-rank branch (bench/low_rank.py's configurations; w4a8 quantizes the
+# linears only, the convs staying float: conv sites are lowered for int8 only). Calibrated where
+# they round by GPTQ, activations dynamic. Not in the default run: `--configs` names them.
+LOW_RANK = {
+    "w4a8-rtn": ("w4a8 rtn", "segquant", {"format": "w4a8", "weight_rounding": "rtn"}),
+    "w4a8-gptq": ("w4a8 gptq", "segquant", {"format": "w4a8", "weight_rounding": "gptq"}),
+    **{f"w4a8-gptq-r{r}": (f"w4a8 gptq + low-rank {r}", "segquant",
+                           {"format": "w4a8", "weight_rounding": "gptq", "low_rank": r}) for r in (8, 16, 32, 64)},
+    "int8-gptq": ("int8 gptq", "segquant", {"weight_rounding": "gptq"}),
+    "int8-gptq-r32": ("int8 gptq + low-rank 32", "segquant", {"weight_rounding": "gptq", "low_rank": 32}),
+}
 SPEED_ONLY = {   # timed, never evaluated: the float baseline with the freezing PT2E compiles with
     "float-inductor-freezing": ("Inductor float32, freezing", "float", {"freezing": True}),
 }
@@ -154,9 +165,14 @@ class _Record(torch.nn.Module):
 
 # ------------------------------------------------------------------ building the configurations
 
+def lookup(key):
+    """(display name, kind, options) of a configuration key."""
+    return CONFIGS.get(key) or LOW_RANK.get(key) or SPEED_ONLY[key]
+
+
 def build(key, float_net, calibration):
     """The configuration's network (a callable with the network's signature) and facts about it."""
-    _, kind, opts = CONFIGS.get(key) or SPEED_ONLY[key]
+    _, kind, opts = lookup(key)
     info = {}
     net = copy.deepcopy(float_net)
     if kind == "float":
@@ -173,7 +189,7 @@ def build(key, float_net, calibration):
         compiled = torch.compile(net, backend="segquant", options=dict(opts))
         t0 = time.perf_counter()
         with torch.no_grad():
-            if opts.get("activations") == "static":
+            if opts.get("activations") == "static" or opts.get("weight_rounding") == "gptq":
                 with sq.calibrate(compiled, progress=False):
                     for b in calibration:
                         tu.denoise(compiled, *b)
@@ -187,6 +203,10 @@ def build(key, float_net, calibration):
                          "quantized_conv": sum(1 for s in report.sites if s.conv is not None and s.name in report.states),
                          "float": t["float"]}
         info["schemes"] = scheme_counts(report)
+        info["average_weight_bits"] = t.get("average_weight_bits")
+        if key in LOW_RANK:   # the branch's cost (bench/low_rank.py)
+            from low_rank import costs
+            info["costs"] = costs(compiled)
         return compiled, info
     if kind == "pt2e":
         return build_pt2e(net, calibration, info), info
@@ -307,7 +327,7 @@ def time_forward(net, inputs, reps):
 
 
 def run_config(key, float_net, calibration, sets, refs, speed_inputs, a, results, save):
-    name, kind, opts = CONFIGS.get(key) or SPEED_ONLY[key]
+    name, kind, opts = lookup(key)
     torch._dynamo.reset()
     row = {"key": key, "name": name, "kind": kind, "options": opts if kind != "torchao" else {}}
     t0 = time.perf_counter()
@@ -319,7 +339,7 @@ def run_config(key, float_net, calibration, sets, refs, speed_inputs, a, results
             row["build_s"] = round(time.perf_counter() - t0, 1)
             reference = info.pop("reference", None)
             row.update(info)
-            if not a.speed_only and key in CONFIGS:
+            if not a.speed_only and key not in SPEED_ONLY:
                 t1 = time.perf_counter()
                 row.update(psnr_rows(net, sets, refs))
                 row["evaluate_s"] = round(time.perf_counter() - t1, 1)
@@ -476,7 +496,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 prog="fidelity.py --models unet")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), metavar="NAME",
-                   help=f"configuration keys (default: all): {', '.join(CONFIGS)}; speed only: {', '.join(SPEED_ONLY)}")
+                   help=f"configuration keys (default: all): {', '.join(CONFIGS)}; low-rank (issue 29): "
+                        f"{', '.join(LOW_RANK)}; speed only: {', '.join(SPEED_ONLY)}")
     p.add_argument("--maps", type=int, default=48, help="maps per sigma (default 48)")
     p.add_argument("--batch", type=int, default=16, help="maps per denoiser call, also the timed batch (default 16)")
     p.add_argument("--reps", type=int, default=5, help="timed forwards per configuration (median; default 5)")
@@ -505,8 +526,8 @@ def main(argv=None):
         p.error("--speed-only and --no-speed exclude each other")
     keys = list(a.configs)
     for k in keys:
-        if k not in CONFIGS and k not in SPEED_ONLY:
-            p.error(f"unknown configuration {k!r}; choose from {list(CONFIGS) + list(SPEED_ONLY)}")
+        if k not in CONFIGS and k not in LOW_RANK and k not in SPEED_ONLY:
+            p.error(f"unknown configuration {k!r}; choose from {list(CONFIGS) + list(LOW_RANK) + list(SPEED_ONLY)}")
     if not a.no_speed:
         if "float-inductor" not in keys:
             keys.insert(0, "float-inductor")
