@@ -94,64 +94,121 @@ def cases() -> list[Case]:
                                    l1=down if prologue else None)
         return Case("gemm", variant, kk, tuple(bounds), run)
 
-    def conv(codes, prologue, kernel=(3, 3)):
-        geometry = ConvGeometry(640, kernel, (1, 1), (kernel[0] // 2, kernel[1] // 2))
-        kk = 640 * geometry.taps
-        bounds = (0, kk) if len(codes) == 1 else (0, 320 * geometry.taps, kk)   # a skip concatenation
+    def conv(codes, prologue, kernel=(3, 3), channels=(320, 320)):
+        geometry = ConvGeometry(sum(channels), kernel, (1, 1), (kernel[0] // 2, kernel[1] // 2))
+        kk, n_out = sum(channels) * geometry.taps, 320
+        bounds = (0, kk) if len(codes) == 1 else (0, channels[0] * geometry.taps, kk)   # a skip concatenation
 
         def run(cfg, calls):
-            x = torch.zeros(1, 640, 64, 64, dtype=torch.float32 if prologue else torch.int8)
+            x = torch.zeros(1, sum(channels), 64, 64, dtype=torch.float32 if prologue else torch.int8)
             d = torch.ones(64 * 64 if prologue else 1, len(codes))
             zp = torch.zeros_like(d) if 2 in codes else None
-            colsum = torch.zeros(len(codes), 320, dtype=torch.int32) if 2 in codes else None
+            colsum = torch.zeros(len(codes), n_out, dtype=torch.int32) if 2 in codes else None
             with _recording(triton_conv, "segquant_conv_kernel", calls):
-                triton_conv.launch(x, d, d, k_major(torch.zeros(kk, 320, dtype=torch.int8)), torch.ones(320), None, bounds,
-                                   codes, geometry, torch.bfloat16, zp=zp, colsum=colsum, config=cfg)
+                triton_conv.launch(x, d, d, k_major(torch.zeros(kk, n_out, dtype=torch.int8)), torch.ones(n_out),
+                                   torch.ones(n_out), bounds, codes, geometry, torch.bfloat16, zp=zp, colsum=colsum,
+                                   config=cfg)
         return Case("conv", triton_conv.variant(geometry, codes, prologue), kk, bounds, run)
 
-    def w4a8(codes, lr=False):
-        groups = tuple(range(0, k + 1, 128))
+    def w4a8(codes, lr=False, kk=k):
+        groups = tuple(range(0, kk, 128)) + (kk,)     # a last group shorter than 128 where K is not a multiple
 
         def run(cfg, calls):
             down, l2 = branch(m) if lr else (None, None)
             d = torch.ones(m, len(codes))
             zp = torch.zeros_like(d) if 2 in codes else None
             colsum = torch.zeros(len(groups) - 1, n, dtype=torch.int32) if 2 in codes else None
+            segments = (0, groups[len(groups) // 2], kk) if len(codes) == 2 else (0, kk)
             with _recording(triton_formats, "w4a8_kernel", calls):
-                triton_formats.launch_w4(torch.zeros(m, k, dtype=torch.int8), d, d,
-                                         torch.zeros(k // 2, n, dtype=torch.int8), torch.ones(len(groups) - 1, n),
-                                         None, halves if len(codes) == 2 else (0, k), groups, codes,
+                triton_formats.launch_w4(torch.zeros(m, kk, dtype=torch.int8), d, d,
+                                         torch.zeros((kk + 1) // 2, n, dtype=torch.int8),
+                                         torch.ones(len(groups) - 1, n), torch.ones(n), segments, groups, codes,
                                          torch.bfloat16, zp=zp, colsum=colsum, config=cfg, lr=down, l2=l2)
-        return Case("w4a8", variant_name("w4a8", 1 in codes, False, 2 in codes, lr), k, groups, run)
+        return Case("w4a8", variant_name("w4a8", 1 in codes, False, 2 in codes, lr), kk, groups, run)
 
-    def weight_only(bits):
-        groups = tuple(range(0, k + 1, 128)) if bits == 4 else (0, k)
+    def weight_only(bits, kk=k):
+        groups = (tuple(range(0, kk, 128)) + (kk,)) if bits == 4 else (0, kk)
 
         def run(cfg, calls):
-            w = torch.zeros(k if bits == 8 else k // 2, n, dtype=torch.int8)
+            w = torch.zeros(kk if bits == 8 else (kk + 1) // 2, n, dtype=torch.int8)
             d_w = torch.ones(n) if bits == 8 else torch.ones(len(groups) - 1, n)
             with _recording(triton_formats, "weight_only_kernel", calls):
-                triton_formats.launch_weight_only(torch.zeros(m, k, dtype=torch.bfloat16), w, d_w, None, groups,
-                                                  bits, torch.bfloat16, config=cfg)
-        return Case("weight-only", f"int{bits}-weight-only", k, groups, run)
+                triton_formats.launch_weight_only(torch.zeros(m, kk, dtype=torch.bfloat16), w, d_w, torch.ones(n),
+                                                  groups, bits, torch.bfloat16, config=cfg)
+        return Case("weight-only", f"int{bits}-weight-only", kk, groups, run)
 
-    return [
-        gemm((0,), (0, k)), gemm((0,) * 24, heads), gemm((1,), (0, k)), gemm((1, 0), halves),
-        gemm((2, 0), halves), gemm((0, 0, 0), (0, 40, 100, 1000), kk=1000),
-        gemm((0,), (0, k), prologue=True), gemm((0,) * 24, heads, prologue=True), gemm((1, 0), halves, prologue=True),
-        gemm((0,), (0, k), fmt="fp8"), gemm((1, 0), halves, fmt="fp8"),
-        conv((0, 0), False), conv((1, 0), False), conv((2, 0), False), conv((0,), True), conv((1, 2), True),
-        conv((0, 0), True, (1, 1)),
-        w4a8((0,)), w4a8((1, 0)), w4a8((1, 2)), weight_only(8), weight_only(4),
-        # SVDQuant's low-rank branch of rank BRANCH_RANK: the up-projection in the epilogue, and
-        # in the prologue kernel the down-projection's [BLOCK_M, 32] fp32 sum alive in the K loop
-        gemm((0,), (0, k), lr=True), gemm((0,) * 24, heads, lr=True), gemm((1, 0), halves, lr=True),
-        gemm((2, 0), halves, lr=True), gemm((0, 0, 0), (0, 40, 100, 1000), kk=1000, lr=True),
-        gemm((0,), (0, k), prologue=True, lr=True), gemm((0,) * 24, heads, prologue=True, lr=True),
-        gemm((1, 0), halves, prologue=True, lr=True),
-        gemm((0,), (0, k), fmt="fp8", lr=True), gemm((1, 0), halves, fmt="fp8", lr=True),
-        w4a8((0,), lr=True), w4a8((1, 0), lr=True), w4a8((1, 2), lr=True),
-    ]
+    # Every variant the launchers accept (launchable_variants), each on segments whose bounds sit
+    # on BLOCK_K multiples (the pipelined EVEN_K loop) and on segments that do not, on odd
+    # columns (the table-driven loop with the narrowest A loads): one segment or group per scheme
+    # the variant holds, at least two (a one-segment launch takes its segmented case's configs).
+    # Odd bounds: K 1001 = 40 + 61 + 900 (the table-driven loop's unaligned A rows).
+    odd = (0, 40, 101, 1001)
+    out = []
+    for v in launchable_variants():
+        if v.kernel == "gemm":   # 24 heads of 64 / DualScale or asymmetric halves / both beside a plain one
+            codes, bounds = {(False, False): ((0,) * 24, heads), (True, False): ((1, 0), halves),
+                             (False, True): ((2, 0), halves), (True, True): ((1, 2, 0), (0, 512, 1024, k))}[v.dual, v.asym]
+            out.append(gemm(codes, bounds, v.fmt, v.prologue, lr=v.lr))
+            out.append(gemm((codes + (0, 0))[:3], odd, v.fmt, v.prologue, kk=odd[-1], lr=v.lr))
+        elif v.kernel == "conv":
+            codes = (1 if v.dual else 0, 2 if v.asym else 0)
+            shape = (3, 3) if v.tag == "conv3x3s1" else (1, 1)
+            out.append(conv(codes, v.prologue, shape))
+            out.append(conv(codes, v.prologue, shape, channels=(20, 27)))   # 180 + 243 columns at 3x3
+        elif v.kernel == "w4a8":
+            codes = (1 if v.dual else 0, 2 if v.asym else 0)
+            out.append(w4a8(codes, v.lr))
+            out.append(w4a8(codes, v.lr, kk=1000))
+        else:
+            out.append(weight_only(v.bits))
+            out.append(weight_only(v.bits, kk=1001 if v.bits == 8 else 1000))
+    # one segment (the unsegmented K loop) where the pruner's table keeps its own, wider list
+    out += [gemm((0,), (0, k)), gemm((1,), (0, k)), gemm((0,), (0, k), prologue=True), gemm((0,), (0, k), fmt="fp8"),
+            gemm((0,), (0, k), lr=True), gemm((0,), (0, k), prologue=True, lr=True),
+            gemm((0,), (0, k), fmt="fp8", lr=True), conv((0,), True)]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel variant as the launchers' argument checks allow it."""
+    kernel: str                 # gemm | conv | w4a8 | weight-only
+    fmt: str = "int8"
+    dual: bool = False
+    asym: bool = False
+    prologue: bool = False
+    lr: bool = False
+    tag: str = ""               # conv: the geometry's tag (the check compiles a 3x3 and a 1x1 conv)
+    bits: int = 8               # weight-only
+
+    @property
+    def segmented(self) -> bool:
+        """Whether its K loop may flush inside (int8 weight-only has one step per column: never)."""
+        return not (self.kernel == "weight-only" and self.bits == 8)
+
+    @property
+    def name(self) -> str:
+        from .site_lowering import variant_name
+        if self.kernel == "weight-only":
+            return f"int{self.bits}-weight-only"
+        name = variant_name(self.fmt, self.dual, self.prologue, self.asym, self.lr)
+        return f"{self.tag}-{name}" if self.kernel == "conv" else name
+
+
+def launchable_variants() -> list[Variant]:
+    """What the launchers accept: the GEMM's int8 with DualScale, asymmetric segments (not in the
+    quantize prologue), the prologue and the low-rank branch; its fp8 with DualScale and the
+    branch; w4a8 with DualScale, asymmetric segments and the branch; the conv (3x3 and 1x1) with
+    DualScale, asymmetric segments and the prologue; int8 and int4 weight-only."""
+    flags = [(d, a) for d in (False, True) for a in (False, True)]
+    out = [Variant("gemm", "int8", d, a, p, lr) for d, a in flags for p in (False, True) for lr in (False, True)
+           if not (a and p)]
+    out += [Variant("gemm", "fp8", d, False, False, lr) for d in (False, True) for lr in (False, True)]
+    out += [Variant("w4a8", "w4a8", d, a, False, lr) for d, a in flags for lr in (False, True)]
+    out += [Variant("conv", "int8", d, a, p, tag=t) for t in ("conv3x3s1", "conv1x1s1") for d, a in flags
+            for p in (False, True)]
+    out += [Variant("weight-only", bits=b) for b in (8, 4)]
+    return out
 
 
 def configs(case: Case, arch: str, every: bool = False) -> list[dict]:

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from .codegen_cases import Case, cases, config_index, configs
+from .gemm_configs import FP8_ARCHS
 
 ARCHS = ("sm_80", "sm_89", "sm_90")
-FP8_ARCHS = ("sm_89", "sm_90")      # e4m3 dots need capability 8.9
 
 
 def _specialize(value):
@@ -200,12 +200,15 @@ def _report(row, progress):
     return row
 
 
-def table(rows: list[dict]) -> dict:
+def table(rows: list[dict], single_rows: list[dict] | None = None) -> dict:
     """The pruner's table (gemm_configs.CODEGEN_TABLE) from a check over every config: per arch and
     case, the CONFIGS indices that pass. A case where none pipelines (a conv's byte-wise im2col
     gather of int8 input on sm_90: no async copy takes it, so the pipeliner leaves the loop)
     keeps the configs that pass all else under "single_stage": the pruner runs them with
-    num_stages 1, which is the code they compile to."""
+    num_stages 1, a different compile, so only those that pass compiled so (`single_rows`,
+    single_stage_rows) are kept."""
+    ok = None if single_rows is None else {(r["arch"], r["case"], r["config_index"]) for r in single_rows
+                                           if not r["problems"]}
     out: dict = {}
     for (arch, case), rs in _groups(rows, ("arch", "case")).items():
         passed = [r["config_index"] for r in rs if not r["problems"]]
@@ -213,8 +216,23 @@ def table(rows: list[dict]) -> dict:
         entry[case] = passed
         if not passed:
             entry[case + ":single_stage"] = [r["config_index"] for r in rs
-                                             if all(p.startswith("not pipelined") for p in r["problems"])]
+                                             if all(p.startswith("not pipelined") for p in r["problems"])
+                                             and (ok is None or (arch, case, r["config_index"]) in ok)]
     return {"archs": out}
+
+
+def single_stage_rows(t: dict, jobs: int = 1) -> list[dict]:
+    """The `:single_stage` configs of a table compiled as the pruner runs them, with num_stages 1."""
+    from .gemm_configs import CONFIGS
+    index = {c.name: i for i, c in enumerate(cases())}
+    tasks = [(arch, index[name.removesuffix(":single_stage")], dict(CONFIGS[j], num_stages=1))
+             for arch, entry in sorted(t["archs"].items()) for name, js in sorted(entry.items())
+             if name.endswith(":single_stage") for j in js]
+    if jobs > 1:
+        import multiprocessing
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            return list(pool.imap(_task, tasks))
+    return [_task(x) for x in tasks]
 
 
 def table_json(t: dict) -> str:
@@ -288,6 +306,6 @@ def run(archs, json_path=None, every: bool = False, write_table: bool = False, j
         print(f"wrote {json_path}")
     if write_table:
         from .gemm_configs import CODEGEN_TABLE
-        CODEGEN_TABLE.write_text(table_json(table(rows)))
+        CODEGEN_TABLE.write_text(table_json(table(rows, single_stage_rows(table(rows), jobs))))
         print(f"wrote {CODEGEN_TABLE}")
     return 1 if bad and not every else 0

@@ -28,6 +28,9 @@ CONFIGS = [
         # K tiles of 32 (a dot's minimum): the conv prologue's im2col gather and quantization hold
         # fewer registers per thread (indices above are the codegen table's: append only)
         (64, 64, 32, 4, 4), (128, 128, 32, 4, 8),
+        # 8 warps on a 64x64x32 tile: the 1x1 conv's quantize prologue with DualScale beside
+        # asymmetric segments on unaligned bounds spills in every 4-warp config on sm_90
+        (64, 64, 32, 4, 8),
     ]
 ]
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_stages=1, num_warps=4)
@@ -39,6 +42,7 @@ MIN_DOT_K = 32          # 8-bit operands
 # spills and within the arch's shared memory.
 CODEGEN_TABLE = Path(__file__).with_name("codegen_table.json")
 # cudaDevAttrMaxSharedMemoryPerBlockOptin of each arch the check compiles for (and sm_86)
+FP8_ARCHS = ("sm_89", "sm_90")      # e4m3 dots need capability 8.9
 ARCH_SHARED = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
 
 
@@ -92,11 +96,17 @@ def checked_configs(variant: str, segmented: bool, even: bool, arch: str) -> tup
     # an arch the check does not compile for takes its nearest checked one of the same major
     # (sm_86/sm_87: sm_80's mma.sync code); others have no verdict
     table = archs.get(arch) or archs.get({"sm_86": "sm_80", "sm_87": "sm_80"}.get(arch, ""), {})
+    if not table:
+        return None, []
     for seg in (segmented, True):
         name = codegen_case(variant, seg, even)
         if name in table:
             return table[name], table.get(name + ":single_stage", [])
-    return None, []
+    if variant.startswith("fp8") and arch not in FP8_ARCHS:
+        return None, []    # no e4m3 dots here: the launch fails on the device, not in the pruner
+    raise RuntimeError(f"segquant: no codegen-check verdict for {codegen_case(variant, segmented, even)} on {arch}: "
+                       "a kernel variant was added without regenerating lowering/codegen_table.json "
+                       "(`segquant codegen-check --arch sm_80,sm_89,sm_90 --every --write-table`)")
 
 
 def prune(m: int, n: int, k: int, variant: str, device, bounds=None, arch: str | None = None,
@@ -117,27 +127,25 @@ def prune(m: int, n: int, k: int, variant: str, device, bounds=None, arch: str |
     bounds = tuple(bounds) if bounds is not None else (0, k)
     segmented = len(bounds) > 2
     min_m = 64 if arch == "sm_90" else 16     # wgmma's tile is 64 rows a warpgroup: smaller ones fall back to mma.sync
-    out = []
-    for i, c in enumerate(CONFIGS):
-        if c["BLOCK_K"] < MIN_DOT_K:
-            continue
-        smem = (c["BLOCK_M"] * c["BLOCK_K"] * elem + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"]
-        if smem > limit:
-            continue
-        if m and (c["BLOCK_M"] > max(min_m, autotune.m_bucket(m)) or c["BLOCK_N"] > max(32, n * 2)):
-            continue
-        out.append((i, c))
-    even = [(i, c) for i, c in out if all(b % c["BLOCK_K"] == 0 for b in bounds)]
-    if even:
-        out = even
-    else:
-        out = [(i, dict(c, num_stages=1)) for i, c in out]
+    fits = [(i, c) for i, c in enumerate(CONFIGS) if c["BLOCK_K"] >= MIN_DOT_K and
+            (c["BLOCK_M"] * c["BLOCK_K"] * elem + c["BLOCK_K"] * c["BLOCK_N"]) * c["num_stages"] <= limit]
+    even = [(i, c) for i, c in fits if all(b % c["BLOCK_K"] == 0 for b in bounds)]
+    out = even or [(i, dict(c, num_stages=1)) for i, c in fits]
     if arch and checked:
         passed, single = checked_configs(variant, segmented, bool(even), arch)
         if passed is not None:
             out = [(i, c) for i, c in out if i in passed] or \
-                [(i, dict(c, num_stages=1)) for i, c in out if i in single] or out[-1:]
-    return [dict(c) for _, c in out] or [dict(CONFIGS[-1])]
+                [(i, dict(c, num_stages=1)) for i, c in out if i in single]
+            if not out:
+                raise RuntimeError(f"segquant: codegen-check passed no config for "
+                                   f"{codegen_case(variant, segmented, bool(even))} on {arch}")
+    # no tile much larger than the problem; where every checked one is, the smallest of them
+    sized = [(i, c) for i, c in out if not m or (c["BLOCK_M"] <= max(min_m, autotune.m_bucket(m))
+                                                 and c["BLOCK_N"] <= max(32, n * 2))]
+    if not sized and out:
+        area = min(c["BLOCK_M"] * c["BLOCK_N"] for _, c in out)
+        sized = [(i, c) for i, c in out if c["BLOCK_M"] * c["BLOCK_N"] == area]
+    return [dict(c) for _, c in sized] or [dict(CONFIGS[-1])]
 
 
 def codegen_limit(arch: str) -> int:

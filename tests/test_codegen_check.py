@@ -51,7 +51,7 @@ def assert_pass(rows):
 
 
 def test_first_offered_config_of_every_kernel_on_every_arch(tmp_path):
-    out, rows = codegen_check(tmp_path, "--arch", ARCHS, "--first")
+    out, rows = codegen_check(tmp_path, "--arch", ARCHS, "--first", "--jobs", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert_pass(rows)
     assert {r["arch"] for r in rows} == set(ARCHS.split(","))
@@ -103,3 +103,43 @@ def test_refuses_the_interpreter_and_unknown_archs():
     out = subprocess.run([sys.executable, "-m", "segquant_compile.cli", "codegen-check", "--arch", "sm_70"],
                          env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "sm_70" in out.stderr
+
+
+def test_the_table_has_a_verdict_for_every_launchable_variant():
+    """Every variant the launchers accept, on aligned and on odd segment bounds, has a case in the
+    check and a verdict in the pruner's table on every arch (fp8: where e4m3 dots exist), so the
+    pruner never offers a config the check did not compile."""
+    from segquant_compile.lowering import gemm_configs
+    from segquant_compile.lowering.codegen_cases import cases, launchable_variants
+    names = {c.name for c in cases()}
+    table = gemm_configs._table()["archs"]
+    for v in launchable_variants():
+        for even in (True, False):
+            name = gemm_configs.codegen_case(v.name, v.segmented, even)
+            assert name in names, f"no codegen-check case for {name}"
+            for arch in ("sm_80", "sm_89", "sm_90"):
+                if v.fmt == "fp8" and arch not in gemm_configs.FP8_ARCHS:
+                    continue
+                assert name in table[arch], f"{arch}: no verdict for {name}"
+                passed, single = gemm_configs.checked_configs(v.name, False, even, arch)
+                assert passed or single, f"{arch}: nothing passes for {name}"
+
+
+def test_the_pruner_refuses_a_variant_the_check_never_compiled():
+    from segquant_compile.lowering import gemm_configs
+    with pytest.raises(RuntimeError, match="codegen-check verdict"):
+        gemm_configs.checked_configs("int8-dual-made-up", True, True, "sm_90")
+    # an arch without a table (a newer GPU) has no verdict: every fitting config stays offered
+    assert gemm_configs.checked_configs("int8", True, True, "sm_100") == (None, [])
+
+
+def test_single_stage_configs_are_kept_only_where_they_pass_compiled_so():
+    """A case where nothing pipelines keeps the configs that pass all else, to run with num_stages
+    1: a different compile, so one that spills compiled so is dropped."""
+    from segquant_compile.lowering.codegen_check import table
+    row = lambda i, problems: {"arch": "sm_90", "case": "conv:x", "config_index": i, "problems": problems}  # noqa: E731
+    rows = [row(0, ["not pipelined (1 stage(s), async copies: None)"]), row(1, ["not pipelined (1 stage(s))"]),
+            row(2, ["spills 8 bytes"])]
+    assert table(rows)["archs"]["sm_90"] == {"conv:x": [], "conv:x:single_stage": [0, 1]}
+    single = [row(0, []), row(1, ["spills 16 bytes"])]
+    assert table(rows, single)["archs"]["sm_90"] == {"conv:x": [], "conv:x:single_stage": [0]}
