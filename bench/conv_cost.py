@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import segquant_compile as sq
+from segquant_compile.demo import timed_runs
 from segquant_compile.examples import terrain_unet as tu
 from segquant_compile.lowering import conv as C
 
@@ -31,13 +31,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def best(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(timed_runs(fn, 1, reps))
 
 
 def inputs_of_convs(net, x, sigma, d01) -> dict[str, torch.Tensor]:

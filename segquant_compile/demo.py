@@ -9,7 +9,8 @@ import torch
 from segquant_compile.examples.sd3_demo import demo_sd3, sd3_inputs
 
 
-def median_seconds(fn, warmup: int = 2, reps: int = 5) -> float:
+def timed_runs(fn, warmup: int = 2, reps: int = 5) -> list[float]:
+    """Seconds of each of `reps` calls of fn (no grad), after `warmup` untimed ones."""
     with torch.no_grad():
         for _ in range(warmup):
             fn()
@@ -18,7 +19,11 @@ def median_seconds(fn, warmup: int = 2, reps: int = 5) -> float:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, warmup: int = 2, reps: int = 5) -> float:
+    return statistics.median(timed_runs(fn, warmup, reps))
 
 
 def run(model_name: str = "sd3", activations: str = "static", save: list[str] | None = None) -> dict:
