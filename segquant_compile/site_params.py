@@ -269,10 +269,10 @@ def frozen(params: SiteParams, lowering: SiteLowering, w_nk: Tensor, stats: Site
 def first_call_rows(stats: SiteStatistics, lowering: SiteLowering) -> tuple[Tensor | None, str | None]:
     """(the first call's finite rows, None), or (None, why there are too few to fit to: none, or
     fewer than FIRST_CALL_ROWS_PER_K per column of the widest K segment)."""
-    if stats.rows is None:
+    if stats.kept is None:
         return None, "the first call's rows were all NaN/Inf"
     need = FIRST_CALL_ROWS_PER_K * lowering.widest_segment
-    n = stats.rows_seen if stats.hessians is not None else len(stats.rows)   # the rows GPTQ would fit
+    n = stats.rows_seen if stats.hessians is not None else len(stats.kept)   # the rows GPTQ would fit
     if n < need:
         kept = "" if n == stats.rows_seen else (f" kept of {stats.rows_seen} (a K segment wider than "
                                                f"{statistics.HESSIAN_MAX_K} sums no Hessian)")
@@ -299,7 +299,7 @@ def first_call_rounding(params, lowering, w_nk, stats, name: str) -> SiteParams:
     rounded to nearest, said in the report."""
     rows, note = first_call_rows(stats, lowering)
     if rows is None:
-        if stats.rows is None:
+        if stats.kept is None:
             warnings.warn(f"segquant: {name}: {note}: weights rounded to nearest", stacklevel=4)
         return params.replace(nearest_note=note, rows_source=None)
     params = packed(w_nk, lowering, params, (stats.gptq_hessians(w_nk.device), FIRST_CALL_DAMP))

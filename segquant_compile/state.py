@@ -241,7 +241,7 @@ class QuantState:
         if Decision.ROUNDING in self.pending:
             params = P.first_call_rounding(params, self.base, w, stats, self.name)
         pending = self.pending - {Decision.SMOOTHING, Decision.ROUNDING}
-        if Decision.SCHEMES in pending and stats.rows is not None:   # none when every row was non-finite
+        if Decision.SCHEMES in pending and stats.kept is not None:   # none when every row was non-finite
             params = P.choose_schemes(params, self.base, w, stats.rows)
             pending -= {Decision.SCHEMES}
         self._set(params)
@@ -251,7 +251,7 @@ class QuantState:
     def measure(self, bias: Tensor | None) -> Tensor:
         """Sensitivity: the schemes chosen (dualscale="auto") and the site's output SQNR on the
         rows observed; the rows."""
-        if self.stats.rows is None:
+        if self.stats.kept is None:
             raise FloatingPointError(f"segquant.sensitivity: {self.name} saw no finite input rows")
         rows, w = self.stats.rows, self._w(self.weight())
         params = self.params

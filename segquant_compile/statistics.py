@@ -268,7 +268,9 @@ class SiteStatistics:
             keep = torch.topk(priority, limit, largest=False).indices
             x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
         x2 = x2.to(self.home)
-        if self.kept is not None:
+        if self.kept is None:   # the first rows may be a view of the activation, whose buffer the graph reuses
+            x2 = x2.clone()
+        else:
             x2, priority = torch.cat([self.kept, x2.to(self.kept.dtype)]), torch.cat([self._priority, priority])
             calls = torch.cat([self.row_calls, calls])
         if len(priority) > limit:

@@ -235,3 +235,14 @@ def test_hessian_panels_hold_the_upper_triangle_and_give_back_the_sum():
     assert torch.equal(panels.full(), panels.full().t())
     assert panels.nbytes == 4 * HessianPanels.numel(k) <= 4 * (k * k + k * PANEL_ROWS) // 2
     assert HessianPanels.numel(3072) < 0.55 * 3072 ** 2      # FLUX.1-dev's width
+
+
+def test_kept_rows_do_not_alias_the_observed_activation():
+    """The graph may reuse an activation's buffer once the observer returns: the first call's
+    rows (fewer than rows_kept, fp32, so no selection and no cast copies them) are copied."""
+    stats = SiteStatistics(StatisticsSpec((0, 8), 64, False))
+    x = torch.randn(5, 8)
+    stats.observe(x, call=0)
+    before = stats.rows.clone()
+    x.fill_(7.0)
+    assert torch.equal(stats.rows, before)
