@@ -85,11 +85,19 @@ def conv2d_reference(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry,
         y = combine_segments(direct_sums(x, w, k_bounds, schemes, g, zp), d_pos, d_neg, d_w, bias, schemes, zp, colsum)
         return y.to(out_dtype).view(b, ho, wo, -1).permute(0, 3, 1, 2)
     if x.is_floating_point():
-        rows = im2col(x.float(), g)
-        q = Q.quantize_static(rows, list(k_bounds), list(schemes), d_pos, d_neg, zp)
-    else:
-        q = im2col(x, g, channel_pad(zp, k_bounds, g, x.shape[1], x.device))
+        return rows_conv(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, g, out_dtype, zp, colsum, gemm_reference)
+    q = im2col(x, g, channel_pad(zp, k_bounds, g, x.shape[1], x.device))
     y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
+    return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def rows_conv(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, g: ConvGeometry, out_dtype, zp, colsum, gemm):
+    """A float input's conv: its im2col rows quantized with their own steps, then `gemm` (the
+    linear GEMM's reference inside the conv2d op; the `segquant::gemm` op in a CPU graph)."""
+    b, _, h, wd = x.shape
+    ho, wo = g.output_size(h, wd)
+    q = Q.quantize_static(im2col(x.float(), g), list(k_bounds), list(schemes), d_pos, d_neg, zp)
+    y = gemm(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
     return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
@@ -215,25 +223,14 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
     if d_pos is None:
         d_pos, d_neg, zp = pixel_steps(x, conv, k_bounds, schemes, fmt)
         zp = zp if Q.ASYMMETRIC in schemes else None
-        if x.device.type == "cpu":
-            return _dynamic_rows(x, d_pos, d_neg, w, d_w, bias, zp, colsum, k_bounds, schemes, conv)
+        if x.device.type == "cpu":   # the rows' quantization in the graph, where Inductor fuses it with the
+            # im2col gather into one pass writing int8 rows (inside the op: separate fp32 passes)
+            return rows_conv(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, conv, x.dtype, zp, colsum,
+                             torch.ops.segquant.gemm)
         return torch.ops.segquant.conv2d(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
     q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
     y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
     return y + nonfinite_pixels(x, conv).to(y.dtype)
-
-
-def _dynamic_rows(x, d_pos, d_neg, w, d_w, bias, zp, colsum, k_bounds, schemes, conv: ConvGeometry) -> Tensor:
-    """The CPU's dynamic conv: conv2d_reference's float path (im2col rows quantized with their
-    own steps, then the linear GEMM op), written in the graph so that Inductor fuses the im2col
-    gather with the quantization into one pass writing int8 rows (inside the conv2d op they ran
-    as separate passes over fp32 rows: bench/conv_cost.py). The same integers and the same
-    result, bit for bit."""
-    b, _, h, wd = x.shape
-    ho, wo = conv.output_size(h, wd)
-    q = Q.quantize_static(im2col(x.float(), conv), k_bounds, schemes, d_pos, d_neg, zp)
-    y = torch.ops.segquant.gemm(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, x.dtype, zp, colsum)
-    return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------- calibration

@@ -203,7 +203,7 @@ class SiteStatistics:
         if self.home is not None:
             return
         spec = self.spec
-        need = spec.hessian_bytes + spec.row_bytes(torch.empty((), dtype=row_dtype).element_size())
+        need = spec.hessian_bytes + spec.row_bytes(row_dtype.itemsize)
         if device.type != "cpu" and DEVICE_BUDGET.reserve(device, need, spec.device_bytes):
             self._reservation = _Reservation(device, need)
             weakref.finalize(self, self._reservation.release)
@@ -218,9 +218,9 @@ class SiteStatistics:
         else a non-finite range raises. False when no row was kept."""
         with self._lock:
             call = self.shard.call_number(self.calls) if call is None else call
-            self._place(x.device, _row_dtype(x.dtype))
-            x2, pos, neg = self._gemm_rows(x.detach(), call)
             row_dtype = _row_dtype(x.dtype)
+            self._place(x.device, row_dtype)
+            x2, pos, neg = self._gemm_rows(x.detach(), call)
             if finite_only:
                 x2 = x2[torch.isfinite(x2).all(dim=1)]
                 if not len(x2):

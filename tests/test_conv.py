@@ -234,7 +234,7 @@ def test_tiny_unets_quantized_with_convs(runs, name, activations, floor):
     assert all(report.states[s.name].lowering.conv == s.conv for s in report.sites)
     if activations == "dynamic":   # static: the graph compiled during calibration, not in this call
         # on the CPU a dynamic conv's im2col rows are quantized in the graph, then the GEMM op
-        # (conv._dynamic_rows): no conv2d op, one GEMM per conv site among the site GEMMs
+        # (conv.rows_conv with the GEMM op): no conv2d op, one GEMM per conv site among the site GEMMs
         assert not any("torch.ops.segquant.conv2d.default(" in c for c in code)
         assert site_gemm_calls(code) == expected_site_gemms(report)   # the CPU form's GEMMs (cpu_linear.py)
         joined = "\n".join(code)          # no float convolution left in the compiled graph
