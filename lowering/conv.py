@@ -13,6 +13,8 @@ value 0: a quantized input pads with its segment's zero point.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -221,16 +223,76 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
         raise ValueError("segquant: SmoothQuant is not applied to conv sites")
     k_bounds, schemes, geometry = list(k_bounds), list(schemes), conv.as_list()
     if d_pos is None:
+        if x.device.type == "cpu":   # one op node per site: the graph's code does not grow per conv site
+            return torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, colsum)
         d_pos, d_neg, zp = pixel_steps(x, conv, k_bounds, schemes, fmt)
         zp = zp if Q.ASYMMETRIC in schemes else None
-        if x.device.type == "cpu":   # the rows' quantization in the graph, where Inductor fuses it with the
-            # im2col gather into one pass writing int8 rows (inside the op: separate fp32 passes)
-            return rows_conv(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, conv, x.dtype, zp, colsum,
-                             torch.ops.segquant.gemm)
         return torch.ops.segquant.conv2d(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
     q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
     y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
     return y + nonfinite_pixels(x, conv).to(y.dtype)
+
+
+# ---------------------------------------------------------------- CPU dynamic conv
+
+# im2col rows of at least this many elements are quantized by a compiled kernel (one pass from
+# the unfolded fp32 columns to int8 rows); smaller ones by the same ops eagerly (no compile)
+COMPILED_ROWS_MIN = 1 << 20
+
+
+def quantize_columns(cols: Tensor, d: Tensor, d_neg: Tensor, zp: Tensor, scheme: int) -> Tensor:
+    """F.unfold's columns [B, K, L] of one K segment -> its int8 im2col rows [B * L, K], each
+    row with its own steps [B * L, 1] (quantize_static's rounding)."""
+    b, k, l = cols.shape
+    per_row = lambda t: t.view(b, l, 1)   # noqa: E731
+    q = Q._round(cols.transpose(1, 2), per_row(d), per_row(d_neg), per_row(zp), scheme)
+    return q.contiguous().view(b * l, k)
+
+
+@functools.cache
+def _compiled_quantize_columns():
+    # shape-generic (dynamic=True): one kernel per scheme, whatever the site's geometry, channels,
+    # image size or batch, so the compiles do not grow with the model's conv sites
+    return torch.compile(quantize_columns, dynamic=True, fullgraph=True)
+
+
+def dynamic_rows(x: Tensor, k_bounds, schemes, g: ConvGeometry) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A float input's quantized im2col rows [M, K] and steps per output pixel and segment
+    [M, S] (d, d_neg, zp): pixel_steps, then quantize_static on im2col's rows, segment by segment."""
+    d, dn, zp = pixel_steps(x, g, k_bounds, schemes)
+    xf = x.float()
+    cb = g.channel_bounds(k_bounds)
+    parts = []
+    for s, ((c0, c1), scheme) in enumerate(zip(zip(cb[:-1], cb[1:]), schemes)):
+        cols = F.unfold(xf[:, c0:c1], g.kernel, padding=g.padding, stride=g.stride)   # im2col's values
+        quantize = quantize_columns
+        if cols.numel() >= COMPILED_ROWS_MIN and not torch.compiler.is_compiling():
+            quantize = _compiled_quantize_columns()
+        parts.append(quantize(cols, d[:, s:s + 1], dn[:, s:s + 1], zp[:, s:s + 1], scheme))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), d, dn, zp
+
+
+@torch.library.custom_op(f"{LIB}::conv2d_dynamic", mutates_args=())
+def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, k_bounds: list[int], schemes: list[int],
+                   geometry: list[int], out_dtype: torch.dtype, colsum: Tensor | None = None) -> Tensor:
+    """conv2d of a float input with dynamic steps per output pixel and segment (the range of its
+    receptive field), on the CPU: the quantized im2col rows, then the GEMM op. One op per site,
+    so a compiled model's generated code does not grow with its conv sites."""
+    g = ConvGeometry.from_list(geometry)
+    b, _, h, wd = x.shape
+    ho, wo = g.output_size(h, wd)
+    q, d, dn, zp = dynamic_rows(x, k_bounds, schemes, g)
+    zp = zp if Q.ASYMMETRIC in schemes else None
+    y = torch.ops.segquant.gemm(q, d, dn, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
+    return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+@conv2d_dynamic.register_fake
+def _(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, colsum=None):
+    g = ConvGeometry.from_list(geometry)
+    torch._check(x.dim() == 4 and x.shape[1] == g.in_channels, lambda: f"segquant::conv2d_dynamic: input {x.shape}")
+    ho, wo = g.output_size(x.shape[2], x.shape[3])
+    return x.new_empty((x.shape[0], w.shape[1], ho, wo), dtype=out_dtype).to(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------- calibration

@@ -174,7 +174,7 @@ def site_gemm_calls(code: list[str]) -> int:
     for c in code:
         lines = c.splitlines()
         n += sum(line.count(f"torch.ops.segquant.{op}.default(") for line in lines
-                 for op in ("gemm", "gemm_prologue", "conv2d"))
+                 for op in ("gemm", "gemm_prologue", "conv2d", "conv2d_dynamic"))
         n += sum(1 for prev, line in zip(lines, lines[1:])
                  if "quantized_linear" in prev and any(f"extern_kernels.{g}(" in line for g in ("addmm", "mm", "_int_mm")))
     return n

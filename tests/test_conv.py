@@ -233,9 +233,11 @@ def test_tiny_unets_quantized_with_convs(runs, name, activations, floor):
     assert set(report.states) == {s.name for s in report.sites}     # every conv and linear quantized
     assert all(report.states[s.name].lowering.conv == s.conv for s in report.sites)
     if activations == "dynamic":   # static: the graph compiled during calibration, not in this call
-        # on the CPU a dynamic conv's im2col rows are quantized in the graph, then the GEMM op
-        # (conv.rows_conv with the GEMM op): no conv2d op, one GEMM per conv site among the site GEMMs
-        assert not any("torch.ops.segquant.conv2d.default(" in c for c in code)
+        # on the CPU a dynamic conv site is one conv2d_dynamic op (its rows and GEMM inside): the
+        # generated code does not grow per conv site
+        joined = "\n".join(code)
+        assert joined.count("torch.ops.segquant.conv2d_dynamic.default(") == t["conv_sites"]
+        assert "torch.ops.segquant.conv2d.default(" not in joined
         assert site_gemm_calls(code) == expected_site_gemms(report)   # the CPU form's GEMMs (cpu_linear.py)
         joined = "\n".join(code)          # no float convolution left in the compiled graph
         assert "extern_kernels.convolution" not in joined and "_convolution_pointwise" not in joined

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 
 from segquant_compile.lowering import conv as C
 from segquant_compile.lowering import quantize as Q
@@ -154,12 +155,15 @@ def test_direct_cpu_path_is_the_im2col_path_bit_for_bit(geometry, schemes):
     assert direct.stride() == C.conv2d_reference(*args, direct=False).stride()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("schemes", [(0, 0), (1, 1), (2, 2), (1, 2)])
 @pytest.mark.parametrize("geometry", GEOMETRIES[:3])
-def test_cpu_dynamic_rows_in_the_graph_are_the_op_bit_for_bit(geometry, schemes):
-    """A dynamic conv site on the CPU quantizes its im2col rows in the graph (for Inductor to fuse
-    the gather with the quantization) and runs the GEMM op: the conv2d op's float path, bit for
-    bit, eager and compiled."""
+def test_cpu_dynamic_conv_op_is_the_conv2d_op_bit_for_bit(geometry, schemes, compiled, monkeypatch):
+    """A dynamic conv site on the CPU is one conv2d_dynamic op: per-pixel steps, F.unfold's
+    columns quantized (by one shape-generic compiled kernel per scheme for large rows, eagerly
+    for small ones), the GEMM op. Bit for bit the conv2d op's float path with pixel_steps' steps,
+    called eagerly and from a compiled graph (the site is one op node there)."""
+    monkeypatch.setattr(C, "COMPILED_ROWS_MIN", 0 if compiled else 1 << 40)
     x, geo, kb, w, d_w, bias = problem((3, 2), geometry, schemes, layout="n-major")
     colsum = column_sums(w, kb) if 2 in schemes else None
     d, dn, zp = C.pixel_steps(x, geo, kb, list(schemes))
@@ -169,4 +173,6 @@ def test_cpu_dynamic_rows_in_the_graph_are_the_op_bit_for_bit(geometry, schemes)
                                         list(schemes), conv=geo)
     assert torch.equal(site(x), op) and site(x).stride() == op.stride()
     torch._dynamo.reset()
-    assert torch.equal(torch.compile(site, fullgraph=True)(x), op)
+    code = run_and_get_code(torch.compile(site, fullgraph=True), x)
+    assert torch.equal(code[0], op)
+    assert "".join(code[1]).count("torch.ops.segquant.conv2d_dynamic.default(") == 1
