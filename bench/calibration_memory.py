@@ -127,7 +127,8 @@ def worker(out: str) -> None:
     t = memory.totals()
     Path(out).write_text(json.dumps({
         "estimate_statistics": t["statistics"], "estimate_hessians": t["hessians"], "estimate_rows": t["rows"],
-        "estimate_ranges": t["ranges"], "float_forward_transient": forward,
+        "estimate_ranges": t["ranges"], "estimate_peak_during_calls": t["peak_during_calls"],
+        "estimate_call_transient": t["call_transient"], "float_forward_transient": forward,
         "weights_fp32": sum(p.nbytes for p in model.parameters()), "sites": t["sites"],
         "statistics_sets": t["statistics_sets"], "calibration_s": round(seconds, 1),
         "rows_held_after_calibration": kept, **points,
@@ -145,6 +146,10 @@ def check() -> dict:
     r["peak_over_estimate"] = round(r["added_peak_during_calls"] / est, 3)
     r["peak_less_forward_over_estimate"] = round((r["added_peak_during_calls"] - r["float_forward_transient"]) / est, 3)
     r["peak_with_freeze_over_estimate"] = round(r["added_peak_with_freeze"] / est, 3)
+    # the model's peak (statistics + the largest set's call transient) against the measured peak
+    # less the float forward's own activations
+    r["peak_less_forward_over_peak_estimate"] = round(
+        (r["added_peak_during_calls"] - r["float_forward_transient"]) / r["estimate_peak_during_calls"], 3)
     return {"model": "SD3-style transformer, random weights: " + json.dumps(MID), "call": MID_CALL, "calls": CALLS,
             "options": CHECK_OPTIONS,
             "measure": "VmRSS/VmHWM of /proc/self/status (clear_refs 5), MALLOC_MMAP_THRESHOLD_=65536", **r}
@@ -162,7 +167,8 @@ if __name__ == "__main__":
     print(f"check: estimate {c['estimate_statistics'] / 2**20:.1f} MiB of statistics; held after the calls "
           f"{c['added_held_after_calls'] / 2**20:.1f} MiB ({c['held_over_estimate']}x), peak during the calls "
           f"{c['added_peak_during_calls'] / 2**20:.1f} MiB ({c['peak_over_estimate']}x; a float call's own "
-          f"{c['float_forward_transient'] / 2**20:.1f} MiB), with the freeze {c['added_peak_with_freeze'] / 2**20:.1f} MiB")
+          f"{c['float_forward_transient'] / 2**20:.1f} MiB; less it, {c['peak_less_forward_over_peak_estimate']}x the "
+          f"estimated peak {c['estimate_peak_during_calls'] / 2**20:.1f} MiB), with the freeze {c['added_peak_with_freeze'] / 2**20:.1f} MiB")
     for name, p in result["plans"].items():
         print(f"{p['model']}: statistics {p['statistics_gib']} GiB (Hessians {p['hessians_gib']}, rows {p['rows_gib']}"
               f", of which {p['rows_without_hessian_gib']} where no Hessian is summed), packed {p['packed_gib']}, "

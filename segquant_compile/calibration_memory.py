@@ -18,8 +18,11 @@ made). Per site and in total:
 
 Kept rows grow with the rows observed up to the spec's `rows_kept`: with `calls`, a site's rows are
 its traced call's rows (a conv's: SAMPLE_ROWS im2col rows at most) times `calls`, else the cap.
-Not counted: activation steps, zero points and SmoothQuant divisors (S or K numbers per site), and
-what a call or the freeze makes and frees (one call's K^2 per segment, GPTQ's inverse Hessian)."""
+A call's transient (`call_bytes`: its fp32 rows, their kept-dtype copy, the full X^T X per segment,
+the reservoir's merge) is made and freed set by set: the peak during calls adds the largest one.
+Not counted: activation steps, zero points and SmoothQuant divisors (S or K numbers per site), the
+float forward's own activations, and what the freeze makes and frees (GPTQ's inverse Hessian,
+the searches' copies)."""
 from __future__ import annotations
 
 import json
@@ -51,6 +54,7 @@ class SiteMemory:
     packed_bytes: int             # the quantized weight, its steps, column sums, low-rank branch
     float_copy_bytes: int         # the CPU fp32 GEMM's dequantized weight
     weight_bytes: int             # the model's own float weight (not a copy)
+    call_bytes: int = 0           # what one call's observe makes and frees (StatisticsSpec.call_bytes)
 
     @property
     def statistics_bytes(self) -> int:
@@ -72,6 +76,10 @@ class CalibrationMemory:
         return {"statistics": hessians + rows + ranges, "hessians": hessians, "rows": rows, "ranges": ranges,
                 "packed": sum(x.packed_bytes for x in s), "float_copies": sum(x.float_copy_bytes for x in s),
                 "weights": sum(x.weight_bytes for x in s),
+                # one set observes at a time: the peak during a call is the held statistics plus
+                # the largest set's transient (the float forward's own activations not counted)
+                "call_transient": max((x.call_bytes for x in s), default=0),
+                "peak_during_calls": hessians + rows + ranges + max((x.call_bytes for x in s), default=0),
                 "sites": len(s), "collecting": sum(bool(x.serves) for x in s),
                 "statistics_sets": sum(bool(x.serves) and x.shared_with is None for x in s),
                 "hessians_summed": sum(x.hessian_bytes > 0 for x in s)}
@@ -100,6 +108,8 @@ class CalibrationMemory:
                   f"  statistics: {_gib(t['statistics'])} = Hessians {_gib(t['hessians'])} ({t['hessians_summed']} "
                   f"summed) + kept rows {_gib(t['rows'])} ({rows_of}) + ranges {_gib(t['ranges'])}; "
                   f"{t['statistics_sets']} set(s) for {t['collecting']} collecting site(s)",
+                  f"  peak during a call: {_gib(t['peak_during_calls'])} (the statistics + the largest set's "
+                  f"transient {_gib(t['call_transient'])}: its call's rows, X^T X, reservoir merge)",
                   f"  packed weights: {_gib(t['packed'])}; float copies beside the model's weights: "
                   f"{_gib(t['float_copies'])}; the model's own float weights ({self.weight_dtype}): "
                   f"{_gib(t['weights'])}"]
@@ -143,7 +153,7 @@ def calibration_memory(report, weight_dtype: torch.dtype = torch.float32, calls:
         k, n = site.in_features, site.out_features
         pending = initial_decisions(lowering)
         spec = StatisticsSpec.for_site(lowering.k_bounds, Decision.ROUNDING in pending, lowering.conv)
-        shared_with, hessians, rows, ranges = None, 0, 0, 0
+        shared_with, hessians, rows, ranges, call = None, 0, 0, 0, 0
         if pending:
             when = phase(pending, lowering)
             # one QuantState per (weight, lowering), one SiteStatistics per (graph, activation, spec, phase)
@@ -156,10 +166,11 @@ def calibration_memory(report, weight_dtype: torch.dtype = torch.float32, calls:
                 # rows in the activations' dtype where it is 16-bit (statistics._row_dtype), else fp32
                 rows = _rows_kept(spec, site, calls) * (min(element, 4) * k + ROW_EXTRA_BYTES)
                 ranges = 2 * 4 * k * (2 if calls is None else min(calls, 2))
+                call = spec.call_bytes(site.rows if site.rows is not None else spec.rows_kept, min(element, 4))
         out.append(SiteMemory(site.name, k, n, tuple(d.value for d in Decision if d in pending),
                               phase(pending, lowering).value, shared_with, hessians, rows, ranges,
                               packed_bytes(lowering, k, n, element),
-                              4 * k * n if lowering.cpu_gemm == "fp32" else 0, element * k * n))
+                              4 * k * n if lowering.cpu_gemm == "fp32" else 0, element * k * n, call))
     return CalibrationMemory(tuple(out), str(weight_dtype).removeprefix("torch."), calls, report.model)
 
 

@@ -109,6 +109,24 @@ class StatisticsSpec:
         16-bit, else 4)."""
         return element_bytes * self.rows_kept * self.k_bounds[-1]
 
+    def call_bytes(self, rows: int, element_bytes: int = 4) -> int:
+        """What one call's `observe` makes and frees beside the held statistics, for `rows` GEMM
+        rows in the activation's dtype of `element_bytes`: the fp32 rows (a copy unless the rows
+        are an fp32 linear input's view; a conv's are SAMPLE_ROWS im2col rows), the negated copy
+        the negative maxima are taken from (a conv's: of its input, about rows x channels), their
+        copy in the kept dtype (16-bit), the full X^T X per segment before its panels take it, and
+        the reservoir's merge (the entering rows and the concatenation with those held)."""
+        k = self.k_bounds[-1]
+        m = min(rows, SAMPLE_ROWS) if self.conv is not None else rows
+        entering = min(m, self.rows_kept)
+        fp32_rows = 4 * m * k if self.conv is not None or element_bytes != 4 else 0
+        negated = 4 * rows * (k // self.conv.taps if self.conv is not None else k)
+        kept_copy = element_bytes * m * k if element_bytes != 4 else 0
+        kb = self.k_bounds
+        full = 4 * sum((b - a) ** 2 for a, b in zip(kb[:-1], kb[1:])) if self.sum_hessian else 0
+        merge = element_bytes * k * (2 * entering + self.rows_kept)
+        return fp32_rows + negated + kept_copy + full + merge
+
     @classmethod
     def for_site(cls, k_bounds, gptq_waits: bool, conv: ConvGeometry | None,
                  device_bytes: int = DEVICE_BYTES) -> "StatisticsSpec":
