@@ -79,3 +79,28 @@ def test_a_bf16_model_keeps_bf16_rows_and_the_estimate_says_so():
         rows = sum(_bytes(s.kept) + _bytes(s._priority) + _bytes(s.row_calls) for s in sets.values())
         hessians = sum(h.nbytes for s in sets.values() for h in s.hessians)
     assert (rows, hessians) == (memory.totals()["rows"], memory.totals()["hessians"])
+
+
+def test_the_peak_during_calls_adds_the_largest_sets_call_transient():
+    """One set observes at a time: the modelled peak is the held statistics plus the largest
+    set's transient, which holds that call's full X^T X where the Hessian is summed and the
+    reservoir's merge (bench/calibration_memory.py checks it against a measured peak)."""
+    from segquant_compile.statistics import SAMPLE_ROWS, StatisticsSpec
+    opts = {"activations": "static", "inductor": False, "weight_rounding": "gptq"}
+    model = tiny_sd3()
+    memory = calibration_memory(sq.explain(model, **tiny_sd3_inputs(batch=2, seed=0, side=16), options=opts),
+                                calls=2)
+    t = memory.totals()
+    counted = [x for x in memory.sites if x.serves and x.shared_with is None]
+    assert all(x.call_bytes > 0 for x in counted)
+    assert all(x.call_bytes == 0 for x in memory.sites if x.shared_with)
+    assert t["call_transient"] == max(x.call_bytes for x in counted)
+    assert t["peak_during_calls"] == t["statistics"] + t["call_transient"]
+    assert "peak during a call" in memory.describe(per_site=False)
+    spec = StatisticsSpec.for_site((0, 96, 160), True, None)
+    assert spec.sum_hessian
+    fp32 = spec.call_bytes(300)
+    assert fp32 >= 4 * (96 ** 2 + 64 ** 2) + 4 * 160 * (2 * 300 + spec.rows_kept)
+    # a 16-bit activation's rows: an fp32 copy and a kept-dtype copy beside the negated rows
+    assert spec.call_bytes(300, 2) >= (4 + 4 + 2) * 300 * 160 + 4 * (96 ** 2 + 64 ** 2)
+    assert spec.call_bytes(600) > fp32 and spec.call_bytes(SAMPLE_ROWS) < spec.call_bytes(SAMPLE_ROWS * 2)
