@@ -87,18 +87,9 @@ def conv2d_reference(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry,
         y = combine_segments(direct_sums(x, w, k_bounds, schemes, g, zp), d_pos, d_neg, d_w, bias, schemes, zp, colsum)
         return y.to(out_dtype).view(b, ho, wo, -1).permute(0, 3, 1, 2)
     if x.is_floating_point():
-        return rows_conv(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, g, out_dtype, zp, colsum)
-    q = im2col(x, g, channel_pad(zp, k_bounds, g, x.shape[1], x.device))
-    y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
-    return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
-
-
-def rows_conv(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, g: ConvGeometry, out_dtype, zp, colsum):
-    """A float input's conv: its im2col rows quantized with the given steps, then the linear
-    GEMM's reference."""
-    b, _, h, wd = x.shape
-    ho, wo = g.output_size(h, wd)
-    q = Q.quantize_static(im2col(x.float(), g), list(k_bounds), list(schemes), d_pos, d_neg, zp)
+        q = Q.quantize_static(im2col(x.float(), g), list(k_bounds), list(schemes), d_pos, d_neg, zp)
+    else:
+        q = im2col(x, g, channel_pad(zp, k_bounds, g, x.shape[1], x.device))
     y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
     return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 

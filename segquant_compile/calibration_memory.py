@@ -18,7 +18,7 @@ made). Per site and in total:
 
 Kept rows grow with the rows observed up to the spec's `rows_kept`: with `calls`, a site's rows are
 its traced call's rows (a conv's: SAMPLE_ROWS im2col rows at most) times `calls`, else the cap.
-A call's transient (`call_bytes`: its fp32 rows, their kept-dtype copy, the full X^T X per segment,
+A call's transient (`call_bytes`: its fp32 rows, their negated copy, their kept-dtype copy, the full X^T X per segment,
 the reservoir's merge) is made and freed set by set: the peak during calls adds the largest one.
 Not counted: activation steps, zero points and SmoothQuant divisors (S or K numbers per site), the
 float forward's own activations, and what the freeze makes and frees (GPTQ's inverse Hessian,
@@ -73,13 +73,13 @@ class CalibrationMemory:
         hessians = sum(x.hessian_bytes for x in s)
         rows = sum(x.row_bytes for x in s)
         ranges = sum(x.range_bytes for x in s)
+        # one set observes at a time: the peak during a call is the held statistics plus the
+        # largest set's transient (the float forward's own activations not counted)
+        transient = max((x.call_bytes for x in s), default=0)
         return {"statistics": hessians + rows + ranges, "hessians": hessians, "rows": rows, "ranges": ranges,
                 "packed": sum(x.packed_bytes for x in s), "float_copies": sum(x.float_copy_bytes for x in s),
                 "weights": sum(x.weight_bytes for x in s),
-                # one set observes at a time: the peak during a call is the held statistics plus
-                # the largest set's transient (the float forward's own activations not counted)
-                "call_transient": max((x.call_bytes for x in s), default=0),
-                "peak_during_calls": hessians + rows + ranges + max((x.call_bytes for x in s), default=0),
+                "call_transient": transient, "peak_during_calls": hessians + rows + ranges + transient,
                 "sites": len(s), "collecting": sum(bool(x.serves) for x in s),
                 "statistics_sets": sum(bool(x.serves) and x.shared_with is None for x in s),
                 "hessians_summed": sum(x.hessian_bytes > 0 for x in s)}

@@ -239,7 +239,7 @@ def test_tiny_unets_quantized_with_convs(runs, name, activations, floor):
         assert joined.count("torch.ops.segquant.conv2d_dynamic.default(") == t["conv_sites"]
         assert "torch.ops.segquant.conv2d.default(" not in joined
         assert site_gemm_calls(code) == expected_site_gemms(report)   # the CPU form's GEMMs (cpu_linear.py)
-        joined = "\n".join(code)          # no float convolution left in the compiled graph
+        # no float convolution left in the compiled graph
         assert "extern_kernels.convolution" not in joined and "_convolution_pointwise" not in joined
     else:
         assert all(st.settled and st.sqnr is not None for st in report.states.values())
