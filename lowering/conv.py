@@ -13,13 +13,12 @@ value 0: a quantized input pads with its segment's zero point.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import quantize as Q
+from . import shape_generic
 from .ops import EXACT_FP32_K, LIB, combine_segments, cpu_int8_gemm, gemm_reference
 from .site_lowering import ConvGeometry
 
@@ -210,26 +209,22 @@ def quantized_conv2d(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_p
 def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, schemes, fmt, conv: ConvGeometry):
     if fmt != "int8":
         raise ValueError(f"segquant: conv sites are lowered for int8 only, not {fmt!r}")
-    if smooth is not None:
-        raise ValueError("segquant: SmoothQuant is not applied to conv sites")
-    k_bounds, schemes, geometry = list(k_bounds), list(schemes), conv.as_list()
+    k_bounds, schemes, geometry, out_dtype = list(k_bounds), list(schemes), conv.as_list(), x.dtype
+    if smooth is not None:   # one divisor per input channel, repeated per tap (site_params.smoothing_factors)
+        x = x / smooth[::conv.taps].view(1, -1, 1, 1)
     if d_pos is None:
         if x.device.type == "cpu":   # one op node per site: the graph's code does not grow per conv site
-            return torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, colsum)
+            return torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, colsum)
         d_pos, d_neg, zp = pixel_steps(x, conv, k_bounds, schemes, fmt)
         zp = zp if Q.ASYMMETRIC in schemes else None
-        return torch.ops.segquant.conv2d(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
+        return torch.ops.segquant.conv2d(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp,
+                                         colsum)
     q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
-    y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, x.dtype, zp, colsum)
+    y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp, colsum)
     return y + nonfinite_pixels(x, conv).to(y.dtype)
 
 
 # ---------------------------------------------------------------- CPU dynamic conv
-
-# im2col rows of at least this many elements are quantized by a compiled kernel (one pass from
-# the unfolded fp32 columns to int8 rows); smaller ones by the same ops eagerly (no compile)
-COMPILED_ROWS_MIN = 1 << 20
-
 
 def quantize_columns(cols: Tensor, d: Tensor, d_neg: Tensor, zp: Tensor, scheme: int) -> Tensor:
     """F.unfold's columns [B, K, L] of one K segment -> its int8 im2col rows [B * L, K], each
@@ -238,13 +233,6 @@ def quantize_columns(cols: Tensor, d: Tensor, d_neg: Tensor, zp: Tensor, scheme:
     per_row = lambda t: t.view(b, l, 1)   # noqa: E731
     q = Q._round(cols.transpose(1, 2), per_row(d), per_row(d_neg), per_row(zp), scheme)
     return q.contiguous().view(b * l, k)
-
-
-@functools.cache
-def _compiled_quantize_columns():
-    # shape-generic (dynamic=True): one kernel per scheme, whatever the site's geometry, channels,
-    # image size or batch, so the compiles do not grow with the model's conv sites
-    return torch.compile(quantize_columns, dynamic=True, fullgraph=True)
 
 
 def dynamic_rows(x: Tensor, k_bounds, schemes, g: ConvGeometry) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -256,10 +244,8 @@ def dynamic_rows(x: Tensor, k_bounds, schemes, g: ConvGeometry) -> tuple[Tensor,
     parts = []
     for s, ((c0, c1), scheme) in enumerate(zip(zip(cb[:-1], cb[1:]), schemes)):
         cols = F.unfold(xf[:, c0:c1], g.kernel, padding=g.padding, stride=g.stride)   # im2col's values
-        quantize = quantize_columns
-        if cols.numel() >= COMPILED_ROWS_MIN and not torch.compiler.is_compiling():
-            quantize = _compiled_quantize_columns()
-        parts.append(quantize(cols, d[:, s:s + 1], dn[:, s:s + 1], zp[:, s:s + 1], scheme))
+        # one pass from the unfolded fp32 columns to int8 rows (shape_generic.py)
+        parts.append(shape_generic.run(quantize_columns, cols, d[:, s:s + 1], dn[:, s:s + 1], zp[:, s:s + 1], scheme))
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), d, dn, zp
 
 

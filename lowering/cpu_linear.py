@@ -1,8 +1,8 @@
-"""The CPU lowering of one quantized site as plain torch ops inside the traced graph: Inductor
-fuses the activation quantization into its producer and the scale/bias epilogue (with what
-follows it: gate multiply, residual add, cast) into one pointwise kernel after the GEMM, and no
-custom op is dispatched per call. The quantization grid is the segquant::gemm op's (ops.py);
-two GEMM forms, by what the CPU has (`cpu_gemm()`):
+"""The CPU lowering of one quantized site: its activation quantization, then the GEMM and its
+scale/bias epilogue as plain torch ops inside the traced graph (Inductor fuses the epilogue, with
+what follows it: gate multiply, residual add, cast, into one pointwise kernel after the GEMM).
+The quantization grid is the segquant::gemm op's (ops.py). Two GEMM forms, by what the CPU has
+(`cpu_gemm()`):
 
 - "int8": one exact int8 GEMM (oneDNN `_int_mm`, fast with VNNI/AMX) per K segment, the int32
   sums combined in fp32 in the op's order. Each segment's int8 operand is its own tensor (no
@@ -11,6 +11,11 @@ two GEMM forms, by what the CPU has (`cpu_gemm()`):
   values dequantized, q * d per segment and Wq * d_w, and one fp32 GEMM (addmm) for the whole
   site whatever its segments. Same grid, fp32 summation: it differs from the integer path by
   fp32 rounding (~1e-7 relative), three orders below the quantization error.
+
+Static steps quantize as plain ops that Inductor fuses into the producer. Dynamic steps are one
+`segquant::dynamic_activation` op per input (shared by the sites that read it): traced, each
+site's per-token range, rounding and dequantization became its own shape-specialized C++ kernel,
+and the generated code, and the cold compile, grew with the model's sites.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ import os
 import torch
 from torch import Tensor
 
-from . import low_rank
-from .ops import cpu_int8_gemm, int_mm_onednn
+from . import low_rank, shape_generic
+from .ops import LIB, cpu_int8_gemm, int_mm_onednn
 from .quantize import ASYMMETRIC, DUALSCALE, _round, _segments, dequantize_segment, dynamic_steps, nonfinite_rows
 
 CPU_GEMMS = ("int8", "fp32")
@@ -37,36 +42,75 @@ def cpu_gemm() -> str:
     return "int8" if cpu_int8_gemm() == "onednn" else "fp32"
 
 
-def segment_steps(x: Tensor, k_bounds, schemes, d_pos, d_neg, zp):
-    """Per segment (x_s, d, d_neg, z): the static steps [1, 1] given, or per-token steps [M, 1]
-    computed here (the dynamic quantizer's rule, lowering/quantize.py)."""
+def _segment_parts(xs: Tensor, d: Tensor, dn: Tensor, z: Tensor, scheme: int, kind: str) -> list[Tensor]:
+    """One segment as the GEMM form reads it: "fp32": [its dequantized values]; "int8": [q, d, z],
+    DualScale's q as its positive and negative parts with both steps [q_pos, q_neg, d, d_neg, z]
+    (one scale otherwise: d_neg is d, and an op's outputs may not alias)."""
+    q = _round(xs, d, dn, z, scheme)
+    if kind == "fp32":
+        return [dequantize_segment(q.float(), d, dn, z, scheme)]
+    return [q.clamp(min=0), q.clamp(max=0), d, dn, z] if scheme == DUALSCALE else [q, d, z]
+
+
+def _dynamic_segment(xs: Tensor, scheme: int, kind: str) -> list[Tensor]:
+    d, dn, z = dynamic_steps(xs, scheme)
+    return _segment_parts(xs, d, dn, z, scheme, kind)
+
+
+@torch.library.custom_op(f"{LIB}::dynamic_activation", mutates_args=())
+def dynamic_activation(x: Tensor, k_bounds: list[int], schemes: list[int], kind: str) -> list[Tensor]:
+    """x [M, K] float, quantized with per-token steps per K segment: the tensors
+    `quantized_activation` returns, flat ("fp32": the dequantized [M, K]; "int8": each segment's
+    `_segment_parts`). Large segments run as one shape-generic compiled kernel per scheme."""
+    x = x.float()
+    parts = [p for xs, scheme in zip(_segments(x, k_bounds), schemes)
+             for p in shape_generic.run(_dynamic_segment, xs, scheme, kind)]
+    if kind == "fp32":
+        return [parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)]
+    return parts
+
+
+@dynamic_activation.register_fake
+def _(x, k_bounds, schemes, kind):
+    m = x.shape[0]
+    if kind == "fp32":
+        return [x.new_empty((m, k_bounds[-1]), dtype=torch.float32)]
     out = []
-    for s, xs in enumerate(_segments(x, k_bounds)):
-        if d_pos is None:
-            d, dn, z = dynamic_steps(xs, schemes[s])
-        else:
-            d, dn = d_pos[:, s:s + 1], d_neg[:, s:s + 1]
-            z = zp[:, s:s + 1] if zp is not None else torch.zeros_like(d)
-        out.append((xs, d, dn, z))
+    for k0, k1, scheme in zip(k_bounds[:-1], k_bounds[1:], schemes):
+        dual = scheme == DUALSCALE
+        out += [x.new_empty((m, k1 - k0), dtype=torch.int8) for _ in range(1 + dual)]
+        out += [x.new_empty((m, 1), dtype=torch.float32) for _ in range(2 + dual)]
     return out
 
 
 def quantized_activation(x: Tensor, k_bounds, schemes, d_pos, d_neg, zp, kind: str):
     """x [M, K] float -> what the GEMM form reads: "fp32": the dequantized activation [M, K];
-    "int8": per segment (q or (q_pos, q_neg), d, d_neg, z)."""
+    "int8": per segment (q or (q_pos, q_neg), d, d_neg, z). Dynamic steps: one op (module
+    docstring); static: plain ops."""
+    if d_pos is None:
+        flat = torch.ops.segquant.dynamic_activation(x, list(k_bounds), list(schemes), kind)
+        if kind == "fp32":
+            return flat[0]
+        parts, i = [], 0
+        for scheme in schemes:
+            if scheme == DUALSCALE:
+                parts.append(((flat[i], flat[i + 1]), *flat[i + 2:i + 5]))
+                i += 5
+            else:
+                parts.append((flat[i], flat[i + 1], flat[i + 1], flat[i + 2]))
+                i += 3
+        return parts
     x = x.float()
     parts = []
-    for (xs, d, dn, z), scheme in zip(segment_steps(x, k_bounds, schemes, d_pos, d_neg, zp), schemes):
-        q = _round(xs, d, dn, z, scheme)
-        if kind == "fp32":
-            parts.append(dequantize_segment(q.float(), d, dn, z, scheme))
-        else:
-            parts.append(((q.clamp(min=0), q.clamp(max=0)) if scheme == DUALSCALE else q, d, dn, z))
+    for s, (xs, scheme) in enumerate(zip(_segments(x, k_bounds), schemes)):
+        d, dn = d_pos[:, s:s + 1], d_neg[:, s:s + 1]
+        parts.append(_segment_parts(xs, d, dn, zp[:, s:s + 1] if zp is not None else torch.zeros_like(d), scheme, kind))
     if kind == "fp32":
-        # NaN/Inf rows: a dynamic step is then non-finite too; a static one is not (int8 has no NaN)
-        xq = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return xq if d_pos is None else xq + nonfinite_rows(x)
-    return parts
+        # NaN/Inf rows: static steps stay finite and int8 has no NaN, so they are put back
+        xq = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=1)
+        return xq + nonfinite_rows(x)
+    return [((p[0], p[1]), *p[2:]) if scheme == DUALSCALE else (p[0], p[1], p[1], p[2])
+            for p, scheme in zip(parts, schemes)]
 
 
 def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_pos, d_neg, zp, colsum,

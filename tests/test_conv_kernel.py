@@ -9,6 +9,7 @@ from torch._inductor.utils import run_and_get_code
 
 from segquant_compile.lowering import conv as C
 from segquant_compile.lowering import quantize as Q
+from segquant_compile.lowering import shape_generic
 from segquant_compile.lowering.ops import column_sums, gemm_reference
 from segquant_compile.lowering.site_lowering import ConvGeometry
 
@@ -163,7 +164,7 @@ def test_cpu_dynamic_conv_op_is_the_conv2d_op_bit_for_bit(geometry, schemes, com
     columns quantized (by one shape-generic compiled kernel per scheme for large rows, eagerly
     for small ones), the GEMM op. Bit for bit the conv2d op's float path with pixel_steps' steps,
     called eagerly and from a compiled graph (the site is one op node there)."""
-    monkeypatch.setattr(C, "COMPILED_ROWS_MIN", 0 if compiled else 1 << 40)
+    monkeypatch.setattr(shape_generic, "COMPILED_MIN", 0 if compiled else 1 << 40)
     x, geo, kb, w, d_w, bias = problem((3, 2), geometry, schemes, layout="n-major")
     colsum = column_sums(w, kb) if 2 in schemes else None
     d, dn, zp = C.pixel_steps(x, geo, kb, list(schemes))

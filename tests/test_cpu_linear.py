@@ -1,6 +1,7 @@
-"""The CPU lowering as plain ops in the graph (lowering/cpu_linear.py): same grid as the
-segquant::gemm op, bit-exact in its int8 form, fp32-rounding close in its fp32 form; in the
-Inductor output: no custom op, one GEMM per site, q/k/v quantized once, epilogue fused."""
+"""The CPU lowering (lowering/cpu_linear.py): same grid as the segquant::gemm op, bit-exact in
+its int8 form, fp32-rounding close in its fp32 form; in the Inductor output: no GEMM op, one GEMM
+per site, q/k/v quantized once (dynamic: one dynamic_activation op per input; static: fused
+into the producer), epilogue fused."""
 import itertools
 
 import pytest
@@ -96,12 +97,14 @@ def test_inductor_code_fuses_and_shares(activations):
         got, code = run_and_get_code(lambda: compiled(x))
         ref = model(x)
     text = "\n".join(code)
-    assert "segquant.gemm" not in text                     # no custom op dispatched on CPU
+    assert "segquant.gemm" not in text                     # no GEMM op dispatched on CPU
     assert site_gemm_calls(code) == 4                      # one GEMM per site
     rounds = text.count(".round()")                        # vectorized rounding, one per quantized tensor
-    # dynamic: q/k/v read one quantized activation (steps from the same input by one rule);
-    # static steps are per-site graph inputs: each site rounds its own
-    assert rounds == (2 if activations == "dynamic" else 4)
+    ops = text.count("torch.ops.segquant.dynamic_activation.default(")
+    # dynamic: q/k/v read one quantized activation (steps from the same input by one rule), one
+    # op per input and no traced quantization; static steps are per-site graph inputs: each site
+    # rounds its own, fused into the producer
+    assert (ops, rounds) == ((2, 0) if activations == "dynamic" else (0, 4))
     assert text.count("cpp_fused") >= 1 and sqnr_db(ref, got) > 30
 
 
@@ -180,3 +183,33 @@ def test_int8_form_exact_for_a_one_column_segment():
     got = quantized_linear(x, packed, d_w, None, None, None, None, None, column_sums(packed, [0, 1]), (0, 1), (0,),
                            cpu_gemm="int8")
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dynamic_activation_op_is_the_dynamic_quantizer_bit_for_bit(kind, compiled, monkeypatch):
+    """segquant::dynamic_activation, eagerly and by its shape-generic compiled kernel (forced for
+    every size here): the grid values and steps of quantize_dynamic, for each scheme and for
+    sizes and widths that share one kernel per (scheme, form)."""
+    from segquant_compile.lowering import shape_generic
+    from segquant_compile.lowering.cpu_linear import quantized_activation
+    from segquant_compile.lowering.quantize import dequantize
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(shape_generic, "COMPILED_MIN", 0 if compiled else 1 << 40)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(3)
+    for m, bounds, schemes in [(5, [0, 8, 20, 33], [0, 1, 2]), (17, [0, 40, 64, 70], [2, 0, 1]), (3, [0, 9], [1])]:
+        x = torch.randn(m, bounds[-1], generator=g) * 2 + 0.5
+        q, d, dn, zp = quantize_dynamic(x, bounds, schemes)
+        got = quantized_activation(x, bounds, schemes, None, None, None, kind)
+        if kind == "fp32":
+            assert torch.equal(got, dequantize(q, bounds, schemes, d, dn, zp))
+            continue
+        for s, ((qs, ds, dns, zs), a, b) in enumerate(zip(got, bounds[:-1], bounds[1:])):
+            qs = qs[0] + qs[1] if isinstance(qs, tuple) else qs
+            assert torch.equal(qs, q[:, a:b]) and torch.equal(ds, d[:, s:s + 1]) and torch.equal(dns, dn[:, s:s + 1])
+            assert torch.equal(zs, zp[:, s:s + 1])
+    # one kernel per scheme, whatever the rows, widths and segment offsets
+    assert counters["stats"]["unique_graphs"] - graphs == (3 if compiled else 0)
+    torch._dynamo.reset()
