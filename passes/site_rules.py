@@ -63,7 +63,7 @@ class Resolved:
     reasons: tuple[str, ...]
 
 
-def resolve_autos(config, fmt: Format, conv: bool, static: bool, allocated: bool = False) -> Resolved:
+def resolve_autos(config, fmt: Format, static: bool, allocated: bool = False) -> Resolved:
     """The one place an "auto" option becomes a value or a policy (the calibration state then
     only follows the policy). `allocated`: the site's format came from format="auto"."""
     reasons = []
@@ -85,9 +85,9 @@ def resolve_autos(config, fmt: Format, conv: bool, static: bool, allocated: bool
         rounding = Rounding.GPTQ if config.activations == "static" else Rounding.GPTQ_FIRST_CALL
         reasons.append("weight_rounding auto: gptq on " + ("the calibration's rows" if rounding is Rounding.GPTQ
                        else "the first call's rows (a calibration before it gives its rows)"))
-    # a conv's smoothing divisor would differ per tap of one channel; weight-only has no activation grid
+    # weight-only has no activation grid; a conv's divisor is per input channel (site_params)
     smooth = config.smooth
-    if conv or weight_only or smooth is None:
+    if weight_only or smooth is None:
         smooth = None
     elif smooth == "auto":
         smooth = SmoothPolicy.SEARCH_FROM_CALIBRATION
@@ -169,11 +169,8 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     cpu = None
     if device == "cpu" and not conv and fmt != "fp8":
         cpu = cpu_gemm() if fmt == "int8" else "fp32"
-    # a conv's smoothing divisor would differ per tap of one channel: SmoothQuant stays off there
-    note = "SmoothQuant is not applied to conv sites" if conv and not weight_only and config.smooth not in (
-        None, "auto") else None
     grouped = fmt.grouped
-    r = resolve_autos(config, fmt, conv, static, allocated=entry is not None and config.format == "auto")
+    r = resolve_autos(config, fmt, static, allocated=entry is not None and config.format == "auto")
     weights = config.weights if not grouped else "per-group"
     asked = choice.low_rank or config.low_rank   # a format entry's own rank ("w4a8+r32") first
     rank = low_rank.site_rank(asked, site.in_features, site.out_features)
@@ -189,6 +186,6 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
                         activation_clip=r.activation_clip, act_groups=act_groups,
                         prologue=prologue and not conv and Scheme.ASYMMETRIC not in schemes and not r.auto
                         and (rank is None or rank <= low_rank.FUSED_DOWN_MAX),   # x @ L1 accumulated in the kernel
-                        rows=site.rows, note=note, conv=site.conv, cpu_gemm=cpu,
+                        rows=site.rows, conv=site.conv, cpu_gemm=cpu,
                         group_size=config.group_size if grouped else None, rounding=r.rounding,
                         low_rank=rank, reasons=reasons)

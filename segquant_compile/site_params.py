@@ -155,14 +155,19 @@ def site_sqnr(params: SiteParams, lowering: SiteLowering, w_nk: Tensor, rows: Te
 
 
 # ---------------------------------------------------------------------- searches
-def smoothing_factors(amax_x: Tensor, amax_w: Tensor, alpha: float) -> Tensor:
+def smoothing_factors(amax_x: Tensor, amax_w: Tensor, alpha: float, taps: int = 1) -> Tensor:
     """SmoothQuant's per-channel divisors amax_x^alpha / amax_w^(1 - alpha), raised to at least
     the median over the channels seen active: only loud channels are divided down. A channel the
     observed rows left quiet or at zero (a ReLU unit the first call never fired) would otherwise
-    be multiplied up to 1e5x, and once it fires set the token's step by itself."""
+    be multiplied up to 1e5x, and once it fires set the token's step by itself. A conv's K columns
+    are (channel, tap) (`taps` per channel): one divisor per input channel, from its largest
+    weight over the taps, repeated per tap (the input is divided per channel, before im2col)."""
+    if taps > 1:
+        amax_x, amax_w = amax_x.view(-1, taps).amax(dim=1), amax_w.view(-1, taps).amax(dim=1)
     s = amax_x.clamp(min=1e-5).pow(alpha) / amax_w.clamp(min=1e-5).pow(1 - alpha)
     active = amax_x > 1e-3 * amax_x.max()
-    return torch.maximum(s, s[active].median()) if active.any() else torch.ones_like(s)
+    s = torch.maximum(s, s[active].median()) if active.any() else torch.ones_like(s)
+    return s.repeat_interleave(taps) if taps > 1 else s
 
 
 def segment_ranges(ranges: tuple[Tensor, Tensor], k_bounds, smooth: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -182,8 +187,9 @@ def with_smoothing(params: SiteParams, lowering: SiteLowering, w_nk: Tensor, ran
                    hessians=None) -> SiteParams:
     """The record with SmoothQuant's factors at `alpha` (None: none) from `ranges`, the weight
     packed under them and, if static, the steps of the smoothed ranges."""
+    taps = lowering.conv.taps if lowering.conv is not None else 1
     smooth = None if alpha is None else smoothing_factors(torch.maximum(*ranges), w_nk.float().abs().amax(dim=0),
-                                                          alpha)
+                                                          alpha, taps)
     params = packed(w_nk, lowering, params.replace(alpha=alpha, smooth=smooth), hessians)
     if applied(lowering, params).static:
         params = with_static_steps(params, lowering, *segment_ranges(ranges, lowering.k_bounds, smooth))

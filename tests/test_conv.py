@@ -7,6 +7,7 @@ from torch._inductor.utils import run_and_get_code
 
 import segquant_compile as sq
 from conftest import expected_site_gemms, output, site_gemm_calls, tiny_inputs, tiny_unet
+from segquant_compile.lowering.conv import im2col
 from segquant_compile.lowering.quantize import sqnr_db
 
 
@@ -278,3 +279,48 @@ def test_convs_false_keeps_them_float():
     t = report.totals()
     assert t["float"] == t["conv_sites"] > 0
     assert "float: conv site kept float (options convs=False)" in str(report)
+
+
+class LoudChannel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_static_conv_smoothing_divides_per_input_channel():
+    """A conv input with one loud channel (UNet residual streams have them): SmoothQuant's
+    divisor is one per input channel, repeated over its taps (the input is divided before
+    im2col, the weight's channel multiplied), and recovers the quiet channels' resolution; the
+    compiled site (divisor fused before the quantization) computes the eager rows' numbers."""
+    torch.manual_seed(0)
+    model = LoudChannel().eval()
+    gain = torch.ones(1, 8, 1, 1)
+    gain[0, 3] = 300.0
+    with torch.no_grad():   # the loud channel's weights quiet: each channel adds alike to the output
+        model.conv.weight[:, 3] /= 300.0
+    calls = [torch.randn(2, 8, 10, 10) * gain for _ in range(4)]
+    x = torch.randn(2, 8, 10, 10) * gain
+    got = {}
+    with torch.no_grad():
+        ref = model(x)
+        for smooth in (None, "auto"):
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="segquant", options={"activations": "static", "smooth": smooth})
+            with sq.calibrate(compiled, progress=False):
+                for c in calls:
+                    compiled(c)
+            got[smooth] = sqnr_db(ref, compiled(x))
+            st = sq.report(compiled).states["conv"]
+    s = st.params.smooth
+    assert st.params.alpha is not None and s.shape == (72,)
+    per_channel = s.view(8, 9)
+    assert torch.equal(per_channel, per_channel[:, :1].expand(8, 9))    # one divisor per channel
+    assert int(per_channel[:, 0].argmax()) == 3
+    assert got["auto"] > got[None] + 10, got   # unsmoothed, the quiet channels round to zero
+    with torch.no_grad():
+        eager = st.run_rows(im2col(x, st.lowering.conv), model.conv.bias.detach())
+        compiled_rows = compiled(x).permute(0, 2, 3, 1).reshape(-1, 16)
+    assert torch.allclose(compiled_rows, eager, rtol=1e-5, atol=1e-4)
