@@ -1,5 +1,6 @@
 """One quantized linear site as traceable torch code: activation quantization (plain ops that
-Inductor fuses into the producer) followed by one segquant GEMM.
+Inductor fuses into the producer; on the CPU with dynamic steps one op, lowering/cpu_linear.py)
+followed by one segquant GEMM.
 
 SVDQuant's low-rank branch (lowering/low_rank.py) runs inside the GEMM op, on CPU and CUDA alike,
 in the op's order of fp32 operations (ops.py): y = <quantized site> + lr @ L2 before the cast.

@@ -50,13 +50,26 @@ def assert_pass(rows):
         assert key in rows[0]
 
 
-def test_first_offered_config_of_every_kernel_on_every_arch(tmp_path):
-    out, rows = codegen_check(tmp_path, "--arch", ARCHS, "--first", "--jobs", "2")
+@pytest.fixture(scope="module")
+def every(tmp_path_factory):
+    """The CLI's full check, once per session (the other tests read its rows): every config the
+    pruner offers, every case, every arch."""
+    return codegen_check(tmp_path_factory.mktemp("codegen"), "--arch", ARCHS, "--jobs", "2")
+
+
+@pytest.mark.slow
+def test_every_offered_config_on_every_arch(every):
+    out, rows = every
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "wrote" in out.stdout
     assert_pass(rows)
     assert {r["arch"] for r in rows} == set(ARCHS.split(","))
-    kernels = {r["kernel"] for r in rows}
-    assert kernels == {"gemm", "conv", "w4a8", "weight-only"}
+
+
+@pytest.mark.slow
+def test_every_kernel_and_variant_is_checked(every):
+    _, rows = every
+    assert {r["kernel"] for r in rows} == {"gemm", "conv", "w4a8", "weight-only"}
     assert any(r["variant"].startswith("fp8") and r["mma"] == "wgmma.e4m3" for r in rows)
     # SVDQuant's low-rank branch: the epilogue's up-projection, the prologue's down-projection
     variants = {r["variant"] for r in rows}
@@ -65,33 +78,21 @@ def test_first_offered_config_of_every_kernel_on_every_arch(tmp_path):
     assert any(r["variant"] == "int8-prologue-lr" and r["mma"] == "wgmma.bf16" for r in rows)   # x @ L1
 
 
-@pytest.mark.slow
-def test_every_offered_config_on_every_arch(tmp_path):
-    out, rows = codegen_check(tmp_path, "--arch", ARCHS, "--jobs", "2")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert_pass(rows)
-
-
-@pytest.mark.slow
-def test_every_offered_config_of_the_low_rank_variants(tmp_path):
-    """The `-lr` cases alone (the CLI compiles all cases): every config the pruner offers them."""
+def test_first_config_of_named_cases(tmp_path):
+    """`first` and `names` (the CLI's --first, a quick check): one config per case, only the
+    named cases."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     path = tmp_path / "rows.json"
-    code = ("import json, sys; from segquant_compile.lowering import codegen_check as c; "
-            f"json.dump(c.check({ARCHS.split(',')!r}, names=['-lr'], jobs=2), open({str(path)!r}, 'w'))")
+    code = ("import json; from segquant_compile.lowering import codegen_check as c; "
+            "first = {k.name: c.config_index(c.configs(k, 'sm_90')[0]) for k in c.cases()}; "
+            f"json.dump([c.check(['sm_90'], names=['int8-prologue-lr'], first=True), first], open({str(path)!r}, 'w'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3000)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(path.read_text())
+    rows, first = json.loads(path.read_text())
     assert_pass(rows)
-    assert {r["variant"] for r in rows} >= {"int8-lr", "int8-prologue-lr", "w4a8-lr"}
-
-
-@pytest.mark.slow
-def test_cli_sm90_json(tmp_path):
-    out, rows = codegen_check(tmp_path, "--arch", "sm_90")
-    assert out.returncode == 0 and "wrote" in out.stdout
-    assert_pass(rows)
-    assert {r["arch"] for r in rows} == {"sm_90"}
+    assert rows and all("int8-prologue-lr" in r["case"] for r in rows)
+    assert [r["config_index"] for r in rows] == [first[r["case"]] for r in rows]   # the first offered only
+    assert len({r["case"] for r in rows}) == len(rows)
 
 
 def test_refuses_the_interpreter_and_unknown_archs():

@@ -65,9 +65,11 @@ def test_readme_diffusers_section_as_written(folder, tmp_path, monkeypatch, caps
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     reloaded = torch.load(tmp_path / "reloaded.pt")
-    assert torch.equal(reloaded, saved), (                                    # bit-identical reload
-        f"reload differs: max |diff| {(reloaded - saved).abs().max().item():.3g}, "
-        f"{(reloaded != saved).sum().item()} of {saved.numel()} values")
+    # the same parameters give the same image up to fp32 summation order: the whole pipeline (text
+    # encoders, VAE, GEMMs) runs again in another process, and CI under load has seen it differ by
+    # 4e-7; the loaded tensors' bit-identity is test_quantized's fresh-process test
+    diff = (reloaded - saved).abs().max().item()
+    assert diff <= 1e-5, f"reload differs: max |diff| {diff:.3g}, {(reloaded != saved).sum().item()} values"
 
 
 @pytest.mark.slow
