@@ -9,7 +9,8 @@ step per input channel: a bound, not an integer GEMM: the steps do not factor ou
 `smooth-0.5` / `smooth-0.8` (SmoothQuant's per-channel divisors at that alpha folded into the
 weight, then one static step: what segquant static with conv smoothing runs), `image` and
 `image-channel` (a step per map, per map and channel: dynamic), `input-pixel` (a step per input
-pixel over its channels: dynamic, issue 28 part 4's proposal). DualScale (separate positive and
+pixel over its channels: dynamic, issue 28 part 4's proposal), `output-pixel` (a step per im2col
+row, the output pixel's receptive field: segquant dynamic on convs). DualScale (separate positive and
 negative steps) where the input's minimum is above -0.3 (SiLU outputs), symmetric elsewhere.
 Writes bench/results/conv_granularity.json.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -58,6 +60,19 @@ def weight_grid(w):
     return (w / d).round().clamp(-127, 127) * d
 
 
+def output_pixel_sqnr(conv, x, wq, dual: bool) -> float:
+    """Each im2col row quantized with its own range, map by map (the whole [M, K] would not fit)."""
+    w_flat, wq_flat = conv.weight.detach().float().flatten(1), wq.flatten(1)
+    err = energy = 0.0
+    for b in range(len(x)):
+        cols = F.unfold(x[b:b + 1], conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]   # [K, L]
+        ref = w_flat @ cols
+        got = wq_flat @ quantize(cols, *maxima(cols, (0,)), dual)
+        err += float((ref - got).pow(2).sum())
+        energy += float(ref.pow(2).sum())
+    return 10 * math.log10(energy / err)
+
+
 def site_row(conv, x) -> dict:
     w = conv.weight.detach().float()
     run = lambda xq, wq: F.conv2d(xq, wq, None, conv.stride, conv.padding)   # noqa: E731
@@ -76,6 +91,7 @@ def site_row(conv, x) -> dict:
         out[f"smooth-{alpha}"] = sqnr_db(ref, run(quantize(xs, p, n, dual), weight_grid(w * s)))
     for label, dims in {"image": (1, 2, 3), "image-channel": (2, 3), "input-pixel": (1,)}.items():
         out[label] = sqnr_db(ref, run(quantize(x, *maxima(x, dims), dual), wq))
+    out["output-pixel"] = output_pixel_sqnr(conv, x, wq, dual)
     per_map = x.abs().amax(dim=(1, 2, 3))
     out["per_map_max"] = {"min": float(per_map.min()), "median": float(per_map.median()), "max": float(per_map.max())}
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
@@ -102,7 +118,7 @@ def main(argv=None):
            "torch": version("torch"), "git": git_state(), "maps": sum(len(b[0]) for b in calibration),
            "unit": "output SQNR dB of the conv, weights int8 per output channel", "sites": rows}
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
-    keys = ["segment", "channel", "smooth-0.5", "smooth-0.8", "image", "image-channel", "input-pixel"]
+    keys = ["segment", "channel", "smooth-0.5", "smooth-0.8", "image", "image-channel", "input-pixel", "output-pixel"]
     print("| site | scheme | " + " | ".join(keys) + " |")
     for n, r in rows.items():
         print(f"| {n} | {r['scheme']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
