@@ -137,7 +137,10 @@ class GraphRunner:
         if any(st.phase is Phase.AWAITING_FIRST_CALL for st in states) and _concrete(example_inputs) and \
                 self._session(example_inputs) is None:
             self.choose_schemes(example_inputs, states)   # now, so the graph compiles once
-        self.converted(states)
+        # a site awaiting calibration cannot run quantized yet, and the calibration's decisions
+        # (schemes, smoothing) change the graph: it compiles on its first quantized call
+        if not any(st.phase is Phase.AWAITING_CALIBRATION for st in states):
+            self.converted(states)
         registry.RUNNERS.add(self)
 
     # ------------------------------------------------------------------ names

@@ -47,6 +47,27 @@ def test_tiny_models_sqnr_and_one_gemm_per_site(name, activations):
         assert all(s.settled and s.sqnr is not None for s in report.states.values())
 
 
+def test_a_static_graph_compiles_once_after_its_calibration(monkeypatch):
+    """Before a calibration a static site cannot run quantized, and the calibration's decisions
+    (schemes, smoothing) change the graph: nothing is compiled until the first quantized call
+    (the calibration summary's), then never again."""
+    from segquant_compile.runtime import GraphRunner
+    compiles = []
+    original = GraphRunner._compile
+    monkeypatch.setattr(GraphRunner, "_compile", lambda self, gm, extra: compiles.append(1) or original(self, gm, extra))
+    model = Two()
+    x = torch.randn(2, 5, 8)
+    compiled = torch.compile(model, backend="segquant", options={"activations": "static"})
+    with torch.no_grad(), sq.calibrate(compiled, progress=False):
+        for s in range(3):
+            compiled(torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(s)))
+            assert compiles == []
+    assert len(compiles) == 1
+    with torch.no_grad():
+        assert sqnr_db(model(x), compiled(x)) > 25
+    assert len(compiles) == 1
+
+
 def test_new_resolution_recompiles_with_the_same_scales():
     model = TINY["sd3"]()
     compiled = calibrated(model)
