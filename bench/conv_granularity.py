@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from segquant_compile.examples import terrain_unet as tu
-from segquant_compile.lowering.quantize import sqnr_db, weight_steps
+from segquant_compile.lowering import quantize as Q
+from segquant_compile.lowering.quantize import sqnr_db
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fidelity_unet as fu  # noqa: E402
@@ -43,12 +44,14 @@ SITES = ("out.2", "output_blocks.23.0.in_layers.2", "output_blocks.22.0.in_layer
 
 
 def quantize(x, pos, neg, dual: bool):
-    """x on the int8 grid with maxima `pos`, `neg` (broadcast to x), dequantized."""
+    """x on segquant's int8 grid (Q._round) with maxima `pos`, `neg` (broadcast to x), dequantized."""
+    pos_lim, neg_lim = Q.LIMITS["int8"]
     if dual:
-        dp, dn = (pos / 127).clamp(min=1e-12), (neg / 128).clamp(min=1e-12)
-        return torch.where(x >= 0, (x / dp).round().clamp(0, 127) * dp, (x / dn).round().clamp(-128, 0) * dn)
-    d = (torch.maximum(pos, neg) / 127).clamp(min=1e-12)
-    return (x / d).round().clamp(-127, 127) * d
+        d, dn, scheme = (pos / pos_lim).clamp(min=Q.EPS), (neg / neg_lim).clamp(min=Q.EPS), Q.DUALSCALE
+    else:
+        d = dn = (torch.maximum(pos, neg) / pos_lim).clamp(min=Q.EPS)
+        scheme = Q.SYMMETRIC
+    return Q.dequantize_segment(Q._round(x, d, dn, None, scheme).float(), d, dn, None, scheme)
 
 
 def maxima(x, dims):
@@ -56,8 +59,10 @@ def maxima(x, dims):
 
 
 def weight_grid(w):
-    d = weight_steps(w.reshape(w.shape[0], -1)).reshape(-1, 1, 1, 1)   # per output channel
-    return (w / d).round().clamp(-127, 127) * d
+    """The conv weight on segquant's per-output-channel int8 grid, dequantized."""
+    flat = w.reshape(w.shape[0], -1)
+    d = Q.weight_steps(flat)
+    return (Q.quantize_weight(flat, d).t().float() * d[:, None]).reshape(w.shape)
 
 
 def output_pixel_sqnr(conv, x, wq, dual: bool) -> float:

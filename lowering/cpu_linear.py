@@ -52,6 +52,11 @@ def _segment_parts(xs: Tensor, d: Tensor, dn: Tensor, z: Tensor, scheme: int, ki
     return [q.clamp(min=0), q.clamp(max=0), d, dn, z] if scheme == DUALSCALE else [q, d, z]
 
 
+def _joined(segments: list[Tensor]) -> Tensor:
+    """The "fp32" form's dequantized segments as one [M, K] (no copy for one segment)."""
+    return segments[0] if len(segments) == 1 else torch.cat(segments, dim=1)
+
+
 def _dynamic_segment(xs: Tensor, scheme: int, kind: str) -> list[Tensor]:
     d, dn, z = dynamic_steps(xs, scheme)
     return _segment_parts(xs, d, dn, z, scheme, kind)
@@ -65,9 +70,7 @@ def dynamic_activation(x: Tensor, k_bounds: list[int], schemes: list[int], kind:
     x = x.float()
     parts = [p for xs, scheme in zip(_segments(x, k_bounds), schemes)
              for p in shape_generic.run(_dynamic_segment, xs, scheme, kind)]
-    if kind == "fp32":
-        return [parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)]
-    return parts
+    return [_joined(parts)] if kind == "fp32" else parts
 
 
 @dynamic_activation.register_fake
@@ -83,34 +86,36 @@ def _(x, k_bounds, schemes, kind):
     return out
 
 
+def _by_segment(flat: list[Tensor], schemes) -> list[tuple]:
+    """The "int8" form's flat `_segment_parts`, per segment as cpu_linear reads them:
+    (q or (q_pos, q_neg), d, d_neg, z)."""
+    parts, i = [], 0
+    for scheme in schemes:
+        if scheme == DUALSCALE:
+            parts.append(((flat[i], flat[i + 1]), *flat[i + 2:i + 5]))
+            i += 5
+        else:
+            parts.append((flat[i], flat[i + 1], flat[i + 1], flat[i + 2]))
+            i += 3
+    return parts
+
+
 def quantized_activation(x: Tensor, k_bounds, schemes, d_pos, d_neg, zp, kind: str):
     """x [M, K] float -> what the GEMM form reads: "fp32": the dequantized activation [M, K];
     "int8": per segment (q or (q_pos, q_neg), d, d_neg, z). Dynamic steps: one op (module
     docstring); static: plain ops."""
     if d_pos is None:
         flat = torch.ops.segquant.dynamic_activation(x, list(k_bounds), list(schemes), kind)
-        if kind == "fp32":
-            return flat[0]
-        parts, i = [], 0
-        for scheme in schemes:
-            if scheme == DUALSCALE:
-                parts.append(((flat[i], flat[i + 1]), *flat[i + 2:i + 5]))
-                i += 5
-            else:
-                parts.append((flat[i], flat[i + 1], flat[i + 1], flat[i + 2]))
-                i += 3
-        return parts
+        return flat[0] if kind == "fp32" else _by_segment(flat, schemes)
     x = x.float()
-    parts = []
+    flat = []
     for s, (xs, scheme) in enumerate(zip(_segments(x, k_bounds), schemes)):
         d, dn = d_pos[:, s:s + 1], d_neg[:, s:s + 1]
-        parts.append(_segment_parts(xs, d, dn, zp[:, s:s + 1] if zp is not None else torch.zeros_like(d), scheme, kind))
+        flat += _segment_parts(xs, d, dn, zp[:, s:s + 1] if zp is not None else torch.zeros_like(d), scheme, kind)
     if kind == "fp32":
         # NaN/Inf rows: static steps stay finite and int8 has no NaN, so they are put back
-        xq = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=1)
-        return xq + nonfinite_rows(x)
-    return [((p[0], p[1]), *p[2:]) if scheme == DUALSCALE else (p[0], p[1], p[1], p[2])
-            for p, scheme in zip(parts, schemes)]
+        return _joined(flat) + nonfinite_rows(x)
+    return _by_segment(flat, schemes)
 
 
 def cpu_linear(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_pos, d_neg, zp, colsum,
