@@ -122,7 +122,8 @@ def worker(out: str) -> None:
     points["after_calibration"] = _status()["VmRSS"]
     seconds = time.perf_counter() - t
     states = {id(st.stats): st.stats for st in sq.report(compiled).states.values()}
-    kept = sum(s.kept.nbytes for s in states.values() if s.kept is not None)
+    kept = sum(s.kept.nbytes + (s.coded.nbytes if s.coded is not None else 0)
+               for s in states.values() if s.kept is not None)
     base = points["baseline"]
     t = memory.totals()
     Path(out).write_text(json.dumps({

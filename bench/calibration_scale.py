@@ -6,7 +6,8 @@ forward, freeze time per 100 sites, and two gloo processes calibrating the input
 Every process runs with one thread, so two processes use the machine's two cores. A process's
 calibration time is its inputs at its measured time per observed call (the block's first call,
 which compiles, is not timed) plus the measured merge and freeze; the float forward is eager, as
-the observed graph runs uncompiled."""
+the observed graph runs uncompiled. A third run (one process, weight_rounding="rtn") times the
+observer without GPTQ's Hessians."""
 from __future__ import annotations
 
 import datetime
@@ -33,7 +34,12 @@ def _model_and_inputs():
     return model, [sd3_inputs(model, seed=s, **DEMO) for s in range(CALLS)]
 
 
-def worker(out: str) -> None:
+OPTIONS = {"activations": "static", "inductor": False}
+# the same without GPTQ's Hessians: what the rest of the observer costs
+RTN = {**OPTIONS, "weight_rounding": "rtn"}
+
+
+def worker(out: str, options: dict) -> None:
     """One rank: calibrate inputs[rank::world]; write its timings to OUT/rank{r}.json. The first
     call of the block compiles (dynamo, planning) and is not timed."""
     import segquant_compile as sq
@@ -62,7 +68,7 @@ def worker(out: str) -> None:
         for x in mine[1:]:
             model(**x)
         eager = (time.perf_counter() - t) / (len(mine) - 1)
-    compiled = torch.compile(model, backend="segquant", options={"activations": "static", "inductor": False})
+    compiled = torch.compile(model, backend="segquant", options=options)
     with sq.calibrate(compiled, progress=False):
         compiled(**mine[0])
         t = time.perf_counter()
@@ -76,14 +82,15 @@ def worker(out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _launch(out: Path, world: int) -> list[dict]:
+def _launch(out: Path, world: int, options: dict = OPTIONS) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(out)], env={**env, "RANK": str(r)})
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(out), json.dumps(options)],
+                              env={**env, "RANK": str(r)})
              for r in range(world)]
     assert all(p.wait() == 0 for p in procs)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
@@ -94,19 +101,22 @@ def main() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         one, = _launch(Path(tmp) / "one", 1)
         two = _launch(Path(tmp) / "two", 2)
+        rtn, = _launch(Path(tmp) / "rtn", 1, RTN)
     # a process's calibration: its inputs at the measured time per observed call, the merge, the freeze
     time_of = lambda r: r["inputs"] * r["observed_call_s"] + r["merge_s"] + r["freeze_s"]   # noqa: E731
     return {"cpu": cpu_name(), "torch": torch.__version__, "model": "segquant demo SD3", "shape": DEMO,
             "inputs": CALLS, "threads_per_process": 1,
+            "options": OPTIONS,
             "observed_call_over_float_eager": round(one["observed_call_s"] / one["float_eager_s"], 2),
+            "observed_call_over_float_eager_rtn": round(rtn["observed_call_s"] / rtn["float_eager_s"], 2),
             "freeze_s_per_100_sites": round(one["freeze_s"] / one["sites"] * 100, 2),
             "two_processes_over_one": round(max(map(time_of, two)) / time_of(one), 2),
-            "one_process": one, "two_processes": two}
+            "one_process": one, "two_processes": two, "one_process_rtn": {"options": RTN, **rtn}}
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2])
+        worker(sys.argv[2], json.loads(sys.argv[3]))
     else:
         result = main()
         path = Path(__file__).parent / "results" / "calibration_scale.json"

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import quantize as Q
 from . import shape_generic
+from .cpu_linear import cpu_gemm
 from .ops import EXACT_FP32_K, LIB, combine_segments, cpu_int8_gemm, gemm_reference
 from .site_lowering import ConvGeometry
 
@@ -235,17 +236,30 @@ def quantize_columns(cols: Tensor, d: Tensor, d_neg: Tensor, zp: Tensor, scheme:
     return q.contiguous().view(b * l, k)
 
 
-def dynamic_rows(x: Tensor, k_bounds, schemes, g: ConvGeometry) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A float input's quantized im2col rows [M, K] and steps per output pixel and segment
-    [M, S] (d, d_neg, zp): pixel_steps, then quantize_static on im2col's rows, segment by segment."""
+def dequantized_columns(cols: Tensor, d: Tensor, d_neg: Tensor, zp: Tensor, scheme: int) -> Tensor:
+    """quantize_columns' grid values times their steps: the fp32 rows [B * L, K] the "fp32" GEMM
+    form reads (one pass: no int8 rows to convert back)."""
+    b, k, l = cols.shape
+    per_row = lambda t: t.view(b, l, 1)   # noqa: E731
+    q = Q._round(cols.transpose(1, 2), per_row(d), per_row(d_neg), per_row(zp), scheme)
+    rows = Q.dequantize_segment(q.float(), per_row(d), per_row(d_neg), per_row(zp), scheme)
+    return rows.contiguous().view(b * l, k)
+
+
+def dynamic_rows(x: Tensor, k_bounds, schemes, g: ConvGeometry, form: str = "int8"
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A float input's im2col rows [M, K] quantized with steps per output pixel and segment
+    [M, S] (d, d_neg, zp): pixel_steps, then quantize_static on im2col's rows, segment by segment.
+    The rows as the GEMM `form` reads them: "int8" the grid values, "fp32" those dequantized."""
     d, dn, zp = pixel_steps(x, g, k_bounds, schemes)
     xf = x.float()
     cb = g.channel_bounds(k_bounds)
+    kernel = dequantized_columns if form == "fp32" else quantize_columns
     parts = []
     for s, ((c0, c1), scheme) in enumerate(zip(zip(cb[:-1], cb[1:]), schemes)):
         cols = F.unfold(xf[:, c0:c1], g.kernel, padding=g.padding, stride=g.stride)   # im2col's values
-        # one pass from the unfolded fp32 columns to int8 rows (shape_generic.py)
-        parts.append(shape_generic.run(quantize_columns, cols, d[:, s:s + 1], dn[:, s:s + 1], zp[:, s:s + 1], scheme))
+        # one pass from the unfolded fp32 columns to the rows (shape_generic.py)
+        parts.append(shape_generic.run(kernel, cols, d[:, s:s + 1], dn[:, s:s + 1], zp[:, s:s + 1], scheme))
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), d, dn, zp
 
 
@@ -253,14 +267,22 @@ def dynamic_rows(x: Tensor, k_bounds, schemes, g: ConvGeometry) -> tuple[Tensor,
 def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, k_bounds: list[int], schemes: list[int],
                    geometry: list[int], out_dtype: torch.dtype, colsum: Tensor | None = None) -> Tensor:
     """conv2d of a float input with dynamic steps per output pixel and segment (the range of its
-    receptive field), on the CPU: the quantized im2col rows, then the GEMM op. One op per site,
-    so a compiled model's generated code does not grow with its conv sites."""
+    receptive field), on the CPU: the quantized im2col rows, then the GEMM in the CPU's form
+    (cpu_linear.cpu_gemm): "int8", the GEMM op on the grid values (exact integer sums); "fp32"
+    (no fast int8 dot here), the dequantized rows times the dequantized weight in one fp32 GEMM,
+    as the linear sites' fp32 form: the same grid, fp32 summation. One op per site, so a compiled
+    model's generated code does not grow with its conv sites."""
     g = ConvGeometry.from_list(geometry)
     b, _, h, wd = x.shape
     ho, wo = g.output_size(h, wd)
-    q, d, dn, zp = dynamic_rows(x, k_bounds, schemes, g)
-    zp = zp if Q.ASYMMETRIC in schemes else None
-    y = torch.ops.segquant.gemm(q, d, dn, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
+    form = cpu_gemm()
+    rows, d, dn, zp = dynamic_rows(x, k_bounds, schemes, g, form)
+    if form == "fp32":
+        weight = w.float() * d_w.float()
+        y = (torch.addmm(bias.float(), rows, weight) if bias is not None else rows @ weight).to(out_dtype)
+    else:
+        zp = zp if Q.ASYMMETRIC in schemes else None
+        y = torch.ops.segquant.gemm(rows, d, dn, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
     return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 

@@ -190,17 +190,24 @@ def cpu_int8_gemm() -> str:
     must not flip with the load of the machine: oneDNN unless it is more than ONEDNN_MARGIN times
     slower (a timing noisy by several times cannot cross that on either kind of CPU)."""
     import time
-    with _untraced():   # real tensors even if called under a trace (a fake timing would decide)
-        g = torch.Generator().manual_seed(0)
-        a = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
-        b = torch.randint(-127, 128, (512, 512), generator=g, dtype=torch.int8)
-        best = {}
-        for name, fn in (("onednn", torch._int_mm), ("fp32", _int_mm_fp32)):
-            fn(a, b)
-            t = time.perf_counter()
-            for _ in range(3):
+    threads = torch.get_num_threads()
+    # one thread: on a busy machine OpenMP's barriers make a small multi-threaded fp32 GEMM tens of
+    # times slower, and the margin would be crossed; single-threaded, the load slows both alike
+    torch.set_num_threads(1)
+    try:
+        with _untraced():   # real tensors even if called under a trace (a fake timing would decide)
+            g = torch.Generator().manual_seed(0)
+            a = torch.randint(-127, 128, (64, 512), generator=g, dtype=torch.int8)
+            b = torch.randint(-127, 128, (512, 512), generator=g, dtype=torch.int8)
+            best = {}
+            for name, fn in (("onednn", torch._int_mm), ("fp32", _int_mm_fp32)):
                 fn(a, b)
-            best[name] = time.perf_counter() - t
+                t = time.perf_counter()
+                for _ in range(3):
+                    fn(a, b)
+                best[name] = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(threads)
     return "onednn" if best["onednn"] <= ONEDNN_MARGIN * best["fp32"] else "fp32"
 
 

@@ -4,7 +4,8 @@ made). Per site and in total:
 - statistics (statistics.py), what calibration (or a dynamic site's first call) collects until
   the freeze: GPTQ's Hessians (the upper triangle of K^2 fp32 per K segment in row
   panels, where summed), the kept rows (the reservoir: K wide in the activations' dtype where it
-  is 16-bit, else fp32; each with its priority and call, 16 bytes) and the ranges (positive and
+  is 16-bit, else fp32; GPTQ's rows beyond the searches' sample int8 with a step per 128 columns;
+  each with its priority and call, 16 bytes) and the ranges (positive and
   negative maxima per K column and call parity). Sites of one graph that read the same activation
   with the same statistics spec collect into ONE set (runtime.Observer), as do the calls of one
   weight under one lowering (one QuantState): counted once, at the first site, and the others say
@@ -164,7 +165,8 @@ def calibration_memory(report, weight_dtype: torch.dtype = torch.float32, calls:
             if shared_with is None:
                 hessians = spec.hessian_bytes
                 # rows in the activations' dtype where it is 16-bit (statistics._row_dtype), else fp32
-                rows = _rows_kept(spec, site, calls) * (min(element, 4) * k + ROW_EXTRA_BYTES)
+                kept = _rows_kept(spec, site, calls)
+                rows = spec.row_bytes(min(element, 4), kept) + kept * ROW_EXTRA_BYTES
                 ranges = 2 * 4 * k * (2 if calls is None else min(calls, 2))
                 call = spec.call_bytes(site.rows if site.rows is not None else spec.rows_kept, min(element, 4))
         out.append(SiteMemory(site.name, k, n, tuple(d.value for d in Decision if d in pending),

@@ -278,7 +278,7 @@ def first_call_rows(stats: SiteStatistics, lowering: SiteLowering) -> tuple[Tens
     if stats.kept is None:
         return None, "the first call's rows were all NaN/Inf"
     need = FIRST_CALL_ROWS_PER_K * lowering.widest_segment
-    n = stats.rows_seen if stats.hessians is not None else len(stats.kept)   # the rows GPTQ would fit
+    n = stats.rows_seen if stats.hessians is not None else stats.rows_held   # the rows GPTQ would fit
     if n < need:
         kept = "" if n == stats.rows_seen else (f" kept of {stats.rows_seen} (a K segment wider than "
                                                f"{statistics.HESSIAN_MAX_K} sums no Hessian)")

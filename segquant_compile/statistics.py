@@ -7,12 +7,17 @@ Every quantity is a function of (call number, rows) that merges exactly or up to
   SmoothQuant's held-out factors, odd calls score them: site_params.held_out);
 - rows: a uniform sample of every row observed, by bottom-k sampling: each row gets a priority
   drawn from its call's number, and the `rows_kept` rows of smallest priority are kept. The sample
-  does not depend on the order of calls, so two halves merge into the sample of the whole;
+  does not depend on the order of calls, so two halves merge into the sample of the whole. Where a
+  site keeps more rows than the searches read (GPTQ's rows at a site too wide to sum a Hessian),
+  the rows beyond the first `rows_kept - rows_coded` by priority are held int8-coded (CodedRows)
+  and serve GPTQ only. A row's rank among the kept only grows as rows enter, so a coded row is
+  never wanted exactly again, and a row is coded from its exact values whichever process codes it:
+  halves still merge into the whole, bit for bit;
 - Hessians X^T X per K segment (GPTQ), summed where `sum_hessian` (else GPTQ fits the kept rows),
   kept as their upper triangle in row panels (HessianPanels: about half of K^2);
 - counts of rows and calls.
 
-Rows are kept in the activation's own dtype where it is 16-bit (they are the values the model
+Exact rows are kept in the activation's own dtype where it is 16-bit (they are the values the model
 produced, so nothing is lost) and read as fp32.
 
 Where they live: rows and Hessians stay on the device of the activations they come from while
@@ -36,6 +41,9 @@ from segquant_compile.lowering.site_lowering import ConvGeometry
 
 SAMPLE_ROWS = 512          # activation rows kept per site for SQNR and smoothing search
 GPTQ_ROWS = 2048           # rows kept for a GPTQ site's Hessian where none is summed
+# of those, the rows beyond SAMPLE_ROWS are int8 with one fp32 step per CODE_GROUP columns: GPTQ
+# alone reads them, through the Hessian they make (bench/gptq_coded_rows.py measures the cost)
+CODE_GROUP = 128
 # GPTQ's Hessian X^T X is summed over every row where the widest K segment has at most this many
 # columns (K^2 fp32 per segment: 64 MB at 4096); wider sites fit GPTQ_ROWS sampled rows
 HESSIAN_MAX_K = 4096
@@ -98,24 +106,34 @@ class StatisticsSpec:
     sum_hessian: bool
     conv: ConvGeometry | None = None
     device_bytes: int = DEVICE_BYTES   # the budget of statistics on an accelerator (option calibration_device_bytes)
+    rows_coded: int = 0                # of rows_kept, those held int8-coded for GPTQ (the last by priority)
+
+    @property
+    def rows_exact(self) -> int:
+        return self.rows_kept - self.rows_coded
 
     @property
     def hessian_bytes(self) -> int:
         kb = self.k_bounds
         return 4 * sum(HessianPanels.numel(b - a) for a, b in zip(kb[:-1], kb[1:])) if self.sum_hessian else 0
 
-    def row_bytes(self, element_bytes: int = 4) -> int:
-        """The kept rows at their fullest, `element_bytes` a number (the activation's dtype: 2 where
-        16-bit, else 4)."""
-        return element_bytes * self.rows_kept * self.k_bounds[-1]
+    def row_bytes(self, element_bytes: int = 4, rows: int | None = None) -> int:
+        """The first `rows` kept rows (by default all it may keep): the exact ones in the
+        activation's dtype of `element_bytes` (2 where 16-bit, else 4), then the coded ones."""
+        rows = self.rows_kept if rows is None else min(rows, self.rows_kept)
+        exact = min(rows, self.rows_exact)
+        k = self.k_bounds[-1]
+        return element_bytes * exact * k + (rows - exact) * CodedRows.row_bytes(k)
 
     def call_bytes(self, rows: int, element_bytes: int = 4) -> int:
-        """What one call's `observe` makes and frees beside the held statistics, for `rows` GEMM
-        rows in the activation's dtype of `element_bytes`: the fp32 rows (a copy unless the rows
-        are an fp32 linear input's view; a conv's are SAMPLE_ROWS im2col rows), the negated copy
-        the negative maxima are taken from (a conv's: of its input, about rows x channels), their
-        copy in the kept dtype (16-bit), the full X^T X per segment before its panels take it, and
-        the reservoir's merge (the entering rows and the concatenation with those held)."""
+        """What one call's `observe` makes and frees beside the held statistics, at its peak, for
+        `rows` GEMM rows in the activation's dtype of `element_bytes`: the fp32 rows (a copy
+        unless the rows are an fp32 linear input's view; a conv's are SAMPLE_ROWS im2col rows),
+        alive through the call, and the largest of its steps, each freed before the next: the
+        negated copy the negative maxima are taken from (a conv's: of its input, about rows x
+        channels); the largest Hessian panel's product; the reservoir's merge (the rows in the
+        kept dtype (16-bit), the entering rows and their concatenation with those held; where rows
+        are coded, the copies that code the rows ranked out of the exact ones)."""
         k = self.k_bounds[-1]
         m = min(rows, SAMPLE_ROWS) if self.conv is not None else rows
         entering = min(m, self.rows_kept)
@@ -123,31 +141,38 @@ class StatisticsSpec:
         negated = 4 * rows * (k // self.conv.taps if self.conv is not None else k)
         kept_copy = element_bytes * m * k if element_bytes != 4 else 0
         kb = self.k_bounds
-        full = 4 * sum((b - a) ** 2 for a, b in zip(kb[:-1], kb[1:])) if self.sum_hessian else 0
-        merge = element_bytes * k * (2 * entering + self.rows_kept)
-        return fp32_rows + negated + kept_copy + full + merge
+        panel = 4 * max(min(PANEL_ROWS, b - a) * (b - a) for a, b in zip(kb[:-1], kb[1:])) if self.sum_hessian else 0
+        if self.rows_coded:
+            # the concatenation of exact and entering rows, then per coded row: its index copy (and
+            # fp32 copy, 16-bit), the padded groups, the quotient and its rounding (fp32 each)
+            coding = (element_bytes + (4 if element_bytes != 4 else 0) + 12) * k * min(entering, self.rows_coded)
+            merge = element_bytes * k * (entering + self.rows_exact) + coding
+        else:
+            merge = element_bytes * k * (2 * entering + self.rows_kept)
+        return fp32_rows + max(negated, panel, kept_copy + merge)
 
     @classmethod
     def for_site(cls, k_bounds, gptq_waits: bool, conv: ConvGeometry | None,
                  device_bytes: int = DEVICE_BYTES) -> "StatisticsSpec":
         """SAMPLE_ROWS for the SQNR, scheme and smoothing searches; where GPTQ waits for rows,
-        GPTQ_ROWS when no Hessian is summed, else as many as fit in the memory GPTQ_ROWS took
-        beside its K^2 (at least SAMPLE_ROWS)."""
+        GPTQ_ROWS when no Hessian is summed (those beyond SAMPLE_ROWS coded), else as many as fit
+        in the memory GPTQ_ROWS took beside its K^2 (at least SAMPLE_ROWS)."""
         widest = max(b - a for a, b in zip(k_bounds[:-1], k_bounds[1:]))
         sums = gptq_waits and widest <= HESSIAN_MAX_K
+        coded = 0
         if not gptq_waits:
             kept = SAMPLE_ROWS
         elif not sums:
-            kept = GPTQ_ROWS
+            kept, coded = GPTQ_ROWS, GPTQ_ROWS - SAMPLE_ROWS
         else:
             kept = max(SAMPLE_ROWS, GPTQ_ROWS - k_bounds[-1])
-        return cls(tuple(k_bounds), kept, sums, conv, device_bytes)
+        return cls(tuple(k_bounds), kept, sums, conv, device_bytes, coded)
 
 
 class HessianPanels:
     """A symmetric K x K sum kept as its upper triangle: panel i holds rows [i*P, (i+1)*P) from
-    column i*P on (P = PANEL_ROWS), (K^2 + K*P) / 2 numbers in all. Each call's full X^T X is
-    made and freed by the caller; only its upper panels are added here."""
+    column i*P on (P = PANEL_ROWS), (K^2 + K*P) / 2 numbers in all. Each call's X^T X is
+    made panel by panel from the rows: only the upper panels are ever computed."""
 
     def __init__(self, panels: list[Tensor], k: int):
         self.panels, self.k = panels, k
@@ -157,14 +182,16 @@ class HessianPanels:
         return sum(min(PANEL_ROWS, k - a) * (k - a) for a in range(0, k, PANEL_ROWS))
 
     @classmethod
-    def of(cls, h: Tensor, device) -> "HessianPanels":
-        k = h.shape[0]
-        return cls([h[a:a + PANEL_ROWS, a:].to(device, copy=True) for a in range(0, k, PANEL_ROWS)], k)
+    def of_rows(cls, rows: Tensor, device) -> "HessianPanels":
+        """rows^T rows [R, K] -> K x K, only its upper panels made (about half the FLOPs of the
+        full product, and no K x K transient)."""
+        k = rows.shape[1]
+        return cls([(rows[:, a:a + PANEL_ROWS].t() @ rows[:, a:]).to(device) for a in range(0, k, PANEL_ROWS)], k)
 
-    def add_(self, h: Tensor) -> None:
-        """Add a full symmetric K x K matrix (on any device: each panel moves once)."""
+    def add_rows_(self, rows: Tensor) -> None:
+        """Add rows^T rows, panel by panel (one panel's product at a time beside the sum)."""
         for a, p in zip(range(0, self.k, PANEL_ROWS), self.panels):
-            p.add_(h[a:a + PANEL_ROWS, a:].to(p.device))
+            p.add_((rows[:, a:a + PANEL_ROWS].t() @ rows[:, a:]).to(p.device))
 
     def merge_(self, other: "HessianPanels") -> None:
         for p, q in zip(self.panels, other.panels):
@@ -191,6 +218,50 @@ class HessianPanels:
         return sum(p.numel() * p.element_size() for p in self.panels)
 
 
+class CodedRows:
+    """Rows [n, K] held as int8 with one symmetric fp32 step per CODE_GROUP columns of each row
+    (K padded to whole groups). Coding is a function of the row alone, so the same row codes the
+    same anywhere."""
+
+    def __init__(self, q: Tensor, steps: Tensor, k: int):
+        self.q, self.steps, self.k = q, steps, k      # q [n, groups * CODE_GROUP] int8, steps [n, groups] fp32
+
+    @staticmethod
+    def row_bytes(k: int) -> int:
+        groups = -(-k // CODE_GROUP)
+        return groups * (CODE_GROUP + 4)
+
+    @classmethod
+    def encode(cls, rows: Tensor) -> "CodedRows":
+        n, k = rows.shape
+        g = rows.float()
+        g = torch.nn.functional.pad(g, (0, (-k) % CODE_GROUP)).view(n, -1, CODE_GROUP)
+        steps = g.abs().amax(dim=2) / 127
+        q = torch.round(g / torch.where(steps > 0, steps, 1.0)[..., None]).clamp_(-127, 127)
+        return cls(q.to(torch.int8).view(n, -1), steps, k)
+
+    def decode(self) -> Tensor:
+        n = len(self.q)
+        return (self.q.view(n, -1, CODE_GROUP).float() * self.steps[..., None]).view(n, -1)[:, :self.k]
+
+    def __len__(self) -> int:
+        return len(self.q)
+
+    def __getitem__(self, index: Tensor) -> "CodedRows":
+        return CodedRows(self.q[index], self.steps[index], self.k)
+
+    @staticmethod
+    def cat(parts: list["CodedRows"]) -> "CodedRows":
+        return CodedRows(torch.cat([p.q for p in parts]), torch.cat([p.steps for p in parts]), parts[0].k)
+
+    def to(self, device) -> "CodedRows":
+        return CodedRows(self.q.to(device), self.steps.to(device), self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + 4 * self.steps.numel()
+
+
 def _row_dtype(dtype: torch.dtype) -> torch.dtype:
     """Kept rows' dtype: a 16-bit activation's own (exact), else fp32."""
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -205,9 +276,10 @@ class SiteStatistics:
         self.spec = spec
         self.shard = shard   # numbers this observer's calls within a calibration group
         self.parity_max: list[tuple[Tensor, Tensor] | None] = [None, None]   # (pos, neg) of even, odd calls
-        self.kept: Tensor | None = None           # kept rows [<= rows_kept, K] in the activation's dtype (16-bit) or fp32
-        self.row_calls: Tensor | None = None      # the call each kept row came from
-        self._priority: Tensor | None = None      # each kept row's priority (bottom-k)
+        self.kept: Tensor | None = None           # exact kept rows [<= rows_exact, K], the activation's dtype (16-bit) or fp32
+        self.coded: CodedRows | None = None       # the kept rows beyond them (spec.rows_coded), GPTQ's only
+        self.row_calls: Tensor | None = None      # the call each kept row came from: exact rows, then coded
+        self._priority: Tensor | None = None      # each kept row's priority (bottom-k), ascending
         self.hessians: list[HessianPanels] | None = None   # per K segment
         self.rows_seen = 0
         self.calls = 0
@@ -248,7 +320,7 @@ class SiteStatistics:
                 raise FloatingPointError("NaN or Inf reached the calibration observer")
             self._add_ranges(call % 2, pos, neg)
             if self.spec.sum_hessian:
-                self._add_hessians(segment_hessians(x2, self.spec.k_bounds))
+                self._add_hessians(x2)
             priority = torch.rand(len(x2), generator=_generator(call), dtype=torch.float64)
             self._keep(x2.to(row_dtype), priority, torch.full((len(x2),), call, dtype=torch.long))
             self.rows_seen += len(x2)
@@ -271,30 +343,62 @@ class SiteStatistics:
         self.parity_max[parity] = (pos, neg) if held is None else (torch.maximum(held[0], pos),
                                                                    torch.maximum(held[1], neg))
 
-    def _add_hessians(self, sums: list[Tensor]) -> None:
-        """Add one call's full X^T X per segment (made on the activations' device) to the panels."""
+    def _add_hessians(self, x2: Tensor) -> None:
+        """Add one call's X^T X per K segment to the panels (each panel made on the activations'
+        device, then moved once)."""
+        bounds = list(zip(self.spec.k_bounds[:-1], self.spec.k_bounds[1:]))
         if self.hessians is None:
-            self.hessians = [HessianPanels.of(h, self.home) for h in sums]
+            self.hessians = [HessianPanels.of_rows(x2[:, a:b], self.home) for a, b in bounds]
         else:
-            for total, h in zip(self.hessians, sums):
-                total.add_(h)
+            for total, (a, b) in zip(self.hessians, bounds):
+                total.add_rows_(x2[:, a:b])
 
-    def _keep(self, x2: Tensor, priority: Tensor, calls: Tensor) -> None:
-        """The rows_kept rows of smallest priority among those kept and these."""
-        limit = self.spec.rows_kept
-        if len(priority) > limit:   # only the smallest new ones can enter
-            keep = torch.topk(priority, limit, largest=False).indices
+    def _keep(self, x2: Tensor, priority: Tensor, calls: Tensor, coded: "CodedRows | None" = None,
+              coded_priority: Tensor | None = None, coded_calls: Tensor | None = None) -> None:
+        """The rows_kept rows of smallest priority among those kept and these (exact rows `x2`, and
+        another observer's `coded` ones), each part in priority order: the first rows_exact exact,
+        the rest coded. A coded row ranked after rows_exact exact ones where it was coded, and they
+        are all still candidates, so no coded row is ever wanted exactly."""
+        spec = self.spec
+        if len(priority) > spec.rows_kept:   # only the smallest new ones can enter
+            keep = torch.topk(priority, spec.rows_kept, largest=False).indices
             x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
         x2 = x2.to(self.home)
+        n = 0 if self.kept is None else len(self.kept)
         if self.kept is None:   # the first rows may be a view of the activation, whose buffer the graph reuses
             x2 = x2.clone()
         else:
-            x2, priority = torch.cat([self.kept, x2.to(self.kept.dtype)]), torch.cat([self._priority, priority])
-            calls = torch.cat([self.row_calls, calls])
-        if len(priority) > limit:
-            keep = torch.topk(priority, limit, largest=False).indices
-            x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
-        self.kept, self._priority, self.row_calls = x2, priority, calls
+            x2 = torch.cat([self.kept, x2.to(self.kept.dtype)])
+            priority, calls = torch.cat([self._priority[:n], priority]), torch.cat([self.row_calls[:n], calls])
+        held = [(self.coded, self._priority[n:], self.row_calls[n:])] if self.coded is not None else []
+        if coded is not None:
+            held.append((coded.to(self.home), coded_priority, coded_calls))
+        ranked = torch.sort(priority, stable=True).indices
+        exact, demoted = ranked[:spec.rows_exact], ranked[spec.rows_exact:spec.rows_kept]
+        self.kept = x2[exact.to(x2.device)]
+        self._priority, self.row_calls = priority[exact], calls[exact]
+        if not len(demoted) and not held:
+            self.coded = None
+            return
+        # the coded part: the rows ranked out of the exact ones now (coded here, once, from their
+        # exact values) and those held coded, the rows_kept - rows_exact of smallest priority
+        candidates = torch.cat([priority[demoted], *(h[1] for h in held)])
+        if len(exact) and len(candidates) and candidates.min() < self._priority[-1]:
+            raise AssertionError("SiteStatistics: a coded row ranks among the exact ones")
+        chosen = torch.sort(candidates, stable=True).indices[:spec.rows_kept - len(exact)]
+        if not len(chosen):
+            self.coded = None
+            return
+        new, old = chosen[chosen < len(demoted)], chosen[chosen >= len(demoted)]
+        parts = [CodedRows.encode(x2[demoted[new].to(x2.device)].float())] if len(new) else []
+        if len(old):
+            parts.append(CodedRows.cat([h[0] for h in held])[(old - len(demoted)).to(self.home)])
+        order = torch.cat([new, old])   # the candidates `parts` holds, in its order
+        by_priority = torch.sort(candidates[order], stable=True).indices
+        candidate_calls = torch.cat([calls[demoted], *(h[2] for h in held)])
+        self.coded = CodedRows.cat(parts)[by_priority.to(self.home)]
+        self._priority = torch.cat([self._priority, candidates[order][by_priority]])
+        self.row_calls = torch.cat([self.row_calls, candidate_calls[order][by_priority]])
 
     # ------------------------------------------------------------------ merging
     def merge(self, other: "SiteStatistics") -> None:
@@ -318,7 +422,9 @@ class SiteStatistics:
                     for total, h in zip(self.hessians, other.hessians):
                         total.merge_(h)
             if other.kept is not None:
-                self._keep(other.kept, other._priority, other.row_calls)
+                n = len(other.kept)
+                self._keep(other.kept, other._priority[:n], other.row_calls[:n], other.coded,
+                           other._priority[n:], other.row_calls[n:])
             self.rows_seen += other.rows_seen
             self.calls += other.calls
 
@@ -336,6 +442,7 @@ class SiteStatistics:
         with self._lock:
             out.parity_max = [None if p is None else (p[0].cpu(), p[1].cpu()) for p in self.parity_max]
             out.kept = self.kept.cpu() if self.kept is not None else None
+            out.coded = self.coded.to(CPU) if self.coded is not None else None
             out.row_calls, out._priority = self.row_calls, self._priority
             out.hessians = [h.to(CPU) for h in self.hessians] if self.hessians is not None else None
             out.rows_seen, out.calls, out.home = self.rows_seen, self.calls, CPU
@@ -351,8 +458,19 @@ class SiteStatistics:
     # ------------------------------------------------------------------ reading
     @property
     def rows(self) -> Tensor | None:
-        """The kept rows as fp32 (a copy where they are kept 16-bit)."""
+        """The exact kept rows as fp32 (a copy where they are kept 16-bit): what the searches read."""
         return None if self.kept is None else self.kept.float()
+
+    @property
+    def rows_held(self) -> int:
+        """Every kept row, coded ones included (the rows GPTQ fits where no Hessian is summed)."""
+        return 0 if self._priority is None else len(self._priority)
+
+    def gptq_rows(self) -> Tensor | None:
+        """Every kept row as fp32: the exact ones, then the coded ones decoded."""
+        if self.kept is None or self.coded is None:
+            return self.rows
+        return torch.cat([self.kept.float(), self.coded.decode().to(self.kept.device)])
 
     @property
     def empty(self) -> bool:
@@ -373,7 +491,7 @@ class SiteStatistics:
         None with no odd call's row kept."""
         if self.parity_max[0] is None or self.kept is None:
             return None
-        odd = self.row_calls % 2 == 1
+        odd = self.row_calls[:len(self.kept)] % 2 == 1
         return (*self.parity_max[0], self.kept[odd.to(self.kept.device)].float()) if odd.any() else None
 
     def gptq_hessians(self, device) -> list[Tensor]:
@@ -381,4 +499,4 @@ class SiteStatistics:
         else those of the kept rows."""
         if self.hessians is not None:
             return [h.full().to(device) for h in self.hessians]
-        return [h.to(device) for h in segment_hessians(self.kept, self.spec.k_bounds)]
+        return [h.to(device) for h in segment_hessians(self.gptq_rows(), self.spec.k_bounds)]

@@ -162,9 +162,10 @@ def test_direct_cpu_path_is_the_im2col_path_bit_for_bit(geometry, schemes):
 def test_cpu_dynamic_conv_op_is_the_conv2d_op_bit_for_bit(geometry, schemes, compiled, monkeypatch):
     """A dynamic conv site on the CPU is one conv2d_dynamic op: per-pixel steps, F.unfold's
     columns quantized (by one shape-generic compiled kernel per scheme for large rows, eagerly
-    for small ones), the GEMM op. Bit for bit the conv2d op's float path with pixel_steps' steps,
-    called eagerly and from a compiled graph (the site is one op node there)."""
+    for small ones), the GEMM op. In the "int8" CPU form, bit for bit the conv2d op's float path
+    with pixel_steps' steps, called eagerly and from a compiled graph (the site is one op node there)."""
     monkeypatch.setattr(shape_generic, "COMPILED_MIN", 0 if compiled else 1 << 40)
+    monkeypatch.setenv("SEGQUANT_CPU_GEMM", "int8")   # the integer form (fp32: the next test)
     x, geo, kb, w, d_w, bias = problem((3, 2), geometry, schemes, layout="n-major")
     colsum = column_sums(w, kb) if 2 in schemes else None
     d, dn, zp = C.pixel_steps(x, geo, kb, list(schemes))
@@ -177,3 +178,24 @@ def test_cpu_dynamic_conv_op_is_the_conv2d_op_bit_for_bit(geometry, schemes, com
     code = run_and_get_code(torch.compile(site, fullgraph=True), x)
     assert torch.equal(code[0], op)
     assert "".join(code[1]).count("torch.ops.segquant.conv2d_dynamic.default(") == 1
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("schemes", [(0, 0), (1, 1), (2, 2), (1, 2)])
+def test_cpu_dynamic_conv_fp32_form_is_the_same_grid_summed_in_fp32(schemes, compiled, monkeypatch):
+    """In the "fp32" CPU form (no fast int8 dot) the op's rows are the int8 form's grid values
+    dequantized, bit for bit (made in one pass by the same kernel), and one fp32 GEMM with the
+    dequantized weight gives the conv2d op's output up to fp32 summation order."""
+    monkeypatch.setattr(shape_generic, "COMPILED_MIN", 0 if compiled else 1 << 40)
+    monkeypatch.setenv("SEGQUANT_CPU_GEMM", "fp32")
+    x, geo, kb, w, d_w, bias = problem((3, 2), GEOMETRIES[0], schemes, layout="n-major")
+    colsum = column_sums(w, kb) if 2 in schemes else None
+    rows, *_ = C.dynamic_rows(x, kb, list(schemes), geo, "fp32")
+    q, d, dn, zp = C.dynamic_rows(x, kb, list(schemes), geo, "int8")
+    assert rows.dtype == torch.float32 and torch.equal(rows, Q.dequantize(q, kb, list(schemes), d, dn, zp))
+    zp = zp if 2 in schemes else None
+    op = torch.ops.segquant.conv2d(x, d, dn, w, d_w, bias, kb, list(schemes), geo.as_list(), x.dtype, zp, colsum)
+    got = torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, kb, list(schemes), geo.as_list(), x.dtype, colsum)
+    assert got.shape == op.shape and got.stride() == op.stride()
+    torch.testing.assert_close(got, op, rtol=1e-5, atol=1e-5 * float(op.abs().max()))
+    assert not torch.equal(got, torch.zeros_like(got))

@@ -227,8 +227,12 @@ def test_hessian_panels_hold_the_upper_triangle_and_give_back_the_sum():
     from segquant_compile.statistics import PANEL_ROWS, HessianPanels
     k = PANEL_ROWS * 2 + 37                     # a last panel shorter than the others
     x, y = torch.randn(50, k), torch.randn(30, k)
-    panels = HessianPanels.of(x.t() @ x, "cpu")
-    panels.add_(y.t() @ y)
+    panels = HessianPanels.of_rows(x, "cpu")
+    panels.add_rows_(y)
+    xtx = x.t() @ x
+    for a, made in zip(range(0, k, PANEL_ROWS), HessianPanels.of_rows(x, "cpu").panels):   # only the upper panels
+        assert made.shape == xtx[a:a + PANEL_ROWS, a:].shape and torch.allclose(made, xtx[a:a + PANEL_ROWS, a:],
+                                                                                 rtol=1e-5, atol=1e-4)
     full = torch.cat([x, y]).double()
     full = full.t() @ full
     assert torch.allclose(panels.full().double(), full, rtol=1e-5, atol=1e-3)
@@ -246,3 +250,59 @@ def test_kept_rows_do_not_alias_the_observed_activation():
     before = stats.rows.clone()
     x.fill_(7.0)
     assert torch.equal(stats.rows, before)
+
+
+def test_coded_rows_decode_within_half_a_step_per_group():
+    from segquant_compile.statistics import CODE_GROUP, CodedRows
+    x = torch.randn(6, 200) * torch.logspace(-3, 3, 200)   # K not whole groups; loud and quiet columns
+    x[2] = 0.0
+    c = CodedRows.encode(x)
+    assert c.q.dtype == torch.int8 and c.q.shape == (6, 2 * CODE_GROUP) and c.steps.shape == (6, 2)
+    assert c.nbytes == 6 * CodedRows.row_bytes(200) == 6 * 2 * (CODE_GROUP + 4)
+    steps = c.steps.repeat_interleave(CODE_GROUP, dim=1)[:, :200]
+    assert ((c.decode() - x).abs() <= steps / 2 * (1 + 1e-6)).all()
+    assert torch.equal(c.decode()[2], torch.zeros(200))
+    torch.testing.assert_close(c.decode().abs().amax(dim=1), x.abs().amax(dim=1), rtol=1e-6, atol=0)   # the largest value of each row: exact up to rounding
+
+
+def _all_rows_by_priority(calls):
+    rows, priority = [], []
+    for i, x in enumerate(calls):
+        rows.append(x)
+        priority.append(torch.rand(len(x), generator=torch.Generator().manual_seed(i), dtype=torch.float64))
+    order = torch.sort(torch.cat(priority)).indices
+    return torch.cat(rows)[order]
+
+
+def test_gptq_rows_beyond_the_sample_are_coded_and_halves_still_merge_bit_for_bit():
+    """A wide GPTQ site keeps GPTQ_ROWS rows: the SAMPLE_ROWS of smallest priority exact (what the
+    searches read), the rest int8-coded (GPTQ's Hessian only). Kept rows are the bottom-k of every
+    row observed; two halves merged hold the same exact rows, the same codes and the same calls as
+    one observer of all the calls, in the same (priority) order."""
+    from segquant_compile.statistics import GPTQ_ROWS, HESSIAN_MAX_K, SAMPLE_ROWS, CodedRows
+    from segquant_compile.lowering.gptq import segment_hessians
+    wide = StatisticsSpec.for_site((0, HESSIAN_MAX_K + 8), True, None)
+    assert (wide.rows_kept, wide.rows_coded, wide.sum_hessian) == (GPTQ_ROWS, GPTQ_ROWS - SAMPLE_ROWS, False)
+    assert StatisticsSpec.for_site((0, HESSIAN_MAX_K), True, None).rows_coded == 0
+    assert StatisticsSpec.for_site((0, HESSIAN_MAX_K + 8), False, None).rows_coded == 0
+    spec = StatisticsSpec((0, 72, 200), 64, False, rows_coded=48)
+    assert spec.row_bytes(2) == 2 * 16 * 200 + 48 * CodedRows.row_bytes(200)
+    calls = _calls(6, 40, 200)
+    whole, even, odd = SiteStatistics(spec), SiteStatistics(spec), SiteStatistics(spec)
+    for i, x in enumerate(calls):
+        whole.observe(x, call=i)
+        (even if i % 2 == 0 else odd).observe(x, call=i)
+    assert even.coded is not None and odd.coded is not None   # each half coded rows of its own
+    odd.merge(even.to_cpu())
+    expected = _all_rows_by_priority(calls)[:64]
+    for s in (whole, odd):
+        assert torch.equal(s.rows, expected[:16]) and s.rows_held == 64 and len(s.coded) == 48
+        assert torch.equal(s.coded.q, CodedRows.encode(expected[16:]).q)
+        assert torch.equal(s.gptq_rows()[16:], CodedRows.encode(expected[16:]).decode())
+        held = s.held_out()[2]
+        assert torch.equal(held, expected[:16][s.row_calls[:16] % 2 == 1])
+    assert torch.equal(whole.row_calls, odd.row_calls) and torch.equal(whole.coded.steps, odd.coded.steps)
+    h = whole.gptq_hessians("cpu")
+    assert len(h) == 2 and all(torch.equal(a, b) for a, b in zip(h, segment_hessians(whole.gptq_rows(), spec.k_bounds)))
+    rel = (whole.gptq_rows() - expected).norm() / expected.norm()
+    assert 0 < rel < 1e-2
