@@ -112,20 +112,30 @@ class Session:
                                      self.group)
 
     def _freeze_over_group(self) -> None:
-        """Each rank freezes its share of the sites (the freeze is a function of the merged
+        """Each rank freezes a share of the sites (the freeze is a function of the merged
         statistics and the weights, the same on every rank), then every rank takes the others'
-        records. Shares are balanced by K^2 N (GPTQ's work), largest first, the same on every rank."""
+        records. The sites, largest first by K^2 N (GPTQ's work), are drawn one at a time from a
+        queue the ranks share (distributed.WorkQueue), so the ranks finish together; where the
+        group has no shared store, they are split in advance by that cost."""
         pairs = sorted(self.touched.values(), key=lambda sb: sb[0].name)
-        load = [0] * self.shard.world
-        mine = []
         cost = lambda st: st.site.in_features ** 2 * st.site.out_features   # noqa: E731
-        for st, bias in sorted(pairs, key=lambda sb: -cost(sb[0])):
-            rank = load.index(min(load))
-            load[rank] += cost(st)
-            if rank == self.shard.rank:
-                mine.append((st, bias))
+        order = sorted(pairs, key=lambda sb: -cost(sb[0]))
+        store = distributed.WorkQueue.store_of(self.group)
+        mine = []
         try:
-            freeze(mine)
+            if store is not None:
+                queue = distributed.WorkQueue(store, next(registry.WORK_ROUNDS), len(order))
+                while (i := queue.draw()) is not None:
+                    order[i][0].freeze(order[i][1])
+                    mine.append(order[i])
+            else:
+                load = [0] * self.shard.world
+                for st, bias in order:
+                    rank = load.index(min(load))
+                    load[rank] += cost(st)
+                    if rank == self.shard.rank:
+                        mine.append((st, bias))
+                freeze(mine)
             payload = {st.name: st.params.to("cpu") for st, _ in mine}
         except Exception as e:
             payload = distributed.RankFailed(self.shard.rank, f"{type(e).__name__}: {e}")

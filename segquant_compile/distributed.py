@@ -62,6 +62,34 @@ def shard_items(items, shard: Shard) -> list:
     return list(items)[shard.rank::shard.world]
 
 
+class WorkQueue:
+    """Items drawn one at a time by the ranks of a group, each item by exactly one rank: a counter
+    in the default group's c10d store (the rendezvous store torch.distributed already runs), so a
+    rank that finishes early draws more and the ranks end together. `draw` returns the next index,
+    or None when all are taken. Each use takes a fresh key (`round`: the same on every rank, as
+    every rank runs the same calibrations)."""
+
+    def __init__(self, store, round: int, count: int):
+        self.store, self.key, self.count = store, f"segquant/work/{round}", count
+
+    def draw(self) -> int | None:
+        i = self.store.add(self.key, 1) - 1
+        return i if i < self.count else None
+
+    @staticmethod
+    def store_of(group):
+        """The default group's store where `group` is that group, else None (the caller then
+        splits the items in advance). The store's accessor is internal to torch: feature-tested."""
+        import torch.distributed as dist
+        if group is not dist.group.WORLD:
+            return None
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+            return _get_default_store()
+        except Exception:   # noqa: BLE001  (any torch without it: the fixed split)
+            return None
+
+
 @dataclass(frozen=True)
 class RankFailed:
     """What a rank sends instead of statistics when its block raised."""

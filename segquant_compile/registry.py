@@ -6,11 +6,13 @@ state. Everything here is held weakly (it dies with the weights, runners or mode
 - RUNNERS: every GraphRunner the backend returned (find() walks them);
 - the active calibration session (calibrate() opens and closes it);
 - SUMMARIES: each model's last calibration summary (report());
-- RELEASED: weights whose float storage was freed (release_float_weights).
+- RELEASED: weights whose float storage was freed (release_float_weights);
+- WORK_ROUNDS: numbers the work queues a calibration group shares (distributed.WorkQueue's keys).
 
 A leaf: it imports nothing from segquant_compile."""
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 
@@ -63,6 +65,7 @@ SUMMARIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 RELEASED: dict[int, weakref.ref] = {}   # by id, checked by identity
 _SESSIONS: list = []                    # the calibration session open, if any
 _INSTALLED: dict[str, object] = {}      # process-wide hooks, by name
+WORK_ROUNDS = itertools.count(1)        # the same sequence on every rank: each runs the same calibrations
 
 
 def is_released(t: Tensor) -> bool:

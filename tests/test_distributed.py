@@ -66,3 +66,30 @@ def test_a_rank_that_raises_makes_every_rank_raise_and_keep_nothing(tmp_path):
     assert results[1]["error"] == "ValueError: a bad calibration input"
     assert "rank 1 raised inside the block (ValueError: a bad calibration input)" in results[0]["error"]
     assert not any(results[0]["statistics_left"]) and not any(results[1]["statistics_left"])
+
+
+def test_the_freeze_queue_gives_each_site_to_one_rank():
+    """distributed.WorkQueue: ranks draw site indices from one counter in the group's store, each
+    index once, until none is left; a new round (a later calibration) starts from 0 again. (The
+    gloo runs above freeze through it and must give identical parameters on both ranks.)"""
+    from segquant_compile.distributed import WorkQueue
+
+    class Store:   # c10d's Store.add: atomic add, returns the new value
+        def __init__(self):
+            self.values = {}
+
+        def add(self, key, n):
+            self.values[key] = self.values.get(key, 0) + n
+            return self.values[key]
+    store = Store()
+    ranks = [WorkQueue(store, 7, 5), WorkQueue(store, 7, 5)]
+    drawn = [[], []]
+    for turn in range(8):   # rank 1 is twice as fast
+        r = 0 if turn % 3 == 0 else 1
+        i = ranks[r].draw()
+        if i is not None:
+            drawn[r].append(i)
+    assert sorted(drawn[0] + drawn[1]) == [0, 1, 2, 3, 4] and len(drawn[1]) > len(drawn[0]) > 0
+    assert all(q.draw() is None for q in ranks)
+    assert WorkQueue(store, 8, 5).draw() == 0
+    assert WorkQueue.store_of(None) is None   # no default group here: split in advance
