@@ -5,7 +5,7 @@ forward, freeze time per 100 sites, and two gloo processes calibrating the input
 
 Every process runs with one thread, so two processes use the machine's two cores. A process's
 calibration time is its inputs at its measured time per observed call (the block's first call,
-which compiles, is not timed) plus the measured merge and freeze; the float forward is eager, as
+which compiles, is not timed) plus the block's measured exit (merge, freeze, exchange, summary); the float forward is eager, as
 the observed graph runs uncompiled. A third run (one process, weight_rounding="rtn") times the
 observer without GPTQ's Hessians."""
 from __future__ import annotations
@@ -58,7 +58,10 @@ def worker(out: str, options: dict) -> None:
             finally:
                 timed[key] += time.perf_counter() - t
         return run
-    calibration.freeze = timer(calibration.freeze, "freeze_s")
+    if world > 1:   # the ranks' share of the freeze and the exchange of its records
+        calibration.Session._freeze_over_group = timer(calibration.Session._freeze_over_group, "freeze_s")
+    else:
+        calibration.freeze = timer(calibration.freeze, "freeze_s")
     calibration.Session._merge_over_group = timer(calibration.Session._merge_over_group, "merge_s")
     model, inputs = _model_and_inputs()
     mine = inputs[rank::world]
@@ -75,6 +78,8 @@ def worker(out: str, options: dict) -> None:
         for x in mine[1:]:
             compiled(**x)
         observed = (time.perf_counter() - t) / (len(mine) - 1)
+        t = time.perf_counter()
+    timed["exit_s"] = time.perf_counter() - t   # merge, freeze, exchange, the summary's quantized call
     sites = len(sq.report(compiled).states)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "inputs": len(mine), "float_eager_s": eager, "observed_call_s": observed, "sites": sites, **timed}))
@@ -102,8 +107,9 @@ def main() -> dict:
         one, = _launch(Path(tmp) / "one", 1)
         two = _launch(Path(tmp) / "two", 2)
         rtn, = _launch(Path(tmp) / "rtn", 1, RTN)
-    # a process's calibration: its inputs at the measured time per observed call, the merge, the freeze
-    time_of = lambda r: r["inputs"] * r["observed_call_s"] + r["merge_s"] + r["freeze_s"]   # noqa: E731
+    # a process's calibration: its inputs at the measured time per observed call, then the block's
+    # exit (the merge, its share of the freeze, the exchange, the summary's quantized call)
+    time_of = lambda r: r["inputs"] * r["observed_call_s"] + r["exit_s"]   # noqa: E731
     return {"cpu": cpu_name(), "torch": torch.__version__, "model": "segquant demo SD3", "shape": DEMO,
             "inputs": CALLS, "threads_per_process": 1,
             "options": OPTIONS,
