@@ -365,9 +365,7 @@ class SiteStatistics:
             x2, priority, calls = x2[keep.to(x2.device)], priority[keep], calls[keep]
         x2 = x2.to(self.home)
         n = 0 if self.kept is None else len(self.kept)
-        if self.kept is None:   # the first rows may be a view of the activation, whose buffer the graph reuses
-            x2 = x2.clone()
-        else:
+        if self.kept is not None:
             x2 = torch.cat([self.kept, x2.to(self.kept.dtype)])
             priority, calls = torch.cat([self._priority[:n], priority]), torch.cat([self.row_calls[:n], calls])
         held = [(self.coded, self._priority[n:], self.row_calls[n:])] if self.coded is not None else []
@@ -375,11 +373,9 @@ class SiteStatistics:
             held.append((coded.to(self.home), coded_priority, coded_calls))
         ranked = torch.sort(priority, stable=True).indices
         exact, demoted = ranked[:spec.rows_exact], ranked[spec.rows_exact:spec.rows_kept]
+        # an index copies: the first rows may be a view of the activation, whose buffer the graph reuses
         self.kept = x2[exact.to(x2.device)]
         self._priority, self.row_calls = priority[exact], calls[exact]
-        if not len(demoted) and not held:
-            self.coded = None
-            return
         # the coded part: the rows ranked out of the exact ones now (coded here, once, from their
         # exact values) and those held coded, the rows_kept - rows_exact of smallest priority
         candidates = torch.cat([priority[demoted], *(h[1] for h in held)])
