@@ -1,9 +1,9 @@
 """What a quantized conv costs on the CPU, per conv of the terrain UNet (issue 28 part 4): each conv
-site's float conv2d against the segquant op it runs, dynamic (steps per output pixel: the
-receptive fields' ranges by max-pool, then im2col rows quantized in the op and a GEMM) and static
-(the input quantized once per pixel, then exact fp32 convolutions over channel chunks), on the
-inputs the conv sees in a real denoiser call, one thread, the minimum of --reps runs each. The
-dynamic path is split into its step computation (`pixel_steps`) and the op. Writes
+site's float conv2d against the segquant op it runs, dynamic (steps per input pixel: on this
+CPU the input quantized and dequantized in one pass, then one fp32 conv) and static (the input
+quantized once per pixel, then exact fp32 convolutions over channel chunks), on the inputs the
+conv sees in a real denoiser call, one thread, the minimum of --reps runs each. The dynamic
+path's step computation (`input_pixel_steps`) is also timed alone. Writes
 bench/results/conv_cost.json.
 
     .venv/bin/python bench/conv_cost.py            # batch 4 at sigma 80 and 0.4
@@ -85,7 +85,7 @@ def main(argv=None):
             row["float_s"] = best(lambda: F.conv2d(xin, module.weight, module.bias, module.stride, module.padding), a.reps)
             pd, lo = st.params, st.lowering
             k_bounds, schemes = list(lo.k_bounds), list(lo.codes)
-            row["dynamic_steps_s"] = best(lambda: C.pixel_steps(xin, lo.conv, k_bounds, schemes), a.reps)
+            row["dynamic_steps_s"] = best(lambda: C.input_pixel_steps(xin, lo.conv, k_bounds, schemes), a.reps)
             row["dynamic_s"] = best(lambda: C.quantized_conv2d(xin, pd.packed, pd.d_w, module.bias, None, None, None,
                                                                 None, pd.colsum, lo.k_bounds, lo.codes,
                                                                 conv=lo.conv), a.reps)

@@ -94,21 +94,24 @@ def cases() -> list[Case]:
                                    l1=down if prologue else None)
         return Case("gemm", variant, kk, tuple(bounds), run)
 
-    def conv(codes, prologue, kernel=(3, 3), channels=(320, 320)):
+    def conv(codes, pixel, kernel=(3, 3), channels=(320, 320)):
         geometry = ConvGeometry(sum(channels), kernel, (1, 1), (kernel[0] // 2, kernel[1] // 2))
         kk, n_out = sum(channels) * geometry.taps, 320
         bounds = (0, kk) if len(codes) == 1 else (0, channels[0] * geometry.taps, kk)   # a skip concatenation
 
         def run(cfg, calls):
-            x = torch.zeros(1, sum(channels), 64, 64, dtype=torch.float32 if prologue else torch.int8)
-            d = torch.ones(64 * 64 if prologue else 1, len(codes))
+            # the int8 input channels-last, as the dynamic path's quantization writes it
+            x = torch.zeros(1, sum(channels), 64, 64, dtype=torch.int8).to(memory_format=torch.channels_last)
+            d = torch.ones((1, len(codes), 64, 64) if pixel else (1, len(codes)))
             zp = torch.zeros_like(d) if 2 in codes else None
-            colsum = torch.zeros(len(codes), n_out, dtype=torch.int32) if 2 in codes else None
-            with _recording(triton_conv, "segquant_conv_kernel", calls):
+            colsum = torch.zeros(len(codes), n_out, dtype=torch.int32) if 2 in codes and not pixel else None
+            kernel_name = "segquant_conv_pixel_kernel" if pixel else "segquant_conv_kernel"
+            with _recording(triton_conv, kernel_name, calls):
                 triton_conv.launch(x, d, d, k_major(torch.zeros(kk, n_out, dtype=torch.int8)), torch.ones(n_out),
                                    torch.ones(n_out), bounds, codes, geometry, torch.bfloat16, zp=zp, colsum=colsum,
                                    config=cfg)
-        return Case("conv", triton_conv.variant(geometry, codes, prologue), kk, bounds, run)
+        return Case("conv", triton_conv.variant(geometry, codes, pixel), kk,
+                    triton_conv.prune_bounds(bounds, geometry, pixel), run)
 
     def w4a8(codes, lr=False, kk=k):
         groups = tuple(range(0, kk, 128)) + (kk,)     # a last group shorter than 128 where K is not a multiple
@@ -153,8 +156,8 @@ def cases() -> list[Case]:
         elif v.kernel == "conv":
             codes = (1 if v.dual else 0, 2 if v.asym else 0)
             shape = (3, 3) if v.tag == "conv3x3s1" else (1, 1)
-            out.append(conv(codes, v.prologue, shape))
-            out.append(conv(codes, v.prologue, shape, channels=(20, 27)))   # 180 + 243 columns at 3x3
+            out.append(conv(codes, v.pixel, shape))
+            out.append(conv(codes, v.pixel, shape, channels=(20, 27)))   # 180 + 243 columns at 3x3
         elif v.kernel == "w4a8":
             codes = (1 if v.dual else 0, 2 if v.asym else 0)
             out.append(w4a8(codes, v.lr))
@@ -165,7 +168,7 @@ def cases() -> list[Case]:
     # one segment (the unsegmented K loop) where the pruner's table keeps its own, wider list
     out += [gemm((0,), (0, k)), gemm((1,), (0, k)), gemm((0,), (0, k), prologue=True), gemm((0,), (0, k), fmt="fp8"),
             gemm((0,), (0, k), lr=True), gemm((0,), (0, k), prologue=True, lr=True),
-            gemm((0,), (0, k), fmt="fp8", lr=True), conv((0,), True)]
+            gemm((0,), (0, k), fmt="fp8", lr=True), conv((0,), False), conv((0,), True)]
     return out
 
 
@@ -180,6 +183,7 @@ class Variant:
     lr: bool = False
     tag: str = ""               # conv: the geometry's tag (the check compiles a 3x3 and a 1x1 conv)
     bits: int = 8               # weight-only
+    pixel: bool = False         # conv: steps per input pixel (the dynamic conv's kernel)
 
     @property
     def segmented(self) -> bool:
@@ -192,20 +196,21 @@ class Variant:
         if self.kernel == "weight-only":
             return f"int{self.bits}-weight-only"
         name = variant_name(self.fmt, self.dual, self.prologue, self.asym, self.lr)
-        return f"{self.tag}-{name}" if self.kernel == "conv" else name
+        return f"{self.tag}-{name}" + ("-pixel" if self.pixel else "") if self.kernel == "conv" else name
 
 
 def launchable_variants() -> list[Variant]:
     """What the launchers accept: the GEMM's int8 with DualScale, asymmetric segments (not in the
     quantize prologue), the prologue and the low-rank branch; its fp8 with DualScale and the
     branch; w4a8 with DualScale, asymmetric segments and the branch; the conv (3x3 and 1x1) with
-    DualScale, asymmetric segments and the prologue; int8 and int4 weight-only."""
+    DualScale and asymmetric segments, static or with steps per input pixel; int8 and int4
+    weight-only."""
     flags = [(d, a) for d in (False, True) for a in (False, True)]
     out = [Variant("gemm", "int8", d, a, p, lr) for d, a in flags for p in (False, True) for lr in (False, True)
            if not (a and p)]
     out += [Variant("gemm", "fp8", d, False, False, lr) for d in (False, True) for lr in (False, True)]
     out += [Variant("w4a8", "w4a8", d, a, False, lr) for d, a in flags for lr in (False, True)]
-    out += [Variant("conv", "int8", d, a, p, tag=t) for t in ("conv3x3s1", "conv1x1s1") for d, a in flags
+    out += [Variant("conv", "int8", d, a, tag=t, pixel=p) for t in ("conv3x3s1", "conv1x1s1") for d, a in flags
             for p in (False, True)]
     out += [Variant("weight-only", bits=b) for b in (8, 4)]
     return out

@@ -3,13 +3,19 @@ quantized conv2d site as traceable torch code.
 
 The GEMM view (lowering/site_lowering.py, ConvGeometry): row m = output pixel (b, ho, wo),
 column k = (c, i, j) channel-major, so K segment s is the input channels
-[k_s / taps, k_{s+1} / taps). Per segment, exactly lowering/ops.py's math on the im2col rows:
-    y[m] = sum_s flush_s(q[m, K_s] @ W[K_s]) * d_w + bias
-Activation steps are per output pixel and segment ([M, S], dynamic: the range of the pixel's
-receptive field) or per segment ([1, S], static). The op takes the input either already
-quantized (int8, static steps: quantized once per input pixel, fused into its producer) or in
-float (quantized per im2col row with the given steps, in the kernel's prologue). Padding is the
-value 0: a quantized input pads with its segment's zero point.
+[k_s / taps, k_{s+1} / taps). The op takes the input quantized once per element (int8, fused
+into its producer) with one of two step granularities:
+    static  [1, S]:        a step per segment; per segment exactly lowering/ops.py's math on the
+                           im2col rows, y[m] = sum_s flush_s(q[m, K_s] @ W[K_s]) * d_w + bias;
+                           padding reads the segment's zero point (the quantized 0)
+    dynamic [B, S, H, W]:  a step per input pixel and segment (the range of that pixel's channels
+                           in the segment); the integer sums are per (tap, segment) group, each
+                           times the step of the input pixel the tap reads:
+                           y[m] = sum_{tap, s} flush(q_tap[m, C_s] @ W[C_s, tap]) * d[pixel] * d_w
+                           + bias; padding contributes 0 (no pixel, no step)
+A step per input pixel, unlike one per output pixel (a max-pool of its receptive field's
+ranges), quantizes each input value once: no im2col of float values, and on the CPU the site is
+the dequantized input convolved in fp32 (bench/conv_granularity.py measured the fidelity).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from torch import Tensor
 from . import quantize as Q
 from . import shape_generic
 from .cpu_linear import cpu_gemm
-from .ops import EXACT_FP32_K, LIB, combine_segments, cpu_int8_gemm, gemm_reference
+from .ops import EXACT_FP32_K, LIB, _int_mm, combine_segments, cpu_int8_gemm, gemm_reference
 from .site_lowering import ConvGeometry
 
 
@@ -51,9 +57,11 @@ def channel_pad(zp: Tensor | None, k_bounds, geometry: ConvGeometry, channels: i
 def conv2d(x: Tensor, d_pos: Tensor, d_neg: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None,
            k_bounds: list[int], schemes: list[int], geometry: list[int], out_dtype: torch.dtype,
            zp: Tensor | None = None, colsum: Tensor | None = None) -> Tensor:
-    """x [B, C, H, W] int8 (quantized with static steps d_pos/d_neg/zp [1, S]) or float (quantized
-    here per im2col row with d_pos/d_neg/zp [M or 1, S]); w [K, N] packed; geometry
-    ConvGeometry.as_list(); returns [B, N, Ho, Wo] (channels-last memory: the GEMM's [M, N])."""
+    """x [B, C, H, W] int8, quantized with d_pos/d_neg/zp [1, S] (static) or [B, S, H, W] (a step
+    per input pixel and segment); w [K, N] packed; colsum (asymmetric segments, static steps)
+    [S, N] (per input pixel the op sums the weight's (tap, segment) groups itself:
+    pixel_column_sums); geometry ConvGeometry.as_list(); returns [B, N, Ho, Wo] (channels-last
+    memory: the GEMM's [M, N])."""
     return conv2d_reference(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp, colsum)
 
 
@@ -75,23 +83,31 @@ def _(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=
 
 def conv2d_reference(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp=None, colsum=None,
                      direct: bool | None = None):
-    """CPU implementation: im2col, then the linear GEMM's reference (exact int32 per segment).
-    An int8 input (static steps) on a CPU without int8 dot instructions takes `direct_sums`
-    instead: the same integers from fp32 convolutions, no im2col (`direct`: force either)."""
+    """CPU implementation, exact integer sums with the fp32 epilogue of ops.combine_segments.
+    Static steps: im2col, then the linear GEMM's reference per segment; on a CPU without int8
+    dot instructions `direct_sums` instead: the same integers from fp32 convolutions, no im2col
+    (`direct`: force either). Steps per input pixel: pixel_sums, a group per (tap, segment)."""
     g = ConvGeometry.from_list(geometry) if not isinstance(geometry, ConvGeometry) else geometry
+    if x.is_floating_point():
+        raise ValueError("segquant::conv2d takes its input quantized (int8): quantize_channels")
     b, _, h, wd = x.shape
     ho, wo = g.output_size(h, wd)
-    if direct is None:
-        direct = not x.is_floating_point() and x.device.type == "cpu" and cpu_int8_gemm() == "fp32"
-    if direct:
-        y = combine_segments(direct_sums(x, w, k_bounds, schemes, g, zp), d_pos, d_neg, d_w, bias, schemes, zp, colsum)
-        return y.to(out_dtype).view(b, ho, wo, -1).permute(0, 3, 1, 2)
-    if x.is_floating_point():
-        q = Q.quantize_static(im2col(x.float(), g), list(k_bounds), list(schemes), d_pos, d_neg, zp)
+    if d_pos.dim() == 4:
+        groups = [(tap, s) for tap in range(g.taps) for s in range(len(schemes))]
+        steps = [tap_steps(t, g, groups) if t is not None else None for t in (d_pos, d_neg, zp)]
+        colsum = pixel_column_sums(w, k_bounds, g.taps) if zp is not None else None
+        y = combine_segments(pixel_sums(x, w, k_bounds, schemes, g, groups), steps[0], steps[1], d_w, bias,
+                             [schemes[s] for _, s in groups], steps[2], colsum)
     else:
-        q = im2col(x, g, channel_pad(zp, k_bounds, g, x.shape[1], x.device))
-    y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
-    return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+        if direct is None:
+            direct = x.device.type == "cpu" and cpu_int8_gemm() == "fp32"
+        if direct:
+            y = combine_segments(direct_sums(x, w, k_bounds, schemes, g, zp), d_pos, d_neg, d_w, bias, schemes, zp,
+                                 colsum)
+        else:
+            q = im2col(x, g, channel_pad(zp, k_bounds, g, x.shape[1], x.device))
+            y = gemm_reference(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, torch.float32, zp, colsum)
+    return y.to(out_dtype).view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def direct_sums(q: Tensor, w: Tensor, k_bounds, schemes, geometry: ConvGeometry, zp: Tensor | None):
@@ -137,53 +153,86 @@ def pad_channels(x: Tensor, pad: Tensor, ph: int, pw: int) -> Tensor:
     return torch.where(inside, xp, pad.to(xp.dtype).view(1, -1, 1, 1))
 
 
-# ---------------------------------------------------------------- traceable site
+# ---------------------------------------------------------------- steps per input pixel
 
-def pixel_steps(x: Tensor, geometry: ConvGeometry, k_bounds, schemes, fmt: str = "int8"):
-    """Dynamic steps per output pixel and segment, [M, S] each (d, d_neg, zp): the range of each
-    pixel's receptive field, i.e. of its im2col row, computed as a max-pool of per-pixel channel
-    ranges (padding: the pool's -inf never wins over a real pixel, and the rows' zeros change no
-    clamped range). The same numbers quantize_dynamic gives on the im2col rows."""
-    pos_lim, neg_lim = Q.LIMITS[fmt]
+def tap_view(x: Tensor, geometry: ConvGeometry, tap: int) -> Tensor:
+    """[B, C, Ho, Wo]: for each output pixel, the value of x at the input pixel that `tap` reads
+    (0 outside the image)."""
+    (kh, kw), (sh, sw), (ph, pw) = geometry.kernel, geometry.stride, geometry.padding
+    ho, wo = geometry.output_size(x.shape[2], x.shape[3])
+    i, j = divmod(tap, kw)
+    xp = F.pad(x, (pw, pw, ph, ph))
+    return xp[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+
+
+def tap_steps(steps: Tensor, geometry: ConvGeometry, groups) -> Tensor:
+    """Per-pixel steps [B, S, H, W] -> [M, G]: for each output pixel and (tap, segment) group, the
+    step of the input pixel the tap reads (0 outside the image: padding contributes nothing)."""
+    cols = [tap_view(steps[:, s:s + 1], geometry, tap) for tap, s in groups]
+    return torch.cat(cols, dim=1).permute(0, 2, 3, 1).reshape(-1, len(groups))
+
+
+def pixel_sums(q: Tensor, w: Tensor, k_bounds, schemes, geometry: ConvGeometry, groups):
+    """Per (tap, segment) group, the exact int32 sums of the tap's input pixels' quantized channels
+    of the segment times the weight rows (c * taps + tap) ([M, N]; DualScale: the positive and
+    negative halves). Lazily: one group's sums alive at a time."""
+    taps, cb = geometry.taps, geometry.channel_bounds(k_bounds)
+    for tap, s in groups:
+        qs = tap_view(q[:, cb[s]:cb[s + 1]], geometry, tap).permute(0, 2, 3, 1).reshape(-1, cb[s + 1] - cb[s])
+        ws = w[cb[s] * taps + tap:cb[s + 1] * taps:taps]
+        yield (_int_mm(qs.clamp(min=0), ws), _int_mm(qs.clamp(max=0), ws)) if schemes[s] == 1 else (_int_mm(qs, ws),)
+
+
+def pixel_column_sums(w: Tensor, k_bounds, taps: int) -> Tensor:
+    """[taps * S, N] int32 column sums of a packed [K, N] int8 weight per (tap, segment) group,
+    row tap * S + s (the asymmetric correction of steps per input pixel)."""
+    cb = [k // taps for k in k_bounds]
+    return torch.stack([w[cb[s] * taps + tap:cb[s + 1] * taps:taps].sum(dim=0, dtype=torch.int32)
+                        for tap in range(taps) for s in range(len(cb) - 1)])
+
+
+def tap_major_columns(k_bounds, taps: int) -> tuple[Tensor, tuple[int, ...]]:
+    """A conv site's K columns reordered within each segment from (channel, tap) to (tap,
+    channel), and the bounds of its (segment, tap) groups in that order. On im2col rows so
+    reordered, quantize_dynamic with a step per row and group is quantization with a step per
+    input pixel and segment (an out-of-image tap's zeros contribute 0, as in the conv)."""
+    order, bounds = [], [0]
+    for k0, k1 in zip(k_bounds[:-1], k_bounds[1:]):
+        channels = (k1 - k0) // taps
+        for tap in range(taps):
+            order += range(k0 + tap, k1, taps)
+            bounds.append(bounds[-1] + channels)
+    return torch.tensor(order), tuple(bounds)
+
+
+def input_pixel_steps(x: Tensor, geometry: ConvGeometry, k_bounds, schemes, fmt: str = "int8"):
+    """Dynamic steps per input pixel and segment, [B, S, H, W] each (d, d_neg, zp): a pixel's
+    channels in a segment are a token's columns (quantize.dynamic_steps over the channel dim)."""
     cb = geometry.channel_bounds(k_bounds)
-    pool = lambda t: F.max_pool2d(t, geometry.kernel, geometry.stride, geometry.padding)  # noqa: E731
-    steps, negs, zps = [], [], []
     xf = x.float()
-    for (c0, c1), scheme in zip(zip(cb[:-1], cb[1:]), schemes):
-        xs = xf[:, c0:c1]
-        z = None
-        if scheme == Q.DUALSCALE:
-            d = (pool(xs.amax(dim=1, keepdim=True)).clamp(min=0) / pos_lim).clamp(min=Q.EPS)
-            dn = (pool((-xs).amax(dim=1, keepdim=True)).clamp(min=0) / neg_lim).clamp(min=Q.EPS)
-        elif scheme == Q.ASYMMETRIC:
-            hi = pool(xs.amax(dim=1, keepdim=True)).clamp(min=0)
-            lo = pool((-xs).amax(dim=1, keepdim=True)).clamp(min=0)
-            d, z = Q.asymmetric_step(hi, lo)
-            dn = d
-        else:
-            d = (pool(xs.abs().amax(dim=1, keepdim=True)) / pos_lim).clamp(min=Q.EPS)
-            dn = d
-        steps.append(d)
-        negs.append(dn)
-        zps.append(z if z is not None else torch.zeros_like(d))
-    flat = lambda ts: torch.cat(ts, dim=1).permute(0, 2, 3, 1).reshape(-1, len(ts))  # noqa: E731
-    return flat(steps), flat(negs), flat(zps)
+    per = [Q.dynamic_steps(xf[:, c0:c1], scheme, fmt) for c0, c1, scheme in zip(cb[:-1], cb[1:], schemes)]
+    return tuple(torch.cat(t, dim=1) for t in zip(*per))
 
 
 def quantize_channels(x: Tensor, geometry: ConvGeometry, k_bounds, schemes, d: Tensor, d_neg: Tensor,
                       zp: Tensor | None, fmt: str = "int8") -> Tensor:
-    """Static steps [1, S]: quantize an NCHW input once per element (plain ops: Inductor fuses
-    them into the producer); the im2col rows of the result are quantize_static of the rows."""
+    """x [B, C, H, W] quantized once per element with steps [1, S] (static) or [B, S, H, W] (per
+    input pixel): plain ops, which Inductor fuses into the producer. With static steps the im2col
+    rows of the result are quantize_static of the rows."""
     cb = geometry.channel_bounds(k_bounds)
     xf = x.float()
-    parts = [Q._round(xf[:, c0:c1], d[0, s], d_neg[0, s], zp[0, s] if zp is not None else None, scheme, fmt)
-             for s, ((c0, c1), scheme) in enumerate(zip(zip(cb[:-1], cb[1:]), schemes))]
+    per = (lambda t, s: t[:, s:s + 1]) if d.dim() == 4 else (lambda t, s: t[0, s])   # noqa: E731
+    parts = [Q._round(xf[:, c0:c1], per(d, s), per(d_neg, s), per(zp, s) if zp is not None else None, scheme, fmt)
+             for s, (c0, c1, scheme) in enumerate(zip(cb[:-1], cb[1:], schemes))]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+# ---------------------------------------------------------------- traceable site
+
 def nonfinite_pixels(x: Tensor, geometry: ConvGeometry) -> Tensor:
     """[B, 1, Ho, Wo]: NaN where the receptive field holds NaN/Inf, else 0 (static steps: int8
-    has no NaN, so a non-finite input would otherwise come out finite)."""
+    has no NaN, so a non-finite input would otherwise come out finite; steps per input pixel
+    carry it themselves)."""
     bad = (x - x).float().sum(dim=1, keepdim=True)
     return F.avg_pool2d(bad, geometry.kernel, geometry.stride, geometry.padding)
 
@@ -194,9 +243,9 @@ def quantized_conv2d(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, d_p
                      fmt: str = "int8", conv: ConvGeometry | tuple | None = None, l1: Tensor | None = None,
                      l2: Tensor | None = None) -> Tensor:
     """conv2d(x, W, b) with int8 W packed [K, N] (same arguments as quantized_linear, plus the
-    geometry, or its as_list() ints). Dynamic (d_pos None): steps per output pixel; static: the
-    input quantized once. `l1`, `l2`: the low-rank branch, as a conv of rank output channels and
-    the site's kernel, then a 1x1 conv."""
+    geometry, or its as_list() ints). Dynamic (d_pos None): a step per input pixel and segment;
+    static: steps per segment. `l1`, `l2`: the low-rank branch, as a
+    conv of rank output channels and the site's kernel, then a 1x1 conv."""
     conv = conv if isinstance(conv, ConvGeometry) else ConvGeometry.from_list(conv)
     y = _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, schemes, fmt, conv)
     if l1 is None:
@@ -216,10 +265,12 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
     if d_pos is None:
         if x.device.type == "cpu":   # one op node per site: the graph's code does not grow per conv site
             return torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, colsum)
-        d_pos, d_neg, zp = pixel_steps(x, conv, k_bounds, schemes, fmt)
+        d_pos, d_neg, zp = input_pixel_steps(x, conv, k_bounds, schemes, fmt)
+        # channels-last: the kernel's tile of one tap reads each pixel's channels as one vector
+        q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt).contiguous(
+            memory_format=torch.channels_last)
         zp = zp if Q.ASYMMETRIC in schemes else None
-        return torch.ops.segquant.conv2d(x, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp,
-                                         colsum)
+        return torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp)
     q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
     y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp, colsum)
     return y + nonfinite_pixels(x, conv).to(y.dtype)
@@ -227,63 +278,38 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
 
 # ---------------------------------------------------------------- CPU dynamic conv
 
-def quantize_columns(cols: Tensor, d: Tensor, d_neg: Tensor, zp: Tensor, scheme: int) -> Tensor:
-    """F.unfold's columns [B, K, L] of one K segment -> its int8 im2col rows [B * L, K], each
-    row with its own steps [B * L, 1] (quantize_static's rounding)."""
-    b, k, l = cols.shape
-    per_row = lambda t: t.view(b, l, 1)   # noqa: E731
-    q = Q._round(cols.transpose(1, 2), per_row(d), per_row(d_neg), per_row(zp), scheme)
-    return q.contiguous().view(b * l, k)
-
-
-def dequantized_columns(cols: Tensor, d: Tensor, d_neg: Tensor, zp: Tensor, scheme: int) -> Tensor:
-    """quantize_columns' grid values times their steps: the fp32 rows [B * L, K] the "fp32" GEMM
-    form reads (one pass: no int8 rows to convert back)."""
-    b, k, l = cols.shape
-    per_row = lambda t: t.view(b, l, 1)   # noqa: E731
-    q = Q._round(cols.transpose(1, 2), per_row(d), per_row(d_neg), per_row(zp), scheme)
-    rows = Q.dequantize_segment(q.float(), per_row(d), per_row(d_neg), per_row(zp), scheme)
-    return rows.contiguous().view(b * l, k)
-
-
-def dynamic_rows(x: Tensor, k_bounds, schemes, g: ConvGeometry, form: str = "int8"
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A float input's im2col rows [M, K] quantized with steps per output pixel and segment
-    [M, S] (d, d_neg, zp): pixel_steps, then quantize_static on im2col's rows, segment by segment.
-    The rows as the GEMM `form` reads them: "int8" the grid values, "fp32" those dequantized."""
-    d, dn, zp = pixel_steps(x, g, k_bounds, schemes)
-    xf = x.float()
-    cb = g.channel_bounds(k_bounds)
-    kernel = dequantized_columns if form == "fp32" else quantize_columns
-    parts = []
-    for s, ((c0, c1), scheme) in enumerate(zip(zip(cb[:-1], cb[1:]), schemes)):
-        cols = F.unfold(xf[:, c0:c1], g.kernel, padding=g.padding, stride=g.stride)   # im2col's values
-        # one pass from the unfolded fp32 columns to the rows (shape_generic.py)
-        parts.append(shape_generic.run(kernel, cols, d[:, s:s + 1], dn[:, s:s + 1], zp[:, s:s + 1], scheme))
-    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), d, dn, zp
+def _dequantized_input(xs: Tensor, scheme: int) -> Tensor:
+    """One segment's channels [B, Cs, H, W] quantized with steps per input pixel and dequantized
+    in one pass (the "fp32" form's input: no int8 tensor to convert back)."""
+    d, dn, z = Q.dynamic_steps(xs, scheme)
+    return Q.dequantize_segment(Q._round(xs, d, dn, z, scheme).float(), d, dn, z, scheme)
 
 
 @torch.library.custom_op(f"{LIB}::conv2d_dynamic", mutates_args=())
 def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, k_bounds: list[int], schemes: list[int],
                    geometry: list[int], out_dtype: torch.dtype, colsum: Tensor | None = None) -> Tensor:
-    """conv2d of a float input with dynamic steps per output pixel and segment (the range of its
-    receptive field), on the CPU: the quantized im2col rows, then the GEMM in the CPU's form
-    (cpu_linear.cpu_gemm): "int8", the GEMM op on the grid values (exact integer sums); "fp32"
-    (no fast int8 dot here), the dequantized rows times the dequantized weight in one fp32 GEMM,
-    as the linear sites' fp32 form: the same grid, fp32 summation. One op per site, so a compiled
-    model's generated code does not grow with its conv sites."""
+    """conv2d of a float input with dynamic steps per input pixel and segment, on the CPU, in the
+    CPU's GEMM form (cpu_linear.cpu_gemm): "fp32" (no fast int8 dot here), the input quantized
+    and dequantized in one pass, then one float convolution with the dequantized weight: the
+    same grid, fp32 summation; "int8", the conv2d op on the quantized input (exact integer sums
+    per (tap, segment)). One op per site, so a compiled model's generated code does not grow
+    with its conv sites. Returns channels-last memory, as the conv2d op."""
     g = ConvGeometry.from_list(geometry)
-    b, _, h, wd = x.shape
-    ho, wo = g.output_size(h, wd)
-    form = cpu_gemm()
-    rows, d, dn, zp = dynamic_rows(x, k_bounds, schemes, g, form)
-    if form == "fp32":
-        weight = w.float() * d_w.float()
-        y = (torch.addmm(bias.float(), rows, weight) if bias is not None else rows @ weight).to(out_dtype)
-    else:
-        zp = zp if Q.ASYMMETRIC in schemes else None
-        y = torch.ops.segquant.gemm(rows, d, dn, w, d_w, bias, k_bounds, schemes, out_dtype, zp, colsum)
-    return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+    if cpu_gemm() == "fp32":
+        cb = g.channel_bounds(k_bounds)
+        xf = x.float()
+        # one pass per segment (shape_generic.py): quantize and dequantize
+        parts = [shape_generic.run(_dequantized_input, xf[:, c0:c1], scheme)
+                 for c0, c1, scheme in zip(cb[:-1], cb[1:], schemes)]
+        xq = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).contiguous(memory_format=torch.channels_last)
+        n = w.shape[1]
+        weight = (w.float() * d_w.float()).t().reshape(n, -1, *g.kernel).contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(xq, weight, bias.float() if bias is not None else None, g.stride, g.padding)
+        return y.to(out_dtype).contiguous(memory_format=torch.channels_last)
+    d, dn, zp = input_pixel_steps(x, g, k_bounds, schemes)
+    q = quantize_channels(x, g, k_bounds, schemes, d, dn, zp)
+    return conv2d_reference(q, d, dn, w, d_w, bias, k_bounds, schemes, g, out_dtype,
+                            zp if Q.ASYMMETRIC in schemes else None)
 
 
 @conv2d_dynamic.register_fake

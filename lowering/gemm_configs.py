@@ -25,11 +25,12 @@ CONFIGS = [
         (128, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
         (64, 64, 128, 4, 4), (64, 64, 64, 5, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4),
         (16, 128, 64, 4, 4), (16, 32, 64, 3, 4),
-        # K tiles of 32 (a dot's minimum): the conv prologue's im2col gather and quantization hold
-        # fewer registers per thread (indices above are the codegen table's: append only)
+        # K tiles of 32 (a dot's minimum): a gathered A tile in fewer registers per thread (added for
+        # the conv kernel's former in-register quantization; indices above are the codegen table's:
+        # append only)
         (64, 64, 32, 4, 4), (128, 128, 32, 4, 8),
-        # 8 warps on a 64x64x32 tile: the 1x1 conv's quantize prologue with DualScale beside
-        # asymmetric segments on unaligned bounds spills in every 4-warp config on sm_90
+        # 8 warps on a 64x64x32 tile (added for that former conv prologue's DualScale beside
+        # asymmetric segments, which spilled in every 4-warp config on sm_90)
         (64, 64, 32, 4, 8),
     ]
 ]

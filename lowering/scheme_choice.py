@@ -18,10 +18,12 @@ CANDIDATES = (Scheme.SYMMETRIC, Scheme.ASYMMETRIC, Scheme.DUALSCALE)
 
 
 def segment_sqnr(rows: Tensor, weight: Tensor, dequantized: Tensor, k_bounds: tuple[int, ...], static: bool,
-                 fmt: str = "int8") -> list[dict[str, float]]:
+                 fmt: str = "int8", groups: int = 1) -> list[dict[str, float]]:
     """Per K segment, the SQNR (dB) of that segment's contribution to the output under each
     candidate scheme, weight quantized as it runs. rows [R, K] float; weight [N, K] float;
-    dequantized [K, N]: the weight's grid values times their steps (any weight format)."""
+    dequantized [K, N]: the weight's grid values times their steps (any weight format).
+    `groups`: dynamic steps per row for each of that many equal column groups of a segment (a
+    dynamic conv's taps, columns in tap-major order: conv.tap_major_columns)."""
     out = []
     act = Q.grid(fmt)
     for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
@@ -39,6 +41,8 @@ def segment_sqnr(rows: Tensor, weight: Tensor, dequantized: Tensor, k_bounds: tu
                 d, dn, zp = Q.static_steps(pos, neg, code, act)
                 q = Q.quantize_static(xs, bounds, code, d, dn, zp, act)
             else:
+                width = (k1 - k0) // groups
+                bounds, code = list(range(0, k1 - k0 + 1, width)), code * groups
                 q, d, dn, zp = Q.quantize_dynamic(xs, bounds, code, act)
             got = Q.dequantize(q, bounds, code, d, dn, zp) @ dequantized[k0:k1]
             results[scheme] = Q.sqnr_db(ref, got)

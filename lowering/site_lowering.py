@@ -61,6 +61,11 @@ class ConvGeometry:
         return f"conv{self.kernel[0]}x{self.kernel[1]}s{self.stride[0]}" + \
             (f"x{self.stride[1]}" if self.stride[1] != self.stride[0] else "")
 
+    def variant(self, fmt: str, dual: bool, asymmetric: bool, pixel: bool) -> str:
+        """A conv kernel's variant: `conv3x3s1-int8-dual` (static steps, one per K segment) or
+        `conv3x3s1-int8-dual-pixel` (dynamic: a step per input pixel and segment)."""
+        return self.tag() + "-" + variant_name(fmt, dual, False, asymmetric) + ("-pixel" if pixel else "")
+
     def as_list(self) -> list[int]:
         """Flat ints (op arguments, the saved manifest)."""
         return [self.in_channels, *self.kernel, *self.stride, *self.padding]
@@ -173,9 +178,8 @@ class SiteLowering:
     def variant(self) -> str:
         if self.weight_only:
             return self.format
-        if self.conv is not None:   # a dynamic conv quantizes its float input in the kernel
-            name = variant_name(self.format, Scheme.DUALSCALE in self.schemes, not self.static, self.asymmetric)
-            return self.conv.tag() + "-" + name
+        if self.conv is not None:
+            return self.conv.variant(self.format, Scheme.DUALSCALE in self.schemes, self.asymmetric, not self.static)
         return variant_name(self.format, Scheme.DUALSCALE in self.schemes, self.prologue, self.asymmetric,
                             self.low_rank is not None)
 

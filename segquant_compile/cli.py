@@ -124,9 +124,8 @@ def possible_variants(lowering) -> set[str]:
     if not lowering.auto:
         return {lowering.variant}
     duals = {False, True} if Scheme.DUALSCALE in lowering.schemes else {False}
-    if lowering.conv is not None:   # a dynamic conv quantizes in the kernel (prologue)
-        return {lowering.conv.tag() + "-" + variant_name(lowering.format, d, not lowering.static, a)
-                for d in duals for a in (False, True)}
+    if lowering.conv is not None:
+        return {lowering.conv.variant(lowering.format, d, a, not lowering.static) for d in duals for a in (False, True)}
     return {variant_name(lowering.format, d, False, a, lowering.low_rank is not None) for d in duals for a in (False, True)}
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from segquant_compile.lowering import low_rank
 from segquant_compile.lowering import quantize as Q
 from segquant_compile.lowering import scheme_choice
+from segquant_compile.lowering.conv import tap_major_columns
 from segquant_compile.lowering.gptq import DAMP, FIRST_CALL_DAMP, gptq_int4, gptq_int8
 from segquant_compile.lowering.linear import quantized_linear
 from segquant_compile.lowering.ops import column_sums
@@ -139,6 +140,8 @@ def run_rows(params: SiteParams, lowering: SiteLowering, rows: Tensor, bias: Ten
     """The quantized site on GEMM rows [M, K] (eagerly, as its lowering runs on this device)."""
     lo = applied(lowering, params)
     bias = bias.detach().float() if bias is not None else None
+    if lo.conv is not None and not lo.static:
+        rows, params, lo, dequantized_weight = _pixel_groups(rows, params, lo, dequantized_weight)
     if lo.cpu_gemm == "fp32" and rows.device.type == "cpu":
         w = dequantized_weight if dequantized_weight is not None else dequantized(params, lowering)
         d_w = None
@@ -147,6 +150,21 @@ def run_rows(params: SiteParams, lowering: SiteLowering, rows: Tensor, bias: Ten
     return quantized_linear(rows, w, d_w, bias, params.d_pos, params.d_neg, params.zp, params.smooth,
                             params.colsum, lo.k_bounds, lo.codes, fmt=lo.format, cpu_gemm=lo.cpu_gemm,
                             g_bounds=lo.g_bounds, l1=params.l1, l2=params.l2)
+
+
+def _pixel_groups(rows: Tensor, params: SiteParams, lo: SiteLowering, dequantized_weight: Tensor | None):
+    """A dynamic conv site as a linear site on its im2col rows: columns in (segment, tap,
+    channel) order and a K segment per (segment, tap) group, so each row's steps are those of the
+    input pixels its taps read (lowering/conv.py, tap_major_columns)."""
+    order, bounds = tap_major_columns(lo.k_bounds, lo.conv.taps)
+    order = order.to(rows.device)
+    grid = params.packed.index_select(0, order.to(params.packed.device))
+    pick = lambda t: t.index_select(0, order.to(t.device)) if t is not None else None   # noqa: E731
+    params = params.replace(packed=Q.packed_layout(grid, lo.format), l1=pick(params.l1), smooth=pick(params.smooth),
+                            colsum=column_sums(grid, bounds))
+    schemes = tuple(s for s in lo.schemes for _ in range(lo.conv.taps))
+    lo = dataclasses.replace(lo, k_bounds=bounds, schemes=schemes, conv=None)
+    return rows.index_select(1, order), params, lo, pick(dequantized_weight)
 
 
 def site_sqnr(params: SiteParams, lowering: SiteLowering, w_nk: Tensor, rows: Tensor, bias: Tensor | None) -> float:
@@ -236,8 +254,12 @@ def choose_schemes(params: SiteParams, lowering: SiteLowering, w_nk: Tensor, row
     w = quantized_part(w_nk, params)
     if params.smooth is not None:   # as the GEMM sees them
         rows, w = rows / params.smooth, w * params.smooth
-    candidates = scheme_choice.segment_sqnr(rows, w, dequantized(params, lowering), lowering.k_bounds,
-                                            lowering.static, lowering.format)
+    deq, groups = dequantized(params, lowering), 1
+    if lowering.conv is not None and not lowering.static:   # steps per input pixel (_pixel_groups)
+        order, _ = tap_major_columns(lowering.k_bounds, lowering.conv.taps)
+        groups, order = lowering.conv.taps, order.to(rows.device)
+        rows, w, deq = rows.index_select(1, order), w.index_select(1, order.to(w.device)), deq.index_select(0, order)
+    candidates = scheme_choice.segment_sqnr(rows, w, deq, lowering.k_bounds, lowering.static, lowering.format, groups)
     return params.replace(candidates=tuple(candidates), chosen=scheme_choice.choose(candidates))
 
 

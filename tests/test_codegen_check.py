@@ -36,10 +36,12 @@ def assert_pass(rows):
             assert r["pipelined"] and r["stages"] >= 2, f"{what}: {r['stages']} stage(s), {r['async_copies']}"
         assert r["shared_bytes"] <= r["shared_limit"], what
         # both tiles through async copies on every arch wherever stages are asked for (the K-major
-        # weight: wgmma reads 8-bit operands K-major), but for a conv's byte-wise im2col gather of
-        # int8 input, which no async copy takes: its W tile still is
+        # weight: wgmma reads 8-bit operands K-major), but for a conv's byte-wise gathers, which
+        # no async copy takes: the static kernel's im2col A tile (its W tile still is async) and
+        # the pixel kernel's weight rows c * taps + tap past 1x1 (its A tile still is async)
         if r["config"]["num_stages"] >= 2:
-            allowed = 1 if r["kernel"] == "conv" and "prologue" not in r["variant"] else 0
+            pixel_1x1 = r["variant"].startswith("conv1x1") and r["variant"].endswith("-pixel")
+            allowed = 1 if r["kernel"] == "conv" and not pixel_1x1 else 0
             allowed += epilogue_tile_loads(r)     # the low-rank branch's tiles, once after the K loop
             # known gap: on sm_80/sm_89 the prologue-lr kernel's bf16 x tile, which feeds both the
             # x @ L1 dot and the quantization, stays a synchronous load (async on sm_90)
@@ -76,6 +78,10 @@ def test_every_kernel_and_variant_is_checked(every):
     assert {"int8-lr", "int8-dual-lr", "int8-asym-lr", "int8-prologue-lr", "int8-dual-prologue-lr", "fp8-lr",
             "w4a8-lr", "w4a8-dual-lr", "w4a8-dual-asym-lr"} <= variants
     assert any(r["variant"] == "int8-prologue-lr" and r["mma"] == "wgmma.bf16" for r in rows)   # x @ L1
+    # the dynamic conv's kernel (steps per input pixel), 3x3 and 1x1, pipelined on wgmma where it fits
+    for tag in ("conv3x3s1", "conv1x1s1"):
+        assert any(r["variant"].startswith(tag) and r["variant"].endswith("-pixel") and r["pipelined"]
+                   and r["mma"] == "wgmma.s8" and not r["problems"] for r in rows), tag
 
 
 def test_first_config_of_named_cases(tmp_path):

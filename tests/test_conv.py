@@ -1,5 +1,7 @@
 """Conv sites (DESIGN.md, Convolutions): the plan of the full-size SDXL UNet, channel segments of
 skip concatenations, DualScale after SiLU, quantized execution of tiny UNets, float reasons."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,7 @@ from torch._inductor.utils import run_and_get_code
 
 import segquant_compile as sq
 from conftest import expected_site_gemms, output, site_gemm_calls, tiny_inputs, tiny_unet
+from segquant_compile import site_params as P
 from segquant_compile.lowering.conv import im2col
 from segquant_compile.lowering.quantize import sqnr_db
 
@@ -324,3 +327,37 @@ def test_static_conv_smoothing_divides_per_input_channel():
         eager = st.run_rows(im2col(x, st.lowering.conv), model.conv.bias.detach())
         compiled_rows = compiled(x).permute(0, 2, 3, 1).reshape(-1, 16)
     assert torch.allclose(compiled_rows, eager, rtol=1e-5, atol=1e-4)
+
+
+class SiluConv(nn.Module):
+    """A skip concatenation into SiLU -> 3x3 conv (two input segments, post-SiLU ranges)."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 16, 3, padding=1)
+
+    def forward(self, x, skip):
+        return self.conv(torch.nn.functional.silu(torch.cat([x, skip * 3], dim=1)))
+
+
+@pytest.mark.parametrize("dualscale", [False, True, "auto"])
+def test_a_dynamic_conv_sites_rows_model_is_the_compiled_site(dualscale):
+    """The searches score a dynamic conv site on its im2col rows (site_params.run_rows, with the K
+    columns tap-major and a step per (segment, tap) group): the compiled site's numbers, whose
+    steps are per input pixel and segment, at every output pixel; per output pixel (one step per
+    row and segment) they would differ."""
+    torch.manual_seed(0)
+    model = SiluConv().eval()
+    x, skip = torch.randn(2, 8, 9, 9), torch.randn(2, 4, 9, 9)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="segquant", options={"activations": "dynamic", "dualscale": dualscale})
+    with torch.no_grad():
+        y = compiled(x, skip).permute(0, 2, 3, 1).reshape(-1, 16)
+        st = sq.report(compiled).states["conv"]
+        assert len(st.lowering.k_bounds) == 3       # the concatenation's two segments
+        rows = im2col(torch.nn.functional.silu(torch.cat([x, skip * 3], dim=1)), st.lowering.conv)
+        eager = st.run_rows(rows, model.conv.bias.detach())
+        assert torch.allclose(y, eager, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+        assert sqnr_db(model(x, skip).permute(0, 2, 3, 1).reshape(-1, 16), y) > 30
+        per_row = dataclasses.replace(st.lowering, conv=None)    # the rows as a linear site's
+        other = P.run_rows(st.params, per_row, rows, model.conv.bias.detach())
+        assert not torch.allclose(y, other, rtol=1e-5, atol=1e-5 * float(y.abs().max()))

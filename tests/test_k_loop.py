@@ -55,15 +55,26 @@ def test_prologue_both_loops_bit_exact(bounds, codes):
     assert torch.equal(got.cpu(), ref)
 
 
+@pytest.mark.parametrize("pixel", [False, True], ids=["static", "pixel"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("channels", [(32, 32), (3, 5)], ids=["even", "table"])
-def test_conv_both_loops_bit_exact(channels, layout):
+def test_conv_both_loops_bit_exact(channels, layout, pixel):
+    """The static conv kernel's two K loops, and the pixel kernel on channel chunks that fill its
+    tiles or not."""
     from segquant_compile.lowering import conv as C
+    from segquant_compile.lowering import quantize as Q
     x, geo, kb, w, d_w, bias = conv_problem(channels, ((1, 1), (1, 1), (0, 0)), (0, 2), seed=3, layout=layout)
-    d, dn, zp = C.pixel_steps(x, geo, kb, [0, 2])
-    colsum = column_sums(w, kb)
-    ref = C.conv2d_reference(x, d, dn, w, d_w, bias, kb, [0, 2], geo, torch.float32, zp, colsum)
-    got = conv_launch(x, d, dn, w, d_w, bias, kb, [0, 2], geo, torch.float32, zp, colsum)
+    if pixel:
+        d, dn, zp = C.input_pixel_steps(x, geo, kb, [0, 2])
+        colsum = None
+    else:
+        cb = geo.channel_bounds(kb)
+        pos = torch.stack([x[:, a:b].amax().clamp(min=0) for a, b in zip(cb[:-1], cb[1:])])
+        d, dn, zp = Q.static_steps(pos, pos, [0, 2])
+        colsum = column_sums(w, kb)
+    q = C.quantize_channels(x, geo, kb, [0, 2], d, dn, zp)
+    ref = C.conv2d_reference(q, d, dn, w, d_w, bias, kb, [0, 2], geo, torch.float32, zp, colsum)
+    got = conv_launch(q, d, dn, w, d_w, bias, kb, [0, 2], geo, torch.float32, zp, colsum)
     assert torch.equal(got, ref)
 
 
