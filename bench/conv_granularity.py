@@ -9,8 +9,10 @@ step per input channel: a bound, not an integer GEMM: the steps do not factor ou
 `smooth-0.5` / `smooth-0.8` (SmoothQuant's per-channel divisors at that alpha folded into the
 weight, then one static step: what segquant static with conv smoothing runs), `image` and
 `image-channel` (a step per map, per map and channel: dynamic), `input-pixel` (a step per input
-pixel over its channels: dynamic, issue 28 part 4's proposal), `output-pixel` (a step per im2col
-row, the output pixel's receptive field: segquant dynamic on convs). DualScale (separate positive and
+pixel over its channels: segquant dynamic on convs since issue 28 part 4), `output-pixel` (a step
+per im2col row, the output pixel's receptive field: segquant dynamic before). For these two also
+the SQNR after a 3x3 mean filter of output and error (`-mean3`): how far later averaging brings a
+spatially independent or correlated error down. DualScale (separate positive and
 negative steps) where the input's minimum is above -0.3 (SiLU outputs), symmetric elsewhere.
 Writes bench/results/conv_granularity.json.
 
@@ -65,17 +67,32 @@ def weight_grid(w):
     return (Q.quantize_weight(flat, d).t().float() * d[:, None]).reshape(w.shape)
 
 
-def output_pixel_sqnr(conv, x, wq, dual: bool) -> float:
-    """Each im2col row quantized with its own range, map by map (the whole [M, K] would not fit)."""
+def mean3(t):
+    """A 3x3 mean filter: the averaging a later conv or pooling applies to an error field."""
+    return F.avg_pool2d(t, 3, 1, 1, count_include_pad=False)
+
+
+def output_pixel_sqnr(conv, x, wq, dual: bool) -> tuple[float, float]:
+    """Each im2col row quantized with its own range, map by map (the whole [M, K] would not fit);
+    also the SQNR with output and error through mean3."""
     w_flat, wq_flat = conv.weight.detach().float().flatten(1), wq.flatten(1)
-    err = energy = 0.0
+    err = energy = err3 = energy3 = 0.0
     for b in range(len(x)):
         cols = F.unfold(x[b:b + 1], conv.kernel_size, padding=conv.padding, stride=conv.stride)[0]   # [K, L]
         ref = w_flat @ cols
         got = wq_flat @ quantize(cols, *maxima(cols, (0,)), dual)
         err += float((ref - got).pow(2).sum())
         energy += float(ref.pow(2).sum())
-    return 10 * math.log10(energy / err)
+        ho, wo = conv_out_size(conv, x.shape[2], x.shape[3])
+        ref3, got3 = mean3(ref.view(1, -1, ho, wo)), mean3(got.view(1, -1, ho, wo))
+        err3 += float((ref3 - got3).pow(2).sum())
+        energy3 += float(ref3.pow(2).sum())
+    return 10 * math.log10(energy / err), 10 * math.log10(energy3 / err3)
+
+
+def conv_out_size(conv, h, w):
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
 
 def site_row(conv, x) -> dict:
@@ -95,8 +112,10 @@ def site_row(conv, x) -> dict:
         p, n = maxima(xs, (0, 1, 2, 3))
         out[f"smooth-{alpha}"] = sqnr_db(ref, run(quantize(xs, p, n, dual), weight_grid(w * s)))
     for label, dims in {"image": (1, 2, 3), "image-channel": (2, 3), "input-pixel": (1,)}.items():
-        out[label] = sqnr_db(ref, run(quantize(x, *maxima(x, dims), dual), wq))
-    out["output-pixel"] = output_pixel_sqnr(conv, x, wq, dual)
+        got = run(quantize(x, *maxima(x, dims), dual), wq)
+        out[label] = sqnr_db(ref, got)
+    out["input-pixel-mean3"] = sqnr_db(mean3(ref), mean3(got))
+    out["output-pixel"], out["output-pixel-mean3"] = output_pixel_sqnr(conv, x, wq, dual)
     per_map = x.abs().amax(dim=(1, 2, 3))
     out["per_map_max"] = {"min": float(per_map.min()), "median": float(per_map.median()), "max": float(per_map.max())}
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
@@ -123,7 +142,8 @@ def main(argv=None):
            "torch": version("torch"), "git": git_state(), "maps": sum(len(b[0]) for b in calibration),
            "unit": "output SQNR dB of the conv, weights int8 per output channel", "sites": rows}
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
-    keys = ["segment", "channel", "smooth-0.5", "smooth-0.8", "image", "image-channel", "input-pixel", "output-pixel"]
+    keys = ["segment", "channel", "smooth-0.5", "smooth-0.8", "image", "image-channel", "input-pixel", "output-pixel",
+            "input-pixel-mean3", "output-pixel-mean3"]
     print("| site | scheme | " + " | ".join(keys) + " |")
     for n, r in rows.items():
         print(f"| {n} | {r['scheme']} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")

@@ -261,6 +261,8 @@ def tune(m: int, n: int, geometry: ConvGeometry, name: str, device, bench=None) 
     h = (side - 1) * geometry.stride[0] + geometry.kernel[0] - 2 * geometry.padding[0]
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(-127, 128, (1, cin, h, h), generator=g, dtype=torch.int8).to(device)
+    if pixel:   # as the dynamic path writes its quantized input (conv._quantized)
+        x = x.contiguous(memory_format=torch.channels_last)
     w = packed_layout(torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8).to(device), "int8")
     d = torch.full((1, len(codes), h, h) if pixel else (1, len(codes)), 0.01, device=device)
     zp = torch.zeros_like(d) if asym else None

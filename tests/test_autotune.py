@@ -102,3 +102,17 @@ def test_kernel_module_owns_its_configs_and_autotune_imports_no_kernel():
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any("triton_gemm" in name or "gemm_configs" in name for name in imported)
     assert not hasattr(autotune, "CONFIGS") and gemm_configs.CONFIGS
+
+
+def test_conv_tune_launches_each_conv_kernel_as_its_sites_run(cache):
+    """`segquant autotune` of a conv site: the static kernel on int8 input with steps per segment,
+    the pixel kernel (dynamic) on channels-last int8 input with steps per input pixel."""
+    from segquant_compile.lowering import triton_conv
+    from segquant_compile.lowering.site_lowering import ConvGeometry
+    geo = ConvGeometry(8, (3, 3), (1, 1), (1, 1))
+    for pixel in (False, True):
+        name = triton_conv.variant(geo, (1, 2), pixel)
+        assert name == "conv3x3s1-int8-dual-asym" + ("-pixel" if pixel else "")
+        runs = []
+        cfg, timings = triton_conv.tune(16, 16, geo, name, "cpu", bench=lambda fn: (runs.append(fn()), 1.0)[1])
+        assert cfg and timings and runs
