@@ -30,6 +30,12 @@ from machine import cpu_name  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
+def weight(st):
+    """The weight operands a site's graph passes in its CPU form: the dequantized weight ("fp32")
+    or the packed grid and its steps ("int8")."""
+    return (st.dequantized, None) if st.lowering.cpu_gemm == "fp32" else (st.params.packed, st.params.d_w)
+
+
 def best(fn, reps: int) -> float:
     return min(timed_runs(fn, 1, reps))
 
@@ -86,13 +92,15 @@ def main(argv=None):
             pd, lo = st.params, st.lowering
             k_bounds, schemes = list(lo.k_bounds), list(lo.codes)
             row["dynamic_steps_s"] = best(lambda: C.input_pixel_steps(xin, lo.conv, k_bounds, schemes), a.reps)
-            row["dynamic_s"] = best(lambda: C.quantized_conv2d(xin, pd.packed, pd.d_w, module.bias, None, None, None,
+            w, d_w = weight(st)
+            row["dynamic_s"] = best(lambda: C.quantized_conv2d(xin, w, d_w, module.bias, None, None, None,
                                                                 None, pd.colsum, lo.k_bounds, lo.codes,
                                                                 conv=lo.conv), a.reps)
             ss = compiled["static"].states.get(name)
             if ss is not None and ss.site.conv is not None:
                 ps, ls = ss.params, ss.lowering
-                row["static_s"] = best(lambda: C.quantized_conv2d(xin, ps.packed, ps.d_w, module.bias, ps.d_pos,
+                ws, d_ws = weight(ss)
+                row["static_s"] = best(lambda: C.quantized_conv2d(xin, ws, d_ws, module.bias, ps.d_pos,
                                                                    ps.d_neg, ps.zp, None, ps.colsum, ls.k_bounds,
                                                                    ls.codes, conv=ls.conv), a.reps)
             rows.append(row)

@@ -227,6 +227,16 @@ def quantize_channels(x: Tensor, geometry: ConvGeometry, k_bounds, schemes, d: T
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def dequantize_channels(q: Tensor, geometry: ConvGeometry, k_bounds, schemes, d: Tensor, d_neg: Tensor,
+                        zp: Tensor | None) -> Tensor:
+    """quantize_channels' grid values times their steps (static [1, S]), fp32: the input the
+    CPU's "fp32" form convolves."""
+    cb = geometry.channel_bounds(k_bounds)
+    parts = [Q.dequantize_segment(q[:, c0:c1].float(), d[0, s], d_neg[0, s], zp[0, s] if zp is not None else None,
+                                  scheme) for s, (c0, c1, scheme) in enumerate(zip(cb[:-1], cb[1:], schemes))]
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 # ---------------------------------------------------------------- traceable site
 
 def nonfinite_pixels(x: Tensor, geometry: ConvGeometry) -> Tensor:
@@ -262,6 +272,12 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
     k_bounds, schemes, geometry, out_dtype = list(k_bounds), list(schemes), conv.as_list(), x.dtype
     if smooth is not None:   # one divisor per input channel, repeated per tap (site_params.smoothing_factors)
         x = x / smooth[::conv.taps].view(1, -1, 1, 1)
+    if w.is_floating_point() and d_pos is not None:   # the CPU's "fp32" form (w: the dequantized weight)
+        q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
+        xq = dequantize_channels(q, conv, k_bounds, schemes, d_pos, d_neg, zp)
+        y = F.conv2d(xq, w.t().reshape(w.shape[1], -1, *conv.kernel), bias.float() if bias is not None else None,
+                     conv.stride, conv.padding).to(out_dtype)
+        return y + nonfinite_pixels(x, conv).to(y.dtype)
     if d_pos is None:
         if x.device.type == "cpu":   # one op node per site: the graph's code does not grow per conv site
             return torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, colsum)
@@ -286,16 +302,18 @@ def _dequantized_input(xs: Tensor, scheme: int) -> Tensor:
 
 
 @torch.library.custom_op(f"{LIB}::conv2d_dynamic", mutates_args=())
-def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, k_bounds: list[int], schemes: list[int],
-                   geometry: list[int], out_dtype: torch.dtype, colsum: Tensor | None = None) -> Tensor:
+def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | None, k_bounds: list[int],
+                   schemes: list[int], geometry: list[int], out_dtype: torch.dtype,
+                   colsum: Tensor | None = None) -> Tensor:
     """conv2d of a float input with dynamic steps per input pixel and segment, on the CPU, in the
-    CPU's GEMM form (cpu_linear.cpu_gemm): "fp32" (no fast int8 dot here), the input quantized
-    and dequantized in one pass, then one float convolution with the dequantized weight: the
-    same grid, fp32 summation; "int8", the conv2d op on the quantized input (exact integer sums
-    per (tap, segment)). One op per site, so a compiled model's generated code does not grow
-    with its conv sites. Returns channels-last memory, as the conv2d op."""
+    CPU's GEMM form (cpu_linear.cpu_gemm): "fp32" (no fast int8 dot here; `w` the dequantized
+    weight [K, N] and d_w None, or packed), the input quantized and dequantized in one pass,
+    then one float convolution with the dequantized weight: the same grid, fp32 summation;
+    "int8", the conv2d op on the quantized input (exact integer sums per (tap, segment)). One op
+    per site, so a compiled model's generated code does not grow with its conv sites. Returns
+    channels-last memory, as the conv2d op."""
     g = ConvGeometry.from_list(geometry)
-    if cpu_gemm() == "fp32":
+    if w.is_floating_point() or cpu_gemm() == "fp32":
         cb = g.channel_bounds(k_bounds)
         xf = x.float()
         # one pass per segment (shape_generic.py): quantize and dequantize
@@ -303,7 +321,8 @@ def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor, bias: Tensor | None, k_bou
                  for c0, c1, scheme in zip(cb[:-1], cb[1:], schemes)]
         xq = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).contiguous(memory_format=torch.channels_last)
         n = w.shape[1]
-        weight = (w.float() * d_w.float()).t().reshape(n, -1, *g.kernel).contiguous(memory_format=torch.channels_last)
+        weight = w.float() if d_w is None else w.float() * d_w.float()
+        weight = weight.t().reshape(n, -1, *g.kernel).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(xq, weight, bias.float() if bias is not None else None, g.stride, g.padding)
         return y.to(out_dtype).contiguous(memory_format=torch.channels_last)
     d, dn, zp = input_pixel_steps(x, g, k_bounds, schemes)

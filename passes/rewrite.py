@@ -76,7 +76,7 @@ def convert(gm: torch.fx.GraphModule, entries: list[tuple[LinearSite, SiteLoweri
                     shared.get(key), lowering.g_bounds), {"l1": inputs.get("l1"), "l2": inputs.get("l2")})
             else:
                 new = graph.call_function(quantized_conv2d, (
-                    nodes[site.input_node], inputs["packed"], inputs["d_w"], bias,
+                    nodes[site.input_node], inputs.get("packed", inputs.get("dequantized")), inputs.get("d_w"), bias,
                     inputs.get("d_pos"), inputs.get("d_neg"), inputs.get("zp"), inputs.get("smooth"), inputs.get("colsum"),
                     lowering.k_bounds, lowering.codes, lowering.prologue, lowering.format),
                     {"conv": tuple(lowering.conv.as_list()), "l1": inputs.get("l1"), "l2": inputs.get("l2")})

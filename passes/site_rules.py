@@ -163,11 +163,12 @@ def lower_site(site: LinearSite, config, device: str = "cpu",
     prologue = (static and device == "cuda" and fmt == "int8" and site.rows is not None
                 and site.rows <= PROLOGUE_MAX_ROWS)
     conv = site.conv is not None
-    # decided here, outside any tracing: the choice is a measurement (lowering/cpu_linear.py);
-    # conv sites run the segquant::conv2d op (lowering/conv.py). The other integer formats run on
-    # CPU as their dequantized grids (one fp32 GEMM: no int4 or int8 x float instructions there)
+    # decided here, outside any tracing: the choice is a measurement (lowering/cpu_linear.py); in
+    # the "fp32" form a site reads its dequantized weight (conv sites too: lowering/conv.py). The
+    # other integer formats run on CPU as their dequantized grids (one fp32 GEMM: no int4 or int8
+    # x float instructions there)
     cpu = None
-    if device == "cpu" and not conv and fmt != "fp8":
+    if device == "cpu" and fmt != "fp8":
         cpu = cpu_gemm() if fmt == "int8" else "fp32"
     grouped = fmt.grouped
     r = resolve_autos(config, fmt, static, allocated=entry is not None and config.format == "auto")

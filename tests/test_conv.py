@@ -11,6 +11,7 @@ import segquant_compile as sq
 from conftest import expected_site_gemms, output, site_gemm_calls, tiny_inputs, tiny_unet
 from segquant_compile import site_params as P
 from segquant_compile.lowering.conv import im2col
+from segquant_compile.passes.rewrite import extra_fields
 from segquant_compile.lowering.quantize import sqnr_db
 
 
@@ -361,3 +362,38 @@ def test_a_dynamic_conv_sites_rows_model_is_the_compiled_site(dualscale):
         per_row = dataclasses.replace(st.lowering, conv=None)    # the rows as a linear site's
         other = P.run_rows(st.params, per_row, rows, model.conv.bias.detach())
         assert not torch.allclose(y, other, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_cpu_conv_sites_fp32_form_reads_the_dequantized_weight(activations, monkeypatch):
+    """On a CPU without int8 dot instructions a conv site takes the "fp32" form, as linear sites
+    do: its graph input is the dequantized weight (no packed grid, no per-call dequantization) and
+    it runs one fp32 convolution of the dequantized input; the same grid as the "int8" form
+    (exact integer sums; the two lowerings share one state), so the outputs agree to fp32
+    summation."""
+    torch.manual_seed(0)
+    model = SiluConv().eval()
+    calls = [(torch.randn(2, 8, 9, 9), torch.randn(2, 4, 9, 9)) for _ in range(3)]
+    x = calls[0]
+    out = {}
+    for form in ("int8", "fp32"):
+        monkeypatch.setenv("SEGQUANT_CPU_GEMM", form)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="segquant", options={"activations": activations, "dualscale": True})
+        with torch.no_grad():
+            if activations == "static" and form == "int8":   # the second compile shares the state
+                with sq.calibrate(compiled, progress=False):
+                    for c in calls:
+                        compiled(*c)
+            if form == "int8":
+                out[form] = compiled(*x)
+            else:
+                out[form], code = run_and_get_code(compiled, *x)
+    # the fp32 form's graph: no int8 conv op; the static site is a float convolution there
+    assert "segquant.conv2d.default(" not in "".join(code)
+    assert ("conv2d_dynamic" in "".join(code)) == (activations == "dynamic")
+    lo = sq.report(compiled).states["conv"].lowering   # the state's (the first compile's) lowering
+    assert extra_fields(dataclasses.replace(lo, cpu_gemm="fp32"))[0] == "dequantized"
+    assert torch.allclose(out["fp32"], out["int8"], rtol=1e-5, atol=1e-5 * float(out["int8"].abs().max()))
+    with torch.no_grad():
+        assert sqnr_db(model(*x), out["fp32"]) > 25
