@@ -45,6 +45,11 @@ def im2col(x: Tensor, geometry: ConvGeometry, pad: Tensor | None = None) -> Tens
     return cols.permute(0, 3, 4, 1, 2).reshape(b * ho * wo, c * kh * kw)
 
 
+def conv_weight(w: Tensor, geometry: ConvGeometry) -> Tensor:
+    """A packed or dequantized [K, N] weight as F.conv2d's [N, C, kh, kw] (a view)."""
+    return w.t().reshape(w.shape[1], -1, *geometry.kernel)
+
+
 def channel_pad(zp: Tensor | None, k_bounds, geometry: ConvGeometry, channels: int, device) -> Tensor | None:
     """Per input channel, the quantized value of 0 (its segment's zero point); None if all 0."""
     if zp is None:
@@ -115,7 +120,7 @@ def direct_sums(q: Tensor, w: Tensor, k_bounds, schemes, geometry: ConvGeometry,
     positive and negative halves) from fp32 convolutions of the int8 input, in channel chunks of
     at most EXACT_FP32_K taps: every partial sum is an integer below 2**24, so fp32 is exact in
     any summation order, at float convolution speed (no im2col)."""
-    taps, (kh, kw) = geometry.taps, geometry.kernel
+    taps = geometry.taps
     n = w.shape[1]
     pad = channel_pad(zp, k_bounds, geometry, q.shape[1], q.device)
     qf = q.float()
@@ -126,7 +131,7 @@ def direct_sums(q: Tensor, w: Tensor, k_bounds, schemes, geometry: ConvGeometry,
     else:
         padding = geometry.padding
     qf = qf.contiguous(memory_format=torch.channels_last)
-    weight = w.t().reshape(n, -1, kh, kw)                  # packed [K, N] -> [N, C, kh, kw] (a view)
+    weight = conv_weight(w, geometry)
     step = max(1, EXACT_FP32_K // taps)
     out = []
     for s, (k0, k1) in enumerate(zip(k_bounds[:-1], k_bounds[1:])):
@@ -179,7 +184,7 @@ def pixel_sums(q: Tensor, w: Tensor, k_bounds, schemes, geometry: ConvGeometry, 
     taps, cb = geometry.taps, geometry.channel_bounds(k_bounds)
     for tap, s in groups:
         qs = tap_view(q[:, cb[s]:cb[s + 1]], geometry, tap).permute(0, 2, 3, 1).reshape(-1, cb[s + 1] - cb[s])
-        ws = w[cb[s] * taps + tap:cb[s + 1] * taps:taps]
+        ws = group_rows(w, cb, taps, tap, s)
         yield (_int_mm(qs.clamp(min=0), ws), _int_mm(qs.clamp(max=0), ws)) if schemes[s] == 1 else (_int_mm(qs, ws),)
 
 
@@ -187,8 +192,13 @@ def pixel_column_sums(w: Tensor, k_bounds, taps: int) -> Tensor:
     """[taps * S, N] int32 column sums of a packed [K, N] int8 weight per (tap, segment) group,
     row tap * S + s (the asymmetric correction of steps per input pixel)."""
     cb = [k // taps for k in k_bounds]
-    return torch.stack([w[cb[s] * taps + tap:cb[s + 1] * taps:taps].sum(dim=0, dtype=torch.int32)
+    return torch.stack([group_rows(w, cb, taps, tap, s).sum(dim=0, dtype=torch.int32)
                         for tap in range(taps) for s in range(len(cb) - 1)])
+
+
+def group_rows(w: Tensor, cb, taps: int, tap: int, s: int) -> Tensor:
+    """The weight rows c * taps + tap of segment s's channels [cb[s], cb[s + 1]) (a view)."""
+    return w[cb[s] * taps + tap:cb[s + 1] * taps:taps]
 
 
 def tap_major_columns(k_bounds, taps: int) -> tuple[Tensor, tuple[int, ...]]:
@@ -221,20 +231,26 @@ def quantize_channels(x: Tensor, geometry: ConvGeometry, k_bounds, schemes, d: T
     rows of the result are quantize_static of the rows."""
     cb = geometry.channel_bounds(k_bounds)
     xf = x.float()
-    per = (lambda t, s: t[:, s:s + 1]) if d.dim() == 4 else (lambda t, s: t[0, s])   # noqa: E731
-    parts = [Q._round(xf[:, c0:c1], per(d, s), per(d_neg, s), per(zp, s) if zp is not None else None, scheme, fmt)
+    parts = [Q._round(xf[:, c0:c1], *segment_steps(d, d_neg, zp, s), scheme, fmt)
              for s, (c0, c1, scheme) in enumerate(zip(cb[:-1], cb[1:], schemes))]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def dequantize_channels(q: Tensor, geometry: ConvGeometry, k_bounds, schemes, d: Tensor, d_neg: Tensor,
                         zp: Tensor | None) -> Tensor:
-    """quantize_channels' grid values times their steps (static [1, S]), fp32: the input the
-    CPU's "fp32" form convolves."""
+    """quantize_channels' grid values times their steps, fp32: the input the CPU's "fp32" form
+    convolves."""
     cb = geometry.channel_bounds(k_bounds)
-    parts = [Q.dequantize_segment(q[:, c0:c1].float(), d[0, s], d_neg[0, s], zp[0, s] if zp is not None else None,
-                                  scheme) for s, (c0, c1, scheme) in enumerate(zip(cb[:-1], cb[1:], schemes))]
+    parts = [Q.dequantize_segment(q[:, c0:c1].float(), *segment_steps(d, d_neg, zp, s), scheme)
+             for s, (c0, c1, scheme) in enumerate(zip(cb[:-1], cb[1:], schemes))]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def segment_steps(d: Tensor, d_neg: Tensor, zp: Tensor | None, s: int) -> tuple:
+    """Segment s's (d, d_neg, zp), broadcastable over its channels [B, Cs, H, W]: scalars of
+    static steps [1, S], [B, 1, H, W] of steps per input pixel [B, S, H, W]."""
+    pick = (lambda t: t[:, s:s + 1]) if d.dim() == 4 else (lambda t: t[0, s])   # noqa: E731
+    return pick(d), pick(d_neg), pick(zp) if zp is not None else None
 
 
 # ---------------------------------------------------------------- traceable site
@@ -272,12 +288,6 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
     k_bounds, schemes, geometry, out_dtype = list(k_bounds), list(schemes), conv.as_list(), x.dtype
     if smooth is not None:   # one divisor per input channel, repeated per tap (site_params.smoothing_factors)
         x = x / smooth[::conv.taps].view(1, -1, 1, 1)
-    if w.is_floating_point() and d_pos is not None:   # the CPU's "fp32" form (w: the dequantized weight)
-        q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
-        xq = dequantize_channels(q, conv, k_bounds, schemes, d_pos, d_neg, zp)
-        y = F.conv2d(xq, w.t().reshape(w.shape[1], -1, *conv.kernel), bias.float() if bias is not None else None,
-                     conv.stride, conv.padding).to(out_dtype)
-        return y + nonfinite_pixels(x, conv).to(y.dtype)
     if d_pos is None:
         if x.device.type == "cpu":   # one op node per site: the graph's code does not grow per conv site
             return torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, colsum)
@@ -288,7 +298,13 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
         zp = zp if Q.ASYMMETRIC in schemes else None
         return torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp)
     q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt)
-    y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp, colsum)
+    if w.is_floating_point():   # the CPU's "fp32" form (w: the dequantized weight)
+        xq = dequantize_channels(q, conv, k_bounds, schemes, d_pos, d_neg, zp)
+        y = F.conv2d(xq, conv_weight(w, conv), bias.float() if bias is not None else None, conv.stride,
+                     conv.padding).to(out_dtype)
+    else:
+        y = torch.ops.segquant.conv2d(q, d_pos, d_neg, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, zp,
+                                      colsum)
     return y + nonfinite_pixels(x, conv).to(y.dtype)
 
 
@@ -320,9 +336,8 @@ def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | None
         parts = [shape_generic.run(_dequantized_input, xf[:, c0:c1], scheme)
                  for c0, c1, scheme in zip(cb[:-1], cb[1:], schemes)]
         xq = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).contiguous(memory_format=torch.channels_last)
-        n = w.shape[1]
-        weight = w.float() if d_w is None else w.float() * d_w.float()
-        weight = weight.t().reshape(n, -1, *g.kernel).contiguous(memory_format=torch.channels_last)
+        weight = conv_weight(w.float() if d_w is None else w.float() * d_w.float(), g)
+        weight = weight.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(xq, weight, bias.float() if bias is not None else None, g.stride, g.padding)
         return y.to(out_dtype).contiguous(memory_format=torch.channels_last)
     d, dn, zp = input_pixel_steps(x, g, k_bounds, schemes)
