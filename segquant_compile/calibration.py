@@ -140,7 +140,7 @@ class Session:
         except Exception as e:
             payload = distributed.RankFailed(self.shard.rank, f"{type(e).__name__}: {e}")
         try:
-            records = distributed.merged_payload(distributed.exchange(payload, self.group))
+            records = distributed.by_rank(distributed.exchange(payload, self.group))
         except RuntimeError:
             for st, _ in pairs:
                 st.discard_statistics()
@@ -148,40 +148,61 @@ class Session:
         frozen_here = {id(st) for st, _ in mine}
         for st, _ in pairs:
             if id(st) not in frozen_here:
-                st.adopt_frozen(records[st.name][0])
+                st.adopt_frozen(next(r for r in records[st.name] if r is not None))
         for st, _ in pairs:
             st.discard_statistics()
 
     def _merge_over_group(self) -> None:
-        """Every rank's statistics of every site, merged in rank order into each state here."""
+        """Every rank's statistics of every site reduced over the group into each state here: one
+        exchange of what each rank holds (a summary per statistics set, named by the sites that
+        share it), then the collectives of SiteStatistics.reduce_over, set by set in name order."""
         states = [st for st, _ in self.touched.values()]
         distributed.check_names(states)
+        shared: dict[int, list] = {}   # sites reading one activation share one statistics set
+        for st in states:
+            shared.setdefault(id(st.stats), []).append(st)
+        held = {tuple(sorted(st.name for st in group)): group[0].stats.summary() for group in shared.values()}
         try:
-            merged = distributed.merged_payload(distributed.exchange(distributed.statistics_payload(states),
-                                                                     self.group))
-        except RuntimeError:
-            for st in states:
+            sets = distributed.by_rank(distributed.exchange(held, self.group))
+            named = [name for names in sets for name in names]
+            if len(set(named)) != len(named):
+                raise RuntimeError("segquant_compile.calibrate(): the ranks' sites share statistics differently: "
+                                   "the ranks' models differ")
+            by_name = {st.name: st for st in states}
+            for names in sorted(sets):
+                stats = self._statistics_of(names, by_name)
+                try:
+                    stats.reduce_over(self.group, sets[names], self.shard.rank)
+                except Exception as e:   # a collective (a rank that died, the group's timeout) or a mismatch
+                    raise RuntimeError(f"segquant_compile.calibrate(): reducing the statistics of {names[0]} over "
+                                       f"the process group failed ({type(e).__name__}: {e}); no statistics were "
+                                       f"kept") from e
+                stats.with_ranges_on(by_name[names[0]].params.packed.device)
+        except BaseException:
+            for st, _ in self.touched.values():
                 st.discard_statistics()
             raise
-        known = {st.name for st in states}
-        if set(merged) - known:   # sites only other ranks' calls reached
+
+    def _statistics_of(self, names: tuple[str, ...], by_name: dict):
+        """The one statistics set the sites `names` share here; sites only other ranks' calls
+        reached join the calibration now (into `by_name` and the touched sites)."""
+        missing = [name for name in names if name not in by_name]
+        if missing:
             here = self.sites()
-            for name in sorted(set(merged) - known):
+            for name in missing:
                 if name not in here:
                     raise RuntimeError(f"segquant_compile.calibrate(): other ranks calibrated {name}, which "
                                        f"this rank's model does not have: the ranks' models differ")
                 st, bias = here[name]
                 st.number_calls(self.shard)
                 self.touched[id(st)] = (st, bias)
-        adopted: dict[int, object] = {}   # sites that shared statistics here share the merged ones
-        for st, _ in self.touched.values():
-            shared = adopted.get(id(st.stats))
-            if shared is not None:
-                st.use_statistics(shared)
-                continue
-            local = id(st.stats)
-            st.adopt_statistics(merged.get(st.name, []))
-            adopted[local] = st.stats
+                by_name[name] = st
+        first = by_name[names[0]]
+        for name in names[1:]:
+            if not by_name[name].share_statistics(first):
+                raise RuntimeError(f"segquant_compile.calibrate(): {name} holds statistics of its own here but "
+                                   f"shares {names[0]}'s on another rank: the ranks' models differ")
+        return first.stats
 
 
 def freeze(states_and_biases) -> None:

@@ -1,14 +1,19 @@
 """Data-parallel calibration over torch.distributed: each rank runs its share of the calibration
-inputs, and when the block ends the statistics of every site are gathered over the process group
-and merged in rank order, so every rank freezes the same parameters.
+inputs, and when the block ends the statistics of every site are reduced over the process group,
+so every rank freezes the same parameters.
 
 Calls are numbered across the group as if one process had made them all, interleaved: the k-th
 call of rank r is call k * world + r (input i of a list shared as `inputs[rank::world]`). The
-statistics use that number for the row sample and the even/odd split, so the merged statistics are
+statistics use that number for the row sample and the even/odd split, so the reduced statistics are
 those of one process calling every input in order (Hessians up to summation order).
 
-A rank whose block raises still takes part in the one exchange, sending its error instead of
-statistics: every rank then raises and keeps no statistics. A rank that never reaches the exchange
+The reduction is one small exchange of what each rank holds (`exchange`: counts, row priorities),
+then tensor collectives: ranges by all-reduce MAX, Hessians by SUM (`all_reduce_`, in buckets), and
+each row of the merged sample sent once, by the rank that holds it (`broadcast_bytes`). No rank
+ever holds another rank's whole statistics.
+
+A rank whose block raises still takes part in the first exchange, sending its error instead of
+what it holds: every rank then raises and keeps no statistics. A rank that never reaches the exchange
 makes the others fail on the group's timeout (`init_process_group(timeout=...)`), not hang."""
 from __future__ import annotations
 
@@ -109,22 +114,70 @@ def exchange(payload, group) -> list:
     return gathered
 
 
-def merged_payload(gathered: list) -> dict:
-    """{site name: [statistics of each rank that observed it, in rank order]}; raises if a rank failed."""
+def by_rank(gathered: list) -> dict:
+    """{key: [each rank's value for it, or None where a rank has none]} from every rank's {key: value};
+    raises if a rank failed."""
     failed = [p for p in gathered if isinstance(p, RankFailed)]
     if failed:
         raise RuntimeError("segquant_compile.calibrate(): " + "; ".join(
             f"rank {f.rank} raised inside the block ({f.error})" for f in failed) + "; no statistics were kept")
-    merged: dict[str, list] = {}
-    for payload in gathered:
-        for name, stats in payload.items():
-            merged.setdefault(name, []).append(stats)
-    return merged
+    out: dict = {}
+    for rank, payload in enumerate(gathered):
+        for key, value in payload.items():
+            out.setdefault(key, [None] * len(gathered))[rank] = value
+    return out
 
 
-def statistics_payload(states) -> dict:
-    """{state name: its statistics, on the CPU}: what this rank sends."""
-    return {st.name: st.stats.to_cpu() for st in states}
+BUCKET_BYTES = 64 << 20   # at most this much is flattened into one collective
+
+
+def collective_device(group):
+    """Where the group's collectives take their tensors: the current CUDA device under NCCL, else
+    the CPU (gloo)."""
+    import torch
+    import torch.distributed as dist
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(tensors: list, op, group) -> None:
+    """Reduce `tensors` (one dtype) in place over the group: flattened into buckets of up to
+    BUCKET_BYTES on the collective device, one all-reduce per bucket."""
+    import torch
+    import torch.distributed as dist
+    device = collective_device(group)
+    bucket: list = []
+
+    def flush():
+        flat = torch.cat([t.reshape(-1).to(device) for t in bucket])
+        dist.all_reduce(flat, op=op, group=group)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        bucket.clear()
+    size = 0
+    for t in tensors:
+        if bucket and size + t.numel() * t.element_size() > BUCKET_BYTES:
+            flush()
+            size = 0
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    if bucket:
+        flush()
+
+
+def broadcast_bytes(buffer, nbytes: int, src: int, group):
+    """`src`'s byte buffer ([nbytes] uint8; None on the other ranks, which know its size) on every
+    rank, on `src`'s buffer's device there and the collective device elsewhere."""
+    import torch
+    import torch.distributed as dist
+    device = collective_device(group)
+    mine = buffer is not None
+    sent = buffer.to(device) if mine else torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dist.broadcast(sent, group_src=src, group=group)
+    return buffer if mine else sent
 
 
 def check_names(states) -> None:

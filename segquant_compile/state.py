@@ -202,17 +202,6 @@ class QuantState:
         self.stats = other.stats
         return True
 
-    def use_statistics(self, stats: SiteStatistics) -> None:
-        """Statistics merged for another site that shared this one's (distributed.py)."""
-        self.stats = stats
-
-    def adopt_statistics(self, parts: list[SiteStatistics]) -> None:
-        """The statistics of every rank of a calibration group, merged in rank order."""
-        merged = SiteStatistics(self._spec(), self.stats.shard)
-        for part in parts:
-            merged.merge(part)
-        self.stats = merged.with_ranges_on(self.params.packed.device)
-
     def freeze(self, bias: Tensor | None) -> None:
         """A calibration's decisions from the statistics (`bias`: for the site's output SQNR)."""
         if self.stats.empty:

@@ -1,6 +1,8 @@
 """SiteStatistics: what calibration (or a dynamic site's first call) observes at one site. It only
-accumulates, and two of the same site merge into what one observer of both call sets would hold:
-nothing here decides a step (site_params.py does that, from a finished record).
+accumulates, and two of the same site merge into what one observer of both call sets would hold, in
+one process (`merge`) or over a process group (`reduce_over`: collectives, no rank receives
+another's whole statistics): nothing here decides a step (site_params.py does that, from a
+finished record).
 
 Every quantity is a function of (call number, rows) that merges exactly or up to summation order:
 - ranges: per-column positive and negative maxima, kept per call parity (even calls set
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from segquant_compile.config import Run
+from segquant_compile import distributed
 from segquant_compile.distributed import SINGLE, Shard
 from segquant_compile.lowering.conv import channel_ranges, im2col_rows
 from segquant_compile.lowering.gptq import segment_hessians
@@ -188,6 +191,10 @@ class HessianPanels:
         k = rows.shape[1]
         return cls([(rows[:, a:a + PANEL_ROWS].t() @ rows[:, a:]).to(device) for a in range(0, k, PANEL_ROWS)], k)
 
+    @classmethod
+    def zeros(cls, k: int, device) -> "HessianPanels":
+        return cls([torch.zeros(min(PANEL_ROWS, k - a), k - a, device=device) for a in range(0, k, PANEL_ROWS)], k)
+
     def add_rows_(self, rows: Tensor) -> None:
         """Add rows^T rows, panel by panel (one panel's product at a time beside the sum)."""
         for a, p in zip(range(0, self.k, PANEL_ROWS), self.panels):
@@ -240,6 +247,16 @@ class CodedRows:
         q = torch.round(g / torch.where(steps > 0, steps, 1.0)[..., None]).clamp_(-127, 127)
         return cls(q.to(torch.int8).view(n, -1), steps, k)
 
+    @classmethod
+    def empty(cls, n: int, k: int, device) -> "CodedRows":
+        groups = -(-k // CODE_GROUP)
+        return cls(torch.zeros(n, groups * CODE_GROUP, dtype=torch.int8, device=device),
+                   torch.zeros(n, groups, device=device), k)
+
+    def put(self, index: Tensor, rows: "CodedRows") -> None:
+        """Write `rows` at `index` (indices or a mask) of these."""
+        self.q[index], self.steps[index] = rows.q, rows.steps
+
     def decode(self) -> Tensor:
         n = len(self.q)
         return (self.q.view(n, -1, CODE_GROUP).float() * self.steps[..., None]).view(n, -1)[:, :self.k]
@@ -260,6 +277,90 @@ class CodedRows:
     @property
     def nbytes(self) -> int:
         return self.q.numel() + 4 * self.steps.numel()
+
+
+@dataclass(frozen=True, eq=False)
+class HeldSummary:
+    """What one holder of a site's statistics tells the others before any tensor moves: enough for
+    every holder to lay out the same collectives and choose the same merged row sample."""
+    spec: StatisticsSpec
+    parities: tuple[bool, bool]     # ranges held for even, odd calls
+    has_hessians: bool
+    row_dtype: torch.dtype | None   # of the exact kept rows; None where none is kept
+    priority: Tensor                # every kept row's: the exact rows', then the coded ones' (float64, CPU)
+    row_calls: Tensor
+    exact: int                      # how many kept rows are exact
+    rows_seen: int
+    calls: int
+
+
+_EMPTY_PRIORITY = torch.empty(0, dtype=torch.float64)
+_EMPTY_CALLS = torch.empty(0, dtype=torch.long)
+
+
+@dataclass(frozen=True, eq=False)
+class RowSample:
+    """The merged row sample of several holders: the rows_kept rows of smallest priority among all
+    they keep (ties in holder order), the first rows_exact of them exact, the rest coded. For each
+    row: its holder and its index among that holder's kept rows (exact, then coded)."""
+    priority: Tensor
+    row_calls: Tensor
+    owner: Tensor
+    local: Tensor
+    exact: int
+    row_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, summaries: list[HeldSummary | None], spec: StatisticsSpec, row_dtype: torch.dtype) -> "RowSample":
+        parts = [(i, s) for i, s in enumerate(summaries) if s is not None]
+        priority = torch.cat([_EMPTY_PRIORITY, *(s.priority for _, s in parts)])
+        calls = torch.cat([_EMPTY_CALLS, *(s.row_calls for _, s in parts)])
+        owner = torch.cat([_EMPTY_CALLS, *(torch.full((len(s.priority),), i) for i, s in parts)])
+        local = torch.cat([_EMPTY_CALLS, *(torch.arange(len(s.priority)) for _, s in parts)])
+        order = torch.sort(priority, stable=True).indices[:spec.rows_kept]
+        return cls(priority[order], calls[order], owner[order], local[order], min(spec.rows_exact, len(order)),
+                   row_dtype)
+
+    def taken_from(self, holder: int) -> tuple[Tensor, Tensor]:
+        """The holder's rows entering the sample exact, and coded: indices among its kept rows."""
+        exact, coded = self.owner[:self.exact] == holder, self.owner[self.exact:] == holder
+        return self.local[:self.exact][exact], self.local[self.exact:][coded]
+
+    def places_of(self, holder: int) -> tuple[Tensor, Tensor]:
+        """Where those rows go among the sample's exact, and coded, rows."""
+        return ((self.owner[:self.exact] == holder).nonzero().flatten(),
+                (self.owner[self.exact:] == holder).nonzero().flatten())
+
+
+@dataclass(frozen=True, eq=False)
+class RowParcel:
+    """One holder's rows entering a merged sample, in the sample's order: exact [n, K] in the kept
+    dtype, and coded. Sent between processes as one byte buffer."""
+    exact: Tensor
+    coded: CodedRows
+
+    @staticmethod
+    def empty(k: int, dtype: torch.dtype, device) -> "RowParcel":
+        return RowParcel(torch.empty(0, k, dtype=dtype, device=device), CodedRows.empty(0, k, device))
+
+    @staticmethod
+    def packed_bytes(n_exact: int, n_coded: int, k: int, dtype: torch.dtype) -> int:
+        return n_exact * k * dtype.itemsize + n_coded * CodedRows.row_bytes(k)
+
+    def pack(self) -> Tensor:
+        """[packed_bytes] uint8: the codes' steps, the exact rows, the codes (each part starts
+        aligned to its element size)."""
+        return torch.cat([t.contiguous().reshape(-1).view(torch.uint8)
+                          for t in (self.coded.steps, self.exact, self.coded.q)])
+
+    @staticmethod
+    def unpack(buffer: Tensor, n_exact: int, n_coded: int, k: int, dtype: torch.dtype) -> "RowParcel":
+        groups = -(-k // CODE_GROUP)
+        a, b = 4 * n_coded * groups, 4 * n_coded * groups + n_exact * k * dtype.itemsize
+        steps = buffer[:a].view(torch.float32).view(n_coded, groups)
+        exact = buffer[a:b].view(dtype).view(n_exact, k)
+        q = buffer[b:].view(torch.int8).view(n_coded, groups * CODE_GROUP)
+        return RowParcel(exact, CodedRows(q, steps, k))
 
 
 def _row_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -397,52 +498,122 @@ class SiteStatistics:
         self.row_calls = torch.cat([self.row_calls, candidate_calls[order][by_priority]])
 
     # ------------------------------------------------------------------ merging
-    def merge(self, other: "SiteStatistics") -> None:
-        """Add another observer's statistics of the same site (other calls, numbered globally):
-        ranges by maximum, Hessians and counts by sum, rows by their priorities."""
-        if other.spec != self.spec:
-            raise ValueError("SiteStatistics.merge: statistics of different sites or segmentations")
+    def summary(self) -> "HeldSummary":
+        """What this holder tells the others before any tensor moves (distributed.py)."""
         with self._lock:
-            # statistics made only by merging (another rank's) stay on the CPU
-            self._place(CPU, other.kept.dtype if other.kept is not None else torch.float32)
+            return HeldSummary(self.spec, tuple(p is not None for p in self.parity_max), self.hessians is not None,
+                               None if self.kept is None else self.kept.dtype,
+                               _EMPTY_PRIORITY if self._priority is None else self._priority.cpu(),
+                               _EMPTY_CALLS if self.row_calls is None else self.row_calls.cpu(),
+                               0 if self.kept is None else len(self.kept), self.rows_seen, self.calls)
+
+    def merge(self, other: "SiteStatistics") -> None:
+        """Add another observer's statistics of the same site in this process (other calls,
+        numbered globally): `reduce_over`'s arithmetic with the two holders at hand."""
+        summaries = [self.summary(), other.summary()]
+        sample = self._merged_layout(summaries)
+        with self._lock:
             for parity, held in enumerate(other.parity_max):
                 if held is not None:
                     if not self.empty:
                         held = tuple(t.to(self._device()) for t in held)
                     self._add_ranges(parity, *held)
             if other.hessians is not None:
-                if self.hessians is None:
-                    self.hessians = [HessianPanels([p.to(self.home, copy=True) for p in h.panels], h.k)
-                                     for h in other.hessians]
-                else:
-                    for total, h in zip(self.hessians, other.hessians):
-                        total.merge_(h)
-            if other.kept is not None:
-                n = len(other.kept)
-                self._keep(other.kept, other._priority[:n], other.row_calls[:n], other.coded,
-                           other._priority[n:], other.row_calls[n:])
+                for total, h in zip(self._hessians_to_reduce(), other.hessians):
+                    total.merge_(h)
+            self._take_rows(sample, [self._rows_for(sample, 0), other._rows_for(sample, 1)], summaries)
             self.rows_seen += other.rows_seen
             self.calls += other.calls
 
-    def __getstate__(self) -> dict:   # sent between ranks: no lock, no reservation of this process
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_reservation")}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._reservation = None
-        self._lock = threading.Lock()
-
-    def to_cpu(self) -> "SiteStatistics":
-        """A copy with everything on the CPU (what a rank sends: one copy per calibration)."""
-        out = SiteStatistics(self.spec, self.shard)
+    def reduce_over(self, group, summaries: list["HeldSummary | None"], rank: int) -> None:
+        """Make this holder the merged statistics of every rank of `group` (`summaries`: each rank's,
+        in rank order, None where a rank holds none; this rank's is `summaries[rank]`): ranges by
+        all-reduce MAX, Hessians by SUM, and the row sample of all ranks' rows, each row sent once by
+        the rank holding it. Every rank calls it for the same sets in the same order."""
+        import torch.distributed as dist
+        sample = self._merged_layout(summaries)
+        held = [s for s in summaries if s is not None]
         with self._lock:
-            out.parity_max = [None if p is None else (p[0].cpu(), p[1].cpu()) for p in self.parity_max]
-            out.kept = self.kept.cpu() if self.kept is not None else None
-            out.coded = self.coded.to(CPU) if self.coded is not None else None
-            out.row_calls, out._priority = self.row_calls, self._priority
-            out.hessians = [h.to(CPU) for h in self.hessians] if self.hessians is not None else None
-            out.rows_seen, out.calls, out.home = self.rows_seen, self.calls, CPU
-        return out
+            k = self.spec.k_bounds[-1]
+            ranges = []
+            for parity in (0, 1):
+                if any(s.parities[parity] for s in held):
+                    if self.parity_max[parity] is None:   # zeros: no clamped maximum is below them
+                        self.parity_max[parity] = (torch.zeros(k, device=self.home), torch.zeros(k, device=self.home))
+                    ranges += self.parity_max[parity]
+            distributed.all_reduce_(ranges, dist.ReduceOp.MAX, group)
+            if any(s.has_hessians for s in held):
+                distributed.all_reduce_([p for h in self._hessians_to_reduce() for p in h.panels],
+                                        dist.ReduceOp.SUM, group)
+            parcels = []
+            for src, summary in enumerate(summaries):
+                exact, coded = sample.taken_from(src)
+                if not len(exact) and not len(coded):
+                    parcels.append(RowParcel.empty(k, sample.row_dtype, self.home))
+                    continue
+                mine = self._rows_for(sample, src).pack() if src == rank else None
+                nbytes = RowParcel.packed_bytes(len(exact), len(coded), k, sample.row_dtype)
+                got = distributed.broadcast_bytes(mine, nbytes, src, group)
+                parcels.append(RowParcel.unpack(got.to(self.home), len(exact), len(coded), k, sample.row_dtype))
+            self._take_rows(sample, parcels, summaries)
+            self.rows_seen = sum(s.rows_seen for s in held)
+            self.calls = sum(s.calls for s in held)
+
+    def _merged_layout(self, summaries: list["HeldSummary | None"]) -> "RowSample":
+        """Check that every holder collected this site's statistics, place this one (statistics
+        made only by merging others' stay on the CPU), and choose the merged row sample."""
+        held = [s for s in summaries if s is not None]
+        if any(s.spec != self.spec for s in held):
+            raise ValueError("SiteStatistics.merge: statistics of different sites or segmentations")
+        dtypes = {s.row_dtype for s in held if s.row_dtype is not None}
+        if len(dtypes) > 1:
+            raise ValueError(f"SiteStatistics.merge: rows kept in different dtypes {sorted(map(str, dtypes))}")
+        row_dtype = dtypes.pop() if dtypes else torch.float32
+        with self._lock:
+            self._place(CPU, row_dtype)
+        return RowSample.of(summaries, self.spec, row_dtype)
+
+    def _hessians_to_reduce(self) -> list[HessianPanels]:
+        """The Hessian sums to add others' into: zeros where this holder summed none."""
+        if self.hessians is None:
+            kb = self.spec.k_bounds
+            self.hessians = [HessianPanels.zeros(b - a, self.home) for a, b in zip(kb[:-1], kb[1:])]
+        return self.hessians
+
+    def _rows_for(self, sample: "RowSample", holder: int) -> "RowParcel":
+        """This holder's rows entering `sample`, in its order: the exact ones, then the coded ones
+        (a row held exact here that the sample codes is coded from its exact values, as any holder
+        would code it)."""
+        exact, coded = sample.taken_from(holder)
+        n = 0 if self.kept is None else len(self.kept)
+        if len(exact) and int(exact.max()) >= n:
+            raise AssertionError("SiteStatistics: a coded row ranks among the exact ones")
+        k = self.spec.k_bounds[-1]
+        rows = self.kept[exact.to(self.home)] if len(exact) else torch.empty(0, k, dtype=sample.row_dtype,
+                                                                                 device=self.home)
+        codes = CodedRows.empty(len(coded), k, self.home)
+        here = coded < n
+        if here.any():
+            codes.put(here, CodedRows.encode(self.kept[coded[here].to(self.home)].float()))
+        if (~here).any():
+            codes.put(~here, self.coded[(coded[~here] - n).to(self.home)])
+        return RowParcel(rows, codes)
+
+    def _take_rows(self, sample: "RowSample", parcels: list["RowParcel"], summaries) -> None:
+        """Hold `sample`'s rows, put together from every holder's parcel."""
+        if not len(sample.priority):
+            return
+        k = self.spec.k_bounds[-1]
+        kept = torch.empty(sample.exact, k, dtype=sample.row_dtype, device=self.home)
+        coded = CodedRows.empty(len(sample.priority) - sample.exact, k, self.home)
+        for holder, parcel in enumerate(parcels):
+            exact_at, coded_at = sample.places_of(holder)
+            kept[exact_at.to(self.home)] = parcel.exact
+            if len(parcel.coded):
+                coded.put(coded_at.to(self.home), parcel.coded)
+        self.kept = kept if sample.exact else None
+        self.coded = coded if len(coded) else None
+        self._priority, self.row_calls = sample.priority, sample.row_calls
 
     def with_ranges_on(self, device) -> "SiteStatistics":
         """This object with its ranges on `device` (where the steps are computed); rows and

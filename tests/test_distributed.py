@@ -39,13 +39,42 @@ def test_both_ranks_freeze_the_parameters_of_one_process_calibrating_everything(
     (one,), two = runs
     assert all("error" not in r for r in (one, *two))
     for rank in two:
-        assert rank["params"].keys() == one["params"].keys() and len(one["params"]) == 2
+        assert rank["params"].keys() == one["params"].keys() and len(one["params"]) == 3
         for name, params in one["params"].items():
             for field, value in params.items():
                 got = rank["params"][name][field]
                 same = torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
                 assert same, (name, field)
         torch.testing.assert_close(rank["output"], one["output"], rtol=1e-6, atol=0)
+
+
+def test_the_group_reduces_the_statistics_of_one_process_calibrating_everything(runs):
+    """What every rank freezes from, after the reduction: the same ranges, the same kept rows (exact
+    and coded, in priority order: bottom-k over both ranks' rows), the same counts and sharing as one
+    process observing all 8 calls; Hessians equal up to summation order (fp32 sums of the two
+    ranks' halves)."""
+    (one,), two = runs
+    stats = one["statistics"]
+    assert stats["a"]["shares_with"] == ["a", "c"] and stats["a"]["hessians"] is not None
+    assert stats["b"]["coded_q"] is not None and stats["b"]["hessians"] is None
+    assert len(stats["a"]["kept"]) < 8 * 300 and len(stats["b"]["kept"]) + len(stats["b"]["coded_q"]) < 8 * 300
+    for rank in two:
+        assert rank["statistics"].keys() == stats.keys()
+        for name, want in stats.items():
+            got = rank["statistics"][name]
+            for field in ("ranges", "kept", "coded_q", "coded_steps", "row_calls", "counts", "shares_with"):
+                a, b = want[field], got[field]
+                if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+                    assert all(torch.equal(x, y) for x, y in zip(a, b)), (name, field)
+                elif isinstance(a, torch.Tensor):
+                    assert torch.equal(a, b), (name, field)
+                else:
+                    assert a == b, (name, field)
+            for x, y in zip(want["hessians"] or [], got["hessians"] or []):
+                torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-3)
+    for name in stats:   # every rank holds the same bits
+        for x, y in zip(two[0]["statistics"][name]["hessians"] or [], two[1]["statistics"][name]["hessians"] or []):
+            assert torch.equal(x, y)
 
 
 def test_rank_0_saves_once_and_the_save_loads_anywhere(runs):

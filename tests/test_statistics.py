@@ -197,16 +197,21 @@ def test_statistics_stay_on_the_device_within_the_budget_and_release_it():
     assert d.home == CPU and DEVICE_BUDGET.used(device) == base
 
 
-def test_cpu_statistics_send_as_a_cpu_copy_and_merge():
-    spec = StatisticsSpec((0, 16), 64, True)
-    a = SiteStatistics(spec)
-    for i, x in enumerate(_calls(3, 20, 16)):
-        a.observe(x, call=i)
-    sent = a.to_cpu()
-    assert sent.home.type == "cpu" and torch.equal(sent.rows, a.rows)
-    b = SiteStatistics(spec)
-    b.merge(sent)
-    assert torch.equal(b.hessians[0].full(), a.hessians[0].full()) and b.rows_seen == 60
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_holders_rows_travel_as_one_byte_buffer_bit_for_bit(dtype):
+    """What a rank sends of its rows (statistics.RowParcel): exact rows in the kept dtype and coded
+    rows, packed into one uint8 buffer of the size every rank computes, unpacked bit for bit (an
+    odd count of 16-bit values before the codes' steps would misalign them: steps go first)."""
+    from segquant_compile.statistics import CodedRows, RowParcel
+    g = torch.Generator().manual_seed(0)
+    exact, coded = torch.randn(3, 131, generator=g).to(dtype), CodedRows.encode(torch.randn(5, 131, generator=g))
+    buffer = RowParcel(exact, coded).pack()
+    assert buffer.dtype == torch.uint8 and len(buffer) == RowParcel.packed_bytes(3, 5, 131, dtype)
+    back = RowParcel.unpack(buffer.clone(), 3, 5, 131, dtype)
+    assert torch.equal(back.exact, exact) and torch.equal(back.coded.q, coded.q)
+    assert torch.equal(back.coded.steps, coded.steps)
+    none = RowParcel.unpack(RowParcel.empty(131, dtype, "cpu").pack(), 0, 0, 131, dtype)
+    assert none.exact.shape == (0, 131) and len(none.coded) == 0
 
 
 def test_a_frozen_calibration_holds_no_statistics():
@@ -293,7 +298,7 @@ def test_gptq_rows_beyond_the_sample_are_coded_and_halves_still_merge_bit_for_bi
         whole.observe(x, call=i)
         (even if i % 2 == 0 else odd).observe(x, call=i)
     assert even.coded is not None and odd.coded is not None   # each half coded rows of its own
-    odd.merge(even.to_cpu())
+    odd.merge(even)
     expected = _all_rows_by_priority(calls)[:64]
     for s in (whole, odd):
         assert torch.equal(s.rows, expected[:16]) and s.rows_held == 64 and len(s.coded) == 48
