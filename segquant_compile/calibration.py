@@ -136,21 +136,34 @@ class Session:
                     if rank == self.shard.rank:
                         mine.append((st, bias))
                 freeze(mine)
-            payload = {st.name: st.params.to("cpu") for st, _ in mine}
+            payload = {st.name: distributed.record_skeleton(st.params)[0] for st, _ in mine}
         except Exception as e:
             payload = distributed.RankFailed(self.shard.rank, f"{type(e).__name__}: {e}")
         try:
-            records = distributed.by_rank(distributed.exchange(payload, self.group))
-        except RuntimeError:
+            skeletons = distributed.by_rank(distributed.exchange(payload, self.group))
+            by_name = {st.name: st for st, _ in pairs}
+            if set(skeletons) != set(by_name):
+                raise RuntimeError(f"segquant_compile.calibrate(): the ranks froze other sites than this rank "
+                                   f"calibrated ({sorted(set(skeletons) ^ set(by_name))[:3]}): the ranks' models differ")
+            self._take_records(skeletons, {st.name: st for st, _ in mine}, by_name)
+        finally:
             for st, _ in pairs:
                 st.discard_statistics()
-            raise
-        frozen_here = {id(st) for st, _ in mine}
-        for st, _ in pairs:
-            if id(st) not in frozen_here:
-                st.adopt_frozen(next(r for r in records[st.name] if r is not None))
-        for st, _ in pairs:
-            st.discard_statistics()
+
+    def _take_records(self, skeletons: dict, frozen_here: dict, by_name: dict) -> None:
+        """Each site's record broadcast by the rank that froze it, site by site in name order: its
+        tensors as one byte buffer (on the GPU under NCCL), the rest from its skeleton."""
+        for name in sorted(skeletons):
+            src = next(r for r, s in enumerate(skeletons[name]) if s is not None)
+            skeleton = skeletons[name][src]
+            sent = distributed.record_skeleton(frozen_here[name].params)[1] if name in frozen_here else None
+            try:
+                tensors = distributed.broadcast_tensors(sent, distributed.record_specs(skeleton), src, self.group)
+            except Exception as e:   # a rank that died, or the group's timeout
+                raise RuntimeError(f"segquant_compile.calibrate(): taking {name}'s frozen record from rank {src} "
+                                   f"failed ({type(e).__name__}: {e})") from e
+            if name not in frozen_here:
+                by_name[name].adopt_frozen(distributed.fill_record(skeleton, tensors))
 
     def _merge_over_group(self) -> None:
         """Every rank's statistics of every site reduced over the group into each state here: one

@@ -17,7 +17,13 @@ what it holds: every rank then raises and keeps no statistics. A rank that never
 makes the others fail on the group's timeout (`init_process_group(timeout=...)`), not hang."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,6 @@ SINGLE = Shard()
 def calibration_group(group=None):
     """The process group calibration merges over: `group` if given, else the default group when
     torch.distributed is initialised with more than one process; None otherwise."""
-    import torch.distributed as dist
     if group is not None:
         return group
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -48,9 +53,6 @@ def init_from_env() -> None:
     """Under torchrun (WORLD_SIZE > 1 in the environment) with no process group yet: initialise
     the default one (NCCL with CUDA, else gloo)."""
     import os
-
-    import torch
-    import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
@@ -58,7 +60,6 @@ def init_from_env() -> None:
 def shard_of(group) -> Shard:
     if group is None:
         return SINGLE
-    import torch.distributed as dist
     return Shard(dist.get_rank(group), dist.get_world_size(group))
 
 
@@ -85,7 +86,6 @@ class WorkQueue:
     def store_of(group):
         """The default group's store where `group` is that group, else None (the caller then
         splits the items in advance). The store's accessor is internal to torch: feature-tested."""
-        import torch.distributed as dist
         if group is not dist.group.WORLD:
             return None
         try:
@@ -104,7 +104,6 @@ class RankFailed:
 
 def exchange(payload, group) -> list:
     """Every rank's payload, in rank order (one all_gather_object on the group)."""
-    import torch.distributed as dist
     gathered = [None] * dist.get_world_size(group)
     try:
         dist.all_gather_object(gathered, payload, group=group)
@@ -134,8 +133,6 @@ BUCKET_BYTES = 64 << 20   # at most this much is flattened into one collective
 def collective_device(group):
     """Where the group's collectives take their tensors: the current CUDA device under NCCL, else
     the CPU (gloo)."""
-    import torch
-    import torch.distributed as dist
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -144,8 +141,6 @@ def collective_device(group):
 def all_reduce_(tensors: list, op, group) -> None:
     """Reduce `tensors` (one dtype) in place over the group: flattened into buckets of up to
     BUCKET_BYTES on the collective device, one all-reduce per bucket."""
-    import torch
-    import torch.distributed as dist
     device = collective_device(group)
     bucket: list = []
 
@@ -168,16 +163,91 @@ def all_reduce_(tensors: list, op, group) -> None:
         flush()
 
 
-def broadcast_bytes(buffer, nbytes: int, src: int, group):
-    """`src`'s byte buffer ([nbytes] uint8; None on the other ranks, which know its size) on every
-    rank, on `src`'s buffer's device there and the collective device elsewhere."""
-    import torch
-    import torch.distributed as dist
+def broadcast_tensors(tensors: list[Tensor] | None, specs: list["TensorSpec"], src: int, group) -> list[Tensor]:
+    """`src`'s tensors (None on the other ranks, which know their `specs`) on every rank, as one
+    byte buffer (`pack`): one collective, whatever their dtypes. The receivers' tensors are on the
+    collective device."""
     device = collective_device(group)
-    mine = buffer is not None
-    sent = buffer.to(device) if mine else torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dist.broadcast(sent, group_src=src, group=group)
-    return buffer if mine else sent
+    if tensors is not None:
+        dist.broadcast(pack(tensors).to(device), group_src=src, group=group)
+        return tensors
+    buffer = torch.empty(sum(s.nbytes for s in specs), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, group_src=src, group=group)
+    return unpack(buffer, specs)
+
+
+ALIGN = 8   # each packed tensor starts at a multiple of this many bytes: its dtype's view needs it
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a receiver needs to rebuild a tensor from bytes."""
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: Tensor) -> "TensorSpec":
+        return cls(tuple(t.shape), tuple(t.stride()), t.dtype)
+
+    @classmethod
+    def dense(cls, shape: tuple[int, ...], dtype: torch.dtype) -> "TensorSpec":
+        return cls(tuple(shape), torch.empty(shape, device="meta").stride(), dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return -(-math.prod(self.shape) * self.dtype.itemsize // ALIGN) * ALIGN
+
+
+def pack(tensors: list[Tensor]) -> Tensor:
+    """The tensors' values as one uint8 buffer, each part padded to ALIGN bytes."""
+    parts = []
+    for t in tensors:
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        parts += [raw, raw.new_zeros(TensorSpec.of(t).nbytes - len(raw))]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+def unpack(buffer: Tensor, specs: list[TensorSpec]) -> list[Tensor]:
+    """`pack`'s tensors back, with their strides: each its own storage (views of one buffer as
+    several dtypes could be neither saved nor freed apart)."""
+    out, offset = [], 0
+    for s in specs:
+        n = math.prod(s.shape) * s.dtype.itemsize
+        t = buffer[offset:offset + n].view(s.dtype).view(s.shape)
+        stride = s.stride if _dense(s.shape, s.stride) else t.stride()   # an expanded tensor comes materialized
+        out.append(torch.empty_strided(s.shape, stride, dtype=s.dtype, device=buffer.device).copy_(t))
+        offset += s.nbytes
+    return out
+
+
+def _dense(shape, stride) -> bool:
+    """Do these strides lay the elements out one after another in some order of the dimensions?"""
+    expected = 1
+    for size, step in sorted(zip(shape, stride), key=lambda d: d[1]):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def record_skeleton(record) -> tuple[object, list[Tensor]]:
+    """A dataclass record with its tensor fields replaced by their TensorSpecs (what the ranks
+    exchange as objects), and those tensors in field order (what is broadcast as bytes)."""
+    tensors = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
+               if isinstance(getattr(record, f.name), Tensor)}
+    return dataclasses.replace(record, **{k: TensorSpec.of(t) for k, t in tensors.items()}), list(tensors.values())
+
+
+def record_specs(skeleton) -> list[TensorSpec]:
+    return [getattr(skeleton, f.name) for f in dataclasses.fields(skeleton)
+            if isinstance(getattr(skeleton, f.name), TensorSpec)]
+
+
+def fill_record(skeleton, tensors: list[Tensor]):
+    """The record a skeleton stands for, with its tensors (in field order)."""
+    names = [f.name for f in dataclasses.fields(skeleton) if isinstance(getattr(skeleton, f.name), TensorSpec)]
+    return dataclasses.replace(skeleton, **dict(zip(names, tensors)))
 
 
 def check_names(states) -> None:

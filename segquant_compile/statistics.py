@@ -37,7 +37,7 @@ from torch import Tensor
 
 from segquant_compile.config import Run
 from segquant_compile import distributed
-from segquant_compile.distributed import SINGLE, Shard
+from segquant_compile.distributed import SINGLE, Shard, TensorSpec
 from segquant_compile.lowering.conv import channel_ranges, im2col_rows
 from segquant_compile.lowering.gptq import segment_hessians
 from segquant_compile.lowering.site_lowering import ConvGeometry
@@ -335,7 +335,7 @@ class RowSample:
 @dataclass(frozen=True, eq=False)
 class RowParcel:
     """One holder's rows entering a merged sample, in the sample's order: exact [n, K] in the kept
-    dtype, and coded. Sent between processes as one byte buffer."""
+    dtype, and coded. Sent between processes as one byte buffer (distributed.broadcast_tensors)."""
     exact: Tensor
     coded: CodedRows
 
@@ -344,23 +344,18 @@ class RowParcel:
         return RowParcel(torch.empty(0, k, dtype=dtype, device=device), CodedRows.empty(0, k, device))
 
     @staticmethod
-    def packed_bytes(n_exact: int, n_coded: int, k: int, dtype: torch.dtype) -> int:
-        return n_exact * k * dtype.itemsize + n_coded * CodedRows.row_bytes(k)
+    def specs(n_exact: int, n_coded: int, k: int, dtype: torch.dtype) -> list[TensorSpec]:
+        """What a receiver knows of a parcel before it comes: its tensors' shapes and dtypes."""
+        groups = -(-k // CODE_GROUP)
+        return [TensorSpec.dense((n_exact, k), dtype), TensorSpec.dense((n_coded, groups * CODE_GROUP), torch.int8),
+                TensorSpec.dense((n_coded, groups), torch.float32)]
 
-    def pack(self) -> Tensor:
-        """[packed_bytes] uint8: the codes' steps, the exact rows, the codes (each part starts
-        aligned to its element size)."""
-        return torch.cat([t.contiguous().reshape(-1).view(torch.uint8)
-                          for t in (self.coded.steps, self.exact, self.coded.q)])
+    def tensors(self) -> list[Tensor]:
+        return [self.exact, self.coded.q, self.coded.steps]
 
     @staticmethod
-    def unpack(buffer: Tensor, n_exact: int, n_coded: int, k: int, dtype: torch.dtype) -> "RowParcel":
-        groups = -(-k // CODE_GROUP)
-        a, b = 4 * n_coded * groups, 4 * n_coded * groups + n_exact * k * dtype.itemsize
-        steps = buffer[:a].view(torch.float32).view(n_coded, groups)
-        exact = buffer[a:b].view(dtype).view(n_exact, k)
-        q = buffer[b:].view(torch.int8).view(n_coded, groups * CODE_GROUP)
-        return RowParcel(exact, CodedRows(q, steps, k))
+    def of_tensors(tensors: list[Tensor], k: int) -> "RowParcel":
+        return RowParcel(tensors[0], CodedRows(tensors[1], tensors[2], k))
 
 
 def _row_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -551,10 +546,10 @@ class SiteStatistics:
                 if not len(exact) and not len(coded):
                     parcels.append(RowParcel.empty(k, sample.row_dtype, self.home))
                     continue
-                mine = self._rows_for(sample, src).pack() if src == rank else None
-                nbytes = RowParcel.packed_bytes(len(exact), len(coded), k, sample.row_dtype)
-                got = distributed.broadcast_bytes(mine, nbytes, src, group)
-                parcels.append(RowParcel.unpack(got.to(self.home), len(exact), len(coded), k, sample.row_dtype))
+                mine = self._rows_for(sample, src).tensors() if src == rank else None
+                got = distributed.broadcast_tensors(mine, RowParcel.specs(len(exact), len(coded), k, sample.row_dtype),
+                                                    src, group)
+                parcels.append(RowParcel.of_tensors([t.to(self.home) for t in got], k))
             self._take_rows(sample, parcels, summaries)
             self.rows_seen = sum(s.rows_seen for s in held)
             self.calls = sum(s.calls for s in held)

@@ -200,18 +200,40 @@ def test_statistics_stay_on_the_device_within_the_budget_and_release_it():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_holders_rows_travel_as_one_byte_buffer_bit_for_bit(dtype):
     """What a rank sends of its rows (statistics.RowParcel): exact rows in the kept dtype and coded
-    rows, packed into one uint8 buffer of the size every rank computes, unpacked bit for bit (an
-    odd count of 16-bit values before the codes' steps would misalign them: steps go first)."""
+    rows, packed into one uint8 buffer of the size every rank computes from the specs, unpacked bit
+    for bit (an odd count of 16-bit values before the codes' fp32 steps must not misalign them)."""
+    from segquant_compile.distributed import pack, unpack
     from segquant_compile.statistics import CodedRows, RowParcel
     g = torch.Generator().manual_seed(0)
     exact, coded = torch.randn(3, 131, generator=g).to(dtype), CodedRows.encode(torch.randn(5, 131, generator=g))
-    buffer = RowParcel(exact, coded).pack()
-    assert buffer.dtype == torch.uint8 and len(buffer) == RowParcel.packed_bytes(3, 5, 131, dtype)
-    back = RowParcel.unpack(buffer.clone(), 3, 5, 131, dtype)
+    specs = RowParcel.specs(3, 5, 131, dtype)
+    buffer = pack(RowParcel(exact, coded).tensors())
+    assert buffer.dtype == torch.uint8 and len(buffer) == sum(s.nbytes for s in specs) >= 3 * 131 * dtype.itemsize
+    back = RowParcel.of_tensors(unpack(buffer.clone(), specs), 131)
     assert torch.equal(back.exact, exact) and torch.equal(back.coded.q, coded.q)
     assert torch.equal(back.coded.steps, coded.steps)
-    none = RowParcel.unpack(RowParcel.empty(131, dtype, "cpu").pack(), 0, 0, 131, dtype)
+    empty = RowParcel.empty(131, dtype, "cpu")
+    none = RowParcel.of_tensors(unpack(pack(empty.tensors()), RowParcel.specs(0, 0, 131, dtype)), 131)
     assert none.exact.shape == (0, 131) and len(none.coded) == 0
+
+
+def test_a_record_travels_as_a_skeleton_and_bytes_with_its_strides():
+    """A frozen record between ranks (distributed.record_skeleton): its non-tensor fields in the
+    skeleton, its tensors as one byte buffer; rebuilt equal, strides included (a packed weight's
+    layout is kept)."""
+    from segquant_compile import distributed
+    from segquant_compile.site_params import SiteParams
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8).t()   # a transposed layout
+    record = SiteParams(packed, torch.rand(1, 24, generator=g), None, alpha=0.5, chosen=("dual",),
+                        d_pos=torch.rand(1, 3, generator=g, dtype=torch.float64), sqnr=31.5)
+    skeleton, tensors = distributed.record_skeleton(record)
+    assert not any(isinstance(v, torch.Tensor) for v in vars(skeleton).values())
+    back = distributed.fill_record(skeleton, distributed.unpack(distributed.pack(tensors),
+                                                                distributed.record_specs(skeleton)))
+    assert back.packed.stride() == packed.stride() and torch.equal(back.packed, packed)
+    assert torch.equal(back.d_w, record.d_w) and torch.equal(back.d_pos, record.d_pos)
+    assert (back.alpha, back.chosen, back.sqnr, back.colsum, back.zp) == (0.5, ("dual",), 31.5, None, None)
 
 
 def test_a_frozen_calibration_holds_no_statistics():
