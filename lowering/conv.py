@@ -25,7 +25,6 @@ from torch import Tensor
 
 from . import quantize as Q
 from . import shape_generic
-from .cpu_linear import cpu_gemm
 from .ops import EXACT_FP32_K, LIB, _int_mm, combine_segments, cpu_int8_gemm, gemm_reference
 from .site_lowering import ConvGeometry
 
@@ -290,7 +289,7 @@ def _quantized(x, w, d_w, bias, d_pos, d_neg, zp, smooth, colsum, k_bounds, sche
         x = x / smooth[::conv.taps].view(1, -1, 1, 1)
     if d_pos is None:
         if x.device.type == "cpu":   # one op node per site: the graph's code does not grow per conv site
-            return torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, colsum)
+            return torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype)
         d_pos, d_neg, zp = input_pixel_steps(x, conv, k_bounds, schemes, fmt)
         # channels-last: the kernel's tile of one tap reads each pixel's channels as one vector
         q = quantize_channels(x, conv, k_bounds, schemes, d_pos, d_neg, zp, fmt).contiguous(
@@ -319,24 +318,23 @@ def _dequantized_input(xs: Tensor, scheme: int) -> Tensor:
 
 @torch.library.custom_op(f"{LIB}::conv2d_dynamic", mutates_args=())
 def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | None, k_bounds: list[int],
-                   schemes: list[int], geometry: list[int], out_dtype: torch.dtype,
-                   colsum: Tensor | None = None) -> Tensor:
+                   schemes: list[int], geometry: list[int], out_dtype: torch.dtype) -> Tensor:
     """conv2d of a float input with dynamic steps per input pixel and segment, on the CPU, in the
-    CPU's GEMM form (cpu_linear.cpu_gemm): "fp32" (no fast int8 dot here; `w` the dequantized
-    weight [K, N] and d_w None, or packed), the input quantized and dequantized in one pass,
-    then one float convolution with the dequantized weight: the same grid, fp32 summation;
-    "int8", the conv2d op on the quantized input (exact integer sums per (tap, segment)). One op
-    per site, so a compiled model's generated code does not grow with its conv sites. Returns
-    channels-last memory, as the conv2d op."""
+    CPU's GEMM form (cpu_linear.cpu_gemm), which `w` gives: "fp32" (`w` the dequantized weight
+    [K, N], d_w None: no fast int8 dot here), the input quantized and dequantized in one pass,
+    then one float convolution: the same grid, fp32 summation; "int8" (`w` packed, d_w its
+    steps), the conv2d op on the quantized input (exact integer sums per (tap, segment); zero
+    points' column sums made per pixel inside). One op per site, so a compiled model's generated
+    code does not grow with its conv sites. Returns channels-last memory, as the conv2d op."""
     g = ConvGeometry.from_list(geometry)
-    if w.is_floating_point() or cpu_gemm() == "fp32":
+    if w.is_floating_point():
         cb = g.channel_bounds(k_bounds)
         xf = x.float()
         # one pass per segment (shape_generic.py): quantize and dequantize
         parts = [shape_generic.run(_dequantized_input, xf[:, c0:c1], scheme)
                  for c0, c1, scheme in zip(cb[:-1], cb[1:], schemes)]
         xq = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).contiguous(memory_format=torch.channels_last)
-        weight = conv_weight(w.float() if d_w is None else w.float() * d_w.float(), g)
+        weight = conv_weight(w.float(), g)
         weight = weight.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(xq, weight, bias.float() if bias is not None else None, g.stride, g.padding)
         return y.to(out_dtype).contiguous(memory_format=torch.channels_last)
@@ -347,7 +345,7 @@ def conv2d_dynamic(x: Tensor, w: Tensor, d_w: Tensor | None, bias: Tensor | None
 
 
 @conv2d_dynamic.register_fake
-def _(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype, colsum=None):
+def _(x, w, d_w, bias, k_bounds, schemes, geometry, out_dtype):
     g = ConvGeometry.from_list(geometry)
     torch._check(x.dim() == 4 and x.shape[1] == g.in_channels, lambda: f"segquant::conv2d_dynamic: input {x.shape}")
     ho, wo = g.output_size(x.shape[2], x.shape[3])

@@ -19,7 +19,10 @@ def extra_fields(lowering: SiteLowering) -> tuple[str, ...]:
     if lowering.cpu_gemm == "fp32":   # one fp32 GEMM on the dequantized weight (cpu_linear.py)
         weight = ("dequantized",)
     else:
-        weight = ("packed", "d_w") + (("colsum",) if lowering.asymmetric and not lowering.weight_only else ())
+        # zero-point corrections from the weight's column sums; a dynamic conv's depend on which
+        # pixels are padding, so its op makes them (lowering/conv.py pixel_column_sums)
+        colsum = lowering.asymmetric and not lowering.weight_only and (lowering.conv is None or lowering.static)
+        weight = ("packed", "d_w") + (("colsum",) if colsum else ())
     return weight + \
         (("d_pos", "d_neg") if lowering.static else ()) + (("zp",) if lowering.static and lowering.asymmetric else ()) + \
         (("smooth",) if lowering.smooth is not None else ()) + (("l1", "l2") if lowering.low_rank else ())

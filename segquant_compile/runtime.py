@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from segquant_compile import calibration, registry
+from segquant_compile import calibration, inductor_cache, registry
 from segquant_compile.compiled import compiled_root_on_stack, full_site_names
 from segquant_compile.config import QuantConfig
 from segquant_compile.lowering.site_lowering import KeptFloat
@@ -261,6 +261,7 @@ class GraphRunner:
         from torch._guards import TracingContext, tracing
         from torch._inductor.compile_fx import compile_fx
         patches = torch._inductor.list_mode_options(self.config.mode) if self.config.mode != "default" else {}
+        patches = {**patches, **inductor_cache.config_patches()}
         later = TracingContext.try_get() is None
         try:
             with tracing(self._tracing) if later else contextlib.nullcontext(), torch.no_grad():

@@ -151,11 +151,9 @@ def test_nonfinite_input_pixels_give_nonfinite_outputs(schemes):
     bad = F.max_pool2d((~torch.isfinite(x)).any(dim=1, keepdim=True).float(), 3, 1, 1).bool().expand(-1, 12, -1, -1)
     outs = [C.conv2d_reference(q, d, dn, w, d_w, bias, kb, schemes, geo, torch.float32, zp),
             _launch(q, d, dn, w, d_w, bias, kb, schemes, geo, torch.float32, zp)]
-    for form in ("int8", "fp32"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SEGQUANT_CPU_GEMM", form)
-            outs.append(torch.ops.segquant.conv2d_dynamic(x, w.contiguous(), d_w, bias, kb, schemes, geo.as_list(),
-                                                          torch.float32))
+    for weight, steps in ((w.contiguous(), d_w), (w.float() * d_w, None)):   # the int8 and fp32 CPU forms
+        outs.append(torch.ops.segquant.conv2d_dynamic(x, weight, steps, bias, kb, schemes, geo.as_list(),
+                                                      torch.float32))
     for y in outs:
         assert torch.equal(~torch.isfinite(y), bad)
 
@@ -203,18 +201,17 @@ def test_direct_cpu_path_is_the_im2col_path_bit_for_bit(geometry, schemes):
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("schemes", [(0, 0), (1, 1), (2, 2), (1, 2)])
 @pytest.mark.parametrize("geometry", GEOMETRIES[:3])
-def test_cpu_dynamic_conv_op_is_the_conv2d_op_bit_for_bit(geometry, schemes, compiled, monkeypatch):
+def test_cpu_dynamic_conv_op_is_the_conv2d_op_bit_for_bit(geometry, schemes, compiled):
     """A dynamic conv site on the CPU is one conv2d_dynamic op. In the "int8" CPU form it is bit
     for bit the conv2d op on the input quantized with input_pixel_steps' steps, called eagerly and
-    from a compiled graph (the site is one op node there)."""
-    monkeypatch.setenv("SEGQUANT_CPU_GEMM", "int8")   # the integer form (fp32: the next test)
+    from a compiled graph (the site is one op node there). The packed weight gives the form
+    (fp32: the next test); the zero points' column sums are made per pixel inside the op."""
     x, geo, kb, w, d_w, bias = problem((3, 2), geometry, schemes, layout="n-major")
-    colsum = column_sums(w, kb) if 2 in schemes else None
     d, dn, zp = C.input_pixel_steps(x, geo, kb, list(schemes))
     q = C.quantize_channels(x, geo, kb, list(schemes), d, dn, zp)
     zp = zp if 2 in schemes else None
     op = torch.ops.segquant.conv2d(q, d, dn, w, d_w, bias, kb, list(schemes), geo.as_list(), x.dtype, zp)
-    site = lambda x: C.quantized_conv2d(x, w, d_w, bias, None, None, None, None, colsum, kb,   # noqa: E731
+    site = lambda x: C.quantized_conv2d(x, w, d_w, bias, None, None, None, None, None, kb,   # noqa: E731
                                         list(schemes), conv=geo)
     assert torch.equal(site(x), op) and site(x).stride() == op.stride()
     if compiled:
@@ -231,15 +228,16 @@ def test_cpu_dynamic_conv_fp32_form_is_the_same_grid_summed_in_fp32(geometry, sc
     """In the "fp32" CPU form (no fast int8 dot) the op convolves the input's grid values times
     their steps (quantized and dequantized in one pass, by one shape-generic compiled kernel for
     large inputs, eagerly for small ones) with the dequantized weight: the conv2d op's output up
-    to fp32 summation order, in the same channels-last memory."""
+    to fp32 summation order, in the same channels-last memory. The dequantized weight gives the
+    form."""
     monkeypatch.setattr(shape_generic, "COMPILED_MIN", 0 if compiled else 1 << 40)
-    monkeypatch.setenv("SEGQUANT_CPU_GEMM", "fp32")
     x, geo, kb, w, d_w, bias = problem((3, 2), geometry, schemes, layout="n-major")
     d, dn, zp = C.input_pixel_steps(x, geo, kb, list(schemes))
     q = C.quantize_channels(x, geo, kb, list(schemes), d, dn, zp)
     zp = zp if 2 in schemes else None
     op = torch.ops.segquant.conv2d(q, d, dn, w, d_w, bias, kb, list(schemes), geo.as_list(), x.dtype, zp)
-    got = torch.ops.segquant.conv2d_dynamic(x, w, d_w, bias, kb, list(schemes), geo.as_list(), x.dtype)
+    got = torch.ops.segquant.conv2d_dynamic(x, w.float() * d_w, None, bias, kb, list(schemes), geo.as_list(),
+                                            x.dtype)
     assert got.shape == op.shape and got.stride() == op.stride()
     torch.testing.assert_close(got, op, rtol=1e-5, atol=1e-5 * float(op.abs().max()))
     assert not torch.equal(got, torch.zeros_like(got))

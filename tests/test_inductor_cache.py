@@ -1,0 +1,63 @@
+"""Inductor's on-disk cache and segquant's op schemas (segquant_compile/inductor_cache.py): a warm
+cache must not hand back code that calls a `segquant::` op as an older schema did."""
+import torch
+from torch import nn
+
+from segquant_compile import inductor_cache
+
+
+def _compile_and_run(monkeypatch, tmp_path):
+    """Compile a small model with segquant in a fresh dynamo, with `tmp_path` as Inductor's cache;
+    returns (output, whether the compiled graph came from the cache)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    with torch.no_grad():
+        out = torch.compile(model, backend="segquant")(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)))
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    misses = counters["inductor"]["fxgraph_cache_miss"]
+    return out, hits, misses
+
+
+def test_a_changed_op_schema_misses_the_warm_cache(monkeypatch, tmp_path):
+    """The same model compiled again reuses the cached graph; with the ops' key changed (what a
+    schema change does) it compiles anew, and gives the same output."""
+    first, hits, misses = _compile_and_run(monkeypatch, tmp_path)
+    assert misses > 0 and hits == 0
+    again, hits, misses = _compile_and_run(monkeypatch, tmp_path)
+    assert hits > 0 and misses == 0 and torch.equal(again, first)
+    monkeypatch.setattr(inductor_cache, "ops_key", lambda: "another schema")
+    changed, hits, misses = _compile_and_run(monkeypatch, tmp_path)
+    assert misses > 0 and hits == 0 and torch.equal(changed, first)
+
+
+def test_the_key_names_every_segquant_op_schema_and_keeps_the_users_pass(monkeypatch):
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    import segquant_compile.lowering.ops  # noqa: F401  (registers the ops)
+    key = inductor_cache.ops_key()
+    assert key == inductor_cache.ops_key() and len(key) == 64
+
+    @torch.library.custom_op("segquant::schema_probe", mutates_args=())
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+    assert inductor_cache.ops_key() != key   # one more schema: another key
+
+    ran = []
+
+    class UserPass(CustomGraphPass):
+        def __call__(self, graph):
+            ran.append(graph)
+
+        def uuid(self):
+            return "the user's pass"
+    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", UserPass())
+    ours = inductor_cache.config_patches()["post_grad_custom_post_pass"]
+    assert ours.uuid()[2] == "the user's pass"
+    ours("graph")
+    assert ran == ["graph"]
+    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", lambda graph: None)
+    assert inductor_cache.config_patches() == {}   # a plain callable: Inductor bypasses its cache
