@@ -5,7 +5,7 @@ forward, freeze time per 100 sites, and two gloo processes calibrating the input
 
 Every process runs with one thread, so two processes use the machine's two cores. A process's
 calibration time is its inputs at its measured time per observed call (the block's first call,
-which compiles, is not timed) plus the block's measured exit (merge, freeze, exchange, summary); the float forward is eager, as
+which compiles, is not timed; the ranks start the timed calls together) plus the block's measured exit (merge, freeze, exchange, summary); the float forward is eager, as
 the observed graph runs uncompiled. A third run (one process, weight_rounding="rtn") times the
 observer without GPTQ's Hessians."""
 from __future__ import annotations
@@ -74,6 +74,8 @@ def worker(out: str, options: dict) -> None:
     compiled = torch.compile(model, backend="segquant", options=options)
     with sq.calibrate(compiled, progress=False):
         compiled(**mine[0])
+        if world > 1:   # the timed part starts together: a rank's slower compile is no other's wait
+            torch.distributed.barrier()
         t = time.perf_counter()
         for x in mine[1:]:
             compiled(**x)
@@ -101,8 +103,30 @@ def _launch(out: Path, world: int, options: dict = OPTIONS) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+def gemm_work() -> None:
+    """A fixed one-thread fp32 GEMM workload; prints its wall time."""
+    torch.set_num_threads(1)
+    a = torch.randn(1024, 1024)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(40):
+        a @ a
+    print(time.perf_counter() - t)
+
+
+def parallel_slowdown() -> float:
+    """How much slower each of two copies of gemm_work runs at once than one alone: what this
+    machine gives two processes (1.0: two full cores; shared cores or memory: more)."""
+    run = lambda n: [subprocess.Popen([sys.executable, __file__, "--gemm"], stdout=subprocess.PIPE, text=True)  # noqa: E731
+                     for _ in range(n)]
+    alone = [float(p.communicate()[0]) for p in run(1)][0]
+    both = [float(p.communicate()[0]) for p in run(2)]
+    return round(sum(both) / len(both) / alone, 2)
+
+
 def main() -> dict:
     import tempfile
+    slowdown = parallel_slowdown()
     with tempfile.TemporaryDirectory() as tmp:
         one, = _launch(Path(tmp) / "one", 1)
         two = _launch(Path(tmp) / "two", 2)
@@ -117,10 +141,16 @@ def main() -> dict:
             "observed_call_over_float_eager_rtn": round(rtn["observed_call_s"] / rtn["float_eager_s"], 2),
             "freeze_s_per_100_sites": round(one["freeze_s"] / one["sites"] * 100, 2),
             "two_processes_over_one": round(max(map(time_of, two)) / time_of(one), 2),
+            # each rank's freeze share against half the one process's freeze (1.0: a perfect split)
+            "freeze_share_over_half": round(max(r["freeze_s"] for r in two) / (one["freeze_s"] / 2), 2),
+            "two_gemm_copies_slowdown": slowdown,
             "one_process": one, "two_processes": two, "one_process_rtn": {"options": RTN, **rtn}}
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--gemm"]:
+        gemm_work()
+        sys.exit()
     if sys.argv[1:2] == ["--worker"]:
         worker(sys.argv[2], json.loads(sys.argv[3]))
     else:
