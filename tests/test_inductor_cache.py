@@ -11,12 +11,12 @@ def _compile_and_run(monkeypatch, tmp_path):
     returns (output, whether the compiled graph came from the cache)."""
     from torch._dynamo.utils import counters
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
-    with torch.no_grad():
+    # config.patch, not monkeypatch: a config module's attribute restored by monkeypatch is deleted
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
         out = torch.compile(model, backend="segquant")(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)))
     hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
     misses = counters["inductor"]["fxgraph_cache_miss"]
@@ -33,9 +33,10 @@ def test_a_changed_op_schema_misses_the_warm_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(inductor_cache, "ops_key", lambda: "another schema")
     changed, hits, misses = _compile_and_run(monkeypatch, tmp_path)
     assert misses > 0 and hits == 0 and torch.equal(changed, first)
+    assert torch._inductor.config.fx_graph_cache is not None   # the config is left as it was
 
 
-def test_the_key_names_every_segquant_op_schema_and_keeps_the_users_pass(monkeypatch):
+def test_the_key_names_every_segquant_op_schema_and_keeps_the_users_pass():
     from torch._inductor.custom_graph_pass import CustomGraphPass
     import segquant_compile.lowering.ops  # noqa: F401  (registers the ops)
     key = inductor_cache.ops_key()
@@ -54,10 +55,11 @@ def test_the_key_names_every_segquant_op_schema_and_keeps_the_users_pass(monkeyp
 
         def uuid(self):
             return "the user's pass"
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", UserPass())
-    ours = inductor_cache.config_patches()["post_grad_custom_post_pass"]
+    with torch._inductor.config.patch(post_grad_custom_post_pass=UserPass()):
+        ours = inductor_cache.config_patches()["post_grad_custom_post_pass"]
     assert ours.uuid()[2] == "the user's pass"
     ours("graph")
     assert ran == ["graph"]
-    monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass", lambda graph: None)
-    assert inductor_cache.config_patches() == {}   # a plain callable: Inductor bypasses its cache
+    with torch._inductor.config.patch(post_grad_custom_post_pass=lambda graph: None):
+        assert inductor_cache.config_patches() == {}   # a plain callable: Inductor bypasses its cache
+    assert torch._inductor.config.post_grad_custom_post_pass is None
