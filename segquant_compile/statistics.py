@@ -603,9 +603,9 @@ class SiteStatistics:
         coded = CodedRows.empty(len(sample.priority) - sample.exact, k, self.home)
         for holder, parcel in enumerate(parcels):
             exact_at, coded_at = sample.places_of(holder)
-            kept[exact_at.to(self.home)] = parcel.exact
+            kept[exact_at.to(self.home)] = parcel.exact.to(self.home)
             if len(parcel.coded):
-                coded.put(coded_at.to(self.home), parcel.coded)
+                coded.put(coded_at.to(self.home), parcel.coded.to(self.home))
         self.kept = kept if sample.exact else None
         self.coded = coded if len(coded) else None
         self._priority, self.row_calls = sample.priority, sample.row_calls

@@ -36,16 +36,27 @@ def test_a_changed_op_schema_misses_the_warm_cache(monkeypatch, tmp_path):
     assert torch._inductor.config.fx_graph_cache is not None   # the config is left as it was
 
 
-def test_the_key_names_every_segquant_op_schema_and_keeps_the_users_pass():
+def test_the_key_names_every_segquant_op_schema_and_keeps_the_users_pass(monkeypatch):
     from torch._inductor.custom_graph_pass import CustomGraphPass
     import segquant_compile.lowering.ops  # noqa: F401  (registers the ops)
     key = inductor_cache.ops_key()
     assert key == inductor_cache.ops_key() and len(key) == 64
+    schemas = torch._C._jit_get_all_schemas()
+    ours = [s for s in schemas if s.name.startswith("segquant::")]
+    assert len(ours) >= 5
 
-    @torch.library.custom_op("segquant::schema_probe", mutates_args=())
-    def probe(x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-    assert inductor_cache.ops_key() != key   # one more schema: another key
+    class Schema:   # what a changed schema reads as (registering a real op would change the key for every later test)
+        name = "segquant::conv2d_dynamic"
+
+        def __str__(self):
+            return "segquant::conv2d_dynamic(Tensor x) -> Tensor"
+    monkeypatch.setattr(torch._C, "_jit_get_all_schemas", lambda: [*schemas, Schema()])
+    assert inductor_cache.ops_key() != key
+    monkeypatch.setattr(torch._C, "_jit_get_all_schemas",
+                        lambda: [*(s for s in schemas if not s.name.startswith("segquant::")), *ours[1:]])
+    assert inductor_cache.ops_key() != key   # one schema fewer
+    monkeypatch.undo()
+    assert inductor_cache.ops_key() == key
 
     ran = []
 
