@@ -121,7 +121,7 @@ class Session:
         cost = lambda st: st.site.in_features ** 2 * st.site.out_features   # noqa: E731
         order = sorted(pairs, key=lambda sb: -cost(sb[0]))
         store = distributed.WorkQueue.store_of(self.group)
-        mine = []
+        mine, records = [], {}
         try:
             if store is not None:
                 queue = distributed.WorkQueue(store, next(registry.WORK_ROUNDS), len(order))
@@ -136,7 +136,8 @@ class Session:
                     if rank == self.shard.rank:
                         mine.append((st, bias))
                 freeze(mine)
-            payload = {st.name: distributed.record_skeleton(st.params)[0] for st, _ in mine}
+            records = {st.name: distributed.record_skeleton(st.params) for st, _ in mine}
+            payload = {name: skeleton for name, (skeleton, _) in records.items()}
         except Exception as e:
             payload = distributed.RankFailed(self.shard.rank, f"{type(e).__name__}: {e}")
         try:
@@ -145,18 +146,19 @@ class Session:
             if set(skeletons) != set(by_name):
                 raise RuntimeError(f"segquant_compile.calibrate(): the ranks froze other sites than this rank "
                                    f"calibrated ({sorted(set(skeletons) ^ set(by_name))[:3]}): the ranks' models differ")
-            self._take_records(skeletons, {st.name: st for st, _ in mine}, by_name)
+            self._take_records(skeletons, {name: tensors for name, (_, tensors) in records.items()}, by_name)
         finally:
             for st, _ in pairs:
                 st.discard_statistics()
 
     def _take_records(self, skeletons: dict, frozen_here: dict, by_name: dict) -> None:
         """Each site's record broadcast by the rank that froze it, site by site in name order: its
-        tensors as one byte buffer (on the GPU under NCCL), the rest from its skeleton."""
+        tensors as one byte buffer (on the GPU under NCCL), the rest from its skeleton.
+        `frozen_here`: {name: the record's tensors} of the sites this rank froze."""
         for name in sorted(skeletons):
             src = next(r for r, s in enumerate(skeletons[name]) if s is not None)
             skeleton = skeletons[name][src]
-            sent = distributed.record_skeleton(frozen_here[name].params)[1] if name in frozen_here else None
+            sent = frozen_here.get(name)
             try:
                 tensors = distributed.broadcast_tensors(sent, distributed.record_specs(skeleton), src, self.group)
             except Exception as e:   # a rank that died, or the group's timeout

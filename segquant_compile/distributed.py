@@ -9,7 +9,7 @@ those of one process calling every input in order (Hessians up to summation orde
 
 The reduction is one small exchange of what each rank holds (`exchange`: counts, row priorities),
 then tensor collectives: ranges by all-reduce MAX, Hessians by SUM (`all_reduce_`, in buckets), and
-each row of the merged sample sent once, by the rank that holds it (`broadcast_bytes`). No rank
+each row of the merged sample sent once, by the rank that holds it (`broadcast_tensors`). No rank
 ever holds another rank's whole statistics.
 
 A rank whose block raises still takes part in the first exchange, sending its error instead of
@@ -234,20 +234,22 @@ def _dense(shape, stride) -> bool:
 def record_skeleton(record) -> tuple[object, list[Tensor]]:
     """A dataclass record with its tensor fields replaced by their TensorSpecs (what the ranks
     exchange as objects), and those tensors in field order (what is broadcast as bytes)."""
-    tensors = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
-               if isinstance(getattr(record, f.name), Tensor)}
+    tensors = {name: getattr(record, name) for name in _fields_of(record, Tensor)}
     return dataclasses.replace(record, **{k: TensorSpec.of(t) for k, t in tensors.items()}), list(tensors.values())
 
 
+def _fields_of(record, kind) -> list[str]:
+    """The names of a dataclass record's fields holding a `kind`, in field order."""
+    return [f.name for f in dataclasses.fields(record) if isinstance(getattr(record, f.name), kind)]
+
+
 def record_specs(skeleton) -> list[TensorSpec]:
-    return [getattr(skeleton, f.name) for f in dataclasses.fields(skeleton)
-            if isinstance(getattr(skeleton, f.name), TensorSpec)]
+    return [getattr(skeleton, name) for name in _fields_of(skeleton, TensorSpec)]
 
 
 def fill_record(skeleton, tensors: list[Tensor]):
     """The record a skeleton stands for, with its tensors (in field order)."""
-    names = [f.name for f in dataclasses.fields(skeleton) if isinstance(getattr(skeleton, f.name), TensorSpec)]
-    return dataclasses.replace(skeleton, **dict(zip(names, tensors)))
+    return dataclasses.replace(skeleton, **dict(zip(_fields_of(skeleton, TensorSpec), tensors)))
 
 
 def check_names(states) -> None:

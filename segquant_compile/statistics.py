@@ -289,7 +289,6 @@ class HeldSummary:
     row_dtype: torch.dtype | None   # of the exact kept rows; None where none is kept
     priority: Tensor                # every kept row's: the exact rows', then the coded ones' (float64, CPU)
     row_calls: Tensor
-    exact: int                      # how many kept rows are exact
     rows_seen: int
     calls: int
 
@@ -449,12 +448,11 @@ class SiteStatistics:
             for total, (a, b) in zip(self.hessians, bounds):
                 total.add_rows_(x2[:, a:b])
 
-    def _keep(self, x2: Tensor, priority: Tensor, calls: Tensor, coded: "CodedRows | None" = None,
-              coded_priority: Tensor | None = None, coded_calls: Tensor | None = None) -> None:
-        """The rows_kept rows of smallest priority among those kept and these (exact rows `x2`, and
-        another observer's `coded` ones), each part in priority order: the first rows_exact exact,
-        the rest coded. A coded row ranked after rows_exact exact ones where it was coded, and they
-        are all still candidates, so no coded row is ever wanted exactly."""
+    def _keep(self, x2: Tensor, priority: Tensor, calls: Tensor) -> None:
+        """The rows_kept rows of smallest priority among those kept and these new exact rows `x2`,
+        each part in priority order: the first rows_exact exact, the rest coded. A coded row ranked
+        after rows_exact exact ones where it was coded, and they are all still candidates, so no
+        coded row is ever wanted exactly."""
         spec = self.spec
         if len(priority) > spec.rows_kept:   # only the smallest new ones can enter
             keep = torch.topk(priority, spec.rows_kept, largest=False).indices
@@ -464,9 +462,9 @@ class SiteStatistics:
         if self.kept is not None:
             x2 = torch.cat([self.kept, x2.to(self.kept.dtype)])
             priority, calls = torch.cat([self._priority[:n], priority]), torch.cat([self.row_calls[:n], calls])
-        held = [(self.coded, self._priority[n:], self.row_calls[n:])] if self.coded is not None else []
-        if coded is not None:
-            held.append((coded.to(self.home), coded_priority, coded_calls))
+        held = self.coded is not None
+        held_priority = self._priority[n:] if held else _EMPTY_PRIORITY
+        held_calls = self.row_calls[n:] if held else _EMPTY_CALLS
         ranked = torch.sort(priority, stable=True).indices
         exact, demoted = ranked[:spec.rows_exact], ranked[spec.rows_exact:spec.rows_kept]
         # an index copies: the first rows may be a view of the activation, whose buffer the graph reuses
@@ -474,7 +472,7 @@ class SiteStatistics:
         self._priority, self.row_calls = priority[exact], calls[exact]
         # the coded part: the rows ranked out of the exact ones now (coded here, once, from their
         # exact values) and those held coded, the rows_kept - rows_exact of smallest priority
-        candidates = torch.cat([priority[demoted], *(h[1] for h in held)])
+        candidates = torch.cat([priority[demoted], held_priority])
         if len(exact) and len(candidates) and candidates.min() < self._priority[-1]:
             raise AssertionError("SiteStatistics: a coded row ranks among the exact ones")
         chosen = torch.sort(candidates, stable=True).indices[:spec.rows_kept - len(exact)]
@@ -484,10 +482,10 @@ class SiteStatistics:
         new, old = chosen[chosen < len(demoted)], chosen[chosen >= len(demoted)]
         parts = [CodedRows.encode(x2[demoted[new].to(x2.device)].float())] if len(new) else []
         if len(old):
-            parts.append(CodedRows.cat([h[0] for h in held])[(old - len(demoted)).to(self.home)])
+            parts.append(self.coded[(old - len(demoted)).to(self.home)])
         order = torch.cat([new, old])   # the candidates `parts` holds, in its order
         by_priority = torch.sort(candidates[order], stable=True).indices
-        candidate_calls = torch.cat([calls[demoted], *(h[2] for h in held)])
+        candidate_calls = torch.cat([calls[demoted], held_calls])
         self.coded = CodedRows.cat(parts)[by_priority.to(self.home)]
         self._priority = torch.cat([self._priority, candidates[order][by_priority]])
         self.row_calls = torch.cat([self.row_calls, candidate_calls[order][by_priority]])
@@ -500,7 +498,7 @@ class SiteStatistics:
                                None if self.kept is None else self.kept.dtype,
                                _EMPTY_PRIORITY if self._priority is None else self._priority.cpu(),
                                _EMPTY_CALLS if self.row_calls is None else self.row_calls.cpu(),
-                               0 if self.kept is None else len(self.kept), self.rows_seen, self.calls)
+                               self.rows_seen, self.calls)
 
     def merge(self, other: "SiteStatistics") -> None:
         """Add another observer's statistics of the same site in this process (other calls,
@@ -516,7 +514,7 @@ class SiteStatistics:
             if other.hessians is not None:
                 for total, h in zip(self._hessians_to_reduce(), other.hessians):
                     total.merge_(h)
-            self._take_rows(sample, [self._rows_for(sample, 0), other._rows_for(sample, 1)], summaries)
+            self._take_rows(sample, [self._rows_for(sample, 0), other._rows_for(sample, 1)])
             self.rows_seen += other.rows_seen
             self.calls += other.calls
 
@@ -541,7 +539,7 @@ class SiteStatistics:
                 distributed.all_reduce_([p for h in self._hessians_to_reduce() for p in h.panels],
                                         dist.ReduceOp.SUM, group)
             parcels = []
-            for src, summary in enumerate(summaries):
+            for src in range(len(summaries)):
                 exact, coded = sample.taken_from(src)
                 if not len(exact) and not len(coded):
                     parcels.append(RowParcel.empty(k, sample.row_dtype, self.home))
@@ -550,7 +548,7 @@ class SiteStatistics:
                 got = distributed.broadcast_tensors(mine, RowParcel.specs(len(exact), len(coded), k, sample.row_dtype),
                                                     src, group)
                 parcels.append(RowParcel.of_tensors([t.to(self.home) for t in got], k))
-            self._take_rows(sample, parcels, summaries)
+            self._take_rows(sample, parcels)
             self.rows_seen = sum(s.rows_seen for s in held)
             self.calls = sum(s.calls for s in held)
 
@@ -594,7 +592,7 @@ class SiteStatistics:
             codes.put(~here, self.coded[(coded[~here] - n).to(self.home)])
         return RowParcel(rows, codes)
 
-    def _take_rows(self, sample: "RowSample", parcels: list["RowParcel"], summaries) -> None:
+    def _take_rows(self, sample: "RowSample", parcels: list["RowParcel"]) -> None:
         """Hold `sample`'s rows, put together from every holder's parcel."""
         if not len(sample.priority):
             return
